@@ -1,0 +1,97 @@
+/*
+ * gmpo_cpu.c -- the CPU entry points of the fused GMPO / GRPO loss (C11, OpenMP
+ * over rows). GMPO: Geometric-Mean Policy Optimization, arXiv 2507.20673.
+ *
+ *   forward : logp, old_logp, mask: (B,T); adv, is_w: (B,) or (B,T); ref_logp: (B,T)
+ *             -> rows ((B+1) x GMPO_ROW_STATS fp64), loss (0-d), metrics (GMPO_METRICS)
+ *   backward: rows, grad_out (0-d) -> grad (B,T) in logp's dtype
+ *
+ * fp32, fp16 and bf16 inputs accumulate in fp32; fp64 inputs stay fp64.
+ * Rows are spread over a->num_threads OpenMP threads (the caller passes the
+ * number torch is set to use), one row per thread at a time, statically, so
+ * every run gives the same bits.
+ */
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+#include "../gmpo.h"
+#include "../gmpo_math.h"
+
+#define GMPO_TILE 256
+
+// ----------------------------------------------------------------------------
+// row kernels, for float and double accumulation
+
+#define GMPO_T float
+#define GMPO_S(name) name##_f
+#include "gmpo_cpu_impl.h"
+#undef GMPO_T
+#undef GMPO_S
+
+#define GMPO_T double
+#define GMPO_S(name) name##_d
+#include "gmpo_cpu_impl.h"
+#undef GMPO_T
+#undef GMPO_S
+
+// ----------------------------------------------------------------------------
+// entry points
+
+// below this many tokens one thread is faster than waking the others
+#define GMPO_PARALLEL_MIN_TOKENS 16384
+
+static int threads_for(const gmpo_args *a) {
+    if (a->num_threads <= 1 || a->B < 2 || a->B * a->T < GMPO_PARALLEL_MIN_TOKENS) return 1;
+    return a->B < a->num_threads ? (int)a->B : a->num_threads;
+}
+
+gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
+                             void *out_metrics, int32_t out_dtype) {
+    gmpo_status st = gmpo_check_args(a);
+    if (st) return st;
+    if (!rows || !out_loss || !out_metrics) {
+        snprintf(a->err, sizeof a->err, "forward: missing output buffer");
+        return GMPO_EINVAL;
+    }
+    if (out_dtype != GMPO_DT_F32 && out_dtype != GMPO_DT_F64) {
+        snprintf(a->err, sizeof a->err, "forward: output dtype must be float32 or float64");
+        return GMPO_EINVAL;
+    }
+    int nt = threads_for(a);
+    if (a->logp.dtype == GMPO_DT_F64) cpu_forward_rows_d(a, rows, nt);
+    else cpu_forward_rows_f(a, rows, nt);
+
+    double *tot = rows + a->B * GMPO_ROW_STATS;
+    gmpo_totals_init(tot);
+    for (int64_t i = 0; i < a->B; i++) gmpo_totals_add_row(tot, rows + i * GMPO_ROW_STATS);
+    gmpo_totals_close(tot);
+    double out[GMPO_METRICS + 1];
+    gmpo_finish_totals(a, tot, out);
+    gmpo_store_d(out_loss, out_dtype, 0, out[0]);
+    for (int k = 0; k < GMPO_METRICS; k++) gmpo_store_d(out_metrics, out_dtype, k, out[k + 1]);
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_cpu_backward(gmpo_args *a, const double *rows, const void *grad_out,
+                              int32_t grad_out_dtype, void *grad, int32_t grad_dtype) {
+    gmpo_status st = gmpo_check_args(a);
+    if (st) return st;
+    if (!gmpo_dtype_is_float(grad_dtype)) {
+        snprintf(a->err, sizeof a->err, "grad: must be a floating-point tensor");
+        return GMPO_EINVAL;
+    }
+    if (!gmpo_dtype_is_float(grad_out_dtype) || !grad_out) {
+        snprintf(a->err, sizeof a->err, "grad_output: must be a floating-point scalar");
+        return GMPO_EINVAL;
+    }
+    if (a->B * a->T == 0) return GMPO_OK;
+    if (!rows || !grad) {
+        snprintf(a->err, sizeof a->err, "backward: missing buffer");
+        return GMPO_EINVAL;
+    }
+    double go = gmpo_load_d(grad_out, grad_out_dtype, 0);
+    int nt = threads_for(a);
+    if (a->logp.dtype == GMPO_DT_F64) cpu_backward_rows_d(a, rows, go, grad, grad_dtype, nt);
+    else cpu_backward_rows_f(a, rows, go, grad, grad_dtype, nt);
+    return GMPO_OK;
+}

@@ -1,0 +1,146 @@
+/*
+ * gmpo.h -- the C API of gmpo_ext: argument structs, status codes, CPU and CUDA
+ * entry points for the fused GMPO loss (Geometric-Mean Policy Optimization,
+ * arXiv 2507.20673) and the GRPO baseline loss, forward and backward.
+ *
+ * Shapes use fixed letters: B rows (sequences), T tokens per row.
+ *   logp, old_logp, ref_logp, mask: (B,T)
+ *   adv: (B,) or (B,T)         is_w: (B,) or (B,T)
+ *   rows: (B+1, GMPO_ROW_STATS) fp64, written by forward, read by backward;
+ *         row B holds the batch totals (sums of each statistic, max of mu)
+ *   grad: (B,T) contiguous, in logp's dtype
+ *
+ * Every tensor is described by a gmpo_view: a data pointer, a dtype code and
+ * element strides, so no caller ever has to copy a strided tensor. A per-row
+ * tensor (B,) has stride_t == 0.
+ *
+ * The library never exits the process: every entry point returns a gmpo_status
+ * and, on failure, leaves a message naming the bad argument in args->err.
+ * This header is plain C11 and CUDA C; it includes no Python or libtorch header.
+ */
+#ifndef GMPO_H
+#define GMPO_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    GMPO_OK = 0,
+    GMPO_EINVAL = 1,      /* a bad argument; args->err names it */
+    GMPO_ENOMEM = 2,
+    GMPO_ECUDA = 3,       /* a CUDA runtime error; args->err has its string */
+    GMPO_ENOTBUILT = 4,   /* the CUDA kernels were not compiled into this build */
+} gmpo_status;
+
+/* dtype codes: the Python layer maps torch dtypes onto these */
+typedef enum {
+    GMPO_DT_NONE = 0,     /* absent optional tensor */
+    GMPO_DT_F32 = 1,
+    GMPO_DT_F64 = 2,
+    GMPO_DT_F16 = 3,
+    GMPO_DT_BF16 = 4,
+    GMPO_DT_BOOL = 5,
+    GMPO_DT_U8 = 6,
+    GMPO_DT_I8 = 7,
+    GMPO_DT_I32 = 8,
+    GMPO_DT_I64 = 9,
+} gmpo_dtype;
+
+typedef enum { GMPO_CONV_TRL = 0, GMPO_CONV_VERL = 1 } gmpo_convention;
+
+typedef enum {
+    GMPO_ALGO_GMPO = 0,   /* geometric mean of clipped token ratios per row */
+    GMPO_ALGO_GRPO = 1,   /* arithmetic-mean PPO-clip surrogate, TRL loss types */
+} gmpo_algo;
+
+typedef enum {
+    GMPO_LT_GRPO = 0,     /* per-row token mean, then mean over rows */
+    GMPO_LT_BNPO = 1,     /* sum / sum of mask */
+    GMPO_LT_DR_GRPO = 2,  /* sum / (B * max_completion_length) */
+    GMPO_LT_DAPO = 3,     /* sum / num_items_in_batch */
+} gmpo_loss_type;
+
+typedef struct {
+    const void *data;     /* NULL when the tensor is absent */
+    int32_t dtype;        /* gmpo_dtype */
+    int64_t stride_b;     /* elements between rows */
+    int64_t stride_t;     /* elements between tokens; 0 for a per-row (B,) tensor */
+} gmpo_view;
+
+/* Per-row statistics written by forward (fp64, GMPO_ROW_STATS per row), and in
+ * the extra row B the batch totals of each (GMPO_RS_MU: the max over non-empty
+ * rows instead of a sum). */
+#define GMPO_ROW_STATS 10
+enum {
+    GMPO_RS_COEF_PG = 0,  /* gmpo: -Ahat*r*w/D  (grpo: unused) */
+    GMPO_RS_COEF_KL = 1,  /* gmpo: beta/D       (grpo: unused) */
+    GMPO_RS_LOSS = 2,     /* gmpo: row loss L_i; grpo: sum_t m*loss_t, divided
+                             by max(n_i,1) for loss type grpo */
+    GMPO_RS_MU = 3,       /* gmpo: mean clipped log-ratio mu_i */
+    GMPO_RS_N = 4,        /* sum of the mask */
+    GMPO_RS_M0 = 5,       /* metric sums, see GMPO_MX_* */
+    GMPO_RS_M1 = 6,
+    GMPO_RS_M2 = 7,
+    GMPO_RS_KL = 8,       /* sum_t m*k3 */
+    GMPO_RS_BAD = 9,      /* 1 if the row's loss is not finite */
+};
+
+/* The metrics vector (GMPO_METRICS entries, in the output dtype).
+ * trl (and grpo): M0 low clip fraction, M1 high, M2 region.
+ * verl:           M0 pg_clipfrac (A>0), M1 pg_clipfrac_lower (A<0), M2 ppo_kl. */
+#define GMPO_METRICS 7
+enum {
+    GMPO_MX_M0 = 0, GMPO_MX_M1 = 1, GMPO_MX_M2 = 2,
+    GMPO_MX_KL = 3,         /* masked token mean of k3 (beta != 0) */
+    GMPO_MX_MAX_MU = 4,     /* largest mu_i over non-empty rows (gmpo) */
+    GMPO_MX_NONFINITE = 5,  /* rows whose loss is NaN or inf */
+    GMPO_MX_TOKENS = 6,     /* sum of the mask */
+};
+
+typedef struct {
+    int32_t algo;             /* gmpo_algo */
+    int64_t B, T;
+    gmpo_view logp, old_logp, adv, mask, ref_logp, is_w;
+    int32_t convention;       /* gmpo_convention (gmpo only) */
+    int32_t loss_type;        /* gmpo_loss_type (grpo only) */
+    double eps_low, eps_high; /* gmpo: log space; grpo: ratio space */
+    double beta;              /* k3 KL coefficient; needs ref_logp when != 0 */
+    double log_ratio_clamp;   /* safety clamp of l to [-C, C]; <= 0 or inf: none */
+    double normalizer;        /* the loss is divided by it (gradient accumulation) */
+    double denom;             /* grpo: dr_grpo length or dapo item count; <= 0: default */
+    int32_t num_threads;      /* CPU threads; <= 0: one */
+    void *stream;             /* cudaStream_t for the CUDA entry points */
+    char err[256];            /* filled on failure */
+} gmpo_args;
+
+/* Forward: writes rows ((B+1) x GMPO_ROW_STATS fp64), the 0-d loss and the metrics
+ * vector, both in out_dtype (GMPO_DT_F32 or GMPO_DT_F64). Nothing per token. */
+gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
+                             void *out_metrics, int32_t out_dtype);
+
+/* Backward: grad (B,T contiguous, dtype grad_dtype) = d loss / d logp times the
+ * upstream gradient read from grad_out (a scalar of dtype grad_out_dtype). */
+gmpo_status gmpo_cpu_backward(gmpo_args *a, const double *rows,
+                              const void *grad_out, int32_t grad_out_dtype,
+                              void *grad, int32_t grad_dtype);
+
+/* The same on the GPU: every pointer is device memory, launched on a->stream,
+ * no host synchronisation. Return GMPO_ENOTBUILT when built without CUDA. */
+gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_loss,
+                              void *out_metrics, int32_t out_dtype);
+gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows,
+                               const void *grad_out, int32_t grad_out_dtype,
+                               void *grad, int32_t grad_dtype);
+
+/* Shared argument checks (dtype codes, sizes, options); used by both backends. */
+gmpo_status gmpo_check_args(gmpo_args *a);
+
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GMPO_H */

@@ -1,0 +1,242 @@
+/*
+ * gmpo_math.h -- the scalar math of the GMPO and GRPO losses, written once and
+ * shared by the C CPU kernels and the CUDA kernels (GMPO_HD is
+ * __host__ __device__ under nvcc and nothing in C).
+ *
+ * GMPO (arXiv 2507.20673), per row i, tokens t, mask m, advantage A:
+ *   l = logp - old_logp                  (optionally clamped to [-C, C])
+ *   y = min(l, eps_high) if A > 0,  max(l, -eps_low) otherwise
+ *       (verl: y = 0 where A == 0; min(l, clamp(l)) == min(l, eps_high))
+ *   mu_i = sum_t m*y / D_i,  r_i = exp(mu_i),  L_i = -Ahat_i * r_i * w_i + beta*KL_i
+ * and dL_i/dlogp_t = m * (g_t * (-Ahat_i r_i w_i / D_i) + beta/D_i * (1 - e^(ref-logp)))
+ * with g_t = 1 where the token is not clipped (exactly on a bound counts as not
+ * clipped, as PyTorch's min/clamp backward gives).
+ *
+ * The per-token and per-row functions exist for float (suffix _f) and double
+ * (suffix _d) accumulation: gmpo_math_impl.h is included once for each.
+ */
+#ifndef GMPO_MATH_H
+#define GMPO_MATH_H
+
+#include <stdint.h>
+#include <math.h>
+#include "gmpo.h"
+
+#if defined(__CUDACC__)
+#define GMPO_HD __host__ __device__ __forceinline__
+#else
+#define GMPO_HD static inline
+#endif
+
+// ----------------------------------------------------------------------------
+// half and bfloat16 as raw 16-bit patterns (no CUDA header needed, so the same
+// code runs on the host, under the SIMT emulation and on the device)
+
+typedef union { float f; uint32_t u; } gmpo_f32_bits;
+
+GMPO_HD float gmpo_bf16_to_f32(uint16_t h) {
+    gmpo_f32_bits b;
+    b.u = (uint32_t)h << 16;
+    return b.f;
+}
+
+// round to nearest even; NaN stays a quiet NaN
+GMPO_HD uint16_t gmpo_f32_to_bf16(float f) {
+    gmpo_f32_bits b;
+    b.f = f;
+    if ((b.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b.u >> 16) | 0x0040u);
+    uint32_t rounding = 0x7fffu + ((b.u >> 16) & 1u);
+    return (uint16_t)((b.u + rounding) >> 16);
+}
+
+GMPO_HD float gmpo_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    gmpo_f32_bits b;
+    if (exp == 0x1fu) {                       // inf or NaN
+        b.u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {                    // normal
+        b.u = sign | ((exp + 112u) << 23) | (man << 13);
+    } else {                                  // zero or subnormal: man * 2^-24
+        b.f = (float)man * 5.9604644775390625e-08f;
+        b.u |= sign;
+    }
+    return b.f;
+}
+
+// round to nearest even, overflow to inf, subnormals kept
+GMPO_HD uint16_t gmpo_f32_to_f16(float f) {
+    gmpo_f32_bits b;
+    b.f = f;
+    uint32_t sign = (b.u >> 16) & 0x8000u;
+    uint32_t a = b.u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);          // NaN
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);         // >= 65520: inf
+    if (a < 0x38800000u) {                                           // below 2^-14: subnormal
+        // |f| + 0.5 has an ulp of 2^-24, the half subnormal step, so the float
+        // adder rounds to nearest even for us; the low bits are then the result
+        gmpo_f32_bits s;
+        s.u = a;
+        s.f = s.f + 0.5f;
+        return (uint16_t)(sign | (s.u - 0x3f000000u));
+    }
+    uint32_t rounding = 0xfffu + ((a >> 13) & 1u);
+    return (uint16_t)(sign | ((a - 0x38000000u + rounding) >> 13));
+}
+
+// load element k of a tensor of any supported dtype as float / double
+GMPO_HD float gmpo_load_f(const void *p, int32_t dt, int64_t k) {
+    switch (dt) {
+    case GMPO_DT_F32: return ((const float *)p)[k];
+    case GMPO_DT_F64: return (float)((const double *)p)[k];
+    case GMPO_DT_F16: return gmpo_f16_to_f32(((const uint16_t *)p)[k]);
+    case GMPO_DT_BF16: return gmpo_bf16_to_f32(((const uint16_t *)p)[k]);
+    case GMPO_DT_BOOL:
+    case GMPO_DT_U8: return (float)((const uint8_t *)p)[k];
+    case GMPO_DT_I8: return (float)((const int8_t *)p)[k];
+    case GMPO_DT_I32: return (float)((const int32_t *)p)[k];
+    case GMPO_DT_I64: return (float)((const int64_t *)p)[k];
+    default: return 0.0f;
+    }
+}
+
+GMPO_HD double gmpo_load_d(const void *p, int32_t dt, int64_t k) {
+    switch (dt) {
+    case GMPO_DT_F64: return ((const double *)p)[k];
+    case GMPO_DT_I64: return (double)((const int64_t *)p)[k];
+    default: return (double)gmpo_load_f(p, dt, k);
+    }
+}
+
+// store a float / double into element k of a float tensor of dtype dt
+GMPO_HD void gmpo_store_f(void *p, int32_t dt, int64_t k, float v) {
+    switch (dt) {
+    case GMPO_DT_F32: ((float *)p)[k] = v; break;
+    case GMPO_DT_F64: ((double *)p)[k] = (double)v; break;
+    case GMPO_DT_F16: ((uint16_t *)p)[k] = gmpo_f32_to_f16(v); break;
+    case GMPO_DT_BF16: ((uint16_t *)p)[k] = gmpo_f32_to_bf16(v); break;
+    default: break;
+    }
+}
+
+GMPO_HD void gmpo_store_d(void *p, int32_t dt, int64_t k, double v) {
+    if (dt == GMPO_DT_F64) ((double *)p)[k] = v;
+    else gmpo_store_f(p, dt, k, (float)v);
+}
+
+GMPO_HD int gmpo_dtype_is_float(int32_t dt) {
+    return dt == GMPO_DT_F32 || dt == GMPO_DT_F64 || dt == GMPO_DT_F16 || dt == GMPO_DT_BF16;
+}
+
+// ----------------------------------------------------------------------------
+// per-token and per-row math, for float and for double accumulation
+
+#define GMPO_T float
+#define GMPO_S(name) name##_f
+#define GMPO_EXP expf
+#define GMPO_LOG logf
+#include "gmpo_math_impl.h"
+#undef GMPO_T
+#undef GMPO_S
+#undef GMPO_EXP
+#undef GMPO_LOG
+
+#define GMPO_T double
+#define GMPO_S(name) name##_d
+#define GMPO_EXP exp
+#define GMPO_LOG log
+#include "gmpo_math_impl.h"
+#undef GMPO_T
+#undef GMPO_S
+#undef GMPO_EXP
+#undef GMPO_LOG
+
+// ----------------------------------------------------------------------------
+// batch totals -> loss and metrics (fp64, shared by every backend)
+
+// tot: the totals row (GMPO_ROW_STATS doubles); out: [loss, metrics...]
+GMPO_HD void gmpo_finish_totals(const gmpo_args *a, const double *tot, double *out) {
+    double B = (double)a->B;
+    double N = tot[GMPO_RS_N];
+    double norm = a->normalizer;
+    double cnt = (a->algo == GMPO_ALGO_GMPO && a->convention == GMPO_CONV_VERL)
+                     ? N + 1e-8 : (N > 1.0 ? N : 1.0);
+    double *mx = out + 1;
+    if (a->algo == GMPO_ALGO_GMPO) {
+        out[0] = tot[GMPO_RS_LOSS] / (B > 1.0 ? B : 1.0) / norm;
+    } else {
+        double S = tot[GMPO_RS_LOSS];
+        switch (a->loss_type) {
+        case GMPO_LT_GRPO: out[0] = S / (B > 1.0 ? B : 1.0) / norm; break;
+        case GMPO_LT_BNPO: out[0] = S / (N > 1.0 ? N : 1.0) / norm; break;
+        case GMPO_LT_DR_GRPO: {
+            double L = a->denom > 0 ? a->denom : (double)a->T;
+            double d = B * L;
+            out[0] = S / (d > 1.0 ? d : 1.0) / norm;
+            break;
+        }
+        default: {
+            double d = a->denom > 0 ? a->denom : (N > 1.0 ? N : 1.0);
+            out[0] = S / d / norm;
+            break;
+        }
+        }
+    }
+    mx[GMPO_MX_M0] = tot[GMPO_RS_M0] / cnt;
+    mx[GMPO_MX_M1] = tot[GMPO_RS_M1] / cnt;
+    mx[GMPO_MX_M2] = tot[GMPO_RS_M2] / cnt;
+    mx[GMPO_MX_KL] = tot[GMPO_RS_KL] / cnt;
+    mx[GMPO_MX_MAX_MU] = tot[GMPO_RS_MU];
+    mx[GMPO_MX_NONFINITE] = tot[GMPO_RS_BAD];
+    mx[GMPO_MX_TOKENS] = N;
+}
+
+// fold one row's statistics into the running totals (fixed order = deterministic)
+GMPO_HD void gmpo_totals_init(double *tot) {
+    for (int k = 0; k < GMPO_ROW_STATS; k++) tot[k] = 0.0;
+    tot[GMPO_RS_MU] = -INFINITY;
+}
+
+GMPO_HD void gmpo_totals_add_row(double *tot, const double *row) {
+    for (int k = 0; k < GMPO_ROW_STATS; k++) {
+        if (k == GMPO_RS_MU) {
+            double mu = row[k];
+            // max over non-empty rows, NaN ignored (the non-finite count flags it)
+            if (row[GMPO_RS_N] != 0.0 && mu > tot[k]) tot[k] = mu;
+        } else {
+            tot[k] += row[k];
+        }
+    }
+}
+
+// combine two partial totals (for tree reductions)
+GMPO_HD void gmpo_totals_merge(double *tot, const double *other) {
+    for (int k = 0; k < GMPO_ROW_STATS; k++) {
+        if (k == GMPO_RS_MU) { if (other[k] > tot[k]) tot[k] = other[k]; }
+        else tot[k] += other[k];
+    }
+}
+
+GMPO_HD void gmpo_totals_close(double *tot) {
+    if (tot[GMPO_RS_MU] == -INFINITY) tot[GMPO_RS_MU] = 0.0;  // no non-empty row
+}
+
+// grpo: the weight of each token of row i in the loss (its backward factor)
+GMPO_HD double gmpo_grpo_token_weight(const gmpo_args *a, const double *row, const double *tot) {
+    double B = (double)a->B, N = tot[GMPO_RS_N], n = row[GMPO_RS_N];
+    double d;
+    switch (a->loss_type) {
+    case GMPO_LT_GRPO: d = (B > 1.0 ? B : 1.0) * (n > 1.0 ? n : 1.0); break;
+    case GMPO_LT_BNPO: d = N > 1.0 ? N : 1.0; break;
+    case GMPO_LT_DR_GRPO: {
+        double L = a->denom > 0 ? a->denom : (double)a->T;
+        d = B * L > 1.0 ? B * L : 1.0;
+        break;
+    }
+    default: d = a->denom > 0 ? a->denom : (N > 1.0 ? N : 1.0); break;
+    }
+    return 1.0 / (d * a->normalizer);
+}
+
+#endif /* GMPO_MATH_H */

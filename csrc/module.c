@@ -1,0 +1,186 @@
+/*
+ * module.c -- gmpo_ext._C, the thin CPython C-API layer over the C core.
+ *
+ * Python passes raw data pointers, shapes, element strides, dtype codes and
+ * (for CUDA) the stream handle as integers; this module never includes a
+ * libtorch header and never links libtorch or libpython, so one build works
+ * with any PyTorch. The GIL is released around the compute only, and every C
+ * status becomes one Python exception in one place (fail_status).
+ *
+ * A tensor is passed as a 4-tuple (data_ptr, dtype_code, stride_b, stride_t);
+ * an absent optional tensor as (0, 0, 0, 0).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include "gmpo.h"
+
+#ifndef GMPO_MODULE_NAME
+#define GMPO_MODULE_NAME _C
+#endif
+#define GMPO_STR2(x) #x
+#define GMPO_STR(x) GMPO_STR2(x)
+#define GMPO_CAT2(a, b) a##b
+#define GMPO_CAT(a, b) GMPO_CAT2(a, b)
+
+enum { DEV_CPU = 0, DEV_CUDA = 1 };
+
+#ifndef GMPO_WITH_CUDA
+gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_loss,
+                              void *out_metrics, int32_t out_dtype) {
+    (void)rows; (void)out_loss; (void)out_metrics; (void)out_dtype;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA kernels");
+    return GMPO_ENOTBUILT;
+}
+gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows, const void *grad_out,
+                               int32_t grad_out_dtype, void *grad, int32_t grad_dtype) {
+    (void)rows; (void)grad_out; (void)grad_out_dtype; (void)grad; (void)grad_dtype;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA kernels");
+    return GMPO_ENOTBUILT;
+}
+#endif
+
+// the one place a C status becomes a Python exception
+static PyObject *fail_status(gmpo_status st, const gmpo_args *a) {
+    const char *msg = a->err[0] ? a->err : "unknown error";
+    switch (st) {
+    case GMPO_EINVAL: PyErr_SetString(PyExc_ValueError, msg); break;
+    case GMPO_ENOMEM: PyErr_NoMemory(); break;
+    default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+#define VIEW_FMT "(KiLL)"
+#define VIEW_ARGS(v) &(v).data, &(v).dtype, &(v).stride_b, &(v).stride_t
+
+// The arguments forward and backward share, parsed into a gmpo_args.
+typedef struct {
+    gmpo_args a;
+    int device;
+    unsigned long long stream;
+} call;
+
+#define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT "iiddddddi"
+#define COMMON_ARGS(c)                                                                 \
+    &(c).a.algo, &(c).device, &(c).stream, &(c).a.B, &(c).a.T, VIEW_ARGS((c).a.logp), \
+        VIEW_ARGS((c).a.old_logp), VIEW_ARGS((c).a.adv), VIEW_ARGS((c).a.mask),        \
+        VIEW_ARGS((c).a.ref_logp), VIEW_ARGS((c).a.is_w), &(c).a.convention,           \
+        &(c).a.loss_type, &(c).a.eps_low, &(c).a.eps_high, &(c).a.beta,                \
+        &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom, &(c).a.num_threads
+
+static int check_device(const call *c) {
+    if (c->device != DEV_CPU && c->device != DEV_CUDA) {
+        PyErr_Format(PyExc_ValueError, "device: must be 0 (cpu) or 1 (cuda), got %d", c->device);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(forward_doc,
+"forward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
+"        normalizer, denom, num_threads, rows, out_loss, out_metrics, out_dtype)\n"
+"--\n\n"
+"Fused loss forward. Tensors are (data_ptr, dtype, stride_b, stride_t) tuples;\n"
+"rows, out_loss, out_metrics are data pointers of preallocated outputs.");
+
+static PyObject *py_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long rows, out_loss, out_metrics;
+    int out_dtype;
+    if (!PyArg_ParseTuple(args, COMMON_FMT "KKKi:forward", COMMON_ARGS(c), &rows, &out_loss,
+                          &out_metrics, &out_dtype))
+        return NULL;
+    if (check_device(&c)) return NULL;
+    c.a.stream = (void *)(uintptr_t)c.stream;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_cpu_forward(&c.a, (double *)(uintptr_t)rows, (void *)(uintptr_t)out_loss,
+                              (void *)(uintptr_t)out_metrics, out_dtype);
+    else
+        st = gmpo_cuda_forward(&c.a, (double *)(uintptr_t)rows, (void *)(uintptr_t)out_loss,
+                               (void *)(uintptr_t)out_metrics, out_dtype);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_status(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(backward_doc,
+"backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
+"         normalizer, denom, num_threads, rows, grad_out, grad_out_dtype,\n"
+"         grad, grad_dtype)\n"
+"--\n\n"
+"Fused loss backward: writes d loss / d logp times grad_out (read where it\n"
+"lives, device memory for CUDA) into the contiguous (B, T) buffer grad.");
+
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long rows, grad_out, grad;
+    int grad_out_dtype, grad_dtype;
+    if (!PyArg_ParseTuple(args, COMMON_FMT "KKiKi:backward", COMMON_ARGS(c), &rows, &grad_out,
+                          &grad_out_dtype, &grad, &grad_dtype))
+        return NULL;
+    if (check_device(&c)) return NULL;
+    c.a.stream = (void *)(uintptr_t)c.stream;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_cpu_backward(&c.a, (const double *)(uintptr_t)rows,
+                               (const void *)(uintptr_t)grad_out, grad_out_dtype,
+                               (void *)(uintptr_t)grad, grad_dtype);
+    else
+        st = gmpo_cuda_backward(&c.a, (const double *)(uintptr_t)rows,
+                                (const void *)(uintptr_t)grad_out, grad_out_dtype,
+                                (void *)(uintptr_t)grad, grad_dtype);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_status(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"forward", py_forward, METH_VARARGS, forward_doc},
+    {"backward", py_backward, METH_VARARGS, backward_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *m) {
+#ifdef GMPO_WITH_CUDA
+    int cuda = 1;
+#else
+    int cuda = 0;
+#endif
+#ifdef GMPO_SIMT
+    int simt = 1;
+#else
+    int simt = 0;
+#endif
+    if (PyModule_AddIntConstant(m, "WITH_CUDA", cuda) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "SIMT", simt) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "ROW_STATS", GMPO_ROW_STATS) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "METRICS", GMPO_METRICS) < 0) return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+PyDoc_STRVAR(module_doc, "gmpo_ext's C core: fused GMPO / GRPO loss kernels (CPU"
+                         " and, when built with nvcc, CUDA).");
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, GMPO_STR(GMPO_MODULE_NAME), module_doc, 0, methods, slots,
+    NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC GMPO_CAT(PyInit_, GMPO_MODULE_NAME)(void) {
+    return PyModuleDef_Init(&moduledef);
+}

@@ -1,0 +1,278 @@
+"""Public API: gmpo_loss, grpo_loss and their nn.Module wrappers."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .ops import loss_fwd
+
+__all__ = ["gmpo_loss", "grpo_loss", "GMPOLoss", "GRPOLoss"]
+
+_TOKEN_DTYPES = _backend.FLOAT_DTYPES
+_MASK_DTYPES = tuple(_backend.DTYPE_CODES)
+_METRIC_NAMES = {
+    "trl": ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"),
+    "verl": ("actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"),
+}
+MAX_MEAN_LOG_RATIO = "gmpo/max_mean_log_ratio"
+NONFINITE_ROWS = "gmpo/nonfinite_rows"
+
+
+def _check_tensor(name, t, dtypes, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
+
+
+def _check_number(name, x, *, min_value=None, allow_zero=True, allow_none=False):
+    if x is None and allow_none:
+        return
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if min_value is not None and x < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {x}")
+    if not allow_zero and x == 0:
+        raise ValueError(f"{name} must be non-zero")
+
+
+def _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta):
+    _check_tensor("logps", logps, _TOKEN_DTYPES)
+    if logps.dim() != 2:
+        raise ValueError(f"logps must have shape (B, T), got {tuple(logps.shape)}")
+    B, T = logps.shape
+    _check_tensor("old_logps", old_logps, _TOKEN_DTYPES)
+    _check_tensor("advantages", advantages, _TOKEN_DTYPES)
+    _check_tensor("mask", mask, _MASK_DTYPES)
+    _check_tensor("ref_logps", ref_logps, _TOKEN_DTYPES, optional=True)
+    _check_tensor("is_weights", is_weights, _TOKEN_DTYPES, optional=True)
+    for name, t in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if t is not None and tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} must have the shape of logps {(B, T)}, got {tuple(t.shape)}")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape (B,), (B, 1) or (B, T) = {(B,)}, {(B, 1)} "
+                         f"or {(B, T)}, got {tuple(advantages.shape)}")
+    if is_weights is not None and tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"is_weights must have shape (B,) or (B, T), got {tuple(is_weights.shape)}")
+    dev = logps.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"logps is on {dev}; gmpo_ext runs on cpu and cuda tensors")
+    for name, t in (("old_logps", old_logps), ("advantages", advantages), ("mask", mask),
+                    ("ref_logps", ref_logps), ("is_weights", is_weights)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but logps is on {dev}; all inputs "
+                             "must be on the same device")
+    if beta != 0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0 (the KL term needs the "
+                         "reference model's log-probs)")
+
+
+def _epsilons(epsilon_low, epsilon_high):
+    _check_number("epsilon_low", epsilon_low, min_value=0.0)
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    _check_number("epsilon_high", epsilon_high, min_value=0.0)
+    return float(epsilon_low), float(epsilon_high)
+
+
+def _metrics_dict(metrics, names, beta, gmpo):
+    out = {names[0]: metrics[0], names[1]: metrics[1], names[2]: metrics[2]}
+    if beta != 0:
+        out["kl"] = metrics[3]
+    if gmpo:
+        out[MAX_MEAN_LOG_RATIO] = metrics[4]
+    out[NONFINITE_ROWS] = metrics[5]
+    return out
+
+
+def gmpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float = 0.4,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    ref_logps: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    convention: str = "trl",
+    log_ratio_clamp: Optional[float] = None,
+    normalizer: float = 1.0,
+    return_metrics: bool = False,
+):
+    """GMPO's clipped geometric-mean policy loss (arXiv 2507.20673), fused.
+
+    Per row i: ``L_i = -Ahat_i * exp(sum_t m*y / D_i) * w_i + beta * KL_i`` with
+    ``y`` the token log-ratio ``logps - old_logps`` clipped one-sidedly in log
+    space by the advantage's sign; the loss is ``mean_i L_i / normalizer``.
+
+    Args:
+        logps: (B, T) log-probs of the sampled tokens under the current policy;
+            float32, float64, float16 or bfloat16. The only input that gets a
+            gradient (in its own dtype).
+        old_logps: (B, T) log-probs under the policy that sampled them.
+        advantages: (B,) or (B, 1) per row, or (B, T) per token (verl's
+            semantics: the clip side follows each token's sign and the row's
+            multiplier is the masked mean of its advantages).
+        mask: (B, T) bool, integer or float (float = token weights).
+        epsilon_low, epsilon_high: the clip range in LOG space: log-ratios are
+            kept within (-epsilon_low, epsilon_high). Default 0.4 both (the
+            paper's and TRL's); epsilon_high None means epsilon_low.
+        beta: coefficient of the k3 KL to the reference policy (needs ref_logps).
+        ref_logps: (B, T) reference-model log-probs.
+        is_weights: rollout-engine importance weights: (B, T) per token,
+            combined per row as a geometric mean (verl), or (B,) per row. They
+            multiply the row's policy term.
+        convention: "trl" or "verl": reproduces TRL's GMPOTrainer or verl's
+            ``geo_mean`` policy loss exactly, including empty rows (trl: D =
+            max(n, 1), a row with no tokens contributes -A_i; verl: D = n + 1e-8,
+            it contributes 0) and zero advantages (verl: the tokens are dropped).
+        log_ratio_clamp: optional safety clamp of the log-ratio to [-C, C]
+            before anything else (verl uses 20 in its other losses).
+        normalizer: the loss is divided by it (gradient-accumulation steps).
+        return_metrics: also return a dict of 0-d tensors on the input's
+            device (no host sync): trl: ``clip_ratio/low_mean``,
+            ``clip_ratio/high_mean``, ``clip_ratio/region_mean``; verl:
+            ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``,
+            ``actor/ppo_kl``; ``kl`` when beta != 0; in both,
+            ``gmpo/max_mean_log_ratio`` (the largest mu_i: exp overflows in fp32
+            past 88.7) and ``gmpo/nonfinite_rows``.
+
+    Masked tokens (mask == 0) never enter the arithmetic: NaN in padding cannot
+    poison a row. A NaN among real tokens gives a NaN loss, and the row is
+    counted in ``gmpo/nonfinite_rows``. A row whose multiplier is exactly 0
+    contributes exactly 0, even where exp overflowed. B == 0 gives loss 0.
+
+    Returns:
+        The 0-d loss (float32, or float64 for float64 logps), or
+        ``(loss, metrics)`` with ``return_metrics=True``.
+    """
+    if convention not in _backend.CONVENTIONS:
+        raise ValueError(f"convention must be 'trl' or 'verl', got {convention!r}")
+    el, eh = _epsilons(epsilon_low, epsilon_high)
+    _check_number("beta", beta)
+    _check_number("log_ratio_clamp", log_ratio_clamp, allow_none=True)
+    if log_ratio_clamp is not None and log_ratio_clamp <= 0:
+        raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
+    _check_number("normalizer", normalizer, allow_zero=False)
+    _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    loss, metrics, _ = loss_fwd(
+        logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
+        _backend.ALGO_GMPO, _backend.CONVENTIONS[convention], 0, el, eh, float(beta),
+        float(log_ratio_clamp or 0.0), float(normalizer), 0.0)
+    if not return_metrics:
+        return loss
+    return loss, _metrics_dict(metrics, _METRIC_NAMES[convention], beta, gmpo=True)
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    ref_logps: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    loss_type: str = "dapo",
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch=None,
+    normalizer: float = 1.0,
+    return_metrics: bool = False,
+):
+    """GRPO's arithmetic-mean clipped surrogate, fused, as TRL's GRPOTrainer computes it.
+
+    Per token: ``rho = exp(logps - old_logps)``, ``loss_t = -min(rho*A,
+    clamp(rho, 1-epsilon_low, 1+epsilon_high)*A)`` (RATIO space), times
+    ``is_weights``, plus ``beta * k3``. Reduced by ``loss_type``:
+    "grpo" (token mean per row, then mean over rows), "bnpo" (sum / sum of
+    mask), "dr_grpo" (sum / (B * max_completion_length), default T), "dapo"
+    (sum / num_items_in_batch, default the sum of the mask); then divided by
+    ``normalizer``. Shapes, dtypes and the other arguments as in
+    :func:`gmpo_loss`; ``is_weights`` is per token (B, T) or per row (B,).
+    Metrics: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean``, ``kl`` (beta != 0), ``gmpo/nonfinite_rows``.
+    """
+    if loss_type not in _backend.LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(_backend.LOSS_TYPES)}; got {loss_type!r}")
+    el, eh = _epsilons(epsilon_low, epsilon_high)
+    if el > 1:
+        raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
+    _check_number("beta", beta)
+    _check_number("normalizer", normalizer, allow_zero=False)
+    denom = 0.0
+    if loss_type == "dr_grpo" and max_completion_length is not None:
+        _check_number("max_completion_length", max_completion_length, min_value=1)
+        denom = float(max_completion_length)
+    if loss_type == "dapo" and num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.item()
+        _check_number("num_items_in_batch", num_items_in_batch, allow_zero=False, min_value=0.0)
+        denom = float(num_items_in_batch)
+    _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    loss, metrics, _ = loss_fwd(
+        logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
+        _backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
+        float(normalizer), denom)
+    if not return_metrics:
+        return loss
+    return loss, _metrics_dict(metrics, _METRIC_NAMES["trl"], beta, gmpo=False)
+
+
+class GMPOLoss(torch.nn.Module):
+    """nn.Module form of :func:`gmpo_loss`; the constructor takes its options."""
+
+    def __init__(self, epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
+                 log_ratio_clamp=None, normalizer=1.0, return_metrics=False):
+        super().__init__()
+        self.kwargs = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                           convention=convention, log_ratio_clamp=log_ratio_clamp,
+                           normalizer=normalizer, return_metrics=return_metrics)
+        if convention not in _backend.CONVENTIONS:
+            raise ValueError(f"convention must be 'trl' or 'verl', got {convention!r}")
+
+    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None):
+        return gmpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
+                         is_weights=is_weights, **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class GRPOLoss(torch.nn.Module):
+    """nn.Module form of :func:`grpo_loss`; the constructor takes its options."""
+
+    def __init__(self, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
+                 max_completion_length=None, normalizer=1.0, return_metrics=False):
+        super().__init__()
+        if loss_type not in _backend.LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {', '.join(_backend.LOSS_TYPES)}; got {loss_type!r}")
+        self.kwargs = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                           loss_type=loss_type, max_completion_length=max_completion_length,
+                           normalizer=normalizer, return_metrics=return_metrics)
+
+    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None,
+                num_items_in_batch=None):
+        return grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
+                         is_weights=is_weights, num_items_in_batch=num_items_in_batch,
+                         **self.kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -1,0 +1,109 @@
+"""torch.library custom ops over the C core, with fake kernels and autograd.
+
+Two ops per loss family, shared by GMPO and GRPO (``algo`` selects):
+
+  gmpo_ext::loss_fwd(...) -> (loss 0-d, metrics (7,), rows (B+1, 10) fp64)
+  gmpo_ext::loss_bwd(grad_loss, rows, ...) -> grad (B, T) in logps' dtype
+
+``rows`` carries the per-row statistics from forward to backward (B+1 rows
+of 10 doubles: nothing per token). The backward reads grad_loss where it
+lives (no host sync), so the pair is safe under CUDA graphs. Only ``logps``
+receives a gradient; the other inputs are treated as constants, as in TRL and
+verl, where they are detached.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+_OPTS = ("algo", "convention", "loss_type", "eps_low", "eps_high", "beta", "log_ratio_clamp",
+         "normalizer", "denom")
+
+
+@torch.library.custom_op("gmpo_ext::loss_fwd", mutates_args=())
+def loss_fwd(
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    algo: int,
+    convention: int,
+    loss_type: int,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    log_ratio_clamp: float,
+    normalizer: float,
+    denom: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backend.forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
+                            convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
+                            normalizer, denom)
+
+
+@loss_fwd.register_fake
+def _(logps, old_logps, advantages, mask, ref_logps, is_weights, algo, convention, loss_type,
+      eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
+    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    B = logps.shape[0]
+    return (
+        logps.new_empty((), dtype=out_dtype),
+        logps.new_empty((_backend.METRICS,), dtype=out_dtype),
+        logps.new_empty((B + 1, _backend.ROW_STATS), dtype=torch.float64),
+    )
+
+
+@torch.library.custom_op("gmpo_ext::loss_bwd", mutates_args=())
+def loss_bwd(
+    grad_loss: Tensor,
+    rows: Tensor,
+    logps: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logps: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    algo: int,
+    convention: int,
+    loss_type: int,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    log_ratio_clamp: float,
+    normalizer: float,
+    denom: float,
+) -> Tensor:
+    return _backend.backward(grad_loss, rows, algo, logps, old_logps, advantages, mask,
+                             ref_logps, is_weights, convention, loss_type, eps_low, eps_high,
+                             beta, log_ratio_clamp, normalizer, denom)
+
+
+@loss_bwd.register_fake
+def _(grad_loss, rows, logps, *rest):
+    return torch.empty_like(logps, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logps, old_logps, advantages, mask, ref_logps, is_weights, *opts = inputs
+    ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, output[2])
+    ctx.opts = opts
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, grad_metrics, grad_rows):
+    logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = loss_bwd(grad_loss, rows, logps, old_logps, advantages, mask, ref_logps,
+                        is_weights, *ctx.opts)
+    return (grad,) + (None,) * (5 + len(_OPTS))
+
+
+loss_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,230 @@
+"""Plain-PyTorch references of the GMPO and GRPO losses: the test oracle and the
+benchmark baselines.
+
+GMPO: Geometric-Mean Policy Optimization, Zhao et al., arXiv 2507.20673.
+
+Each function is written the way the published implementation it mirrors is
+structured (TRL's ``trl.experimental.gmpo.GMPOTrainer._compute_loss`` and
+verl's ``core_algos`` loss ``geo_mean``), from the formulas, not from the fused
+kernels, so that the tests compare two independent derivations. Every function
+is differentiable with respect to ``logps`` through ordinary autograd.
+
+One deliberate difference from both published versions, shared with the fused
+kernels: a token whose mask is 0 is never part of the arithmetic, so a NaN or
+inf sitting in padding cannot poison its row (``NaN * 0`` is NaN in PyTorch).
+
+Shapes: B rows (sequences), T tokens. logps, old_logps, mask, ref_logps: (B, T);
+advantages (B,), (B, 1) or (B, T); is_weights (B, T) or (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "gmpo_loss_reference",
+    "grpo_loss_reference",
+    "gmpo_eager",
+]
+
+
+def _masked(x, mask):
+    """x where the mask is non-zero, exactly 0 elsewhere (padding never enters)."""
+    return torch.where(mask != 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _adv_2d(advantages, B, T):
+    if advantages.dim() == 1:
+        return advantages.reshape(B, 1).expand(B, T)
+    return advantages.expand(B, T)
+
+
+def _row_is_weight(is_weights, m, denom, B):
+    """(B,) weights pass through; (B, T) are combined per row as a geometric mean."""
+    if is_weights is None:
+        return None
+    if is_weights.dim() == 1:
+        return is_weights
+    logw = _masked(torch.log(is_weights + 1e-10), m)
+    return torch.exp((logw * m).sum(-1) / denom)
+
+
+def gmpo_loss_reference(
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    epsilon_low=0.4,
+    epsilon_high=None,
+    beta=0.0,
+    ref_logps=None,
+    is_weights=None,
+    convention="trl",
+    log_ratio_clamp=None,
+    normalizer=1.0,
+    dtype=torch.float64,
+):
+    """GMPO loss and metrics, computed in ``dtype`` (float64 for the oracle).
+
+    Returns ``(loss, metrics)``: a 0-d tensor differentiable w.r.t. ``logps`` and
+    a dict of 0-d tensors with the same names the fused op reports.
+    """
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    B, T = logps.shape
+    lp = logps.to(dtype)
+    olp = old_logps.to(dtype)
+    m = mask.to(dtype)
+    A = _adv_2d(advantages.to(dtype), B, T)
+    n = m.sum(-1)
+
+    l = _masked(lp - olp, m)
+    if log_ratio_clamp is not None:
+        l = torch.clamp(l, -log_ratio_clamp, log_ratio_clamp)
+    lc = torch.clamp(l, -epsilon_low, epsilon_high)
+
+    if convention == "trl":
+        denom = n.clamp(min=1.0)
+        y = torch.where(A > 0, torch.minimum(l, lc), torch.maximum(l, lc))
+    elif convention == "verl":
+        denom = n + 1e-8
+        s = torch.sign(A)
+        y = s * torch.minimum(s * l, s * lc)
+    else:
+        raise ValueError(f"convention must be 'trl' or 'verl', got {convention!r}")
+
+    mu = (y * m).sum(-1) / denom
+    r = torch.exp(mu)
+    if advantages.dim() == 1 or advantages.shape[-1] == 1:
+        a_row = advantages.reshape(B).to(dtype)
+        a_hat = a_row if convention == "trl" else a_row * n / denom
+    else:
+        a_hat = (_masked(A, m) * m).sum(-1) / denom
+    row_loss = -a_hat * r
+    w = _row_is_weight(None if is_weights is None else is_weights.to(dtype), m, denom, B)
+    if w is not None:
+        row_loss = row_loss * w
+
+    metrics = {}
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        d = _masked(ref_logps.to(dtype) - lp, m)
+        k = torch.exp(d) - d - 1.0
+        row_loss = row_loss + beta * (k * m).sum(-1) / denom
+
+    # B = 0: a defined zero (a plain mean over no rows would be NaN).
+    loss = row_loss.sum() / max(B, 1) / normalizer
+
+    with torch.no_grad():
+        mtot = m.sum()
+        if convention == "trl":
+            low = ((l < -epsilon_low) & (A < 0)).to(dtype)
+            high = ((l > epsilon_high) & (A > 0)).to(dtype)
+            region = ((low + high) > 0).to(dtype)
+            cnt = mtot.clamp(min=1.0)
+            metrics["clip_ratio/low_mean"] = (low * m).sum() / cnt
+            metrics["clip_ratio/high_mean"] = (high * m).sum() / cnt
+            metrics["clip_ratio/region_mean"] = (region * m).sum() / cnt
+        else:
+            clipped = (l != lc).to(dtype)
+            cnt = mtot + 1e-8
+            metrics["actor/pg_clipfrac"] = (clipped * (A > 0).to(dtype) * m).sum() / cnt
+            metrics["actor/pg_clipfrac_lower"] = (clipped * (A < 0).to(dtype) * m).sum() / cnt
+            metrics["actor/ppo_kl"] = (-l * m).sum() / cnt
+        if beta != 0.0:
+            metrics["kl"] = (k * m).sum() / cnt
+        nonempty = n > 0
+        mu_ne = mu[nonempty & ~torch.isnan(mu)]
+        metrics["gmpo/max_mean_log_ratio"] = (
+            mu_ne.max() if mu_ne.numel() else torch.zeros((), dtype=dtype)
+        )
+        metrics["gmpo/nonfinite_rows"] = (~torch.isfinite(row_loss)).sum().to(dtype)
+    return loss, metrics
+
+
+def grpo_loss_reference(
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    epsilon_low=0.2,
+    epsilon_high=None,
+    beta=0.0,
+    ref_logps=None,
+    is_weights=None,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    normalizer=1.0,
+    dtype=torch.float64,
+):
+    """GRPO's arithmetic-mean clipped surrogate with TRL's four loss types.
+
+    Per token: rho = exp(logp - old), loss = -min(rho*A, clamp(rho, 1-eps_low,
+    1+eps_high)*A), times the rollout importance weight, plus beta * k3 KL.
+    Reductions: grpo (per-row token mean, then row mean), bnpo (sum / sum of
+    mask), dr_grpo (sum / (B * max_completion_length)), dapo (sum /
+    num_items_in_batch, default the sum of the mask); then / normalizer.
+    """
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    B, T = logps.shape
+    lp = logps.to(dtype)
+    m = mask.to(dtype)
+    A = _adv_2d(advantages.to(dtype), B, T)
+    l = _masked(lp - old_logps.to(dtype), m)
+    rho = torch.exp(l)
+    rho_c = torch.clamp(rho, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    ptl = -torch.minimum(rho * A, rho_c * A)
+    if is_weights is not None:
+        w = is_weights.to(dtype)
+        ptl = ptl * (w.reshape(B, 1) if w.dim() == 1 else _masked(w, m))
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        d = _masked(ref_logps.to(dtype) - lp, m)
+        k = torch.exp(d) - d - 1.0
+        ptl = ptl + beta * k
+    s = ptl * m
+    if loss_type == "grpo":
+        loss = (s.sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / max(B, 1)
+    elif loss_type == "bnpo":
+        loss = s.sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        L = T if max_completion_length is None else max_completion_length
+        loss = s.sum() / max(B * L, 1)
+    elif loss_type == "dapo":
+        items = m.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+        loss = s.sum() / items
+    else:
+        raise ValueError(f"loss_type must be one of grpo, bnpo, dr_grpo, dapo; got {loss_type!r}")
+    loss = loss / normalizer
+    with torch.no_grad():
+        cnt = m.sum().clamp(min=1.0)
+        low = ((rho < 1.0 - epsilon_low) & (A < 0)).to(dtype)
+        high = ((rho > 1.0 + epsilon_high) & (A > 0)).to(dtype)
+        metrics = {
+            "clip_ratio/low_mean": (low * m).sum() / cnt,
+            "clip_ratio/high_mean": (high * m).sum() / cnt,
+            "clip_ratio/region_mean": (((low + high) > 0).to(dtype) * m).sum() / cnt,
+        }
+        if beta != 0.0:
+            metrics["kl"] = (k * m).sum() / cnt
+    return loss, metrics
+
+
+def gmpo_eager(logps, old_logps, advantages, mask, epsilon_low=0.4, epsilon_high=0.4, normalizer=1.0):
+    """The eager TRL-style GMPO formula in the inputs' own dtype: the benchmark baseline.
+
+    This is what a trainer runs without gmpo_ext (about 15 elementwise ops).
+    """
+    log_ratio = logps - old_logps
+    clamped = torch.clamp(log_ratio, min=-epsilon_low, max=epsilon_high)
+    a = advantages.unsqueeze(1)
+    clipped = torch.where(a > 0, torch.minimum(log_ratio, clamped), torch.maximum(log_ratio, clamped))
+    m = mask.to(logps.dtype)
+    coef = torch.exp((clipped * m).sum(-1) / m.sum(-1).clamp(min=1.0))
+    return (-coef * advantages).mean() / normalizer
