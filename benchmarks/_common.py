@@ -1,0 +1,218 @@
+"""Helpers shared by the benchmark scripts: threads, device names, timing,
+a memcpy baseline, CSV output and README table regeneration.
+
+Timing: every measurement is the median of per-call times after a warm-up,
+with enough calls that the measurement lasts at least ``min_time`` seconds.
+CPU calls are timed with time.perf_counter; CUDA calls with a pair of CUDA
+events each, synchronised once at the end (no host sync between calls).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------
+# environment
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op threads (default: every core) and return the number."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() as a fallback)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def resolve_device(name: str) -> torch.device:
+    """torch.device for ``name``; exits with a clear message when CUDA is asked
+    for but not available (never at import time)."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                 f"torch.version.cuda = {torch.version.cuda}); run on a machine with a GPU "
+                 "and a CUDA build of torch, or use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        sys.exit(f"--device {name}: only cpu and cuda are supported")
+    return dev
+
+
+def _cpu_ticks():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return sum(v) - idle, sum(v)
+
+
+def others_busy(interval: float = 0.5) -> float:
+    """Fraction of all cores busy over ``interval`` seconds while this process
+    sleeps, i.e. taken by other processes (NaN where /proc/stat is missing).
+    A benchmark on a shared machine should report it: a busy core slows the
+    OpenMP regions of both the fused kernels and torch."""
+    try:
+        b0, t0 = _cpu_ticks()
+        time.sleep(interval)
+        b1, t1 = _cpu_ticks()
+    except (OSError, ValueError):
+        return float("nan")
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> float:
+    """Wait up to ``max_wait`` seconds for others_busy() < threshold; return the last reading."""
+    deadline = time.monotonic() + max_wait
+    busy = others_busy()
+    while busy >= threshold and time.monotonic() < deadline:
+        busy = others_busy(2.0)
+    return busy
+
+
+def synchronizer(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+# ----------------------------------------------------------------------------
+# timing
+
+def measure(fn, device: torch.device, *, min_time: float = 0.2, min_repeats: int = 10,
+            max_repeats: int = 100_000, warmup: int = 3) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls) of ``fn()``.
+
+    ``warmup`` untimed calls first (compilation, allocator and cache warm-up),
+    then a short estimate of the per-call time picks the number of timed calls
+    so that they last about ``min_time`` in all (at least ``min_repeats``).
+    """
+    sync = synchronizer(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+    k, t0 = 0, time.perf_counter()
+    while k < 3 or (time.perf_counter() - t0 < 0.02 and k < 1000):
+        fn()
+        k += 1
+    sync()
+    est = max((time.perf_counter() - t0) / k, 1e-7)
+    n = int(min(max(math.ceil(min_time / est), min_repeats), max_repeats))
+    if device.type == "cuda":
+        evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+               for _ in range(n)]
+        for start, end in evs:
+            start.record()
+            fn()
+            end.record()
+        sync()
+        times = [start.elapsed_time(end) * 1e-3 for start, end in evs]
+    else:
+        times = []
+        pc = time.perf_counter
+        for _ in range(n):
+            t = pc()
+            fn()
+            times.append(pc() - t)
+    return statistics.median(times), n
+
+
+def memcpy_fn(nbytes: int, device: torch.device):
+    """A copy_ of ``nbytes`` between two preallocated uint8 buffers on ``device``.
+
+    It reads nbytes and writes nbytes: its bandwidth is counted as 2 * nbytes
+    per call (the STREAM "copy" convention); see memcpy_gbps.
+    """
+    src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def memcpy_gbps(nbytes: int, seconds: float) -> float:
+    """Bandwidth of a copy of nbytes (read + write: 2 * nbytes moved)."""
+    return 2 * nbytes / seconds / 1e9
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+# ----------------------------------------------------------------------------
+# output
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def replace_between_markers(path: Path, start: str, end: str, body: str) -> bool:
+    """Replace the text between the marker lines ``start`` and ``end`` of
+    ``path`` with ``body``. Returns False (and changes nothing) when the file or
+    either marker is missing; markers are never created here."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < 0 or j < i:
+        return False
+    new = text[: i + len(start)] + "\n" + body.rstrip("\n") + "\n" + text[j:]
+    if new != text:
+        path.write_text(new)
+    return True
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A GitHub markdown table; ``align`` is one of l/r per column (default: r)."""
+    align = align or "r" * len(header)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fixed_row(cells: list[str], widths: list[int]) -> str:
+    """One right-aligned terminal table row (rows printed as they are measured)."""
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain fixed-width table for the terminal."""
+    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
+              for k, h in enumerate(header)]
+    fmt = "  ".join("{:>%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*r) for r in rows])

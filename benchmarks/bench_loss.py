@@ -1,0 +1,484 @@
+#!/usr/bin/env python
+"""Benchmark of the fused GMPO loss against its PyTorch baselines.
+
+Compares, on the same inputs in one run:
+
+  fused       gmpo_ext.gmpo_loss (the torch.library op over the C / CUDA kernels)
+  fused_C     the same kernels called straight through gmpo_ext._C on
+              preallocated buffers: no torch op, no autograd, no allocation.
+              fused - fused_C is the Python / dispatch / allocation overhead.
+  eager       the eager PyTorch GMPO formula (gmpo_ext.reference.gmpo_eager)
+  compiled    torch.compile of that formula (compiled once per shape)
+  grpo_eager  eager GRPO (gmpo_ext.reference.grpo_loss_reference in the input
+              dtype; it also computes its three clip metrics, as TRL does)
+  grpo_fused  gmpo_ext.grpo_loss
+
+in three modes: fwd (the loss, with autograd recording as in training), bwd
+(the backward alone: one forward, then the gradient w.r.t. logps repeatedly
+with retain_graph) and both (forward + backward). Every figure is the median of
+per-call times after a warm-up, with enough calls to last --min-time seconds.
+
+Bandwidth: every path is credited with the bytes the fused kernel must move
+(fwd: read logps, old_logps, mask and the per-row advantages; bwd: the same
+reads plus the gradient write; both: the sum) and compared with a memcpy
+measured in the same run: torch copy_ between two preallocated uint8 buffers
+of that many bytes, counted as read + write (2 x bytes), the STREAM convention.
+
+    python benchmarks/bench_loss.py                 # full grid, fp32, CPU
+    python benchmarks/bench_loss.py --quick --dtype bf16
+    python benchmarks/bench_loss.py --shapes 64x4096 --modes both
+    python benchmarks/bench_loss.py --device cuda   # on a machine with a GPU
+    python benchmarks/bench_loss.py --floor         # bytes per token, H100/H200 floor
+    python benchmarks/bench_loss.py --from-csv benchmarks/results/bench_loss_cpu.csv --readme
+
+Outputs: a table on stdout, benchmarks/results/bench_loss_<device>[_<dtype>][_quick].csv
+and a .png beside it (time per path vs tokens, one panel per mode); --readme
+rewrites the table between the bench_loss markers of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+import gmpo_ext  # noqa: E402
+from gmpo_ext import _backend  # noqa: E402
+from gmpo_ext.reference import gmpo_eager, grpo_loss_reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BENCH_README = Path(__file__).resolve().parent / "README.md"
+MARK_START, MARK_END = "<!-- bench_loss:start -->", "<!-- bench_loss:end -->"
+FLOOR_START, FLOOR_END = "<!-- bench_loss_floor:start -->", "<!-- bench_loss_floor:end -->"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MODES = ("fwd", "bwd", "both")
+PATHS = ("fused", "fused_C", "eager", "compiled", "grpo_eager", "grpo_fused")
+BASELINE = {"fused": "eager", "fused_C": "eager", "eager": "eager", "compiled": "eager",
+            "grpo_eager": "grpo_eager", "grpo_fused": "grpo_eager"}
+GRID = [(B, T) for B in (8, 16, 64) for T in (1024, 4096, 16384)]
+QUICK = [(8, 1024), (8, 4096), (64, 4096)]
+FLOOR_SHAPES = [(8, 4096), (64, 4096), (64, 16384)]
+GPU_BW = {"H100": 3.35e12, "H200": 4.8e12}   # HBM bytes / s (SXM parts)
+EPS = 0.4              # GMPO's log-space clip (paper and TRL default)
+GRPO_EPS = 0.2         # GRPO's ratio-space clip (TRL default)
+
+FIELDS = ["device", "device_name", "torch", "gmpo_ext", "threads", "B", "T", "tokens", "dtype",
+          "mode", "path", "median_ms", "repeats", "bytes", "gbps", "memcpy_ms", "memcpy_gbps",
+          "frac_of_memcpy", "baseline", "speedup_vs_eager", "others_busy"]
+
+
+# ----------------------------------------------------------------------------
+# bytes and the bandwidth floor
+
+def kernel_bytes(B: int, T: int, dtype: torch.dtype, mode: str, *, mask_bytes: int = 1,
+                 ref: bool = False) -> int:
+    """Bytes the fused kernels must move for one call in ``mode``.
+
+    forward reads logps, old_logps, mask (and ref_logps when beta != 0) per
+    token and the advantages per row; backward reads the same and writes one
+    gradient per token in logps' dtype; both is the sum.
+    """
+    es = dtype.itemsize
+    read = B * T * (2 * es + mask_bytes + (es if ref else 0)) + B * es
+    write = B * T * es
+    return {"fwd": read, "bwd": read + write, "both": 2 * read + write}[mode]
+
+
+def floor_markdown() -> str:
+    """Markdown: bytes per token per mode and dtype, and the time they imply at
+    H100 and H200 HBM bandwidth for the reference shapes."""
+    out = ["Bytes per token the fused kernels must move (bool mask; the per-row "
+           "advantage adds one element per row):", ""]
+    rows = []
+    for name in ("fp32", "bf16", "fp16", "fp64"):
+        dt = DTYPES[name]
+        for ref in (False, True):
+            rows.append([name, "yes" if ref else "no"] +
+                        [str(kernel_bytes(1, 1, dt, m, ref=ref) - dt.itemsize * (2 if m == "both" else 1))
+                         for m in MODES])
+    out.append(C.markdown_table(["dtype", "ref_logps (beta != 0)", "fwd B/token",
+                                 "bwd B/token", "both B/token"], rows, "llrrr"))
+    out += ["", "Time those bytes take at HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s): "
+            "the floor the CUDA kernels must approach.", ""]
+    rows = []
+    for B, T in FLOOR_SHAPES:
+        for name in ("fp32", "bf16"):
+            dt = DTYPES[name]
+            for mode in MODES:
+                nb = kernel_bytes(B, T, dt, mode)
+                rows.append([f"{B} x {T}", name, mode, f"{nb / 1e6:.2f}"] +
+                            [f"{nb / bw * 1e6:.2f}" for bw in GPU_BW.values()])
+    out.append(C.markdown_table(["B x T", "dtype", "mode", "MB moved", "H100 us", "H200 us"],
+                                rows, "lllrrr"))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# inputs and paths
+
+def make_inputs(B, T, dtype, device, seed=0):
+    """logps (requires grad), old_logps, (B,) advantages, bool mask with zeroed
+    random tails (each row keeps between T/4 and T tokens)."""
+    g = torch.Generator().manual_seed(seed + 1000 * B + T)
+    lp = -4.0 * torch.rand(B, T, generator=g, dtype=torch.float64) - 0.01
+    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)  # some tokens clip
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    lengths = torch.randint(max(T // 4, 1), T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    lp = lp.to(device=device, dtype=dtype).requires_grad_()
+    return lp, old.to(device=device, dtype=dtype), adv.to(device=device, dtype=dtype), mask.to(device)
+
+
+def loss_fns(inp, compiled_fn):
+    """path -> zero-argument callable returning the loss (autograd recording)."""
+    lp, old, adv, mask = inp
+    fns = {
+        "fused": lambda: gmpo_ext.gmpo_loss(lp, old, adv, mask, epsilon_low=EPS),
+        "eager": lambda: gmpo_eager(lp, old, adv, mask, EPS, EPS),
+        "grpo_eager": lambda: grpo_loss_reference(lp, old, adv, mask, epsilon_low=GRPO_EPS,
+                                                  dtype=lp.dtype)[0],
+        "grpo_fused": lambda: gmpo_ext.grpo_loss(lp, old, adv, mask, epsilon_low=GRPO_EPS),
+    }
+    if compiled_fn is not None:
+        fns["compiled"] = lambda: compiled_fn(lp, old, adv, mask, EPS, EPS)
+    return fns
+
+
+def mode_fn(loss_fn, lp, mode):
+    """The callable timed for ``mode``."""
+    if mode == "fwd":
+        return loss_fn
+    if mode == "both":
+        return lambda: torch.autograd.grad(loss_fn(), lp)
+    loss = loss_fn()
+    return lambda: torch.autograd.grad(loss, lp, retain_graph=True)
+
+
+def raw_c_fn(inp, mode):
+    """The GMPO kernels called through gmpo_ext._C on preallocated buffers.
+
+    Uses gmpo_ext._backend's private argument builder: a diagnostic path, so
+    a change there skips it with a message rather than breaking the run.
+    """
+    lp, old, adv, mask = (t.detach() for t in inp)
+    B, T = lp.shape
+    dev = lp.device
+    mod, code, stream = _backend.backend(dev)
+    out_dtype = torch.float64 if lp.dtype == torch.float64 else torch.float32
+    rows = torch.empty((B + 1, _backend.ROW_STATS), dtype=torch.float64, device=dev)
+    loss = torch.empty((), dtype=out_dtype, device=dev)
+    metrics = torch.empty((_backend.METRICS,), dtype=out_dtype, device=dev)
+    grad = torch.empty_like(lp)
+    go = torch.ones((), dtype=out_dtype, device=dev)
+    (algo, B, T, *rest), keep = _backend._args(
+        _backend.ALGO_GMPO, lp, old, adv, mask, None, None, _backend.CONVENTIONS["trl"], 0,
+        EPS, EPS, 0.0, 0.0, 1.0, 0.0)
+    fwd_args = (algo, code, stream, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
+                metrics.data_ptr(), _backend.DTYPE_CODES[out_dtype])
+    bwd_args = (algo, code, stream, B, T, *rest, rows.data_ptr(), go.data_ptr(),
+                _backend.DTYPE_CODES[go.dtype], grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype])
+    fwd, bwd = mod.forward, mod.backward
+    hold = (keep, rows, loss, metrics, grad, go, lp, old, adv, mask)
+
+    def f():
+        fwd(*fwd_args)
+
+    def b():
+        bwd(*bwd_args)
+
+    def fb():
+        fwd(*fwd_args)
+        bwd(*bwd_args)
+
+    f()  # rows for the backward
+    fn = {"fwd": f, "bwd": b, "both": fb}[mode]
+    fn.hold = hold
+    return fn
+
+
+def check_agreement(inp, compiled_fn, dtype):
+    """Warn when the paths disagree on the loss (a benchmark of a wrong answer is void)."""
+    fns = loss_fns(inp, compiled_fn)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+    with torch.no_grad():
+        pairs = [("fused", "eager"), ("grpo_fused", "grpo_eager")]
+        if compiled_fn is not None:
+            pairs.append(("compiled", "eager"))
+        for a, b in pairs:
+            x, y = float(fns[a]()), float(fns[b]())
+            if not math.isclose(x, y, rel_tol=tol, abs_tol=tol):
+                print(f"WARNING: {a} loss {x:.7g} != {b} loss {y:.7g} (tolerance {tol:g})",
+                      file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# the run
+
+def make_compiled():
+    """torch.compile of the eager formula, shape-specialised; each shape compiles
+    once (the recompile limit is raised so no shape silently falls back to eager)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    return torch.compile(gmpo_eager, dynamic=False)
+
+
+def run(args, device, meta) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    shapes = args.shapes or (QUICK if args.quick else GRID)
+    paths = [p for p in args.paths if not (p == "compiled" and args.no_compile)]
+    compiled_fn = make_compiled() if "compiled" in paths else None
+    print(C.fixed_row(HEADER, WIDTHS), flush=True)
+    rows = []
+    for B, T in shapes:
+        busy = C.wait_until_quiet(args.wait_idle) if args.wait_idle else C.others_busy()
+        if busy > 0.1:
+            print(f"# WARNING: other processes keep {100 * busy:.0f}% of the cores busy: "
+                  "these timings are disturbed", file=sys.stderr, flush=True)
+        inp = make_inputs(B, T, dtype, device, args.seed)
+        lp = inp[0]
+        if "compiled" in paths:
+            t0 = time.perf_counter()
+            torch.autograd.grad(compiled_fn(*inp, EPS, EPS), lp)  # compile fwd + bwd once
+            C.synchronizer(device)()
+            print(f"# {B}x{T}: torch.compile took {time.perf_counter() - t0:.1f} s", flush=True)
+        check_agreement(inp, compiled_fn, dtype)
+        fns = loss_fns(inp, compiled_fn)
+        for mode in args.modes:
+            nb = kernel_bytes(B, T, dtype, mode)
+            mc_s, _ = C.measure(C.memcpy_fn(nb, device), device, min_time=args.min_time,
+                                min_repeats=args.repeats)
+            mc_gbps = C.memcpy_gbps(nb, mc_s)
+            times = {}
+            for path in paths:
+                fn = None
+                try:
+                    fn = raw_c_fn(inp, mode) if path == "fused_C" else mode_fn(fns[path], lp, mode)
+                    times[path] = C.measure(fn, device, min_time=args.min_time,
+                                            min_repeats=args.repeats)
+                except Exception as e:  # a path that cannot run here is reported, not fatal
+                    print(f"# {B}x{T} {mode} {path}: skipped ({type(e).__name__}: {e})",
+                          file=sys.stderr, flush=True)
+                del fn
+            for path, (sec, reps) in times.items():
+                base = times.get(BASELINE[path])
+                r = dict(meta, B=B, T=T, tokens=B * T, dtype=args.dtype, mode=mode, path=path,
+                         median_ms=sec * 1e3, repeats=reps, bytes=nb, gbps=C.gbps(nb, sec),
+                         memcpy_ms=mc_s * 1e3, memcpy_gbps=mc_gbps,
+                         frac_of_memcpy=C.gbps(nb, sec) / mc_gbps, baseline=BASELINE[path],
+                         speedup_vs_eager=(base[0] / sec) if base else float("nan"),
+                         others_busy=busy)
+                rows.append(r)
+                print(C.fixed_row(fmt_row(r), WIDTHS), flush=True)
+        del inp, fns
+    return rows
+
+
+HEADER = ["B", "T", "mode", "path", "ms", "GB/s", "memcpy GB/s", "of memcpy", "speedup"]
+WIDTHS = [3, 6, 5, 11, 9, 7, 11, 9, 22]
+
+
+def fmt_row(r):
+    return [str(r["B"]), str(r["T"]), r["mode"], r["path"], f"{r['median_ms']:.3f}",
+            f"{r['gbps']:.2f}", f"{r['memcpy_gbps']:.1f}", f"{100 * r['frac_of_memcpy']:.1f}%",
+            f"{r['speedup_vs_eager']:.2f}x vs {r['baseline']}"]
+
+
+def load_csv(path: Path) -> list[dict]:
+    rows = C.read_csv(path)
+    for r in rows:
+        for k in ("threads", "B", "T", "tokens", "repeats", "bytes"):
+            r[k] = int(r[k])
+        for k in ("median_ms", "gbps", "memcpy_ms", "memcpy_gbps", "frac_of_memcpy",
+                  "speedup_vs_eager", "others_busy"):
+            r[k] = float(r[k])
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# plot and README
+
+def plot(rows, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.2 * len(modes), 4.4), squeeze=False)
+    r0 = rows[0]
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        for p in PATHS:
+            pts = sorted((r["tokens"], r["median_ms"]) for r in sel if r["path"] == p)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=p)
+        mc = sorted({(r["tokens"], r["memcpy_ms"]) for r in sel})
+        ax.plot(*zip(*mc), "k--", lw=1, label="memcpy (same bytes)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens (B x T)")
+        ax.set_ylabel("median ms per call")
+        ax.set_title(mode)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"gmpo_ext {r0['gmpo_ext']} loss, {r0['dtype']}, {r0['device_name']}, "
+                 f"{r0['threads']} threads, torch {r0['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def readme_table(rows) -> str | None:
+    sel = [r for r in rows if r["dtype"] == "fp32" and r["mode"] == "both"]
+    if not sel:
+        return None
+    by = {(r["B"], r["T"], r["path"]): r for r in sel}
+    shapes = sorted({(r["B"], r["T"]) for r in sel}, key=lambda s: (s[0] * s[1], s))
+    ms = lambda B, T, p: f"{by[(B, T, p)]['median_ms']:.3f}" if (B, T, p) in by else "-"
+    body = []
+    for B, T in shapes:
+        f = by.get((B, T, "fused"))
+        body.append([f"{B} x {T}", ms(B, T, "fused"), ms(B, T, "eager"), ms(B, T, "compiled"),
+                     ms(B, T, "grpo_eager"),
+                     f"{f['speedup_vs_eager']:.1f}x" if f else "-",
+                     f"{f['gbps']:.2f}" if f else "-",
+                     f"{f['memcpy_gbps']:.1f}" if f else "-",
+                     f"{100 * f['frac_of_memcpy']:.1f}%" if f else "-",
+                     ms(B, T, "fused_C")])
+    r0 = sel[0]
+    head = (f"fp32, forward + backward, median ms per call on {r0['device_name']} "
+            f"({r0['device']}, {r0['threads']} threads), torch {r0['torch']}, gmpo_ext "
+            f"{r0['gmpo_ext']}. GB/s counts the bytes the fused kernels move (22 B per token); "
+            "memcpy is a copy of the same bytes in the same run (read + write counted). "
+            "Kernel-only: the C entry points on preallocated buffers. "
+            "Regenerate: `python benchmarks/bench_loss.py --readme`.")
+    table = C.markdown_table(
+        ["B x T", "fused ms", "eager ms", "compiled ms", "GRPO eager ms", "fused vs eager",
+         "fused GB/s", "memcpy GB/s", "fused / memcpy", "kernel-only ms"], body, "lrrrrrrrrr")
+    return head + "\n\n" + table
+
+
+def update_readme(rows, readme: Path, device: torch.device):
+    text = readme_table(rows)
+    if text is None:
+        csv_path = C.RESULTS_DIR / f"bench_loss_{device.type}.csv"
+        if csv_path.exists():
+            text = readme_table(load_csv(csv_path))
+    if text is None:
+        print("WARNING: --readme needs fp32 'both' results (run with --dtype fp32 --modes both, "
+              "or --from-csv); README not changed", file=sys.stderr)
+        return
+    if C.replace_between_markers(readme, MARK_START, MARK_END, text):
+        print(f"# wrote the table into {readme}")
+    else:
+        print(f"WARNING: {readme} lacks the markers {MARK_START} ... {MARK_END}; README not "
+              "changed (the README's owner adds them)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------
+# main
+
+def parse_shapes(s):
+    try:
+        return [tuple(int(x) for x in part.lower().split("x")) for part in s.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes wants BxT[,BxT...], got {s!r}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK} only")
+    ap.add_argument("--shapes", type=parse_shapes, help="BxT[,BxT...], e.g. 64x4096,8x1024")
+    ap.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                    help="comma-separated subset of fwd,bwd,both")
+    ap.add_argument("--paths", type=lambda s: s.split(","), default=list(PATHS),
+                    help="comma-separated subset of " + ",".join(PATHS))
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    ap.add_argument("--repeats", type=int, default=10, help="minimum timed calls (default 10)")
+    ap.add_argument("--min-time", type=float, default=0.2,
+                    help="seconds each measurement lasts at least (default 0.2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each shape, wait up to this long for other processes to "
+                         "leave the cores idle (shared machines)")
+    ap.add_argument("--out", type=Path, default=None, help="CSV path (the PNG goes beside it)")
+    ap.add_argument("--from-csv", type=Path, default=None,
+                    help="take the results from this CSV instead of measuring")
+    ap.add_argument("--readme", nargs="?", type=Path, const=README, default=None,
+                    help="rewrite the table between the bench_loss markers of README.md "
+                         "(or of the given file)")
+    ap.add_argument("--floor", action="store_true",
+                    help="print the bytes per token and the H100/H200 bandwidth floor; with "
+                         "--readme also write them into benchmarks/README.md; then exit")
+    args = ap.parse_args(argv)
+    for m in args.modes:
+        if m not in MODES:
+            ap.error(f"--modes: {m!r} is not one of {', '.join(MODES)}")
+    for p in args.paths:
+        if p not in PATHS:
+            ap.error(f"--paths: {p!r} is not one of {', '.join(PATHS)}")
+
+    if args.floor:
+        text = floor_markdown()
+        print(text)
+        if args.readme is not None:
+            if C.replace_between_markers(BENCH_README, FLOOR_START, FLOOR_END, text):
+                print(f"# wrote the floor tables into {BENCH_README}")
+            else:
+                print(f"WARNING: {BENCH_README} lacks {FLOOR_START} ... {FLOOR_END}",
+                      file=sys.stderr)
+        return 0
+
+    device = C.resolve_device(args.device)
+    if args.from_csv is not None:
+        rows = load_csv(args.from_csv)
+        print(C.text_table(HEADER, [fmt_row(r) for r in rows]))
+        if args.readme is not None:
+            update_readme(rows, args.readme, device)
+        return 0
+
+    threads = C.set_threads(args.threads)
+    meta = dict(device=device.type, device_name=C.device_name(device), torch=torch.__version__,
+                gmpo_ext=gmpo_ext.__version__, threads=threads)
+    print(f"# device: {meta['device_name']} ({device}); torch {meta['torch']}; gmpo_ext "
+          f"{meta['gmpo_ext']} (CUDA build: {gmpo_ext.WITH_CUDA}); torch threads: {threads}; "
+          f"dtype: {args.dtype}; min time {args.min_time} s, >= {args.repeats} calls",
+          flush=True)
+    t0 = time.perf_counter()
+    rows = run(args, device, meta)
+    print(f"# total {time.perf_counter() - t0:.0f} s")
+    if not rows:
+        return 1
+
+    suffix = ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("_quick" if args.quick else "")
+    out = args.out or C.RESULTS_DIR / f"bench_loss_{device.type}{suffix}.csv"
+    C.write_csv(out, rows, FIELDS)
+    plot(rows, out.with_suffix(".png"))
+    print(f"# wrote {out} and {out.with_suffix('.png')}")
+    if args.readme is not None:
+        update_readme(rows, args.readme, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
