@@ -51,6 +51,21 @@ def device_name(device: torch.device) -> str:
     return cpu_name()
 
 
+def git_rev(paths=("csrc", "gmpo_ext", "setup.py")) -> str:
+    """Short commit of the checkout, + "+dirty" when ``paths`` have local changes
+    (the numbers may then come from uncommitted kernels); "" outside git."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root,
+                               text=True, capture_output=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return rev + ("+dirty" if dirty else "")
+
+
 def resolve_device(name: str) -> torch.device:
     """torch.device for ``name``; exits with a clear message when CUDA is asked
     for but not available (never at import time)."""
@@ -103,41 +118,55 @@ def synchronizer(device: torch.device):
 # ----------------------------------------------------------------------------
 # timing
 
-def measure(fn, device: torch.device, *, min_time: float = 0.2, min_repeats: int = 10,
-            max_repeats: int = 100_000, warmup: int = 3) -> tuple[float, int]:
-    """(median seconds per call, number of timed calls) of ``fn()``.
+def measure(fn, device: torch.device, *, setup=None, min_time: float = 0.2,
+            min_repeats: int = 10, max_repeats: int = 100_000,
+            warmup: int = 3) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls) of ``fn()``, or of
+    ``fn(setup())`` when ``setup`` is given (setup runs before each call,
+    untimed: e.g. the forward whose backward is timed).
 
     ``warmup`` untimed calls first (compilation, allocator and cache warm-up),
     then a short estimate of the per-call time picks the number of timed calls
     so that they last about ``min_time`` in all (at least ``min_repeats``).
     """
     sync = synchronizer(device)
+    call = fn if setup is None else (lambda: fn(setup()))
     for _ in range(warmup):
-        fn()
+        call()
     sync()
     k, t0 = 0, time.perf_counter()
     while k < 3 or (time.perf_counter() - t0 < 0.02 and k < 1000):
-        fn()
+        call()
         k += 1
     sync()
-    est = max((time.perf_counter() - t0) / k, 1e-7)
+    est = max((time.perf_counter() - t0) / k, 1e-7)  # with setup: an overestimate
     n = int(min(max(math.ceil(min_time / est), min_repeats), max_repeats))
+    times = []
     if device.type == "cuda":
         evs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                for _ in range(n)]
         for start, end in evs:
+            x = setup() if setup is not None else None
             start.record()
-            fn()
+            fn() if setup is None else fn(x)
             end.record()
+            del x
         sync()
         times = [start.elapsed_time(end) * 1e-3 for start, end in evs]
-    else:
-        times = []
+    elif setup is None:
         pc = time.perf_counter
         for _ in range(n):
             t = pc()
             fn()
             times.append(pc() - t)
+    else:
+        pc = time.perf_counter
+        for _ in range(n):
+            x = setup()
+            t = pc()
+            fn(x)
+            times.append(pc() - t)
+            del x
     return statistics.median(times), n
 
 
