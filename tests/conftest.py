@@ -1,0 +1,72 @@
+"""Shared fixtures: the backend every loss test runs against, and its device.
+
+BACKENDS lists what the parity tests run on:
+
+  "c"     the C core (gmpo_ext._C) on CPU tensors
+  "simt"  the CUDA kernels run on the CPU under the SIMT emulation (tests/simt):
+          CPU tensors are routed to a module built from the CUDA sources by
+          ``simt_backend.load_simt_module()`` through
+          ``gmpo_ext._backend.set_simt_module``
+  "cuda"  the real CUDA kernels, when torch sees a GPU: tests create their
+          tensors on the ``device`` fixture
+
+Adding the emulated CUDA backend is one line below (``BACKENDS.append("simt")``)
+plus ``tests/simt_backend.py: load_simt_module()``, imported lazily here and
+only when "simt" is listed, so a checkout without it still collects.
+
+The loss test modules opt in with ``pytestmark = pytest.mark.usefixtures("backend")``
+(or by taking ``device``), which parametrizes each test over BACKENDS.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gmpo_ext import _backend
+
+BACKENDS = ["c"]
+# BACKENDS.append("simt")   # <- the one line that turns the SIMT emulation on
+if torch.cuda.is_available():
+    BACKENDS.append("cuda")
+
+# One intra-op thread for the suite: on the 2-core CI machine torch's threads
+# cost more than they save on these small tensors, and when the cores are busy
+# their spin-waits make single calls take seconds. The C core's multi-threaded
+# path is exercised on purpose by the tests that call torch.set_num_threads(2)
+# (same bits as one thread; large shapes).
+torch.set_num_threads(1)
+
+_MARKS = {"simt": [pytest.mark.simt], "cuda": [pytest.mark.cuda]}
+
+_simt_cache = {}
+
+
+def _simt_module():
+    """Build (once per session) and return the SIMT-emulated CUDA module."""
+    if "module" not in _simt_cache:
+        from simt_backend import load_simt_module  # lazy: only when "simt" is in BACKENDS
+
+        _simt_cache["module"] = load_simt_module()
+    return _simt_cache["module"]
+
+
+def backend_params():
+    return [pytest.param(b, marks=_MARKS.get(b, []), id=b) for b in BACKENDS]
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """The backend name; routes CPU tensors to the SIMT module for "simt"."""
+    name = request.param
+    _backend.set_simt_module(_simt_module() if name == "simt" else None)
+    try:
+        yield name
+    finally:
+        _backend.set_simt_module(None)
+
+
+@pytest.fixture
+def device(backend):
+    """Where a test creates its tensors for the current backend."""
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
