@@ -1,0 +1,318 @@
+/*
+ * gmpo_cuda_util.cuh -- device helpers of the loss kernels: vectorised loads and
+ * stores of VEC consecutive tokens of any gmpo dtype, the float / double
+ * dispatch onto the shared scalar math of gmpo_math.h, and deterministic warp and
+ * block sums (fixed shuffle trees, no atomics).
+ *
+ * Everything here builds with nvcc and, unchanged, with a host C++ compiler under
+ * the SIMT emulation (GMPO_SIMT): device-only intrinsics sit behind __CUDA_ARCH__.
+ * Both targets are little-endian, which the word unpacking below relies on.
+ */
+#ifndef GMPO_CUDA_UTIL_CUH
+#define GMPO_CUDA_UTIL_CUH
+
+#include <stdint.h>
+#include "launch.cuh"
+#include "../gmpo.h"
+#include "../gmpo_math.h"
+
+#define GMPO_FULL_MASK 0xffffffffu
+
+// ----------------------------------------------------------------------------
+// dtypes
+
+// bytes per element of a gmpo dtype (0 for GMPO_DT_NONE or an unknown code)
+__host__ __device__ __forceinline__ int gmpo_dtype_size(int32_t dt) {
+    switch (dt) {
+    case GMPO_DT_F64: case GMPO_DT_I64: return 8;
+    case GMPO_DT_F32: case GMPO_DT_I32: return 4;
+    case GMPO_DT_F16: case GMPO_DT_BF16: return 2;
+    case GMPO_DT_BOOL: case GMPO_DT_U8: case GMPO_DT_I8: return 1;
+    default: return 0;
+    }
+}
+
+// half <-> float: one cvt instruction on the device, the shared bit-exact
+// converters of gmpo_math.h on the host (same values: the conversion is exact
+// one way and round-to-nearest-even the other)
+GMPO_DEV float gmpo_dev_f16_to_f32(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(h));
+#else
+    return gmpo_f16_to_f32(h);
+#endif
+}
+
+GMPO_DEV uint16_t gmpo_dev_f32_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+    return __half_as_ushort(__float2half_rn(f));
+#else
+    return gmpo_f32_to_f16(f);
+#endif
+}
+
+GMPO_DEV uint16_t gmpo_dev_f32_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+    return gmpo_f32_to_bf16(f);
+#endif
+}
+
+// ----------------------------------------------------------------------------
+// the shared math of gmpo_math.h, by accumulation type (float: fp32, fp16 and
+// bf16 inputs; double: fp64 inputs, as on the CPU)
+
+template <class Acc> struct gmpo_m;
+
+template <> struct gmpo_m<float> {
+    typedef gmpo_acc_f acc;
+    static GMPO_DEV float load(const void *p, int32_t dt, int64_t k) { return gmpo_load_f(p, dt, k); }
+    static GMPO_DEV void store(void *p, int32_t dt, int64_t k, float v) { gmpo_store_f(p, dt, k, v); }
+    static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_f(s); }
+    static GMPO_DEV void gmpo_tok(acc *s, const gmpo_args *a, float m, float lp, float olp,
+                                  float adv, float ref, float w) {
+        gmpo_token_fwd_f(s, a, m, lp, olp, adv, ref, w);
+    }
+    static GMPO_DEV void grpo_tok(acc *s, const gmpo_args *a, float m, float lp, float olp,
+                                  float adv, float ref, float w) {
+        grpo_token_fwd_f(s, a, m, lp, olp, adv, ref, w);
+    }
+    static GMPO_DEV void finish(const gmpo_args *a, const acc *s, float adv_row, float w_row,
+                                double *rs) {
+        gmpo_row_finish_f(a, s, adv_row, w_row, rs);
+    }
+    static GMPO_DEV float grad(const gmpo_args *a, float pg, float kl, float m, float lp,
+                               float olp, float adv, float ref, float w) {
+        return gmpo_token_grad_f(a, pg, kl, m, lp, olp, adv, ref, w);
+    }
+};
+
+template <> struct gmpo_m<double> {
+    typedef gmpo_acc_d acc;
+    static GMPO_DEV double load(const void *p, int32_t dt, int64_t k) { return gmpo_load_d(p, dt, k); }
+    static GMPO_DEV void store(void *p, int32_t dt, int64_t k, double v) { gmpo_store_d(p, dt, k, v); }
+    static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_d(s); }
+    static GMPO_DEV void gmpo_tok(acc *s, const gmpo_args *a, double m, double lp, double olp,
+                                  double adv, double ref, double w) {
+        gmpo_token_fwd_d(s, a, m, lp, olp, adv, ref, w);
+    }
+    static GMPO_DEV void grpo_tok(acc *s, const gmpo_args *a, double m, double lp, double olp,
+                                  double adv, double ref, double w) {
+        grpo_token_fwd_d(s, a, m, lp, olp, adv, ref, w);
+    }
+    static GMPO_DEV void finish(const gmpo_args *a, const acc *s, double adv_row, double w_row,
+                                double *rs) {
+        gmpo_row_finish_d(a, s, adv_row, w_row, rs);
+    }
+    static GMPO_DEV double grad(const gmpo_args *a, double pg, double kl, double m, double lp,
+                                double olp, double adv, double ref, double w) {
+        return gmpo_token_grad_d(a, pg, kl, m, lp, olp, adv, ref, w);
+    }
+};
+
+// the gmpo_acc fields as an array (for the shuffle trees) and back
+#define GMPO_ACC_FIELDS 8
+
+template <class Acc>
+GMPO_DEV void gmpo_acc_pack(const typename gmpo_m<Acc>::acc &s, Acc (&v)[GMPO_ACC_FIELDS]) {
+    v[0] = s.my; v[1] = s.n; v[2] = s.am; v[3] = s.logw;
+    v[4] = s.k; v[5] = s.m0; v[6] = s.m1; v[7] = s.m2;
+}
+
+template <class Acc>
+GMPO_DEV void gmpo_acc_unpack(const Acc (&v)[GMPO_ACC_FIELDS], typename gmpo_m<Acc>::acc &s) {
+    s.my = v[0]; s.n = v[1]; s.am = v[2]; s.logw = v[3];
+    s.k = v[4]; s.m0 = v[5]; s.m1 = v[6]; s.m2 = v[7];
+}
+
+// ----------------------------------------------------------------------------
+// raw loads and stores of N bytes (N a power of two) as 32-bit words; p is
+// aligned to min(N, 16) bytes. Inputs are read once per kernel: the read-only
+// path (__ldg) keeps them out of the way of the few values that are reused.
+
+template <int N>
+GMPO_DEV void gmpo_ld_words(const char *p, uint32_t *w) {
+    if constexpr (N >= 16) {
+#pragma unroll
+        for (int c = 0; c < N / 16; c++) {
+            uint4 v = __ldg(reinterpret_cast<const uint4 *>(p) + c);
+            w[4 * c] = v.x; w[4 * c + 1] = v.y; w[4 * c + 2] = v.z; w[4 * c + 3] = v.w;
+        }
+    } else if constexpr (N == 8) {
+        uint2 v = __ldg(reinterpret_cast<const uint2 *>(p));
+        w[0] = v.x; w[1] = v.y;
+    } else if constexpr (N == 4) {
+        w[0] = __ldg(reinterpret_cast<const unsigned int *>(p));
+    } else if constexpr (N == 2) {
+        w[0] = __ldg(reinterpret_cast<const unsigned short *>(p));
+    } else {
+        w[0] = __ldg(reinterpret_cast<const unsigned char *>(p));
+    }
+}
+
+template <int N>
+GMPO_DEV void gmpo_st_words(char *p, const uint32_t *w) {
+    if constexpr (N >= 16) {
+#pragma unroll
+        for (int c = 0; c < N / 16; c++)
+            reinterpret_cast<uint4 *>(p)[c] = make_uint4(w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]);
+    } else if constexpr (N == 8) {
+        *reinterpret_cast<uint2 *>(p) = make_uint2(w[0], w[1]);
+    } else if constexpr (N == 4) {
+        *reinterpret_cast<unsigned int *>(p) = w[0];
+    } else if constexpr (N == 2) {
+        *reinterpret_cast<unsigned short *>(p) = (unsigned short)w[0];
+    } else {
+        *reinterpret_cast<unsigned char *>(p) = (unsigned char)w[0];
+    }
+}
+
+// the alignment (bytes) a VEC-token load of dtype dt needs
+template <int VEC>
+__host__ __device__ __forceinline__ int gmpo_vec_align(int32_t dt) {
+    int b = VEC * gmpo_dtype_size(dt);
+    return b < 16 ? b : 16;
+}
+
+// VEC consecutive elements k0..k0+VEC-1 of a contiguous row p of dtype dt, as
+// Acc, with the conversions of gmpo_load_f / gmpo_load_d (so the values are
+// the CPU's, bit for bit). The address of element k0 is gmpo_vec_align aligned.
+template <class Acc, int VEC>
+GMPO_DEV void gmpo_load_vec(const char *p, int32_t dt, int64_t k0, Acc *out) {
+    switch (dt) {
+    case GMPO_DT_F32: {
+        uint32_t w[VEC];
+        gmpo_ld_words<4 * VEC>(p + 4 * k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) out[k] = (Acc)__uint_as_float(w[k]);
+        break;
+    }
+    case GMPO_DT_F64: {
+        uint32_t w[2 * VEC];
+        gmpo_ld_words<8 * VEC>(p + 8 * k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++)
+            out[k] = (Acc)__longlong_as_double((long long)(((uint64_t)w[2 * k + 1] << 32) | w[2 * k]));
+        break;
+    }
+    case GMPO_DT_F16:
+    case GMPO_DT_BF16: {
+        uint32_t w[(VEC + 1) / 2];
+        gmpo_ld_words<2 * VEC>(p + 2 * k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            uint16_t h = (uint16_t)(w[k / 2] >> (16 * (k & 1)));
+            out[k] = (Acc)(dt == GMPO_DT_F16 ? gmpo_dev_f16_to_f32(h) : gmpo_bf16_to_f32(h));
+        }
+        break;
+    }
+    case GMPO_DT_BOOL:
+    case GMPO_DT_U8:
+    case GMPO_DT_I8: {
+        uint32_t w[(VEC + 3) / 4];
+        gmpo_ld_words<VEC>(p + k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            uint32_t b = (w[k / 4] >> (8 * (k & 3))) & 0xffu;
+            out[k] = dt == GMPO_DT_I8 ? (Acc)(float)(int8_t)b : (Acc)(float)b;
+        }
+        break;
+    }
+    case GMPO_DT_I32: {
+        uint32_t w[VEC];
+        gmpo_ld_words<4 * VEC>(p + 4 * k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) out[k] = (Acc)(float)(int32_t)w[k];  // via float, as gmpo_load_d
+        break;
+    }
+    case GMPO_DT_I64: {
+        uint32_t w[2 * VEC];
+        gmpo_ld_words<8 * VEC>(p + 8 * k0, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++)
+            out[k] = (Acc)(int64_t)(((uint64_t)w[2 * k + 1] << 32) | w[2 * k]);
+        break;
+    }
+    default:
+#pragma unroll
+        for (int k = 0; k < VEC; k++) out[k] = 0;
+        break;
+    }
+}
+
+// VEC values into elements k0.. of a contiguous float row p of dtype dt, with the
+// rounding of gmpo_store_f / gmpo_store_d (double -> float first for 16-bit types)
+template <class Acc, int VEC>
+GMPO_DEV void gmpo_store_vec(char *p, int32_t dt, int64_t k0, const Acc *v) {
+    switch (dt) {
+    case GMPO_DT_F32: {
+        uint32_t w[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; k++) w[k] = __float_as_uint((float)v[k]);
+        gmpo_st_words<4 * VEC>(p + 4 * k0, w);
+        break;
+    }
+    case GMPO_DT_F64: {
+        uint32_t w[2 * VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            uint64_t b = (uint64_t)__double_as_longlong((double)v[k]);
+            w[2 * k] = (uint32_t)b;
+            w[2 * k + 1] = (uint32_t)(b >> 32);
+        }
+        gmpo_st_words<8 * VEC>(p + 8 * k0, w);
+        break;
+    }
+    case GMPO_DT_F16:
+    case GMPO_DT_BF16: {
+        uint32_t w[(VEC + 1) / 2];
+#pragma unroll
+        for (int k = 0; k < (VEC + 1) / 2; k++) w[k] = 0;
+#pragma unroll
+        for (int k = 0; k < VEC; k++) {
+            float f = (float)v[k];
+            uint32_t h = dt == GMPO_DT_F16 ? gmpo_dev_f32_to_f16(f) : gmpo_dev_f32_to_bf16(f);
+            w[k / 2] |= h << (16 * (k & 1));
+        }
+        gmpo_st_words<2 * VEC>(p + 2 * k0, w);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// deterministic reductions: a fixed xor-butterfly in each warp (every lane ends
+// with the same bits), then the warps' partials in shared memory, summed by
+// warp 0 in lane order. blockDim.x must be a multiple of 32.
+
+template <class Acc, int N>
+GMPO_DEV void gmpo_warp_sum(Acc (&v)[N]) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+        for (int k = 0; k < N; k++) v[k] += __shfl_xor_sync(GMPO_FULL_MASK, v[k], off);
+    }
+}
+
+// the block's sum of v, valid in thread 0 (and in every lane of warp 0)
+template <class Acc, int N>
+__device__ void gmpo_block_sum(Acc (&v)[N]) {
+    __shared__ Acc part[32][N];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    gmpo_warp_sum(v);
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < N; k++) part[warp][k] = v[k];
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int k = 0; k < N; k++) v[k] = lane < nwarps ? part[lane][k] : (Acc)0;
+        gmpo_warp_sum(v);
+    }
+}
+
+#endif /* GMPO_CUDA_UTIL_CUH */
