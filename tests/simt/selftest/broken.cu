@@ -32,13 +32,13 @@ extern "C" int st_oob_read_sum(const float* x, int n, float* out) {
 }
 
 // ----------------------------------------------------------------------------
-// __syncthreads inside a branch taken by half the block.
+// __syncthreads inside a branch taken by half the block. out: (2, threads).
 
 __global__ void divergent_barrier_kernel(float* out) {
   __shared__ float s[1024];
   s[threadIdx.x] = static_cast<float>(threadIdx.x);
   if (threadIdx.x < blockDim.x / 2) __syncthreads();  // BUG: the other half never arrives
-  out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
 
 extern "C" int st_divergent_barrier(float* out, int threads) {
