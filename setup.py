@@ -117,7 +117,8 @@ class BuildExt(build_ext):
 
 ext = Extension(
     "gmpo_ext._C",
-    sources=["csrc/module.c", "csrc/gmpo_common.c", "csrc/cpu/gmpo_cpu.c"],
+    sources=["csrc/module.c", "csrc/gmpo_common.c", "csrc/cpu/gmpo_cpu.c",
+             "csrc/cpu/logits_cpu.c"],
     include_dirs=["csrc"],
     depends=[str(p) for p in (ROOT / "csrc").rglob("*.h")],
     extra_compile_args=list(C_FLAGS),

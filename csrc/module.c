@@ -14,6 +14,7 @@
 #include <Python.h>
 #include <string.h>
 #include "gmpo.h"
+#include "gmpo_logits.h"
 
 #ifndef GMPO_MODULE_NAME
 #define GMPO_MODULE_NAME _C
@@ -144,9 +145,116 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+// ----------------------------------------------------------------------------
+// fused kernels from logits (gmpo_logits.h)
+
+// the one place a logits-kernel status becomes a Python exception
+static PyObject *fail_logits(gmpo_status st, const gmpo_logits_args *a) {
+    const char *msg = a->err[0] ? a->err : "unknown error";
+    switch (st) {
+    case GMPO_EINVAL:
+        PyErr_SetString(a->bad_id ? PyExc_IndexError : PyExc_ValueError, msg);
+        break;
+    case GMPO_ENOMEM: PyErr_NoMemory(); break;
+    default: PyErr_SetString(PyExc_RuntimeError, msg); break;
+    }
+    return NULL;
+}
+
+typedef struct {
+    gmpo_logits_args a;
+    int device;
+    unsigned long long stream;
+    const char *ids_name;
+} logits_call;
+
+#define LOGITS_FMT "iKLLLL" VIEW_FMT VIEW_FMT VIEW_FMT "dis"
+#define LOGITS_ARGS(c)                                                                  \
+    &(c).device, &(c).stream, &(c).a.B, &(c).a.T, &(c).a.TL, &(c).a.V,                  \
+        VIEW_ARGS((c).a.logits), VIEW_ARGS((c).a.ids), VIEW_ARGS((c).a.mask),           \
+        &(c).a.temperature, &(c).a.num_threads, &(c).ids_name
+
+static int logits_prepare(logits_call *c) {
+    if (c->device != DEV_CPU && c->device != DEV_CUDA) {
+        PyErr_Format(PyExc_ValueError, "device: must be 0 (cpu) or 1 (cuda), got %d", c->device);
+        return -1;
+    }
+    c->a.stream = (void *)(uintptr_t)c->stream;
+    snprintf(c->a.ids_name, sizeof c->a.ids_name, "%s", c->ids_name);
+    return 0;
+}
+
+PyDoc_STRVAR(logits_forward_doc,
+"logits_forward(device, stream, B, T, TL, V, logits, ids, mask, temperature,\n"
+"               num_threads, ids_name, logp, entropy, lse)\n"
+"--\n\n"
+"Per-token log-prob, entropy and log-sum-exp of (B, TL, V) logits (TL = T or\n"
+"T + 1) at the (B, T) ids. logits, ids, mask are (data_ptr, dtype, stride_b,\n"
+"stride_t) tuples; logp, entropy (0: skip), lse are data pointers of (B, T)\n"
+"contiguous float32 outputs. An id outside [0, V) raises IndexError on CPU.");
+
+static PyObject *py_logits_forward(PyObject *self, PyObject *args) {
+    (void)self;
+    logits_call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long logp, entropy, lse;
+    if (!PyArg_ParseTuple(args, LOGITS_FMT "KKK:logits_forward", LOGITS_ARGS(c), &logp,
+                          &entropy, &lse))
+        return NULL;
+    if (logits_prepare(&c)) return NULL;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_logits_cpu_forward(&c.a, (float *)(uintptr_t)logp, (float *)(uintptr_t)entropy,
+                                     (float *)(uintptr_t)lse);
+    else
+        st = gmpo_logits_cuda_forward(&c.a, (float *)(uintptr_t)logp,
+                                      (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(logits_backward_doc,
+"logits_backward(device, stream, B, T, TL, V, logits, ids, mask, temperature,\n"
+"                num_threads, ids_name, lse, entropy, grad_logp, grad_entropy, grad)\n"
+"--\n\n"
+"Gradient of the logits from d loss / d logp and d loss / d entropy ((B, T)\n"
+"views; grad_entropy may be absent) into grad, a (B, TL, V) view in the\n"
+"logits' dtype that may be the logits themselves. lse and entropy are the\n"
+"forward's outputs (data pointers).");
+
+static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    logits_call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long lse, entropy;
+    gmpo_view grad_logp, grad_entropy, grad;
+    if (!PyArg_ParseTuple(args, LOGITS_FMT "KK" VIEW_FMT VIEW_FMT VIEW_FMT ":logits_backward",
+                          LOGITS_ARGS(c), &lse, &entropy, VIEW_ARGS(grad_logp),
+                          VIEW_ARGS(grad_entropy), VIEW_ARGS(grad)))
+        return NULL;
+    if (logits_prepare(&c)) return NULL;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_logits_cpu_backward(&c.a, (const float *)(uintptr_t)lse,
+                                      (const float *)(uintptr_t)entropy, grad_logp,
+                                      grad_entropy, grad);
+    else
+        st = gmpo_logits_cuda_backward(&c.a, (const float *)(uintptr_t)lse,
+                                       (const float *)(uintptr_t)entropy, grad_logp,
+                                       grad_entropy, grad);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c.a);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"logits_forward", py_logits_forward, METH_VARARGS, logits_forward_doc},
+    {"logits_backward", py_logits_backward, METH_VARARGS, logits_backward_doc},
     {NULL, NULL, 0, NULL},
 };
 

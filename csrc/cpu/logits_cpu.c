@@ -1,0 +1,483 @@
+/*
+ * logits_cpu.c -- the CPU kernels of gmpo_ext's fused path from logits (C11,
+ * OpenMP over tokens): per-token log-probability, log-sum-exp and entropy of
+ * the logits in one read of each row (forward), and the gradient with respect
+ * to the logits in one read and one write of each row (backward). The GMPO
+ * loss (arXiv 2507.20673) between the two runs on the per-token values.
+ *
+ *   forward : logits (B, TL, V), ids (B, T), mask (B, T) -> logp, entropy, lse (B, T) fp32
+ *   backward: logits, ids, mask, lse, entropy, G = dL/dlogp, Gh = dL/dH (B, T)
+ *             -> grad (B, TL, V) in the logits' dtype (possibly the logits' buffer)
+ *
+ * A row of V logits is processed LG_CHUNK elements at a time: the chunk is
+ * converted to fp32 and divided by the temperature into a small buffer that
+ * stays in L1, then the vector loops (max, exp and sums; or exp and gradient)
+ * run over that buffer. The running maximum and sums are combined across
+ * chunks with the usual rescaling (online softmax), so each row is read from
+ * memory once per pass. Sums run in fp32 vector lanes within a chunk and in
+ * fp64 across chunks.
+ *
+ * The exp is our own branchless polynomial (lg_exp) that gcc vectorises at -O3;
+ * no fast-math: NaN propagates. On x86-64 gcc the row kernels are compiled for
+ * x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and the baseline, picked at load
+ * time (target_clones).
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+// FP exceptions are never trapped here: without this gcc will not if-convert
+// the selects of the loops below; and a * b + c may become one fma where the
+// instruction set has it (more accurate, not less). Neither is fast-math: NaN
+// and inf propagate as IEEE says.
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+#endif
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include "../gmpo_logits.h"
+#include "../gmpo_math.h"
+
+#define LG_CHUNK 2048   // fp32 elements per chunk: 8 KiB, in L1
+#define LG_LANES 16     // independent accumulators: one AVX-512 vector, two AVX2
+
+#if defined(__GNUC__)
+#define LG_INLINE static inline __attribute__((always_inline))
+#define LG_ALIGN __attribute__((aligned(64)))
+#else
+#define LG_INLINE static inline
+#define LG_ALIGN
+#endif
+
+// The chunk loops are kept out of line (inlined into the row loop, gcc stops
+// if-converting some of them) and, on x86-64 gcc, compiled for AVX-512, AVX2
+// and the baseline, picked once at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && \
+    !defined(GMPO_NO_TARGET_CLONES)
+#define LG_LOOP static __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__)
+#define LG_LOOP static __attribute__((noinline))
+#else
+#define LG_LOOP static
+#endif
+
+// ----------------------------------------------------------------------------
+// scalar helpers, branchless so that the loops calling them vectorise
+
+// exp(x) for x <= 88, within 1 ulp of the correctly rounded value where the
+// result is a normal float (x >= -87.3); below that 0 (the exact value is under
+// 2^-126, nothing beside the 1 that a softmax sum always holds); -inf gives 0,
+// NaN gives NaN. x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
+// polynomial fitted to minimise the relative error on that interval
+// (truncation 0.07 ulp), times 2^n built in the exponent bits. No branch and
+// no select on floats: the loops calling it vectorise, and NaN flows through
+// the arithmetic (NaN * anything is NaN).
+LG_INLINE float lg_exp(float x) {
+    float xc = x < -104.0f ? -104.0f : x;        // -inf -> -104 (gives 0); NaN stays
+    float t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+    float n = t - 12582912.0f;
+    float r = xc - n * 0.693145751953125f;       // ln 2 = hi + lo, n * hi exact
+    r = r - n * 1.42860682028622680e-6f;
+    float p = 1.3879415346309543e-3f;
+    p = p * r + 8.369404822587967e-3f;
+    p = p * r + 4.166724905371666e-2f;
+    p = p * r + 1.666651517152786e-1f;
+    p = p * r + 4.999999701976776e-1f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    gmpo_f32_bits tb, sb;
+    tb.f = t;                                    // bits(t) = 0x4B400000 + n
+    int32_t e = (int32_t)(tb.u - 0x4B400000u) + 127;
+    e = e > 0 ? e : 0;                           // 2^n below 2^-126: 0
+    sb.u = (uint32_t)e << 23;
+    return p * sb.f;
+}
+
+// fp16 bits -> fp32: exponent and mantissa moved into place and rebiased by a
+// multiply with 2^112 (exact for normals and subnormals); inf/NaN by a select
+LG_INLINE float lg_from_f16(uint16_t h) {
+    gmpo_f32_bits m, o;
+    m.u = (uint32_t)(h & 0x7fffu) << 13;
+    o.f = m.f * 5.192296858534828e33f;           // 2^112
+    uint32_t u = (h & 0x7c00u) == 0x7c00u ? (m.u | 0x7f800000u) : o.u;
+    o.u = u | ((uint32_t)(h & 0x8000u) << 16);
+    return o.f;
+}
+
+LG_INLINE float lg_from_bf16(uint16_t h) {
+    gmpo_f32_bits b;
+    b.u = (uint32_t)h << 16;
+    return b.f;
+}
+
+// fp32 -> bf16, round to nearest even, NaN stays a quiet NaN
+LG_INLINE uint16_t lg_to_bf16(float f) {
+    gmpo_f32_bits b;
+    b.f = f;
+    uint32_t r = (b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16;
+    uint32_t q = (b.u >> 16) | 0x40u;
+    return (uint16_t)((b.u & 0x7fffffffu) > 0x7f800000u ? q : r);
+}
+
+// fp32 -> fp16, round to nearest even, subnormals kept, overflow to inf
+LG_INLINE uint16_t lg_to_f16(float f) {
+    gmpo_f32_bits b, s;
+    b.f = f;
+    uint32_t sign = (b.u >> 16) & 0x8000u;
+    uint32_t a = b.u & 0x7fffffffu;
+    uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    s.u = a;
+    s.f = s.f + 0.5f;                            // ulp 2^-24: the adder rounds the subnormal
+    uint32_t sub = s.u - 0x3f000000u;
+    uint32_t r = a < 0x38800000u ? sub : normal;
+    r = a >= 0x477ff000u ? 0x7c00u : r;
+    r = a > 0x7f800000u ? 0x7e00u : r;
+    return (uint16_t)(sign | r);
+}
+
+// ----------------------------------------------------------------------------
+// chunk loops over the fp32 buffer
+
+// n elements of a logits row from element off, times s = 1/tau, into x
+LG_LOOP void lg_load(const void *row, int32_t dt, int64_t off, int64_t n, float s,
+                       float *restrict x) {
+    int64_t k;
+    if (dt == GMPO_DT_F32) {
+        const float *p = (const float *)row + off;
+        for (k = 0; k < n; k++) x[k] = p[k] * s;
+    } else if (dt == GMPO_DT_BF16) {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) x[k] = lg_from_bf16(p[k]) * s;
+    } else {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) x[k] = lg_from_f16(p[k]) * s;
+    }
+}
+
+// n gradient values from x into a row of dtype dt from element off
+LG_LOOP void lg_store(void *row, int32_t dt, int64_t off, int64_t n, const float *restrict x) {
+    int64_t k;
+    if (dt == GMPO_DT_F32) {
+        float *p = (float *)row + off;
+        for (k = 0; k < n; k++) p[k] = x[k];
+    } else if (dt == GMPO_DT_BF16) {
+        uint16_t *p = (uint16_t *)row + off;
+        for (k = 0; k < n; k++) p[k] = lg_to_bf16(x[k]);
+    } else {
+        uint16_t *p = (uint16_t *)row + off;
+        for (k = 0; k < n; k++) p[k] = lg_to_f16(x[k]);
+    }
+}
+
+// the int32 key of a float: keys order as the floats do (-inf < ... < -0 < 0 <
+// ... < inf), so an integer max, which gcc vectorises, finds the float max (a
+// float max reduction it does not vectorise without fast-math). NaN with the
+// sign bit clear sorts above inf, with it set below -inf. The map is its own
+// inverse.
+LG_INLINE int32_t lg_key(int32_t s) { return s ^ (int32_t)((uint32_t)(s >> 31) >> 1); }
+
+// the largest of x[0..n): -inf when nothing is larger; a NaN may or may not be
+// returned (the sums see every NaN through exp anyway)
+LG_LOOP float lg_max(const float *restrict x, int64_t n) {
+    gmpo_f32_bits b;
+    b.f = -INFINITY;
+    int32_t m = lg_key((int32_t)b.u);
+    for (int64_t k = 0; k < n; k++) {
+        b.f = x[k];
+        int32_t v = lg_key((int32_t)b.u);
+        m = v > m ? v : m;
+    }
+    b.u = (uint32_t)lg_key(m);
+    return b.f;
+}
+
+// 1 if any of x[0..n) is NaN (only asked when a chunk's max is -inf)
+static int lg_any_nan(const float *x, int64_t n) {
+    int any = 0;
+    for (int64_t k = 0; k < n; k++) any |= x[k] != x[k];
+    return any;
+}
+
+// sum of exp(x - M) into *s and, with ent, of exp(x - M) (x - M) into *w
+LG_LOOP void lg_sums(const float *restrict x, int64_t n, float M, int ent, float *s, float *w) {
+    float sv[LG_LANES] LG_ALIGN, wv[LG_LANES] LG_ALIGN;
+    int64_t j = 0;
+    int l;
+    for (l = 0; l < LG_LANES; l++) sv[l] = wv[l] = 0.0f;
+    if (ent) {
+        for (; j + LG_LANES <= n; j += LG_LANES)
+            for (l = 0; l < LG_LANES; l++) {
+                float d = x[j + l] - M;
+                float e = lg_exp(d);
+                float ed = e * d;
+                sv[l] += e;
+                wv[l] += e == 0.0f ? 0.0f : ed;      // e = 0 where d = -inf
+            }
+    } else {
+        for (; j + LG_LANES <= n; j += LG_LANES)
+            for (l = 0; l < LG_LANES; l++) sv[l] += lg_exp(x[j + l] - M);
+    }
+    for (; j < n; j++) {
+        float d = x[j] - M;
+        float e = lg_exp(d);
+        sv[0] += e;
+        wv[0] += e == 0.0f ? 0.0f : e * d;
+    }
+    for (int h = LG_LANES / 2; h > 0; h /= 2)   // pairwise: fixed order, deterministic
+        for (l = 0; l < h; l++) { sv[l] += sv[l + h]; wv[l] += wv[l + h]; }
+    *s = sv[0];
+    *w = ent ? wv[0] : 0.0f;
+}
+
+// x <- -g p - gh p (x - lse + H) with p = exp(x - lse), in place
+LG_LOOP void lg_grad(float *restrict x, int64_t n, float lse, float g, float gh, float H) {
+    int64_t k;
+    if (gh == 0.0f) {
+        for (k = 0; k < n; k++) x[k] = -g * lg_exp(x[k] - lse);
+    } else {
+        float c = H - lse;
+        for (k = 0; k < n; k++) {
+            float p = lg_exp(x[k] - lse);
+            float d = -p * (g + gh * (x[k] + c));
+            x[k] = p == 0.0f ? 0.0f : d;         // p = 0 where x = -inf
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// row kernels
+
+// lse and entropy of one row of V logits (online over chunks); buf: LG_CHUNK floats
+static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int ent,
+                           float *buf, float *lse, float *entropy) {
+    float M = -INFINITY;
+    double S = 0.0, W = 0.0;   // sum e^(x-M), sum e^(x-M) (x-M)
+    for (int64_t off = 0; off < V; off += LG_CHUNK) {
+        int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
+        lg_load(row, dt, off, n, s, buf);
+        float cm = lg_max(buf, n);
+        if (cm != cm) { M = NAN; S = W = NAN; break; }
+        if (cm == -INFINITY) {                   // all -inf (contributes exp(-inf) = 0) or NaN
+            if (lg_any_nan(buf, n)) { M = NAN; S = W = NAN; break; }
+            continue;
+        }
+        if (cm > M) {                            // rescale what we have to the new max
+            if (S > 0.0) {
+                double d = (double)M - (double)cm;
+                double c = exp(d);
+                W = c * (W + d * S);
+                S *= c;
+            }
+            M = cm;
+        }
+        float cs, cw;
+        lg_sums(buf, n, M, ent, &cs, &cw);
+        S += cs;
+        W += cw;
+    }
+    double ls = log(S);                          // all -inf: log 0 = -inf, NaN below
+    *lse = (float)((double)M + ls);
+    if (ent) *entropy = (float)(ls - W / S);
+}
+
+// gradient of one row: x = z/tau, p = exp(x - lse),
+// d = g (1[v == id] - p) - gh p (x - lse + H) with g = G/tau, gh = Gh/tau
+static void lg_row_backward(const void *row, int32_t dt, void *grow, int64_t V, float s,
+                            float lse, float g, float gh, float H, int64_t id, float *buf) {
+    for (int64_t off = 0; off < V; off += LG_CHUNK) {
+        int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
+        lg_load(row, dt, off, n, s, buf);        // the whole chunk is read before it is
+        lg_grad(buf, n, lse, g, gh, H);          // written: in place is safe
+        if (id >= off && id < off + n) buf[id - off] += g;
+        lg_store(grow, dt, off, n, buf);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// argument checks and entry points
+
+static gmpo_status lg_fail(gmpo_logits_args *a, const char *msg) {
+    snprintf(a->err, sizeof a->err, "%s", msg);
+    return GMPO_EINVAL;
+}
+
+static size_t lg_esize(int32_t dt) { return dt == GMPO_DT_F32 ? 4 : 2; }
+
+gmpo_status gmpo_logits_check_args(gmpo_logits_args *a) {
+    a->err[0] = 0;
+    a->bad_id = 0;
+    if (!a->ids_name[0]) snprintf(a->ids_name, sizeof a->ids_name, "ids");
+    if (a->B < 0 || a->T < 0) return lg_fail(a, "logits: negative size");
+    if (a->TL != a->T && a->TL != a->T + 1)
+        return lg_fail(a, "logits: must have T or T + 1 positions for (B, T) ids");
+    if (a->V < 1) return lg_fail(a, "logits: the vocabulary axis is empty");
+    if (a->logits.dtype != GMPO_DT_F32 && a->logits.dtype != GMPO_DT_BF16 &&
+        a->logits.dtype != GMPO_DT_F16)
+        return lg_fail(a, "logits: must be float32, bfloat16 or float16");
+    if (a->ids.dtype != GMPO_DT_I64 && a->ids.dtype != GMPO_DT_I32) {
+        snprintf(a->err, sizeof a->err, "%s: must be an int64 or int32 tensor", a->ids_name);
+        return GMPO_EINVAL;
+    }
+    if (a->mask.data && (a->mask.dtype <= GMPO_DT_NONE || a->mask.dtype > GMPO_DT_I64))
+        return lg_fail(a, "mask: unsupported dtype code");
+    if (!(a->temperature > 0.0) || isinf(a->temperature))
+        return lg_fail(a, "temperature: must be a finite number > 0");
+    if (a->B * a->TL > 0 && (!a->logits.data || (a->B * a->T > 0 && !a->ids.data)))
+        return lg_fail(a, "logits: missing data pointer");
+    return GMPO_OK;
+}
+
+static int64_t lg_id(const gmpo_logits_args *a, int64_t b, int64_t t) {
+    int64_t k = b * a->ids.stride_b + t * a->ids.stride_t;
+    return a->ids.dtype == GMPO_DT_I64 ? ((const int64_t *)a->ids.data)[k]
+                                       : (int64_t)((const int32_t *)a->ids.data)[k];
+}
+
+static int lg_counts(const gmpo_logits_args *a, int64_t b, int64_t t) {
+    if (!a->mask.data) return 1;
+    return gmpo_load_f(a->mask.data, a->mask.dtype, b * a->mask.stride_b + t * a->mask.stride_t) != 0.0f;
+}
+
+// every id of a token that counts must lie in [0, V): checked before any compute
+static gmpo_status lg_check_ids(gmpo_logits_args *a) {
+    for (int64_t b = 0; b < a->B; b++)
+        for (int64_t t = 0; t < a->T; t++) {
+            int64_t id = lg_id(a, b, t);
+            if ((id < 0 || id >= a->V) && lg_counts(a, b, t)) {
+                a->bad_id = 1;
+                snprintf(a->err, sizeof a->err,
+                         "%s: token id %lld at [%lld, %lld] is outside [0, %lld), the "
+                         "vocabulary of the logits", a->ids_name, (long long)id,
+                         (long long)b, (long long)t, (long long)a->V);
+                return GMPO_EINVAL;
+            }
+        }
+    return GMPO_OK;
+}
+
+static int lg_threads(const gmpo_logits_args *a, int64_t rows) {
+    if (a->num_threads <= 1 || rows < 2) return 1;
+    return rows < a->num_threads ? (int)rows : a->num_threads;
+}
+
+gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *entropy,
+                                    float *lse) {
+    gmpo_status st = gmpo_logits_check_args(a);
+    if (st) return st;
+    const int64_t T = a->T, rows = a->B * a->T;
+    if (rows == 0) return GMPO_OK;
+    if (!logp || !lse) return lg_fail(a, "forward: missing output buffer");
+    if ((st = lg_check_ids(a))) return st;
+    const float s = (float)(1.0 / a->temperature);
+    const int32_t dt = a->logits.dtype;
+    const size_t es = lg_esize(dt);
+    const int ent = entropy != NULL;
+    int nt = lg_threads(a, rows);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        float buf[LG_CHUNK] LG_ALIGN;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t b = r / T, t = r % T;
+            if (!lg_counts(a, b, t)) {
+                logp[r] = lse[r] = 0.0f;
+                if (ent) entropy[r] = 0.0f;
+                continue;
+            }
+            const char *row = (const char *)a->logits.data +
+                              (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
+            float l, h = 0.0f;
+            lg_row_forward(row, dt, a->V, s, ent, buf, &l, &h);
+            int64_t id = lg_id(a, b, t);
+            float zid = dt == GMPO_DT_F32 ? ((const float *)row)[id]
+                        : dt == GMPO_DT_BF16 ? lg_from_bf16(((const uint16_t *)row)[id])
+                                             : lg_from_f16(((const uint16_t *)row)[id]);
+            logp[r] = zid * s - l;
+            lse[r] = l;
+            if (ent) entropy[r] = h;
+        }
+    }
+    (void)nt;
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
+                                     const float *entropy, gmpo_view grad_logp,
+                                     gmpo_view grad_entropy, gmpo_view grad) {
+    gmpo_status st = gmpo_logits_check_args(a);
+    if (st) return st;
+    const int64_t T = a->T, TL = a->TL, rows = a->B * a->TL;
+    if (rows == 0) return GMPO_OK;
+    if (!grad.data || grad.dtype != a->logits.dtype)
+        return lg_fail(a, "grad: missing, or not of the logits' dtype");
+    if ((grad_logp.data && !gmpo_dtype_is_float(grad_logp.dtype)) ||
+        (grad_entropy.data && !gmpo_dtype_is_float(grad_entropy.dtype)))
+        return lg_fail(a, "grad_output: must be floating-point tensors");
+    if (a->B * a->T > 0 && (!lse || (grad_entropy.data && !entropy)))
+        return lg_fail(a, "backward: missing saved lse or entropy");
+    const float s = (float)(1.0 / a->temperature);
+    const int32_t dt = a->logits.dtype;
+    const size_t es = lg_esize(dt);
+    int nt = lg_threads(a, rows);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        float buf[LG_CHUNK] LG_ALIGN;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 4)
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            int64_t b = r / TL, t = r % TL;
+            char *grow = (char *)grad.data + (size_t)(b * grad.stride_b + t * grad.stride_t) * es;
+            float G = 0.0f, Gh = 0.0f;
+            if (t < T && lg_counts(a, b, t)) {
+                if (grad_logp.data)
+                    G = gmpo_load_f(grad_logp.data, grad_logp.dtype,
+                                    b * grad_logp.stride_b + t * grad_logp.stride_t);
+                if (grad_entropy.data)
+                    Gh = gmpo_load_f(grad_entropy.data, grad_entropy.dtype,
+                                     b * grad_entropy.stride_b + t * grad_entropy.stride_t);
+            }
+            if (G == 0.0f && Gh == 0.0f) {        // masked, ignored or no gradient: not read
+                memset(grow, 0, (size_t)a->V * es);
+                continue;
+            }
+            const char *row = (const char *)a->logits.data +
+                              (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
+            int64_t k = b * T + t;
+            lg_row_backward(row, dt, grow, a->V, s, lse[k], G * s, Gh * s,
+                            grad_entropy.data ? entropy[k] : 0.0f, lg_id(a, b, t), buf);
+        }
+    }
+    (void)nt;
+    return GMPO_OK;
+}
+
+// ----------------------------------------------------------------------------
+// builds without the CUDA kernels: the CUDA entry points say so. Where the
+// CUDA kernels are built, their definitions replace these (weak on gcc/clang,
+// so a build whose .cu set lacks logits_cuda.cu still links and imports).
+
+#if !defined(GMPO_WITH_CUDA) || defined(__GNUC__)
+#if defined(GMPO_WITH_CUDA)
+#define LG_WEAK __attribute__((weak))
+#else
+#define LG_WEAK
+#endif
+LG_WEAK gmpo_status gmpo_logits_cuda_forward(gmpo_logits_args *a, float *logp, float *entropy,
+                                             float *lse) {
+    (void)logp; (void)entropy; (void)lse;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA logits kernels");
+    return GMPO_ENOTBUILT;
+}
+LG_WEAK gmpo_status gmpo_logits_cuda_backward(gmpo_logits_args *a, const float *lse,
+                                              const float *entropy, gmpo_view grad_logp,
+                                              gmpo_view grad_entropy, gmpo_view grad) {
+    (void)lse; (void)entropy; (void)grad_logp; (void)grad_entropy; (void)grad;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA logits kernels");
+    return GMPO_ENOTBUILT;
+}
+#endif

@@ -1,0 +1,379 @@
+"""The fused path from logits: per-token log-probs (and entropy) straight from a
+causal LM's (B, T, V) logits, and GMPO's loss on top of them.
+
+Three custom ops over the C kernels of csrc/cpu/logits_cpu.c (and
+csrc/cuda/logits_cuda.cu):
+
+  gmpo_ext::logits_fwd(logits, ids, mask, temperature, entropy, inplace_backward)
+      -> (logp, entropy, lse), each (B, T) float32
+  gmpo_ext::logits_bwd(grad_logp, grad_entropy, logits, ids, mask, lse, entropy,
+                       temperature) -> grad (B, TL, V) in the logits' dtype
+  gmpo_ext::logits_bwd_(logits!, grad_logp, grad_entropy, ids, mask, lse, entropy,
+                        temperature) -> ()   the same, written into the logits
+
+Forward reads each row of logits once and keeps only per-token fp32 values;
+backward reads it once more and writes the gradient once (in the logits' own
+buffer with ``inplace_backward=True``). The GMPO part is gmpo_ext.gmpo_loss on
+the per-token log-probs, so autograd chains the loss's backward (dL/dlogp,
+(B, T)) into the logits backward.
+
+Math per token (x = logits / temperature): lse = logsumexp(x), logp = x[id] -
+lse, entropy = lse - sum softmax(x) * x; d/dx = G (onehot(id) - p) - Gh p
+(log p + H), divided by the temperature for d/dlogits.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .loss import _check_tensor, gmpo_loss
+
+__all__ = ["gmpo_loss_from_logits", "selective_logps"]
+
+LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int64, torch.int32)
+_MASK_DTYPES = tuple(_backend.DTYPE_CODES)
+INVALID_IDS = "gmpo/invalid_ids"
+ENTROPY = "entropy"
+
+
+# ----------------------------------------------------------------------------
+# views: (data_ptr, dtype code, stride_b, stride_t), never a copy
+
+def _view(t: Optional[Tensor]):
+    if t is None:
+        return _backend.ABSENT
+    return (t.data_ptr(), _backend.DTYPE_CODES[t.dtype], t.stride(0), t.stride(1))
+
+
+def _common(logits, ids, mask, temperature, ids_name="ids"):
+    mod, code, stream = _backend.backend(logits.device)
+    B, TL, V = logits.shape
+    T = ids.shape[1]
+    return mod, (code, stream, B, T, TL, V, _view(logits), _view(ids), _view(mask),
+                 float(temperature), torch.get_num_threads(), ids_name)
+
+
+def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
+    B, T = ids.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp = torch.empty((B, T), **f32)
+    lse = torch.empty((B, T), **f32)
+    ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
+    mod, args = _common(logits, ids, mask, temperature, ids_name)
+    mod.logits_forward(*args, logp.data_ptr(), ent.data_ptr() if entropy else 0, lse.data_ptr())
+    return logp, ent, lse
+
+
+def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature):
+    mod, args = _common(logits, ids, mask, temperature)
+    if grad_logp is not None and grad_logp.dtype not in _backend.FLOAT_DTYPES:
+        grad_logp = grad_logp.to(torch.float32)
+    mod.logits_backward(*args, lse.data_ptr(), entropy.data_ptr(), _view(grad_logp),
+                        _view(grad_entropy), (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype],
+                                              grad.stride(0), grad.stride(1)))
+
+
+# ----------------------------------------------------------------------------
+# custom ops
+
+@torch.library.custom_op("gmpo_ext::logits_fwd", mutates_args=())
+def logits_fwd(
+    logits: Tensor,
+    ids: Tensor,
+    mask: Optional[Tensor],
+    temperature: float,
+    entropy: bool,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(logits, ids, mask, temperature, entropy)
+
+
+@logits_fwd.register_fake
+def _(logits, ids, mask, temperature, entropy, inplace_backward):
+    shape = tuple(ids.shape)
+    return (logits.new_empty(shape, dtype=torch.float32),
+            logits.new_empty(shape, dtype=torch.float32),
+            logits.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("gmpo_ext::logits_bwd", mutates_args=())
+def logits_bwd(
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    logits: Tensor,
+    ids: Tensor,
+    mask: Optional[Tensor],
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+) -> Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature)
+    return grad
+
+
+@logits_bwd.register_fake
+def _(grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("gmpo_ext::logits_bwd_", mutates_args=("logits",))
+def logits_bwd_(
+    logits: Tensor,
+    grad_logp: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    ids: Tensor,
+    mask: Optional[Tensor],
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+) -> None:
+    _backward(logits, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature)
+
+
+@logits_bwd_.register_fake
+def _(logits, grad_logp, grad_entropy, ids, mask, lse, entropy, temperature):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, ids, mask, temperature, _, inplace_backward = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(logits, ids, mask, lse, entropy)
+    ctx.temperature = temperature
+    ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros to read
+
+
+def _logits_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    logits, ids, mask, lse, entropy = ctx.saved_tensors
+    if ctx.inplace_backward:
+        logits_bwd_(logits, grad_logp, grad_entropy, ids, mask, lse, entropy, ctx.temperature)
+        grad = logits
+    else:
+        grad = logits_bwd(grad_logp, grad_entropy, logits, ids, mask, lse, entropy,
+                          ctx.temperature)
+    return grad, None, None, None, None, None
+
+
+logits_fwd.register_autograd(_logits_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+
+def _check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def _check_logits(logits, ids, mask, ids_name):
+    """Shapes, dtypes, devices, strides; returns (B, T)."""
+    _check_tensor("logits", logits, LOGITS_DTYPES)
+    _check_tensor(ids_name, ids, ID_DTYPES)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V) or (B, T + 1, V), got "
+                         f"{tuple(logits.shape)}")
+    if ids.dim() != 2:
+        raise ValueError(f"{ids_name} must have shape (B, T), got {tuple(ids.shape)}")
+    B, T = ids.shape
+    if logits.shape[0] != B or logits.shape[1] not in (T, T + 1):
+        raise ValueError(f"logits must have shape (B, T, V) or (B, T + 1, V) for {ids_name} of "
+                         f"shape {(B, T)}, got {tuple(logits.shape)}")
+    if logits.shape[2] < 1:
+        raise ValueError("logits: the vocabulary axis is empty")
+    if logits.stride(2) != 1 and logits.shape[2] > 1:
+        raise ValueError("logits must have unit stride on the vocabulary axis (it is never "
+                         f"copied); got strides {tuple(logits.stride())}")
+    if mask is not None:
+        _check_tensor("mask", mask, _MASK_DTYPES)
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"mask must have the shape of {ids_name} {(B, T)}, got "
+                             f"{tuple(mask.shape)}")
+    dev = logits.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"logits is on {dev}; gmpo_ext runs on cpu and cuda tensors")
+    for name, t in ((ids_name, ids), ("mask", mask)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but logits is on {dev}; all inputs "
+                             "must be on the same device")
+    return B, T
+
+
+def _invalid_ids(ids, mask, V):
+    """Number of counted tokens whose id is outside [0, V) (a 0-d tensor, no sync)."""
+    bad = (ids < 0) | (ids >= V)
+    if mask is not None:
+        bad = bad & (mask != 0)
+    return bad.sum()
+
+
+def _validate(ids, mask, V, ids_name):
+    n = int(_invalid_ids(ids, mask, V))   # host sync: validate=True asks for it
+    if n:
+        raise IndexError(f"{ids_name}: {n} token id(s) outside [0, {V}), the vocabulary of "
+                         "the logits")
+
+
+# ----------------------------------------------------------------------------
+# public API
+
+def selective_logps(
+    logits: Tensor,
+    ids: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    *,
+    mask: Optional[Tensor] = None,
+    inplace_backward: bool = False,
+    validate: bool = False,
+):
+    """Log-probabilities of ``ids`` under ``softmax(logits / temperature)``, fused.
+
+    The same forward kernel as :func:`gmpo_loss_from_logits`: one read of the
+    logits, nothing (B, T, V)-sized allocated. Use it under ``torch.no_grad()``
+    for the old-policy and reference log-probs; it is differentiable as well
+    (the gradient of the logits is written in one pass).
+
+    Args:
+        logits: (B, T, V), or (B, T + 1, V) as a causal LM returns them with
+            ``logits_to_keep = T + 1`` (the last position is ignored and gets a
+            zero gradient), or (N, V) with ids (N,). float32, bfloat16 or
+            float16, unit stride on V, any other strides; never copied.
+        ids: (B, T) (or (N,)) int64 or int32 token ids in [0, V).
+        temperature: the logits are divided by it (> 0).
+        return_entropy: also return the entropy of each position's
+            distribution (differentiable too).
+        mask: optional (B, T); tokens with mask == 0 are skipped (logp and
+            entropy 0, zero gradient) and their ids are not checked.
+        inplace_backward: write the gradient into the logits' buffer (see
+            :func:`gmpo_loss_from_logits` for when that is safe).
+        validate: on CUDA, check the ids with a host sync and raise IndexError
+            (the CPU always checks).
+
+    An id outside [0, V): IndexError on CPU, before any compute; on CUDA the
+    token's logp is NaN (no out-of-bounds read).
+
+    Returns:
+        logps (B, T) float32, or ``(logps, entropy)``.
+    """
+    temperature = _check_temperature(temperature)
+    flat = isinstance(logits, Tensor) and logits.dim() == 2
+    if flat:
+        if not isinstance(ids, Tensor) or ids.dim() != 1:
+            raise ValueError("ids must have shape (N,) for logits of shape (N, V)")
+        logits, ids = logits.unsqueeze(0), ids.unsqueeze(0)
+        mask = mask.unsqueeze(0) if isinstance(mask, Tensor) and mask.dim() == 1 else mask
+    _check_logits(logits, ids, mask, "ids")
+    if validate and logits.device.type != "cpu":
+        _validate(ids, mask, logits.shape[2], "ids")
+    logp, ent, _ = logits_fwd(logits, ids, mask, temperature, bool(return_entropy),
+                              bool(inplace_backward))
+    if flat:
+        logp, ent = logp.squeeze(0), ent.squeeze(0)
+    return (logp, ent) if return_entropy else logp
+
+
+def gmpo_loss_from_logits(
+    logits: Tensor,
+    completion_ids: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    epsilon_low: float = 0.4,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    ref_logps: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    convention: str = "trl",
+    log_ratio_clamp: Optional[float] = None,
+    normalizer: float = 1.0,
+    inplace_backward: bool = False,
+    validate: bool = False,
+    return_metrics: bool = False,
+):
+    """GMPO's loss (arXiv 2507.20673) straight from the policy's logits, fused.
+
+    ``gmpo_loss(selective_logps(logits, completion_ids, temperature), ...)``
+    without ever materialising anything of size (B, T, V) but the gradient:
+    forward reads the logits once (log-sum-exp, target logit and entropy in
+    one pass) and keeps per-token float32 values; backward reads them once
+    more and writes the gradient once. Masked tokens are never read: their
+    gradient rows are written as zeros.
+
+    Args:
+        logits: the policy's logits for the completion: (B, T + 1, V) as TRL
+            gets them with ``logits_to_keep = T + 1`` (pass the model's tensor
+            itself: its last position is ignored and gets a zero gradient row;
+            a slice view would make autograd allocate a second full-size
+            buffer), or (B, T, V) already aligned. float32, bfloat16 or
+            float16; unit stride on V, any other strides; never copied.
+        completion_ids: (B, T) int64 or int32, the sampled tokens.
+        old_logps, advantages, mask: as in :func:`gmpo_ext.gmpo_loss`
+            (old_logps (B, T) computed with the same temperature).
+        temperature: the logits are divided by it (TRL's sampling temperature).
+        epsilon_low, epsilon_high, beta, ref_logps, is_weights, convention,
+            log_ratio_clamp, normalizer: as in :func:`gmpo_ext.gmpo_loss`.
+        inplace_backward: write the gradient into the logits' buffer instead of
+            a new one (peak memory about the logits alone). Safe when nothing
+            else reads the logits after this loss's backward: true of a plain
+            ``lm_head`` (a linear layer's backward needs its input and weight,
+            not its output) with the logits used by this loss only. Not safe
+            when another loss or metric holds the same logits for its own
+            backward (autograd raises: the saved tensor was modified), nor
+            when you read the logits after ``backward()``: they hold the
+            gradient then.
+        validate: on CUDA, check the ids against V with a host sync and raise
+            IndexError (the CPU kernels always check, before any compute).
+        return_metrics: also return the metrics of :func:`gmpo_ext.gmpo_loss`
+            plus ``entropy`` (mean entropy of the counted tokens, weighted by
+            the mask, divided by max(sum of mask, 1)) and
+            ``gmpo/invalid_ids`` (counted tokens whose id is outside [0, V):
+            on CUDA such a token's logp is NaN and its row's loss non-finite).
+
+    Returns:
+        The 0-d loss (float32), or ``(loss, metrics)``.
+    """
+    temperature = _check_temperature(temperature)
+    B, T = _check_logits(logits, completion_ids, mask, "completion_ids")
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor, got None")
+    V = logits.shape[2]
+    if validate and logits.device.type != "cpu":
+        _validate(completion_ids, mask, V, "completion_ids")
+    try:
+        logps, entropy, _ = logits_fwd(logits, completion_ids, mask, temperature,
+                                       bool(return_metrics), bool(inplace_backward))
+    except IndexError as e:   # the kernel names its argument "ids"
+        msg = str(e)
+        raise IndexError("completion_ids" + msg[3:] if msg.startswith("ids:") else msg) from None
+    out = gmpo_loss(logps, old_logps, advantages, mask, epsilon_low=epsilon_low,
+                    epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps,
+                    is_weights=is_weights, convention=convention,
+                    log_ratio_clamp=log_ratio_clamp, normalizer=normalizer,
+                    return_metrics=return_metrics)
+    if not return_metrics:
+        return out
+    loss, metrics = out
+    with torch.no_grad():
+        m = mask.to(torch.float32)
+        ent = entropy.detach()
+        metrics[ENTROPY] = torch.where(m != 0, ent * m, torch.zeros_like(ent)).sum() / \
+            m.sum().clamp(min=1.0)
+        metrics[INVALID_IDS] = _invalid_ids(completion_ids, mask, V).to(torch.float32)
+    return loss, metrics
