@@ -1,6 +1,11 @@
 /*
  * gmpo_math_impl.h -- included twice by gmpo_math.h, with GMPO_T = float and
  * GMPO_T = double (GMPO_S adds the suffix _f or _d). No include guard on purpose.
+ *
+ * The per-token functions are branch-free selects over plain scalars and take
+ * their options as a small struct of plain values (gmpo_opts), so that a CPU
+ * loop specialised on constant flags vectorises, and a CUDA thread keeps them
+ * in registers.
  */
 
 // Per-row sums a kernel accumulates over the tokens of one row.
@@ -12,6 +17,32 @@ typedef struct {
     GMPO_T k;     // sum m*k3
     GMPO_T m0, m1, m2;  // metric sums, see GMPO_MX_*
 } GMPO_S(gmpo_acc);
+
+// The options of gmpo_args the per-token math needs, as plain values.
+typedef struct {
+    int grpo;      // algorithm: 0 gmpo, 1 grpo
+    int verl;      // gmpo convention verl (A == 0 drops the token; other metrics)
+    int beta_on;   // beta != 0: the k3 KL term
+    int isw;       // importance weights present (per row or per token)
+    int isw_tok;   // ... and per token
+    GMPO_T el, eh; // gmpo: log-space clip bounds; grpo: 1 - eps_low, 1 + eps_high
+    GMPO_T C;      // safety clamp of l (<= 0: none), gmpo only
+    GMPO_T beta;
+} GMPO_S(gmpo_opts);
+
+GMPO_HD GMPO_S(gmpo_opts) GMPO_S(gmpo_opts_make)(const gmpo_args *a) {
+    GMPO_S(gmpo_opts) o;
+    o.grpo = a->algo == GMPO_ALGO_GRPO;
+    o.verl = !o.grpo && a->convention == GMPO_CONV_VERL;
+    o.beta_on = a->beta != 0;
+    o.isw = a->is_w.data != 0;
+    o.isw_tok = o.isw && a->is_w.stride_t != 0;
+    o.el = (GMPO_T)(o.grpo ? 1.0 - a->eps_low : a->eps_low);
+    o.eh = (GMPO_T)(o.grpo ? 1.0 + a->eps_high : a->eps_high);
+    o.C = (GMPO_T)(o.grpo ? 0.0 : a->log_ratio_clamp);
+    o.beta = (GMPO_T)a->beta;
+    return o;
+}
 
 GMPO_HD void GMPO_S(gmpo_acc_zero)(GMPO_S(gmpo_acc) *s) {
     s->my = 0; s->n = 0; s->am = 0; s->logw = 0; s->k = 0;
@@ -33,21 +64,21 @@ GMPO_HD GMPO_T GMPO_S(gmpo_log_ratio)(GMPO_T lp, GMPO_T olp, GMPO_T C) {
 // 1 iff the safety clamp passes the gradient (-C <= l <= C; no clamp: 1; NaN: 0)
 GMPO_HD int GMPO_S(gmpo_in_clamp)(GMPO_T lp, GMPO_T olp, GMPO_T C) {
     GMPO_T l = lp - olp;
-    return C > 0 ? (l >= -C && l <= C) : (l == l);
+    return C > 0 ? ((l >= -C) & (l <= C)) : (l == l);
 }
 
 // y: the token's one-sided clipped log-ratio (log-space clip, by advantage sign)
 GMPO_HD GMPO_T GMPO_S(gmpo_clip_y)(GMPO_T l, GMPO_T A, GMPO_T el, GMPO_T eh, int verl) {
-    if (verl && A == 0) return 0;
-    if (A > 0) return l > eh ? eh : l;   // min(l, clamp(l)) == min(l, eps_high)
-    return l < -el ? -el : l;            // max(l, clamp(l)) == max(l, -eps_low)
+    GMPO_T up = l > eh ? eh : l;         // min(l, clamp(l)) == min(l, eps_high)
+    GMPO_T down = l < -el ? -el : l;     // max(l, clamp(l)) == max(l, -eps_low)
+    GMPO_T y = A > 0 ? up : down;
+    return (verl & (A == 0)) ? (GMPO_T)0 : y;
 }
 
 // g: 1 where y passes the gradient of l (not clipped; on the bound counts as not)
 GMPO_HD int GMPO_S(gmpo_clip_gate)(GMPO_T l, GMPO_T A, GMPO_T el, GMPO_T eh, int verl) {
-    if (verl && A == 0) return 0;
-    if (A > 0) return l <= eh;
-    return l >= -el;
+    int g = A > 0 ? (l <= eh) : (l >= -el);
+    return (verl & (A == 0)) ? 0 : g;
 }
 
 // k3 KL estimator of the reference policy: e^d - d - 1 with d = ref - logp
@@ -56,53 +87,64 @@ GMPO_HD GMPO_T GMPO_S(gmpo_k3)(GMPO_T ref, GMPO_T lp) {
     return GMPO_EXP(d) - d - 1;
 }
 
-// Accumulate one GMPO token (m != 0) into the row sums.
-// a: token advantage; ref, w: used only when the options ask for them.
+// The contributions of one token with mask value m (the caller drops tokens
+// with m == 0 so that padding never enters the arithmetic). ref and w are read
+// only when the options ask for them; w is the token's (or row's) weight.
+GMPO_HD GMPO_S(gmpo_acc) GMPO_S(gmpo_token_contrib)(const GMPO_S(gmpo_opts) *o, GMPO_T m,
+                                                    GMPO_T lp, GMPO_T olp, GMPO_T adv,
+                                                    GMPO_T ref, GMPO_T w) {
+    GMPO_S(gmpo_acc) c;
+    c.n = m;
+    c.am = m * adv;
+    c.logw = 0;
+    GMPO_T k3 = o->beta_on ? GMPO_S(gmpo_k3)(ref, lp) : (GMPO_T)0;
+    c.k = m * k3;
+    if (o->grpo) {
+        // ratio-space PPO clip, TRL's formula: -min(rho*A, clamp(rho)*A)
+        GMPO_T rho = GMPO_EXP(lp - olp);
+        GMPO_T rc = rho < o->el ? o->el : (rho > o->eh ? o->eh : rho);
+        GMPO_T t1 = rho * adv, t2 = rc * adv;
+        GMPO_T loss = -(t2 < t1 ? t2 : t1);
+        if (o->isw) loss *= w;
+        if (o->beta_on) loss += o->beta * k3;
+        c.my = m * loss;
+        c.m0 = rho < o->el ? (adv < 0 ? m : (GMPO_T)0) : (GMPO_T)0;
+        c.m1 = rho > o->eh ? (adv > 0 ? m : (GMPO_T)0) : (GMPO_T)0;
+        c.m2 = c.m0 + c.m1;
+        return c;
+    }
+    GMPO_T l = GMPO_S(gmpo_log_ratio)(lp, olp, o->C);
+    c.my = m * GMPO_S(gmpo_clip_y)(l, adv, o->el, o->eh, o->verl);
+    if (o->isw_tok) c.logw = m * GMPO_LOG(w + (GMPO_T)1e-10);
+    // metrics as float selects (nested, not boolean algebra: it vectorises)
+    if (o->verl) {
+        // clipped: l != clamp(l); a NaN counts as clipped, as torch.ne says
+        GMPO_T clipped = l >= -o->el ? (l <= o->eh ? (GMPO_T)0 : m) : m;
+        c.m0 = adv > 0 ? clipped : (GMPO_T)0;
+        c.m1 = adv < 0 ? clipped : (GMPO_T)0;
+        c.m2 = -m * l;
+    } else {
+        c.m0 = l < -o->el ? (adv < 0 ? m : (GMPO_T)0) : (GMPO_T)0;
+        c.m1 = l > o->eh ? (adv > 0 ? m : (GMPO_T)0) : (GMPO_T)0;
+        c.m2 = c.m0 + c.m1;   // low and high exclude each other (sign of A)
+    }
+    return c;
+}
+
+// Accumulate one token (m != 0) into the row sums.
 GMPO_HD void GMPO_S(gmpo_token_fwd)(GMPO_S(gmpo_acc) *s, const gmpo_args *a,
                                     GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
                                     GMPO_T ref, GMPO_T w) {
-    GMPO_T el = (GMPO_T)a->eps_low, eh = (GMPO_T)a->eps_high;
-    int verl = a->convention == GMPO_CONV_VERL;
-    GMPO_T l = GMPO_S(gmpo_log_ratio)(lp, olp, (GMPO_T)a->log_ratio_clamp);
-    s->my += m * GMPO_S(gmpo_clip_y)(l, adv, el, eh, verl);
-    s->n += m;
-    s->am += m * adv;
-    if (a->is_w.data && a->is_w.stride_t) s->logw += m * GMPO_LOG(w + (GMPO_T)1e-10);
-    if (a->beta != 0) s->k += m * GMPO_S(gmpo_k3)(ref, lp);
-    if (verl) {
-        int clipped = !(l >= -el && l <= eh);     // l != clamp(l); NaN counts
-        s->m0 += (clipped && adv > 0) ? m : 0;
-        s->m1 += (clipped && adv < 0) ? m : 0;
-        s->m2 -= m * l;
-    } else {
-        int low = l < -el && adv < 0, high = l > eh && adv > 0;
-        s->m0 += low ? m : 0;
-        s->m1 += high ? m : 0;
-        s->m2 += (low || high) ? m : 0;
-    }
+    GMPO_S(gmpo_opts) o = GMPO_S(gmpo_opts_make)(a);
+    GMPO_S(gmpo_acc) c = GMPO_S(gmpo_token_contrib)(&o, m, lp, olp, adv, ref, w);
+    GMPO_S(gmpo_acc_merge)(s, &c);
 }
 
-// Accumulate one GRPO token (m != 0): ratio-space PPO clip, TRL's formula.
+// the same for a GRPO token (kept for callers that pick the algorithm themselves)
 GMPO_HD void GMPO_S(grpo_token_fwd)(GMPO_S(gmpo_acc) *s, const gmpo_args *a,
                                     GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
                                     GMPO_T ref, GMPO_T w) {
-    GMPO_T lo = (GMPO_T)(1.0 - a->eps_low), hi = (GMPO_T)(1.0 + a->eps_high);
-    GMPO_T rho = GMPO_EXP(lp - olp);
-    GMPO_T rc = rho < lo ? lo : (rho > hi ? hi : rho);
-    GMPO_T t1 = rho * adv, t2 = rc * adv;
-    GMPO_T loss = -(t2 < t1 ? t2 : t1);
-    if (a->is_w.data) loss *= w;
-    if (a->beta != 0) {
-        GMPO_T k = GMPO_S(gmpo_k3)(ref, lp);
-        loss += (GMPO_T)a->beta * k;
-        s->k += m * k;
-    }
-    s->my += m * loss;
-    s->n += m;
-    int low = rho < lo && adv < 0, high = rho > hi && adv > 0;
-    s->m0 += low ? m : 0;
-    s->m1 += high ? m : 0;
-    s->m2 += (low || high) ? m : 0;
+    GMPO_S(gmpo_token_fwd)(s, a, m, lp, olp, adv, ref, w);
 }
 
 // Row sums -> the row's statistics (GMPO_ROW_STATS doubles).
@@ -145,29 +187,32 @@ GMPO_HD void GMPO_S(gmpo_row_finish)(const gmpo_args *a, const GMPO_S(gmpo_acc) 
     rs[GMPO_RS_BAD] = (L - L == 0) ? 0.0 : 1.0;
 }
 
-// d loss / d logp for one token (m != 0), before the factor grad_out.
-// gmpo: pg = go*coef_pg/(B*norm), kl = go*coef_kl/(B*norm);
+// d loss / d logp of one token with mask value m (0 gives exactly 0), already
+// multiplied by grad_out. gmpo: pg = go*coef_pg/(B*norm), kl = go*coef_kl/(B*norm);
 // grpo: pg = go*c_i (c_i the row's token weight), kl = beta*pg.
+GMPO_HD GMPO_T GMPO_S(gmpo_token_grad_o)(const GMPO_S(gmpo_opts) *o, GMPO_T pg, GMPO_T kl,
+                                         GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
+                                         GMPO_T ref, GMPO_T w) {
+    GMPO_T g;
+    if (o->grpo) {
+        GMPO_T rho = GMPO_EXP(lp - olp);
+        int pass = (adv > 0 ? rho <= o->eh : rho >= o->el) & (adv != 0);
+        GMPO_T v = -adv * rho * pg;
+        if (o->isw) v *= w;
+        g = pass ? v : (GMPO_T)0;
+    } else {
+        GMPO_T l = GMPO_S(gmpo_log_ratio)(lp, olp, o->C);
+        int pass = GMPO_S(gmpo_in_clamp)(lp, olp, o->C) &
+                   GMPO_S(gmpo_clip_gate)(l, adv, o->el, o->eh, o->verl);
+        g = pass ? pg : (GMPO_T)0;   // select, never 0 * inf
+    }
+    if (o->beta_on) g += kl * (1 - GMPO_EXP(ref - lp));
+    return m != 0 ? m * g : (GMPO_T)0;
+}
+
 GMPO_HD GMPO_T GMPO_S(gmpo_token_grad)(const gmpo_args *a, GMPO_T pg, GMPO_T kl,
                                        GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
                                        GMPO_T ref, GMPO_T w) {
-    GMPO_T g = 0;
-    if (a->algo == GMPO_ALGO_GMPO) {
-        GMPO_T C = (GMPO_T)a->log_ratio_clamp;
-        GMPO_T l = GMPO_S(gmpo_log_ratio)(lp, olp, C);
-        int pass = GMPO_S(gmpo_in_clamp)(lp, olp, C) &&
-                   GMPO_S(gmpo_clip_gate)(l, adv, (GMPO_T)a->eps_low, (GMPO_T)a->eps_high,
-                                          a->convention == GMPO_CONV_VERL);
-        if (pass) g = pg;
-    } else if (adv != 0) {
-        GMPO_T lo = (GMPO_T)(1.0 - a->eps_low), hi = (GMPO_T)(1.0 + a->eps_high);
-        GMPO_T rho = GMPO_EXP(lp - olp);
-        int pass = adv > 0 ? rho <= hi : rho >= lo;
-        if (pass) {
-            g = -adv * rho * pg;
-            if (a->is_w.data) g *= w;
-        }
-    }
-    if (a->beta != 0) g += kl * (1 - GMPO_EXP(ref - lp));
-    return m * g;
+    GMPO_S(gmpo_opts) o = GMPO_S(gmpo_opts_make)(a);
+    return GMPO_S(gmpo_token_grad_o)(&o, pg, kl, m, lp, olp, adv, ref, w);
 }

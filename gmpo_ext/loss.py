@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from .ops import loss_fwd
+from .ops import fused_loss
 
 __all__ = ["gmpo_loss", "grpo_loss", "GMPOLoss", "GRPOLoss"]
 
@@ -171,7 +171,7 @@ def gmpo_loss(
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
     _check_number("normalizer", normalizer, allow_zero=False)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
-    loss, metrics, _ = loss_fwd(
+    loss, metrics, _ = fused_loss(
         logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
         _backend.ALGO_GMPO, _backend.CONVENTIONS[convention], 0, el, eh, float(beta),
         float(log_ratio_clamp or 0.0), float(normalizer), 0.0)
@@ -227,7 +227,7 @@ def grpo_loss(
         _check_number("num_items_in_batch", num_items_in_batch, allow_zero=False, min_value=0.0)
         denom = float(num_items_in_batch)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
-    loss, metrics, _ = loss_fwd(
+    loss, metrics, _ = fused_loss(
         logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
         _backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
         float(normalizer), denom)

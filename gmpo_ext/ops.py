@@ -10,6 +10,12 @@ of 10 doubles: nothing per token). The backward reads grad_loss where it
 lives (no host sync), so the pair is safe under CUDA graphs. Only ``logps``
 receives a gradient; the other inputs are treated as constants, as in TRL and
 verl, where they are detached.
+
+``fused_loss`` is what the public functions call. In plain eager mode it runs
+the same C calls through a torch.autograd.Function, which costs a fraction of
+the custom-op dispatch (that overhead is comparable to the kernels at
+training sizes); under torch.compile, export, tensor subclasses (FakeTensor,
+DTensor...) or functorch transforms it goes through the registered ops.
 """
 
 from __future__ import annotations
@@ -107,3 +113,43 @@ def _backward(ctx, grad_loss, grad_metrics, grad_rows):
 
 
 loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The eager fast path: the same _backend calls as the ops, no dispatcher."""
+
+    @staticmethod
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, *opts):
+        loss, metrics, rows = _backend.forward(opts[0], logps, old_logps, advantages, mask,
+                                               ref_logps, is_weights, *opts[1:])
+        ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, rows)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(metrics, rows)
+        return loss, metrics, rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_metrics, grad_rows):
+        logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            opts = ctx.opts
+            grad = _backend.backward(grad_loss, rows, opts[0], logps, old_logps, advantages,
+                                     mask, ref_logps, is_weights, *opts[1:])
+        return (grad,) + (None,) * (5 + len(_OPTS))
+
+
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _plain(t):
+    return t is None or type(t) is torch.Tensor
+
+
+def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts):
+    """(loss, metrics, rows) through the eager fast path or the custom op."""
+    if (torch.compiler.is_compiling() or _functorch_active()
+            or not (_plain(logps) and _plain(old_logps) and _plain(advantages) and _plain(mask)
+                    and _plain(ref_logps) and _plain(is_weights))):
+        return loss_fwd(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)
+    return _EagerLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)

@@ -9,9 +9,11 @@ verl's ``core_algos`` loss ``geo_mean``), from the formulas, not from the fused
 kernels, so that the tests compare two independent derivations. Every function
 is differentiable with respect to ``logps`` through ordinary autograd.
 
-One deliberate difference from both published versions, shared with the fused
+Two deliberate differences from both published versions, shared with the fused
 kernels: a token whose mask is 0 is never part of the arithmetic, so a NaN or
-inf sitting in padding cannot poison its row (``NaN * 0`` is NaN in PyTorch).
+inf sitting in padding cannot poison its row (``NaN * 0`` is NaN in PyTorch);
+and a row whose advantage multiplier is exactly 0 contributes exactly 0 even
+where exp overflowed. Neither changes any finite result.
 
 Shapes: B rows (sequences), T tokens. logps, old_logps, mask, ref_logps: (B, T);
 advantages (B,), (B, 1) or (B, T); is_weights (B, T) or (B,).
@@ -101,7 +103,9 @@ def gmpo_loss_reference(
         a_hat = a_row if convention == "trl" else a_row * n / denom
     else:
         a_hat = (_masked(A, m) * m).sum(-1) / denom
-    row_loss = -a_hat * r
+    # A row whose multiplier is exactly 0 contributes exactly 0, even where r
+    # overflowed (the published versions give 0 * inf = NaN there).
+    row_loss = torch.where(a_hat == 0, torch.zeros((), dtype=dtype), -a_hat * r)
     w = _row_is_weight(None if is_weights is None else is_weights.to(dtype), m, denom, B)
     if w is not None:
         row_loss = row_loss * w

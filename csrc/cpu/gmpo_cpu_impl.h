@@ -2,116 +2,241 @@
  * gmpo_cpu_impl.h -- the CPU row kernels, included twice by gmpo_cpu.c with
  * GMPO_T float (fp32, fp16, bf16 inputs) and double (fp64 inputs).
  *
- * A row is processed a tile of GMPO_TILE tokens at a time: each input's tile is
- * converted into a small GMPO_T array (any dtype, any token stride), then the
- * shared per-token math of gmpo_math.h runs over contiguous arrays.
+ * A row is processed a tile of GMPO_TILE tokens at a time. Each input's tile is
+ * used in place when it is already contiguous GMPO_T, and converted into a small
+ * array otherwise (any dtype, any token stride). The per-token math of
+ * gmpo_math.h then runs over contiguous arrays in `omp simd` loops; the loops
+ * are instantiated for constant option flags (convention, KL, token weights)
+ * so that each compiles to straight-line vector code.
  */
 
-// tile of view v for row i, tokens [t0, t0+n) -> dst (GMPO_T)
-static void GMPO_S(load_tile)(const gmpo_view *v, int64_t i, int64_t t0, int64_t n,
-                              GMPO_T *restrict dst) {
+// Option flags passed as literal constants down the inlined call chain.
+#ifndef GMPO_FLAGS_DECL
+#define GMPO_FLAGS_DECL const int f_verl, const int f_beta, const int f_iswt, const int f_grpo
+#define GMPO_FLAGS_PASS f_verl, f_beta, f_iswt, f_grpo
+#define GMPO_FLAGS_SET(oc) \
+    ((oc).verl = f_verl, (oc).beta_on = f_beta, (oc).isw_tok = f_iswt, (oc).grpo = f_grpo)
+#endif
+
+// The tile of view v for row i, tokens [t0, t0+n): a pointer into the tensor
+// when it is contiguous GMPO_T, else converted into buf.
+static const GMPO_T *GMPO_S(tile)(const gmpo_view *v, int64_t i, int64_t t0, int64_t n,
+                                  GMPO_T *restrict buf) {
     const int64_t st = v->stride_t;
     const int64_t off = i * v->stride_b + t0 * st;
     int64_t k;
     switch (v->dtype) {
     case GMPO_DT_F32: {
         const float *p = (const float *)v->data + off;
-        if (st == 1) for (k = 0; k < n; k++) dst[k] = (GMPO_T)p[k];
-        else for (k = 0; k < n; k++) dst[k] = (GMPO_T)p[k * st];
+        if (st == 1 && sizeof(GMPO_T) == sizeof(float)) return (const GMPO_T *)p;
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)p[k * st];
         break;
     }
     case GMPO_DT_F64: {
         const double *p = (const double *)v->data + off;
-        for (k = 0; k < n; k++) dst[k] = (GMPO_T)p[k * st];
+        if (st == 1 && sizeof(GMPO_T) == sizeof(double)) return (const GMPO_T *)p;
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)p[k * st];
         break;
     }
     case GMPO_DT_BF16: {
         const uint16_t *p = (const uint16_t *)v->data + off;
-        for (k = 0; k < n; k++) dst[k] = (GMPO_T)gmpo_bf16_to_f32(p[k * st]);
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)gmpo_bf16_to_f32(p[k * st]);
         break;
     }
     case GMPO_DT_F16: {
         const uint16_t *p = (const uint16_t *)v->data + off;
-        for (k = 0; k < n; k++) dst[k] = (GMPO_T)gmpo_f16_to_f32(p[k * st]);
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)gmpo_f16_to_f32(p[k * st]);
         break;
     }
     case GMPO_DT_BOOL:
     case GMPO_DT_U8: {
         const uint8_t *p = (const uint8_t *)v->data + off;
-        for (k = 0; k < n; k++) dst[k] = (GMPO_T)p[k * st];
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)p[k * st];
         break;
     }
     default:
-        for (k = 0; k < n; k++) dst[k] = (GMPO_T)gmpo_load_d(v->data, v->dtype, off + k * st);
+        for (k = 0; k < n; k++) buf[k] = (GMPO_T)gmpo_load_d(v->data, v->dtype, off + k * st);
         break;
     }
+    return buf;
 }
 
-// tile -> grad row (contiguous, dtype dt)
-static void GMPO_S(store_tile)(void *grad, int32_t dt, int64_t off, int64_t n,
-                               const GMPO_T *restrict src) {
-    int64_t k;
-    switch (dt) {
-    case GMPO_DT_F32: { float *p = (float *)grad + off; for (k = 0; k < n; k++) p[k] = (float)src[k]; break; }
-    case GMPO_DT_F64: { double *p = (double *)grad + off; for (k = 0; k < n; k++) p[k] = (double)src[k]; break; }
-    case GMPO_DT_BF16: { uint16_t *p = (uint16_t *)grad + off; for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16((float)src[k]); break; }
-    case GMPO_DT_F16: { uint16_t *p = (uint16_t *)grad + off; for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16((float)src[k]); break; }
-    default: break;
-    }
+static void GMPO_S(fill)(GMPO_T *restrict buf, int64_t n, GMPO_T v) {
+    for (int64_t k = 0; k < n; k++) buf[k] = v;
 }
 
-// The tiles of row i the kernels need: logp, old_logp, mask always; the rest
-// only when present and per token (a per-row value is read once per row).
+// Scratch of one thread: conversion buffers and constant tiles.
 typedef struct {
     GMPO_T lp[GMPO_TILE], olp[GMPO_TILE], m[GMPO_TILE];
-    GMPO_T adv[GMPO_TILE], ref[GMPO_TILE], w[GMPO_TILE];
+    GMPO_T adv[GMPO_TILE], ref[GMPO_TILE], w[GMPO_TILE], out[GMPO_TILE];
+} GMPO_S(scratch);
+
+// The input tiles of row i the kernels read.
+typedef struct {
+    const GMPO_T *lp, *olp, *m, *adv, *ref, *w;
 } GMPO_S(tiles);
 
-static void GMPO_S(load_tiles)(const gmpo_args *a, int64_t i, int64_t t0, int64_t n,
-                               GMPO_S(tiles) *tl, GMPO_T adv_row, GMPO_T w_row) {
-    int64_t k;
-    GMPO_S(load_tile)(&a->logp, i, t0, n, tl->lp);
-    GMPO_S(load_tile)(&a->old_logp, i, t0, n, tl->olp);
-    GMPO_S(load_tile)(&a->mask, i, t0, n, tl->m);
-    if (a->adv.stride_t) GMPO_S(load_tile)(&a->adv, i, t0, n, tl->adv);
-    else for (k = 0; k < n; k++) tl->adv[k] = adv_row;
-    if (a->beta != 0) GMPO_S(load_tile)(&a->ref_logp, i, t0, n, tl->ref);
-    if (a->is_w.data && a->is_w.stride_t) GMPO_S(load_tile)(&a->is_w, i, t0, n, tl->w);
-    else for (k = 0; k < n; k++) tl->w[k] = w_row;
+GMPO_INLINE GMPO_S(tiles) GMPO_S(load_tiles)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                                    int64_t i, int64_t t0, int64_t n,
+                                                    GMPO_S(scratch) *sc) {
+    GMPO_S(tiles) tl;
+    tl.lp = GMPO_S(tile)(&a->logp, i, t0, n, sc->lp);
+    tl.olp = GMPO_S(tile)(&a->old_logp, i, t0, n, sc->olp);
+    tl.m = GMPO_S(tile)(&a->mask, i, t0, n, sc->m);
+    tl.adv = a->adv.stride_t ? GMPO_S(tile)(&a->adv, i, t0, n, sc->adv) : sc->adv;
+    tl.ref = o->beta_on ? GMPO_S(tile)(&a->ref_logp, i, t0, n, sc->ref) : sc->ref;
+    tl.w = (o->isw && a->is_w.stride_t) ? GMPO_S(tile)(&a->is_w, i, t0, n, sc->w) : sc->w;
+    return tl;
 }
 
-static GMPO_T GMPO_S(row_value)(const gmpo_view *v, int64_t i) {
-    if (!v->data || v->stride_t) return 1;
+static GMPO_T GMPO_S(row_value)(const gmpo_view *v, int64_t i, GMPO_T absent) {
+    if (!v->data || v->stride_t) return absent;
     return (GMPO_T)gmpo_load_d(v->data, v->dtype, i * v->stride_b);
 }
 
-// forward of row i: its statistics into rs (GMPO_ROW_STATS doubles)
-static void GMPO_S(row_forward)(const gmpo_args *a, int64_t i, GMPO_S(tiles) *tl, double *rs) {
+// per-row constants into the scratch tiles (advantage and weight of the row)
+static void GMPO_S(row_constants)(const gmpo_args *a, int64_t i, GMPO_S(scratch) *sc,
+                                  GMPO_T *adv_row, GMPO_T *w_row) {
+    *adv_row = GMPO_S(row_value)(&a->adv, i, 0);
+    *w_row = GMPO_S(row_value)(&a->is_w, i, 1);
+    if (!a->adv.stride_t) GMPO_S(fill)(sc->adv, GMPO_TILE, *adv_row);
+    if (!(a->is_w.data && a->is_w.stride_t)) GMPO_S(fill)(sc->w, GMPO_TILE, *w_row);
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+// Sums of one tile into acc. The tokens are spread over GMPO_LANES independent
+// partial sums (a fixed order, so every run gives the same bits) that the
+// compiler keeps in vector registers; the lanes are folded once per tile.
+GMPO_INLINE void GMPO_S(tile_forward)(const GMPO_S(gmpo_opts) *opts, GMPO_FLAGS_DECL, int64_t n,
+                                      const GMPO_T *restrict m, const GMPO_T *restrict lp,
+                                      const GMPO_T *restrict olp, const GMPO_T *restrict adv,
+                                      const GMPO_T *restrict ref, const GMPO_T *restrict w,
+                                      GMPO_S(gmpo_acc) *acc) {
+    GMPO_S(gmpo_opts) oc = *opts;
+    GMPO_FLAGS_SET(oc);
+    const GMPO_S(gmpo_opts) *o = &oc;
+    GMPO_T my[GMPO_LANES], nn[GMPO_LANES], am[GMPO_LANES], lw[GMPO_LANES], kk[GMPO_LANES];
+    GMPO_T m0[GMPO_LANES], m1[GMPO_LANES], m2[GMPO_LANES];
+    int j;
+    for (j = 0; j < GMPO_LANES; j++) {
+        my[j] = 0; nn[j] = 0; am[j] = 0; lw[j] = 0; kk[j] = 0; m0[j] = 0; m1[j] = 0; m2[j] = 0;
+    }
+    for (int64_t k0 = 0; k0 < n; k0 += GMPO_LANES) {
+        int lanes = n - k0 < GMPO_LANES ? (int)(n - k0) : GMPO_LANES;
+        if (lanes == GMPO_LANES) {
+#pragma omp simd
+            for (j = 0; j < GMPO_LANES; j++) {
+                int64_t k = k0 + j;
+                GMPO_T mk = m[k];
+                GMPO_S(gmpo_acc) c = GMPO_S(gmpo_token_contrib)(o, mk, lp[k], olp[k], adv[k],
+                                                                ref[k], w[k]);
+                // padding never enters the arithmetic: a select, not a product,
+                // where a NaN or inf in a masked token could leak through
+                // (n, and trl's clip counts, are exactly 0 when m is)
+                int on = mk != 0;
+                my[j] += on ? c.my : 0;
+                nn[j] += c.n;
+                am[j] += on ? c.am : 0;
+                if (o->isw_tok) lw[j] += on ? c.logw : 0;
+                if (o->beta_on) kk[j] += on ? c.k : 0;
+                m0[j] += c.m0;
+                m1[j] += c.m1;
+                m2[j] += o->verl ? (on ? c.m2 : 0) : c.m2;
+            }
+        } else {
+            for (j = 0; j < lanes; j++) {
+                int64_t k = k0 + j;
+                GMPO_T mk = m[k];
+                if (mk == 0) continue;
+                GMPO_S(gmpo_acc) c = GMPO_S(gmpo_token_contrib)(o, mk, lp[k], olp[k], adv[k],
+                                                                ref[k], w[k]);
+                my[j] += c.my; nn[j] += c.n; am[j] += c.am; lw[j] += c.logw; kk[j] += c.k;
+                m0[j] += c.m0; m1[j] += c.m1; m2[j] += c.m2;
+            }
+        }
+    }
+    for (j = 0; j < GMPO_LANES; j++) {
+        acc->my += my[j]; acc->n += nn[j]; acc->am += am[j]; acc->logw += lw[j];
+        acc->k += kk[j]; acc->m0 += m0[j]; acc->m1 += m1[j]; acc->m2 += m2[j];
+    }
+}
+
+GMPO_INLINE void GMPO_S(row_forward_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                       GMPO_FLAGS_DECL, int64_t i, GMPO_S(scratch) *sc,
+                                       double *rs) {
+    GMPO_T adv_row, w_row;
+    GMPO_S(row_constants)(a, i, sc, &adv_row, &w_row);
     GMPO_S(gmpo_acc) acc;
     GMPO_S(gmpo_acc_zero)(&acc);
-    GMPO_T adv_row = GMPO_S(row_value)(&a->adv, i);
-    GMPO_T w_row = GMPO_S(row_value)(&a->is_w, i);
-    int grpo = a->algo == GMPO_ALGO_GRPO;
     for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
         int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
-        GMPO_S(load_tiles)(a, i, t0, n, tl, adv_row, w_row);
-        for (int64_t k = 0; k < n; k++) {
-            GMPO_T m = tl->m[k];
-            if (m == 0) continue;   // padding never enters the arithmetic
-            if (grpo) GMPO_S(grpo_token_fwd)(&acc, a, m, tl->lp[k], tl->olp[k], tl->adv[k], tl->ref[k], tl->w[k]);
-            else GMPO_S(gmpo_token_fwd)(&acc, a, m, tl->lp[k], tl->olp[k], tl->adv[k], tl->ref[k], tl->w[k]);
-        }
+        GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, sc);
+        GMPO_S(tile_forward)(o, GMPO_FLAGS_PASS, n, tl.m, tl.lp, tl.olp, tl.adv, tl.ref, tl.w,
+                             &acc);
     }
     GMPO_S(gmpo_row_finish)(a, &acc, adv_row, w_row, rs);
 }
 
-// backward of row i into grad (contiguous (B,T) of dtype gdt); go: upstream grad
-static void GMPO_S(row_backward)(const gmpo_args *a, int64_t i, GMPO_S(tiles) *tl,
-                                 const double *rows, double go, void *grad, int32_t gdt) {
+// The row loops are instantiated once per combination of the option flags
+// (convention, KL, token weights; GRPO apart), each a function of its own that
+// receives the flags as literal constants, so that each compiles to
+// straight-line vector code; GMPO_DISPATCH picks the instance once per call.
+#define GMPO_INSTANCES(MAKE)                                                         \
+    MAKE(0, 0, 0, 0, 0) MAKE(1, 0, 0, 1, 0) MAKE(2, 0, 1, 0, 0) MAKE(3, 0, 1, 1, 0)   \
+    MAKE(4, 1, 0, 0, 0) MAKE(5, 1, 0, 1, 0) MAKE(6, 1, 1, 0, 0) MAKE(7, 1, 1, 1, 0)   \
+    MAKE(8, 0, 0, 0, 1) MAKE(9, 0, 1, 0, 1)
+
+static int GMPO_S(instance)(const GMPO_S(gmpo_opts) *o) {
+    if (o->grpo) return 8 + o->beta_on;
+    return (o->verl << 2) | (o->beta_on << 1) | o->isw_tok;
+}
+
+#define GMPO_DISPATCH(FN, ...)                                                       \
+    switch (GMPO_S(instance)(&o_)) {                                                 \
+    case 0: GMPO_S(FN##_0)(__VA_ARGS__); break;                                      \
+    case 1: GMPO_S(FN##_1)(__VA_ARGS__); break;                                      \
+    case 2: GMPO_S(FN##_2)(__VA_ARGS__); break;                                      \
+    case 3: GMPO_S(FN##_3)(__VA_ARGS__); break;                                      \
+    case 4: GMPO_S(FN##_4)(__VA_ARGS__); break;                                      \
+    case 5: GMPO_S(FN##_5)(__VA_ARGS__); break;                                      \
+    case 6: GMPO_S(FN##_6)(__VA_ARGS__); break;                                      \
+    case 7: GMPO_S(FN##_7)(__VA_ARGS__); break;                                      \
+    case 8: GMPO_S(FN##_8)(__VA_ARGS__); break;                                      \
+    default: GMPO_S(FN##_9)(__VA_ARGS__); break;                                     \
+    }
+
+// forward of rows [r0, r1): one call per thread chunk, dispatched per ISA
+#define GMPO_MAKE_ROWS_FORWARD(K, V, B, W, G)                                        \
+    GMPO_CLONES static void GMPO_S(rows_forward_##K)(const gmpo_args *a,             \
+                                                     const GMPO_S(gmpo_opts) *o,     \
+                                                     int64_t r0, int64_t r1, double *rows) { \
+        GMPO_S(scratch) sc;                                                          \
+        for (int64_t i = r0; i < r1; i++)                                            \
+            GMPO_S(row_forward_o)(a, o, V, B, W, G, i, &sc, rows + i * GMPO_ROW_STATS); \
+    }
+GMPO_INSTANCES(GMPO_MAKE_ROWS_FORWARD)
+
+static void GMPO_S(rows_forward)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows) {
+    GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
+    GMPO_DISPATCH(rows_forward, a, &o_, r0, r1, rows)
+}
+
+// ----------------------------------------------------------------------------
+// backward
+
+GMPO_INLINE void GMPO_S(row_backward_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *opts,
+                                        GMPO_FLAGS_DECL, int64_t i, GMPO_S(scratch) *sc,
+                                        const double *rows, double go, void *grad,
+                                        int32_t gdt) {
+    GMPO_S(gmpo_opts) oc = *opts;
+    GMPO_FLAGS_SET(oc);
+    const GMPO_S(gmpo_opts) *o = &oc;
     const double *rs = rows + i * GMPO_ROW_STATS;
     const double *tot = rows + a->B * GMPO_ROW_STATS;
     GMPO_T pg, kl;
-    if (a->algo == GMPO_ALGO_GMPO) {
+    if (!o->grpo) {
         double scale = go / ((a->B > 1 ? (double)a->B : 1.0) * a->normalizer);
         pg = (GMPO_T)(rs[GMPO_RS_COEF_PG] * scale);
         kl = (GMPO_T)(rs[GMPO_RS_COEF_KL] * scale);
@@ -120,49 +245,44 @@ static void GMPO_S(row_backward)(const gmpo_args *a, int64_t i, GMPO_S(tiles) *t
         pg = (GMPO_T)c;
         kl = (GMPO_T)(c * a->beta);
     }
-    GMPO_T adv_row = GMPO_S(row_value)(&a->adv, i);
-    GMPO_T w_row = GMPO_S(row_value)(&a->is_w, i);
-    GMPO_T out[GMPO_TILE];
+    GMPO_T adv_row, w_row;
+    GMPO_S(row_constants)(a, i, sc, &adv_row, &w_row);
+    const int direct = gdt == (sizeof(GMPO_T) == sizeof(float) ? GMPO_DT_F32 : GMPO_DT_F64);
     for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
         int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
-        GMPO_S(load_tiles)(a, i, t0, n, tl, adv_row, w_row);
-        for (int64_t k = 0; k < n; k++) {
-            GMPO_T m = tl->m[k];
-            out[k] = m == 0 ? (GMPO_T)0
-                            : GMPO_S(gmpo_token_grad)(a, pg, kl, m, tl->lp[k], tl->olp[k],
-                                                      tl->adv[k], tl->ref[k], tl->w[k]);
+        GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, sc);
+        GMPO_T *restrict out = direct ? (GMPO_T *)grad + i * a->T + t0 : sc->out;
+#pragma omp simd
+        for (int64_t k = 0; k < n; k++)
+            out[k] = GMPO_S(gmpo_token_grad_o)(o, pg, kl, tl.m[k], tl.lp[k], tl.olp[k],
+                                               tl.adv[k], tl.ref[k], tl.w[k]);
+        if (!direct) {
+            int64_t off = i * a->T + t0, k;
+            if (gdt == GMPO_DT_BF16) {
+                uint16_t *p = (uint16_t *)grad + off;
+                for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16((float)out[k]);
+            } else if (gdt == GMPO_DT_F16) {
+                uint16_t *p = (uint16_t *)grad + off;
+                for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16((float)out[k]);
+            } else {
+                for (k = 0; k < n; k++) gmpo_store_d(grad, gdt, off + k, (double)out[k]);
+            }
         }
-        GMPO_S(store_tile)(grad, gdt, i * a->T + t0, n, out);
     }
 }
 
-static void GMPO_S(cpu_forward_rows)(const gmpo_args *a, double *rows, int nt) {
-    int64_t B = a->B;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
-    {
-        GMPO_S(tiles) tl;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t i = 0; i < B; i++) GMPO_S(row_forward)(a, i, &tl, rows + i * GMPO_ROW_STATS);
+#define GMPO_MAKE_ROWS_BACKWARD(K, V, B, W, G)                                       \
+    GMPO_CLONES static void GMPO_S(rows_backward_##K)(                               \
+        const gmpo_args *a, const GMPO_S(gmpo_opts) *o, int64_t r0, int64_t r1,      \
+        const double *rows, double go, void *grad, int32_t gdt) {                    \
+        GMPO_S(scratch) sc;                                                          \
+        for (int64_t i = r0; i < r1; i++)                                            \
+            GMPO_S(row_backward_o)(a, o, V, B, W, G, i, &sc, rows, go, grad, gdt);   \
     }
-    (void)nt;
-}
+GMPO_INSTANCES(GMPO_MAKE_ROWS_BACKWARD)
 
-static void GMPO_S(cpu_backward_rows)(const gmpo_args *a, const double *rows, double go,
-                                      void *grad, int32_t gdt, int nt) {
-    int64_t B = a->B;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
-    {
-        GMPO_S(tiles) tl;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t i = 0; i < B; i++) GMPO_S(row_backward)(a, i, &tl, rows, go, grad, gdt);
-    }
-    (void)nt;
+static void GMPO_S(rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
+                                  const double *rows, double go, void *grad, int32_t gdt) {
+    GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
+    GMPO_DISPATCH(rows_backward, a, &o_, r0, r1, rows, go, grad, gdt)
 }

@@ -113,6 +113,9 @@ template <> struct gmpo_m<double> {
 
 // the gmpo_acc fields as an array (for the shuffle trees) and back
 #define GMPO_ACC_FIELDS 8
+static_assert(sizeof(gmpo_acc_f) == GMPO_ACC_FIELDS * sizeof(float) &&
+                  sizeof(gmpo_acc_d) == GMPO_ACC_FIELDS * sizeof(double),
+              "gmpo_acc changed: update gmpo_acc_pack / gmpo_acc_unpack");
 
 template <class Acc>
 GMPO_DEV void gmpo_acc_pack(const typename gmpo_m<Acc>::acc &s, Acc (&v)[GMPO_ACC_FIELDS]) {
@@ -284,10 +287,10 @@ GMPO_DEV void gmpo_store_vec(char *p, int32_t dt, int64_t k0, const Acc *v) {
 }
 
 // ----------------------------------------------------------------------------
-// deterministic reductions: a fixed xor-butterfly in each warp (every lane ends
-// with the same bits), then the warps' partials in shared memory, summed by
-// warp 0 in lane order. blockDim.x must be a multiple of 32.
+// deterministic reductions (fixed shuffle trees, no atomics): the same bits on
+// every run. blockDim.x must be a multiple of 32.
 
+// Sum of v over the 32 lanes (a full xor butterfly: every lane gets the same bits).
 template <class Acc, int N>
 GMPO_DEV void gmpo_warp_sum(Acc (&v)[N]) {
 #pragma unroll
@@ -297,21 +300,56 @@ GMPO_DEV void gmpo_warp_sum(Acc (&v)[N]) {
     }
 }
 
-// the block's sum of v, valid in thread 0 (and in every lane of warp 0)
-template <class Acc, int N>
-__device__ void gmpo_block_sum(Acc (&v)[N]) {
-    __shared__ Acc part[32][N];
+// Warp sum of 8 values by reduce-scatter: at each of the first three butterfly
+// steps a lane keeps half of its values and trades the other half with its
+// partner, then two plain steps finish. 4+2+1+1+1 = 9 shuffles instead of 8*5.
+// Returns the warp's total of value (lane >> 2) (lanes 4f..4f+3 hold value f,
+// with the same bits).
+template <class Acc>
+GMPO_DEV Acc gmpo_warp_sum8_scatter(const Acc (&v)[8]) {
+    const int lane = threadIdx.x & 31;
+    const bool b4 = lane & 16, b3 = lane & 8, b2 = lane & 4;
+    Acc u[4], w[2];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {          // keep values 4*b4.., send the others
+        Acc keep = b4 ? v[4 + k] : v[k], send = b4 ? v[k] : v[4 + k];
+        u[k] = keep + __shfl_xor_sync(GMPO_FULL_MASK, send, 16);
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {          // keep 2*b3.. of those
+        Acc keep = b3 ? u[2 + k] : u[k], send = b3 ? u[k] : u[2 + k];
+        w[k] = keep + __shfl_xor_sync(GMPO_FULL_MASK, send, 8);
+    }
+    Acc keep = b2 ? w[1] : w[0], send = b2 ? w[0] : w[1];
+    Acc x = keep + __shfl_xor_sync(GMPO_FULL_MASK, send, 4);
+    x += __shfl_xor_sync(GMPO_FULL_MASK, x, 2);
+    x += __shfl_xor_sync(GMPO_FULL_MASK, x, 1);
+    return x;
+}
+
+// The block's sum of 8 values per thread, returned in v of thread 0 (other
+// threads' v are left undefined). Warp totals by reduce-scatter, the warps'
+// partials through shared memory, summed by warp 0 in warp order.
+template <class Acc>
+__device__ void gmpo_block_sum8(Acc (&v)[8]) {
+    __shared__ Acc part[32][8];
+    __shared__ Acc total[8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    gmpo_warp_sum(v);
+    Acc x = gmpo_warp_sum8_scatter(v);
+    if (nwarps > 1) {
+        if ((lane & 3) == 0) part[warp][lane >> 2] = x;
+        __syncthreads();
+        if (warp != 0) return;
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = lane < nwarps ? part[lane][k] : (Acc)0;
+        x = gmpo_warp_sum8_scatter(v);
+    }
+    if (warp != 0) return;
+    if ((lane & 3) == 0) total[lane >> 2] = x;
+    __syncwarp();
     if (lane == 0) {
 #pragma unroll
-        for (int k = 0; k < N; k++) part[warp][k] = v[k];
-    }
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-        for (int k = 0; k < N; k++) v[k] = lane < nwarps ? part[lane][k] : (Acc)0;
-        gmpo_warp_sum(v);
+        for (int k = 0; k < 8; k++) v[k] = total[k];
     }
 }
 

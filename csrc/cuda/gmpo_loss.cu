@@ -89,10 +89,11 @@ GMPO_DEV void gmpo_load_tokens(const gmpo_view &v, const char *p, bool vec, int6
     }
 }
 
-// a per-row value (advantage or importance weight); 1 where absent or per token
+// a per-row value (advantage or importance weight); `absent` where the tensor
+// is absent (an empty one may have no storage) or per token
 template <class Acc>
-GMPO_DEV Acc gmpo_row_value(const gmpo_view &v, int64_t i) {
-    if (!v.data || v.stride_t) return (Acc)1;
+GMPO_DEV Acc gmpo_row_value(const gmpo_view &v, int64_t i, Acc absent) {
+    if (!v.data || v.stride_t) return absent;
     return (Acc)gmpo_load_d(v.data, v.dtype, i * v.stride_b);
 }
 
@@ -185,8 +186,8 @@ gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ r
     typedef typename gmpo_m<Acc>::acc acc_t;
     const int64_t i = blockIdx.x, T = a.T;
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
-    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i);
-    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i);
+    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
+    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
 
     acc_t s;
     gmpo_m<Acc>::zero(&s);
@@ -200,7 +201,7 @@ gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ r
 
     Acc v[GMPO_ACC_FIELDS];
     gmpo_acc_pack<Acc>(s, v);
-    gmpo_block_sum<Acc, GMPO_ACC_FIELDS>(v);
+    gmpo_block_sum8<Acc>(v);
     if (threadIdx.x == 0) {
         gmpo_acc_unpack<Acc>(v, s);
         gmpo_m<Acc>::finish(&a, &s, adv_row, w_row, rows + i * GMPO_ROW_STATS);
@@ -308,8 +309,8 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
         kl = (Acc)(c * a.beta);
     }
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
-    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i);
-    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i);
+    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
+    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
     char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);
     const bool vg = VEC > 1 && (uintptr_t)(gr + r.head * gmpo_dtype_size(gdt)) %
                                        (uintptr_t)gmpo_vec_align<VEC>(gdt) == 0;
