@@ -20,7 +20,7 @@ static gmpo_status check_view(gmpo_args *a, const gmpo_view *v, const char *name
         if (a->B * a->T == 0) return GMPO_OK;   // empty tensors may have no storage
         return fail(a, "%s: missing data pointer", name);
     }
-    if (v->dtype == GMPO_DT_NONE || v->dtype > GMPO_DT_I64)
+    if (v->dtype <= GMPO_DT_NONE || v->dtype > GMPO_DT_I64)
         return fail(a, "%s: unsupported dtype code", name);
     if (float_only && !gmpo_dtype_is_float(v->dtype))
         return fail(a, "%s: must be a floating-point tensor (float32, float64, float16 or bfloat16)", name);
