@@ -105,8 +105,10 @@ def test_divergent_barrier_odd_block():
     assert "divergent __syncthreads" in proc.stdout and "broken.cu:40" in proc.stdout, proc.stdout
 
 
-def test_small_fiber_stack_setting():
+def test_fiber_stack_size_setting():
     proc = run_case(None, "all", env={"SIMT_STACK_KB": "32"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_case(None, "stack_overflow", env={"SIMT_STACK_KB": "512"})  # 256 KiB of locals now fit
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

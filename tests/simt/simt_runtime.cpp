@@ -20,6 +20,7 @@
 
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -238,17 +239,23 @@ static void slot_destroy(StackSlot* s) {
   delete s;
 }
 
+// Below each stack: a no-access guard region, so that an overflow faults
+// instead of running into the next fiber's stack (build.py also compiles
+// kernels with -fstack-clash-protection, which probes big frames page by page).
+static const size_t kGuardBytes = 64 * 1024;
+
 static StackSlot* slot_new(size_t size) {
-  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t guard = (kGuardBytes + page - 1) / page * page;
   size = (size + page - 1) / page * page;
-  void* m = mmap(nullptr, size + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
-                 -1, 0);
+  void* m = mmap(nullptr, size + guard, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
   if (m == MAP_FAILED) return nullptr;
-  mprotect(m, page, PROT_NONE);  // guard page: a stack overflow faults instead of corrupting memory
+  mprotect(m, guard, PROT_NONE);
   StackSlot* s = new StackSlot;
   s->map = static_cast<char*>(m);
-  s->map_size = size + page;
-  s->lo = s->map + page;
+  s->map_size = size + guard;
+  s->lo = s->map + guard;
   s->size = size;
   return s;
 }
@@ -774,6 +781,76 @@ void trap(const char* what, const char* file, int line) {
 }
 
 // ---------------------------------------------------------------------------
+// Fiber stack overflow: a plain build names the kernel, block and thread on
+// stderr, then lets the fault go on to the previous SIGSEGV handler (Python's
+// faulthandler, or the default: the process dies as it would have). ASan and
+// TSan builds have their own SIGSEGV reports.
+
+#if !SIMT_RT_ASAN && !SIMT_RT_TSAN
+static struct sigaction g_prev_segv;
+
+static void on_segv(int sig, siginfo_t* si, void* uctx) {
+  (void)uctx;
+  const Fiber* f = tls.cur;
+  const char* a = static_cast<const char*>(si->si_addr);
+  if (f && a >= f->stack->map && a < f->stack->lo) {
+    char buf[512];
+    int k = snprintf(buf, sizeof buf,
+                     "simt: kernel %s, block (%u,%u,%u), thread (%u,%u,%u): fiber stack overflow (%zu KiB); raise "
+                     "SIMT_STACK_KB\n",
+                     f->w->L->name, f->w->block.x, f->w->block.y, f->w->block.z, f->idx.x, f->idx.y, f->idx.z,
+                     f->stack->size / 1024);
+    if (k > 0) {
+      ssize_t r = write(2, buf, std::min(static_cast<size_t>(k), sizeof buf - 1));
+      (void)r;
+    }
+  }
+  sigaction(sig, &g_prev_segv, nullptr);  // returning re-runs the access under the previous handler
+}
+
+static void install_segv_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = &on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
+  });
+}
+
+// The handler needs a stack of its own: the faulting fiber's is exhausted.
+// Keeps a thread's existing alternate stack (Python's faulthandler sets one).
+struct AltStack {
+  std::vector<char> mem;
+  bool installed = false;
+  AltStack() {
+    stack_t cur;
+    if (sigaltstack(nullptr, &cur) != 0 || !(cur.ss_flags & SS_DISABLE)) return;
+    mem.resize(64 * 1024);
+    stack_t ss;
+    ss.ss_sp = mem.data();
+    ss.ss_size = mem.size();
+    ss.ss_flags = 0;
+    installed = sigaltstack(&ss, nullptr) == 0;
+  }
+  ~AltStack() {
+    if (!installed) return;
+    stack_t ss;
+    memset(&ss, 0, sizeof ss);
+    ss.ss_flags = SS_DISABLE;
+    sigaltstack(&ss, nullptr);
+  }
+  AltStack(const AltStack&) = delete;
+  AltStack& operator=(const AltStack&) = delete;
+};
+#else
+static void install_segv_handler() {}
+struct AltStack {};
+#endif
+
+// ---------------------------------------------------------------------------
 // Running a block
 
 // A bounded message buffer.
@@ -931,6 +1008,7 @@ static void worker_teardown(Worker* w) {
 }
 
 static void worker_main(Launch* L) {
+  AltStack alt;
   Worker w;
   const Tls saved = tls;
   bool ok = worker_setup(&w, L);
@@ -1021,7 +1099,11 @@ cudaError_t launch(const char* name, const void* func, dim3 grid, dim3 block, si
     snprintf(buf, sizeof buf,
              "simt: kernel %s: launch refused (%s): %s; grid (%u,%u,%u), block (%u,%u,%u), %zu bytes of dynamic "
              "shared memory",
-             name, code == cudaErrorInvalidValue ? "invalid argument" : "invalid configuration argument", what,
+             name,
+             code == cudaErrorInvalidValue           ? "invalid argument"
+             : code == cudaErrorInvalidConfiguration ? "invalid configuration argument"
+                                                     : "operation not supported",
+             what,
              grid.x, grid.y, grid.z, block.x, block.y, block.z, smem);
     set_error(code, buf);
     return code;
@@ -1043,6 +1125,7 @@ cudaError_t launch(const char* name, const void* func, dim3 grid, dim3 block, si
                             : "dynamic shared memory above the kernel's limit (48 KiB unless raised with "
                               "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes))");
 
+  install_segv_handler();
   Launch L;
   L.name = name;
   L.grid = grid;
@@ -1056,7 +1139,10 @@ cudaError_t launch(const char* name, const void* func, dim3 grid, dim3 block, si
   const unsigned nworkers =
       static_cast<unsigned>(std::min<uint64_t>(env_unsigned("SIMT_WORKERS", 2, 1, 256), L.nblocks));
   std::vector<std::thread> threads;
-  for (unsigned i = 1; i < nworkers; ++i) threads.emplace_back(worker_main, &L);
+  try {
+    for (unsigned i = 1; i < nworkers; ++i) threads.emplace_back(worker_main, &L);
+  } catch (const std::system_error&) {  // no more threads: the ones we have do the work
+  }
   worker_main(&L);  // the calling thread works too
   for (std::thread& t : threads) t.join();
   if (L.err != cudaSuccess) {

@@ -121,3 +121,18 @@ extern "C" int st_assert(const float* x, float* out, int n) {
   GMPO_LAUNCH(assert_kernel, 1, 32, 0, nullptr, x, out, n);
   return static_cast<int>(cudaGetLastError());
 }
+
+// ----------------------------------------------------------------------------
+// 256 KiB of locals per thread: more than the default fiber stack (SIMT_STACK_KB
+// raises it). out: (blockDim.x,).
+
+__global__ void stack_overflow_kernel(float* out, int n) {
+  volatile float big[64 * 1024];
+  for (int i = 0; i < n; ++i) big[i] = static_cast<float>(i);
+  out[threadIdx.x] = big[n - 1];
+}
+
+extern "C" int st_stack_overflow(float* out) {
+  GMPO_LAUNCH(stack_overflow_kernel, 1, 4, 0, nullptr, out, 64 * 1024);
+  return static_cast<int>(cudaGetLastError());
+}

@@ -299,13 +299,14 @@ int main(int argc, char** argv) {
   if (c == "barrier_vs_shuffle") return run_simple("barrier_vs_shuffle", st_barrier_vs_shuffle, 32);
   if (c == "trap") return run_simple("trap", st_trap, 3 * 64);
   if (c == "assert") return run_assert();
+  if (c == "stack_overflow") return run_simple("stack_overflow", st_stack_overflow, 4);
   if (c == "bench")
     return run_bench(arg(argc, argv, 2, 64), static_cast<int>(arg(argc, argv, 3, 256)), arg(argc, argv, 4, 4096),
                      static_cast<int>(arg(argc, argv, 5, 20)));
   fprintf(stderr,
           "usage: %s all [small] | block_sum [rows n threads] | missing_sync [rows n threads] | histogram [n] | "
           "smem_overrun [n] | warp_semantics | bad_launch | concurrent | oob_read | divergent [threads] | "
-          "partial_warp [threads] | missing_lanes | barrier_vs_shuffle | trap | assert | bench [blocks threads n "
+          "partial_warp [threads] | missing_lanes | barrier_vs_shuffle | trap | assert | stack_overflow | bench [blocks threads n "
           "iters]\n",
           argv[0]);
   return USAGE;

@@ -29,6 +29,7 @@ int st_missing_lanes(float* out);
 int st_barrier_vs_shuffle(float* out);
 int st_trap(float* out);
 int st_assert(const float* x, float* out, int n);
+int st_stack_overflow(float* out);
 
 #ifdef __cplusplus
 }
