@@ -72,7 +72,9 @@ GMPO_HD GMPO_T GMPO_S(gmpo_clip_y)(GMPO_T l, GMPO_T A, GMPO_T el, GMPO_T eh, int
     GMPO_T up = l > eh ? eh : l;         // min(l, clamp(l)) == min(l, eps_high)
     GMPO_T down = l < -el ? -el : l;     // max(l, clamp(l)) == max(l, -eps_low)
     GMPO_T y = A > 0 ? up : down;
-    return (verl & (A == 0)) ? (GMPO_T)0 : y;
+    // verl: sign(A) * min(sign(A) * l, ...) is 0 * l where A == 0: 0, or NaN
+    // for a NaN or inf log-ratio, which must come out as NaN
+    return (verl & (A == 0)) ? l * (GMPO_T)0 : y;
 }
 
 // g: 1 where y passes the gradient of l (not clipped; on the bound counts as not)
@@ -176,8 +178,9 @@ GMPO_HD void GMPO_S(gmpo_row_finish)(const gmpo_args *a, const GMPO_S(gmpo_acc) 
     else ahat = verl ? adv_row * n / D : adv_row;
     GMPO_T w = 1;
     if (a->is_w.data) w = a->is_w.stride_t ? GMPO_EXP(s->logw / D) : w_row;
-    // a zero advantage contributes exactly nothing, even when r overflowed
-    GMPO_T pg = ahat == 0 ? (GMPO_T)0 : -ahat * r * w;
+    // a zero advantage contributes exactly nothing, even when r overflowed to
+    // inf (0 * inf); a NaN r (NaN among the row's tokens) stays NaN
+    GMPO_T pg = (ahat == 0 && r == r) ? (GMPO_T)0 : -ahat * r * w;
     GMPO_T beta = (GMPO_T)a->beta;
     GMPO_T L = pg + (a->beta != 0 ? beta * s->k / D : (GMPO_T)0);
     rs[GMPO_RS_COEF_PG] = (double)(pg / D);

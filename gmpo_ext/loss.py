@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -36,13 +35,17 @@ def _check_tensor(name, t, dtypes, optional=False):
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
 
 
+_SYMBOLIC = (torch.SymInt, torch.SymFloat)
+
+
 def _check_number(name, x, *, min_value=None, allow_zero=True, allow_none=False):
     if x is None and allow_none:
         return
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real,) + _SYMBOLIC):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
-    x = float(x)
-    if not math.isfinite(x):
+    # plain comparisons (not math.isfinite) so that torch.compile(dynamic=True),
+    # which traces a float option as symbolic, turns them into guards
+    if not (x - x == 0):
         raise ValueError(f"{name} must be finite, got {x}")
     if min_value is not None and x < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {x}")

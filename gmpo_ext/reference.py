@@ -104,8 +104,8 @@ def gmpo_loss_reference(
     else:
         a_hat = (_masked(A, m) * m).sum(-1) / denom
     # A row whose multiplier is exactly 0 contributes exactly 0, even where r
-    # overflowed (the published versions give 0 * inf = NaN there).
-    row_loss = torch.where(a_hat == 0, torch.zeros((), dtype=dtype), -a_hat * r)
+    # overflowed (the published versions give 0 * inf = NaN there); NaN stays NaN.
+    row_loss = torch.where((a_hat == 0) & ~torch.isnan(r), torch.zeros((), dtype=dtype), -a_hat * r)
     w = _row_is_weight(None if is_weights is None else is_weights.to(dtype), m, denom, B)
     if w is not None:
         row_loss = row_loss * w
