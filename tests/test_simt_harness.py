@@ -74,11 +74,17 @@ def test_selftest_case(case, sanitize):
     )
 
 
+def _line_of(path, text):
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
 def test_removed_syncthreads_race_names_both_lines():
-    """TSan names the write (warp_sums[warp], line 40) and the read without a barrier (line 43)."""
+    """TSan names the write of a warp's partial sum and warp 0's read of it with the barrier gone."""
+    write = _line_of(SELFTEST / "correct.cu", "if (lane == 0) warp_sums[warp] = v;")
+    read = _line_of(SELFTEST / "correct.cu", "v = lane < nwarps ? warp_sums[lane] : 0.0f;")
     proc = run_case("tsan", "missing_sync", "2", "256", "64")
     assert "WARNING: ThreadSanitizer: data race" in proc.stderr
-    assert "correct.cu:40" in proc.stderr and "correct.cu:43" in proc.stderr, proc.stderr[-4000:]
+    assert f"correct.cu:{write}" in proc.stderr and f"correct.cu:{read}" in proc.stderr, proc.stderr[-4000:]
     assert "simt block (" in proc.stderr  # fibers are named after their CUDA thread
 
 
@@ -100,9 +106,10 @@ def test_worker_count(workers):
 
 
 def test_divergent_barrier_odd_block():
+    line = _line_of(SELFTEST / "broken.cu", "if (threadIdx.x < blockDim.x / 2) __syncthreads();")
     proc = run_case(None, "divergent", "97")
     assert proc.returncode == 2
-    assert "divergent __syncthreads" in proc.stdout and "broken.cu:40" in proc.stdout, proc.stdout
+    assert "divergent __syncthreads" in proc.stdout and f"broken.cu:{line}" in proc.stdout, proc.stdout
 
 
 def test_fiber_stack_size_setting():
@@ -120,6 +127,20 @@ def test_ucontext_fallback():
     )
     proc = subprocess.run([str(exe), "all"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "0 failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_selftest_kernels_are_valid_cuda(tmp_path):
+    """The same self-test sources build with nvcc for the GPU, warning-free (no GPU needed)."""
+    procs = [
+        subprocess.Popen(["nvcc", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings", f"-I{SELFTEST}", "-c",
+                          str(SELFTEST / f"{stem}.cu"), "-o", str(tmp_path / f"{stem}.o")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for stem in ("correct", "broken")
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out
 
 
 # ----------------------------------------------------------------------------

@@ -342,6 +342,12 @@ SELFTEST_BUILDS = {
     "tsan": {"opt": "-O1", "extra_cflags": ()},
 }
 
+def _src_line(name: str, marker: str) -> str:
+    """"name:line" of the first line of a self-test source holding `marker`."""
+    lines = (SELFTEST_DIR / name).read_text().splitlines()
+    return f"{name}:{next(i for i, text in enumerate(lines, 1) if marker in text)}"
+
+
 # What each case must do, per build: (exit status, substrings of stdout+stderr).
 # Exit statuses of the driver: 0 right answer and no error, 1 wrong answer, 2
 # error reported by the harness; 1 also for an ASan abort, 66 for TSan's
@@ -361,7 +367,8 @@ SELFTEST_CASES: dict[str, dict[str | None, tuple[int, list[str]]]] = {
         "asan": (1, ["wrong result"]),
         "tsan": (66, ["WARNING: ThreadSanitizer: data race", "block_sum_kernel<false>", "correct.cu:"]),
     },
-    "oob_read": {"asan": (1, ["ERROR: AddressSanitizer: heap-buffer-overflow", "oob_read_sum_kernel", "broken.cu:18"])},
+    "oob_read": {"asan": (1, ["ERROR: AddressSanitizer: heap-buffer-overflow", "oob_read_sum_kernel",
+                          _src_line("broken.cu", "// BUG: <= n")])},
     "smem_overrun": {
         None: (2, ["write past the end of dynamic shared memory", "histogram_kernel"]),
         "tsan": (2, ["write past the end of dynamic shared memory", "histogram_kernel"]),

@@ -3,8 +3,9 @@
 //
 // Written like the project's kernels: CUDA C, extern "C" launchers that
 // return a cudaError_t as int, GMPO_LAUNCH for launches and
-// GMPO_DYNAMIC_SMEM for dynamic shared memory. Under nvcc the two macros
-// would be the usual <<< >>> and extern __shared__ forms.
+// GMPO_DYNAMIC_SMEM for dynamic shared memory. Under nvcc the two macros are
+// the usual <<< >>> and extern __shared__ forms (selftest.h), and the test
+// suite compiles these files with nvcc too.
 
 #include <stdint.h>
 
@@ -120,9 +121,10 @@ __global__ void warp_semantics_kernel(int* out) {
   o[13] = __reduce_max_sync(0xffffffffu, (lane * 7) % 32 - 16);
   o[14] = static_cast<int>(__shfl_up_sync(0xffffffffu, static_cast<unsigned long long>(t), 33));  // delta & 31 = 1
   __syncwarp();
-  unsigned a = 0;
-  atomicExch(&a, 5u);
-  o[15] = static_cast<int>(atomicCAS(&a, 5u, 7u)) * 100 + static_cast<int>(a);
+  unsigned* slot = reinterpret_cast<unsigned*>(o + 15);  // atomics need global (or shared) memory
+  atomicExch(slot, 5u);
+  const int old = static_cast<int>(atomicCAS(slot, 5u, 7u));
+  o[15] = old * 100 + static_cast<int>(*slot);
 }
 
 extern "C" int st_warp_semantics(int* out) {

@@ -7,6 +7,13 @@
 
 #define ST_WARP_OUTS 16
 
+#if defined(__CUDACC__) && !defined(GMPO_SIMT)
+/* nvcc: the launch macros as the project defines them (csrc/cuda/launch.cuh) */
+#include <cuda_runtime.h>
+#define GMPO_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define GMPO_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
