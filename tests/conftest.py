@@ -55,6 +55,17 @@ def backend_params():
     return [pytest.param(b, marks=_MARKS.get(b, []), id=b) for b in BACKENDS]
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Run the C-core sanitizer tests last and start their compiles now, so the
+    (slow) builds overlap with the rest of the suite on the second core."""
+    c_tests = [it for it in items if it.nodeid.split("::")[0].endswith("test_c_core_sanitizers.py")]
+    if c_tests:
+        items[:] = [it for it in items if it not in c_tests] + c_tests
+        import _c_build
+
+        _c_build.start()
+
+
 @pytest.fixture(params=backend_params())
 def backend(request):
     """The backend name; routes CPU tensors to the SIMT module for "simt"."""

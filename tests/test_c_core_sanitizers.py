@@ -5,49 +5,30 @@ converters of csrc/gmpo_math.h checked against independent references."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
-SOURCES = [ROOT / "tests" / "csrc" / "test_core.c", CSRC / "gmpo_common.c", CSRC / "cpu" / "gmpo_cpu.c"]
-WARN = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-fopenmp", f"-I{CSRC}"]
-BUILDS = {
-    "asan-ubsan": ["-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
-    "O2": ["-O2"],
-}
+import _c_build
+
 SANITIZER_EXIT = 86   # distinct from the test program's own failure exit (1)
 SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
 
 
 def _gcc():
-    gcc = shutil.which("gcc")
+    gcc = _c_build.gcc()
     if gcc is None:
         pytest.skip("gcc not found")
     return gcc
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """Both variants, compiled concurrently (gmpo_cpu.c takes seconds per build)."""
-    gcc = _gcc()
-    out = tmp_path_factory.mktemp("c_core")
-    procs = {}
-    for name, flags in BUILDS.items():
-        exe = out / f"test_core_{name}"
-        cmd = [gcc, *WARN, *flags, *map(str, SOURCES), "-lm", "-o", str(exe)]
-        procs[name] = (exe, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.PIPE, text=True))
-    result = {}
-    for name, (exe, cmd, p) in procs.items():
-        _, err = p.communicate(timeout=600)
-        result[name] = (exe, p.returncode, err, " ".join(cmd))
-    return result
+def builds():
+    """Both variants (started in the background at collection, see _c_build)."""
+    _gcc()
+    return _c_build.wait()
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +69,21 @@ def test_sanitized_build_is_warning_free(builds):
     _built(builds, "asan-ubsan")
 
 
-def test_sanitized_run_has_no_sanitizer_report(builds, lsan_works):
-    r = _run(_built(builds, "asan-ubsan"), lsan_works)
+@pytest.fixture(scope="module")
+def sanitized_run(builds, lsan_works):
+    return _run(_built(builds, "asan-ubsan"), lsan_works)
+
+
+def test_sanitized_run_has_no_sanitizer_report(sanitized_run):
+    r = sanitized_run
     report = [m for m in SANITIZER_MARKS if m in r.stderr]
     assert r.returncode in (0, 1) and not report, \
         f"exit {r.returncode}, sanitizer report:\n{r.stderr[-6000:]}"
     assert " passed, " in r.stdout, r.stdout
 
 
-def test_sanitized_run_all_cases_pass(builds, lsan_works):
-    r = _run(_built(builds, "asan-ubsan"), lsan_works)
+def test_sanitized_run_all_cases_pass(sanitized_run):
+    r = sanitized_run
     assert r.returncode == 0 and r.stdout.strip().endswith(" 0 failed"), \
         f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-6000:]}"
 

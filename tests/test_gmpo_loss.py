@@ -516,9 +516,9 @@ def test_matches_published_trl_in_fp32(seed, beta, device):
                                     epsilon_low=el, epsilon_high=eh, beta=beta, normalizer=2.0)
     # 1e-6 relative to the loss's size without cancellation between rows of
     # opposite sign (group-normalised advantages make the mean itself tiny)
-    scale = max(abs(float(want)), float(trl_gmpo_fp32(logps, old, adv.abs(), mask, el, eh, beta,
+    scale = max(abs(float(want.detach())), float(trl_gmpo_fp32(logps, old, adv.abs(), mask, el, eh, beta,
                                                       ref, 2.0)[0].abs()))
-    _rel_check(loss, want, scale, 1e-6, "loss")
+    _rel_check(loss, want.detach(), scale, 1e-6, "loss")
     for k, v in wmetrics.items():
         _rel_check(metrics[k], v, max(abs(float(v)), 1e-3), 1e-6, k)
     wg = lp.grad
@@ -543,9 +543,9 @@ def test_matches_published_verl_in_fp32(seed, token_level, device):
     case = Case(logps, old, ours, mask)
     loss, metrics, grad = run_fused(gmpo_ext.gmpo_loss, case, device, convention="verl",
                                     epsilon_low=el, epsilon_high=eh)
-    scale = max(abs(float(want)),
+    scale = max(abs(float(want.detach())),
                 float(verl_geo_mean_fp32(logps, old, adv_bt.abs(), mask, el, eh)[0].abs()))
-    _rel_check(loss, want, scale, 1e-6, "loss")
+    _rel_check(loss, want.detach(), scale, 1e-6, "loss")
     for k, v in wmetrics.items():
         # ppo_kl is a mean of log-ratios of both signs: relative to the mean |l|
         s = float((old - logps).abs().mul(mask).sum() / mask.sum()) if k == "actor/ppo_kl" else 1e-3
@@ -658,3 +658,15 @@ def test_scale_helper_is_not_degenerate():
     assert loss_scale(gmpo_loss_reference, case) > 0.1
     rloss, rmetrics, _ = run_ref(gmpo_loss_reference, case)
     assert_close_metrics(rmetrics, rmetrics, 0.0)
+
+
+def test_no_grad_and_inference_mode(device):
+    case = make_case(3, 10, seed=46)
+    args = [t.to(device) for t in (case.logps, case.old_logps, case.advantages, case.mask)]
+    want = gmpo_ext.gmpo_loss(*args)
+    with torch.no_grad():
+        lp = args[0].clone().requires_grad_(True)
+        got = gmpo_ext.gmpo_loss(lp, *args[1:])
+        assert not got.requires_grad and torch.equal(got, want)
+    with torch.inference_mode():
+        assert torch.equal(gmpo_ext.gmpo_loss(*args), want)

@@ -182,3 +182,20 @@ def test_reference_gradient_sanity():
     _, _, g = run_ref(grpo_loss_reference, Case(lp.detach(), old, torch.tensor([2.0]), torch.ones(1, 2)),
                       loss_type="grpo")
     assert_close_grad(g, want * UPSTREAM, torch.float64, TOLS[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_ties_at_ratio_one_with_zero_epsilons(dtype, loss_type, device):
+    # old_logps == logps: every ratio is exactly 1 == 1 - 0 == 1 + 0, on both bounds;
+    # on a bound the gradient passes (PyTorch's min/clamp backward gives the same)
+    case = make_case(4, 19, dtype=dtype, seed=58)
+    case = case.with_(old_logps=case.logps.clone())
+    loss, metrics, grad = parity(case, device, loss_type=loss_type, epsilon_low=0.0,
+                                 epsilon_high=0.0)
+    assert float(metrics["clip_ratio/region_mean"]) == 0.0
+    wide = run_fused(gmpo_ext.grpo_loss, case, device, loss_type=loss_type, epsilon_low=0.5,
+                     epsilon_high=0.5)
+    assert torch.equal(loss, wide[0]) and torch.equal(grad, wide[2])
+    nonzero = (case.mask != 0) & (case.advantages[:, None] != 0)
+    assert (grad[nonzero] != 0).all()
