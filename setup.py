@@ -100,7 +100,7 @@ class BuildExt(build_ext):
         objects = []
         for src in sources:
             obj = out_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "--use_fast_math",
+            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
                    "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"), "-DGMPO_WITH_CUDA"]
             cmd += cuda_arch_flags(archs)
             print("gmpo_ext: " + " ".join(cmd))
