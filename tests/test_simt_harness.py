@@ -216,6 +216,22 @@ def test_python_extension():
 # build.py itself
 
 
+def test_runtime_is_warning_free():
+    """The runtime in each of its configurations, -Wall -Wextra -Wshadow -Werror (compiled side by side)."""
+    cxx = os.environ.get("SIMT_CXX", "g++")
+    modes = {"plain": [], "tsan": ["-DSIMT_TSAN_RUNTIME"], "asan": ["-fsanitize=address,undefined"],
+             "ucontext": ["-DSIMT_USE_UCONTEXT"]}
+    procs = {
+        name: subprocess.Popen([cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Wshadow", "-Werror", "-fPIC", *flags,
+                                "-c", str(simt_build.RUNTIME), "-o", os.devnull],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, flags in modes.items()
+    }
+    failed = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    failed = {name: out for name, out in failed.items() if procs[name].returncode != 0}
+    assert not failed, failed
+
+
 def test_build_error_shows_compiler_output(tmp_path):
     bad = tmp_path / "bad.cu"
     bad.write_text("__global__ void k(float* p) { p[threadIdx.x] = undeclared_name; }\n")

@@ -1008,7 +1008,7 @@ static void worker_teardown(Worker* w) {
 }
 
 static void worker_main(Launch* L) {
-  AltStack alt;
+  [[maybe_unused]] AltStack alt;  // for the SIGSEGV handler (plain builds)
   Worker w;
   const Tls saved = tls;
   bool ok = worker_setup(&w, L);
