@@ -520,6 +520,7 @@ def test_matches_published_trl_in_fp32(seed, beta, device):
                                                       ref, 2.0)[0].abs()))
     _rel_check(loss, want.detach(), scale, 1e-6, "loss")
     for k, v in wmetrics.items():
+        v = v.detach()
         _rel_check(metrics[k], v, max(abs(float(v)), 1e-3), 1e-6, k)
     wg = lp.grad
     assert (grad - wg).abs().max() <= 1e-6 * wg.abs().max(), "grad differs from TRL's formula"
@@ -547,6 +548,7 @@ def test_matches_published_verl_in_fp32(seed, token_level, device):
                 float(verl_geo_mean_fp32(logps, old, adv_bt.abs(), mask, el, eh)[0].abs()))
     _rel_check(loss, want.detach(), scale, 1e-6, "loss")
     for k, v in wmetrics.items():
+        v = v.detach()
         # ppo_kl is a mean of log-ratios of both signs: relative to the mean |l|
         s = float((old - logps).abs().mul(mask).sum() / mask.sum()) if k == "actor/ppo_kl" else 1e-3
         _rel_check(metrics[k], v, max(abs(float(v)), s), 1e-6, k)
