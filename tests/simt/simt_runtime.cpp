@@ -331,7 +331,7 @@ struct Fiber {
   int line = 0;
   void* asan_fake = nullptr;
   // TSan sync objects: released on arrival at a barrier or collective,
-  // acquired on departure (see complete_*).
+  // acquired on departure (see tsan_rendezvous).
   char tsan_arrive = 0, tsan_depart = 0;
 };
 
@@ -557,8 +557,10 @@ static void fiber_main(void* arg) {
 // ---------------------------------------------------------------------------
 // Barriers
 
-// TSan edges for a completed rendezvous: `last` (running) joins every
-// participant's arrival and hands the join to each participant's departure.
+// TSan edges for a completed rendezvous: the running fiber (the last to
+// arrive) joins every participant's arrival and hands the join to each
+// participant's departure. A participant that ran ahead cannot pollute this:
+// it cannot arrive anywhere again before it departs from here.
 static inline void tsan_rendezvous(Fiber* const* parts, unsigned count) {
 #if SIMT_RT_TSAN
   for (unsigned i = 0; i < count; ++i) __tsan_acquire(&parts[i]->tsan_arrive);
