@@ -286,7 +286,7 @@ static void lg_row_backward(const void *row, int32_t dt, void *grow, int64_t V, 
         int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
         lg_load(row, dt, off, n, s, buf);        // the whole chunk is read before it is
         lg_grad(buf, n, lse, g, gh, H);          // written: in place is safe
-        if (id > off && id < off + n) buf[id - off] += g;
+        if (id >= off && id < off + n) buf[id - off] += g;
         lg_store(grow, dt, off, n, buf);
     }
 }
