@@ -10,7 +10,8 @@ BACKENDS lists what the parity tests run on:
   "cuda"  the real CUDA kernels, when torch sees a GPU: tests create their
           tensors on the ``device`` fixture
 
-Adding the emulated CUDA backend is one line below (``BACKENDS.append("simt")``)
+GMPO_TEST_BACKENDS=c,simt selects backends for one run. Adding the emulated CUDA
+backend for good is one line below (``BACKENDS.append("simt")``)
 plus ``tests/simt_backend.py: load_simt_module()``, imported lazily here and
 only when "simt" is listed, so a checkout without it still collects.
 
@@ -19,6 +20,8 @@ The loss test modules opt in with ``pytestmark = pytest.mark.usefixtures("backen
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -29,6 +32,9 @@ BACKENDS = ["c"]
 # BACKENDS.append("simt")   # <- the one line that turns the SIMT emulation on
 if torch.cuda.is_available():
     BACKENDS.append("cuda")
+# GMPO_TEST_BACKENDS=c,simt (any comma-separated subset) overrides the list for one run
+if os.environ.get("GMPO_TEST_BACKENDS"):
+    BACKENDS = [b.strip() for b in os.environ["GMPO_TEST_BACKENDS"].split(",") if b.strip()]
 
 # One intra-op thread for the suite: on the 2-core CI machine torch's threads
 # cost more than they save on these small tensors, and when the cores are busy
