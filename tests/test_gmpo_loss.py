@@ -17,7 +17,7 @@ import gmpo_ext
 from gmpo_ext.reference import gmpo_loss_reference
 
 from _helpers import (DTYPE_IDS, DTYPES, TOLS, UPSTREAM, Case, assert_close_grad,
-                      assert_close_loss, assert_close_metrics, check_parity, loss_scale,
+                      assert_close_loss, check_parity, loss_scale,
                       make_case, run_fused, run_ref)
 
 pytestmark = pytest.mark.usefixtures("backend")
@@ -163,8 +163,9 @@ def _tie_case(dtype, el, eh, adv_shape):
 def test_ties_on_clip_bounds(dtype, convention, eps, adv_shape, device):
     el, eh = eps
     case = _tie_case(dtype, el, eh, adv_shape)
-    assert torch.equal(case.logps.double() - case.old_logps.double(),
-                       (case.logps.double() - case.old_logps.double()))
+    # the log-ratios sit exactly on the bounds, in fp64 and in the dtype itself
+    for l in (case.logps.double() - case.old_logps.double(), (case.logps - case.old_logps).double()):
+        assert (l[0] == eh).all() and (l[1] == -el).all() and (l[3, ::2] == -el).all()
     loss, metrics, grad = parity(case, device, convention=convention, epsilon_low=el,
                                  epsilon_high=eh)
     # nothing is strictly beyond a bound
@@ -658,8 +659,6 @@ def test_scale_helper_is_not_degenerate():
     # the tolerance scale must be of the size of the row terms, not ~0
     case = make_case(8, 97, seed=45)
     assert loss_scale(gmpo_loss_reference, case) > 0.1
-    rloss, rmetrics, _ = run_ref(gmpo_loss_reference, case)
-    assert_close_metrics(rmetrics, rmetrics, 0.0)
 
 
 def test_no_grad_and_inference_mode(device):
