@@ -261,8 +261,9 @@ def selective_logps(
             entropy 0, zero gradient) and their ids are not checked.
         inplace_backward: write the gradient into the logits' buffer (see
             :func:`gmpo_loss_from_logits` for when that is safe).
-        validate: on CUDA, check the ids with a host sync and raise IndexError
-            (the CPU always checks).
+        validate: check the ids against V before the kernels run, with a host
+            sync, and raise IndexError (what the CPU kernels always do; on CUDA
+            this turns the NaN flag into an error).
 
     An id outside [0, V): IndexError on CPU, before any compute; on CUDA the
     token's logp is NaN (no out-of-bounds read).
@@ -278,7 +279,7 @@ def selective_logps(
         logits, ids = logits.unsqueeze(0), ids.unsqueeze(0)
         mask = mask.unsqueeze(0) if isinstance(mask, Tensor) and mask.dim() == 1 else mask
     _check_logits(logits, ids, mask, "ids")
-    if validate and logits.device.type != "cpu":
+    if validate:
         _validate(ids, mask, logits.shape[2], "ids")
     logp, ent, _ = logits_fwd(logits, ids, mask, temperature, bool(return_entropy),
                               bool(inplace_backward))
@@ -338,8 +339,10 @@ def gmpo_loss_from_logits(
             backward (autograd raises: the saved tensor was modified), nor
             when you read the logits after ``backward()``: they hold the
             gradient then.
-        validate: on CUDA, check the ids against V with a host sync and raise
-            IndexError (the CPU kernels always check, before any compute).
+        validate: check the ids against V before the kernels run, with a host
+            sync, and raise IndexError (the CPU kernels always check, before any
+            compute; on CUDA this turns the NaN flag into an error). Not for
+            torch.compile(fullgraph=True): the sync breaks the graph.
         return_metrics: also return the metrics of :func:`gmpo_ext.gmpo_loss`
             plus ``entropy`` (mean entropy of the counted tokens, weighted by
             the mask, divided by max(sum of mask, 1)) and
@@ -354,7 +357,7 @@ def gmpo_loss_from_logits(
     if mask is None:
         raise TypeError("mask must be a torch.Tensor, got None")
     V = logits.shape[2]
-    if validate and logits.device.type != "cpu":
+    if validate:
         _validate(completion_ids, mask, V, "completion_ids")
     try:
         logps, entropy, _ = logits_fwd(logits, completion_ids, mask, temperature,
