@@ -67,47 +67,45 @@ template <class Acc> struct gmpo_m;
 
 template <> struct gmpo_m<float> {
     typedef gmpo_acc_f acc;
+    typedef gmpo_opts_f opts;
+    static GMPO_DEV opts make_opts(const gmpo_args *a) { return gmpo_opts_make_f(a); }
     static GMPO_DEV float load(const void *p, int32_t dt, int64_t k) { return gmpo_load_f(p, dt, k); }
     static GMPO_DEV void store(void *p, int32_t dt, int64_t k, float v) { gmpo_store_f(p, dt, k, v); }
     static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_f(s); }
-    static GMPO_DEV void gmpo_tok(acc *s, const gmpo_args *a, float m, float lp, float olp,
-                                  float adv, float ref, float w) {
-        gmpo_token_fwd_f(s, a, m, lp, olp, adv, ref, w);
-    }
-    static GMPO_DEV void grpo_tok(acc *s, const gmpo_args *a, float m, float lp, float olp,
-                                  float adv, float ref, float w) {
-        grpo_token_fwd_f(s, a, m, lp, olp, adv, ref, w);
+    static GMPO_DEV void add_token(acc *s, const opts *o, float m, float lp, float olp, float adv,
+                                   float ref, float w) {
+        acc c = gmpo_token_contrib_f(o, m, lp, olp, adv, ref, w);
+        gmpo_acc_merge_f(s, &c);
     }
     static GMPO_DEV void finish(const gmpo_args *a, const acc *s, float adv_row, float w_row,
                                 double *rs) {
         gmpo_row_finish_f(a, s, adv_row, w_row, rs);
     }
-    static GMPO_DEV float grad(const gmpo_args *a, float pg, float kl, float m, float lp,
-                               float olp, float adv, float ref, float w) {
-        return gmpo_token_grad_f(a, pg, kl, m, lp, olp, adv, ref, w);
+    static GMPO_DEV float grad(const opts *o, float pg, float kl, float m, float lp, float olp,
+                               float adv, float ref, float w) {
+        return gmpo_token_grad_o_f(o, pg, kl, m, lp, olp, adv, ref, w);
     }
 };
 
 template <> struct gmpo_m<double> {
     typedef gmpo_acc_d acc;
+    typedef gmpo_opts_d opts;
+    static GMPO_DEV opts make_opts(const gmpo_args *a) { return gmpo_opts_make_d(a); }
     static GMPO_DEV double load(const void *p, int32_t dt, int64_t k) { return gmpo_load_d(p, dt, k); }
     static GMPO_DEV void store(void *p, int32_t dt, int64_t k, double v) { gmpo_store_d(p, dt, k, v); }
     static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_d(s); }
-    static GMPO_DEV void gmpo_tok(acc *s, const gmpo_args *a, double m, double lp, double olp,
-                                  double adv, double ref, double w) {
-        gmpo_token_fwd_d(s, a, m, lp, olp, adv, ref, w);
-    }
-    static GMPO_DEV void grpo_tok(acc *s, const gmpo_args *a, double m, double lp, double olp,
-                                  double adv, double ref, double w) {
-        grpo_token_fwd_d(s, a, m, lp, olp, adv, ref, w);
+    static GMPO_DEV void add_token(acc *s, const opts *o, double m, double lp, double olp,
+                                   double adv, double ref, double w) {
+        acc c = gmpo_token_contrib_d(o, m, lp, olp, adv, ref, w);
+        gmpo_acc_merge_d(s, &c);
     }
     static GMPO_DEV void finish(const gmpo_args *a, const acc *s, double adv_row, double w_row,
                                 double *rs) {
         gmpo_row_finish_d(a, s, adv_row, w_row, rs);
     }
-    static GMPO_DEV double grad(const gmpo_args *a, double pg, double kl, double m, double lp,
+    static GMPO_DEV double grad(const opts *o, double pg, double kl, double m, double lp,
                                 double olp, double adv, double ref, double w) {
-        return gmpo_token_grad_d(a, pg, kl, m, lp, olp, adv, ref, w);
+        return gmpo_token_grad_o_d(o, pg, kl, m, lp, olp, adv, ref, w);
     }
 };
 

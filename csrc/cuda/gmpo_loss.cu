@@ -166,15 +166,14 @@ GMPO_DEV bool gmpo_load_group(const gmpo_args &a, const gmpo_rows &r, int64_t t,
 
 // VEC tokens t.. of a row into the thread's sums (padding never enters them)
 template <class Acc, int VEC>
-GMPO_DEV void gmpo_fwd_group(const gmpo_args &a, const gmpo_rows &r, int64_t t, Acc adv_row,
-                             Acc w_row, typename gmpo_m<Acc>::acc *s) {
+GMPO_DEV void gmpo_fwd_group(const gmpo_args &a, const typename gmpo_m<Acc>::opts &o,
+                             const gmpo_rows &r, int64_t t, Acc adv_row, Acc w_row,
+                             typename gmpo_m<Acc>::acc *s) {
     Acc m[VEC], lp[VEC], olp[VEC], adv[VEC], ref[VEC], w[VEC];
     if (!gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) return;
 #pragma unroll
     for (int k = 0; k < VEC; k++) {
-        if (m[k] == 0) continue;
-        if (a.algo == GMPO_ALGO_GRPO) gmpo_m<Acc>::grpo_tok(s, &a, m[k], lp[k], olp[k], adv[k], ref[k], w[k]);
-        else gmpo_m<Acc>::gmpo_tok(s, &a, m[k], lp[k], olp[k], adv[k], ref[k], w[k]);
+        if (m[k] != 0) gmpo_m<Acc>::add_token(s, &o, m[k], lp[k], olp[k], adv[k], ref[k], w[k]);
     }
 }
 
@@ -188,16 +187,17 @@ gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ r
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
+    const typename gmpo_m<Acc>::opts o = gmpo_m<Acc>::make_opts(&a);
 
     acc_t s;
     gmpo_m<Acc>::zero(&s);
     const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
     for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x)
-        gmpo_fwd_group<Acc, VEC>(a, r, r.head + j * VEC, adv_row, w_row, &s);
+        gmpo_fwd_group<Acc, VEC>(a, o, r, r.head + j * VEC, adv_row, w_row, &s);
     // the unaligned head and the tail, a token per thread
     const int64_t nscalar = r.head + (T - tail);
     for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
-        gmpo_fwd_group<Acc, 1>(a, r, j < r.head ? j : tail + (j - r.head), adv_row, w_row, &s);
+        gmpo_fwd_group<Acc, 1>(a, o, r, j < r.head ? j : tail + (j - r.head), adv_row, w_row, &s);
 
     Acc v[GMPO_ACC_FIELDS];
     gmpo_acc_pack<Acc>(s, v);
@@ -268,14 +268,14 @@ gmpo_fwd_totals_kernel(const __grid_constant__ gmpo_args a, double *__restrict__
 // VEC tokens t.. of a row: their gradient into gr (grad's row); a fully masked
 // group writes zeros and reads nothing but its mask
 template <class Acc, int VEC>
-GMPO_DEV void gmpo_bwd_group(const gmpo_args &a, const gmpo_rows &r, int64_t t, Acc adv_row,
-                             Acc w_row, Acc pg, Acc kl, char *gr, int32_t gdt, bool vg) {
+GMPO_DEV void gmpo_bwd_group(const gmpo_args &a, const typename gmpo_m<Acc>::opts &o,
+                             const gmpo_rows &r, int64_t t, Acc adv_row, Acc w_row, Acc pg,
+                             Acc kl, char *gr, int32_t gdt, bool vg) {
     Acc m[VEC], lp[VEC], olp[VEC], adv[VEC], ref[VEC], w[VEC], g[VEC];
     if (gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) {
 #pragma unroll
         for (int k = 0; k < VEC; k++)
-            g[k] = m[k] == 0 ? (Acc)0
-                             : gmpo_m<Acc>::grad(&a, pg, kl, m[k], lp[k], olp[k], adv[k], ref[k], w[k]);
+            g[k] = gmpo_m<Acc>::grad(&o, pg, kl, m[k], lp[k], olp[k], adv[k], ref[k], w[k]);
     } else {
 #pragma unroll
         for (int k = 0; k < VEC; k++) g[k] = 0;
@@ -311,6 +311,7 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
+    const typename gmpo_m<Acc>::opts o = gmpo_m<Acc>::make_opts(&a);
     char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);
     const bool vg = VEC > 1 && (uintptr_t)(gr + r.head * gmpo_dtype_size(gdt)) %
                                        (uintptr_t)gmpo_vec_align<VEC>(gdt) == 0;
@@ -318,11 +319,11 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
     const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
     const int64_t stride = (int64_t)gridDim.y * blockDim.x;
     for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < nvec; j += stride)
-        gmpo_bwd_group<Acc, VEC>(a, r, r.head + j * VEC, adv_row, w_row, pg, kl, gr, gdt, vg);
+        gmpo_bwd_group<Acc, VEC>(a, o, r, r.head + j * VEC, adv_row, w_row, pg, kl, gr, gdt, vg);
     if (blockIdx.y == 0) {   // the unaligned head and the tail, a token per thread
         const int64_t nscalar = r.head + (T - tail);
         for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
-            gmpo_bwd_group<Acc, 1>(a, r, j < r.head ? j : tail + (j - r.head), adv_row, w_row, pg,
+            gmpo_bwd_group<Acc, 1>(a, o, r, j < r.head ? j : tail + (j - r.head), adv_row, w_row, pg,
                                    kl, gr, gdt, false);
     }
 }

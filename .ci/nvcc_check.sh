@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# nvcc_check.sh -- static checks of the CUDA kernels that need no GPU.
+#
+# Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with setup.py's flags plus
+# ptxas' verbose report, its spill and local-memory warnings and all warnings
+# (nvcc's, ptxas', the host compiler's) as errors. Fails on any spill or
+# warning. Writes, per file and arch, the ptxas log and the PTX into OUT_DIR,
+# and prints registers, spills, stack and shared memory per kernel.
+#
+#   .ci/nvcc_check.sh [OUT_DIR]                 (default build/nvcc_check)
+#   NVCC=... ARCHS="80 90" CU_SOURCES="a.cu b.cu" .ci/nvcc_check.sh
+#
+# Exit status: 0 clean; 1 a compile error, a warning or a spill; 77 no nvcc.
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${1:-$ROOT/build/nvcc_check}"
+ARCHS="${ARCHS:-80 90}"
+NVCC="${NVCC:-${GMPO_EXT_NVCC:-}}"
+if [ -z "$NVCC" ]; then
+    if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC="$CUDA_HOME/bin/nvcc"
+    else NVCC="$(command -v nvcc || true)"; fi
+fi
+if [ -z "$NVCC" ]; then
+    echo "nvcc_check: nvcc not found (set NVCC, GMPO_EXT_NVCC or CUDA_HOME)" >&2
+    exit 77
+fi
+mkdir -p "$OUT"
+
+FLAGS=(-std=c++17 -O3 --use_fast_math -I "$ROOT/csrc" -DGMPO_WITH_CUDA)
+CHECKS=(-Xptxas -v,-warn-spills,-warn-lmem-usage -Werror all-warnings --resource-usage
+        -Xcompiler -Wall,-Wextra,-Werror)
+
+shopt -s nullglob
+if [ -n "${CU_SOURCES:-}" ]; then read -r -a SOURCES <<<"$CU_SOURCES"
+else SOURCES=("$ROOT"/csrc/cuda/*.cu); fi
+if [ ${#SOURCES[@]} -eq 0 ]; then
+    echo "nvcc_check: no csrc/cuda/*.cu" >&2
+    exit 1
+fi
+
+# the object with the ptxas report, then the PTX (searched by tests/test_cuda_build.py)
+compile() {
+    local src="$1" arch="$2" base="$OUT/$(basename "$1" .cu).sm_$2"
+    "$NVCC" -c "$src" -o "$base.o" -arch="sm_$arch" "${FLAGS[@]}" "${CHECKS[@]}" >"$base.log" 2>&1 &&
+        "$NVCC" -ptx "$src" -o "$base.ptx" -arch="sm_$arch" "${FLAGS[@]}" >>"$base.log" 2>&1
+}
+
+# two jobs at a time (the CI machine has two cores)
+status=0
+pids=()
+for src in "${SOURCES[@]}"; do
+    for arch in $ARCHS; do
+        compile "$src" "$arch" &
+        pids+=($!)
+        if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
+    done
+done
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+
+printf '%-6s %-44s %5s %8s %8s %6s %6s\n' arch kernel regs spill_st spill_ld stack smem
+for src in "${SOURCES[@]}"; do
+    stem="$(basename "$src" .cu)"
+    for arch in $ARCHS; do
+        log="$OUT/$stem.sm_$arch.log"
+        # ptxas -v: "Compiling entry function 'K'", "N bytes stack frame, S bytes spill
+        # stores, L bytes spill loads", "Used R registers, ..., M bytes smem"
+        awk '
+            /Compiling entry function/ { k = $0; sub(/.*function \047/, "", k); sub(/\047.*/, "", k) }
+            /bytes stack frame/ { st = $1; ss = $5; sl = $9 }
+            /Used [0-9]+ registers/ {
+                r = $0; sub(/.*Used /, "", r); sub(/ registers.*/, "", r)
+                sm = 0; if (match($0, /[0-9]+ bytes smem/)) { sm = substr($0, RSTART, RLENGTH); sub(/ .*/, "", sm) }
+                print k, r, ss, sl, st, sm
+            }' "$log" | while read -r k r ss sl st sm; do
+            name="$(echo "$k" | c++filt | sed 's/(.*//; s/^void //')"
+            printf '%-6s %-44s %5s %8s %8s %6s %6s\n' "sm_$arch" "$name" "$r" "$ss" "$sl" "$st" "$sm"
+        done
+        if grep -E -q '[1-9][0-9]* bytes spill' "$log"; then
+            echo "nvcc_check: spills in $stem for sm_$arch" >&2
+            status=1
+        fi
+        if grep -E -q -i '(warning|error)' "$log"; then
+            grep -E -i '(warning|error)' "$log" >&2
+            status=1
+        fi
+    done
+done
+if [ $status -eq 0 ]; then
+    echo "nvcc_check: OK, no spill, no local memory, no warning (logs and PTX in $OUT)"
+else
+    echo "nvcc_check: FAILED (logs in $OUT)" >&2
+fi
+exit $status
