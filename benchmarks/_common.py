@@ -120,8 +120,8 @@ def synchronizer(device: torch.device):
 
 def measure(fn, device: torch.device, *, setup=None, min_time: float = 0.2,
             min_repeats: int = 10, max_repeats: int = 100_000,
-            warmup: int = 3) -> tuple[float, int]:
-    """(median seconds per call, number of timed calls) of ``fn()``, or of
+            warmup: int = 3) -> tuple[float, float, int]:
+    """(median and fastest seconds per call, number of timed calls) of ``fn()``, or of
     ``fn(setup())`` when ``setup`` is given (setup runs before each call,
     untimed: e.g. the forward whose backward is timed).
 
@@ -167,7 +167,7 @@ def measure(fn, device: torch.device, *, setup=None, min_time: float = 0.2,
             fn(x)
             times.append(pc() - t)
             del x
-    return statistics.median(times), n
+    return statistics.median(times), min(times), n
 
 
 def memcpy_fn(nbytes: int, device: torch.device):

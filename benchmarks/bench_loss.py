@@ -74,7 +74,7 @@ EPS = 0.4              # GMPO's log-space clip (paper and TRL default)
 GRPO_EPS = 0.2         # GRPO's ratio-space clip (TRL default)
 
 FIELDS = ["device", "device_name", "torch", "gmpo_ext", "git", "threads", "B", "T", "tokens", "dtype",
-          "mode", "path", "median_ms", "repeats", "bytes", "gbps", "memcpy_ms", "memcpy_gbps",
+          "mode", "path", "median_ms", "min_ms", "repeats", "bytes", "gbps", "memcpy_ms", "memcpy_gbps",
           "frac_of_memcpy", "baseline", "speedup_vs_eager", "others_busy"]
 
 
@@ -272,7 +272,7 @@ def run(args, device, meta) -> list[dict]:
         for mode in args.modes:
             nb = kernel_bytes(B, T, dtype, mode)
             memcpy = C.memcpy_fn(nb, device)
-            mc_s, _ = C.measure(memcpy, device, min_time=args.min_time, min_repeats=args.repeats)
+            mc_s = C.measure(memcpy, device, min_time=args.min_time, min_repeats=args.repeats)[0]
             times = {}
             for path in paths:
                 fn = None
@@ -290,10 +290,10 @@ def run(args, device, meta) -> list[dict]:
                                        min_repeats=args.repeats)[0])
             mc_gbps = C.memcpy_gbps(nb, mc_s)
             del memcpy
-            for path, (sec, reps) in times.items():
+            for path, (sec, fastest, reps) in times.items():
                 base = times.get(BASELINE[path])
                 r = dict(meta, B=B, T=T, tokens=B * T, dtype=args.dtype, mode=mode, path=path,
-                         median_ms=sec * 1e3, repeats=reps, bytes=nb, gbps=C.gbps(nb, sec),
+                         median_ms=sec * 1e3, min_ms=fastest * 1e3, repeats=reps, bytes=nb, gbps=C.gbps(nb, sec),
                          memcpy_ms=mc_s * 1e3, memcpy_gbps=mc_gbps,
                          frac_of_memcpy=C.gbps(nb, sec) / mc_gbps, baseline=BASELINE[path],
                          speedup_vs_eager=(base[0] / sec) if base else float("nan"),
@@ -319,7 +319,7 @@ def load_csv(path: Path) -> list[dict]:
     for r in rows:
         for k in ("threads", "B", "T", "tokens", "repeats", "bytes"):
             r[k] = int(r[k])
-        for k in ("median_ms", "gbps", "memcpy_ms", "memcpy_gbps", "frac_of_memcpy",
+        for k in ("median_ms", "min_ms", "gbps", "memcpy_ms", "memcpy_gbps", "frac_of_memcpy",
                   "speedup_vs_eager", "others_busy"):
             r[k] = float(r[k])
     return rows
