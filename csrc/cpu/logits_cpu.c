@@ -457,12 +457,13 @@ gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
 }
 
 // ----------------------------------------------------------------------------
-// builds without the CUDA kernels: the CUDA entry points say so. Where the
-// CUDA kernels are built, their definitions replace these (weak on gcc/clang,
-// so a build whose .cu set lacks logits_cuda.cu still links and imports).
+// builds without the CUDA kernels: the CUDA entry points say so. Where
+// csrc/cuda/logits_cuda.cu is linked, its definitions replace these (weak on
+// gcc/clang: a build whose .cu set lacks that file still links and imports, and
+// an object of this file left over from a CPU-only build never clashes).
 
 #if !defined(GMPO_WITH_CUDA) || defined(__GNUC__)
-#if defined(GMPO_WITH_CUDA)
+#if defined(__GNUC__)
 #define LG_WEAK __attribute__((weak))
 #else
 #define LG_WEAK
