@@ -29,7 +29,7 @@ import torch
 from gmpo_ext import _backend
 
 BACKENDS = ["c"]
-# BACKENDS.append("simt")   # <- the one line that turns the SIMT emulation on
+BACKENDS.append("simt")   # the CUDA kernels under the SIMT emulation (tests/simt_backend.py)
 if torch.cuda.is_available():
     BACKENDS.append("cuda")
 # GMPO_TEST_BACKENDS=c,simt (any comma-separated subset) overrides the list for one run

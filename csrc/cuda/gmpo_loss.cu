@@ -27,13 +27,15 @@
  * float atomics: safe in a CUDA graph and the same bits on every run.
  * fp32, fp16 and bf16 inputs accumulate in fp32, fp64 inputs in fp64.
  *
- * Loads: each thread takes VEC consecutive tokens (VEC * sizeof(logp) = 16
- * bytes), so a row is read with 16-byte loads of logp and the matching width
- * for every other input. A row's first few tokens (until logp is 16-byte
- * aligned) and its last T % VEC are taken one at a time; an input whose row is
- * not aligned like logp's, or is strided, falls back to scalar loads on its own
- * (any stride works). Tokens whose VEC-group mask is all zero read nothing but
- * the mask: padded tails cost only their mask bytes.
+ * Loads: each thread takes VEC = 4 consecutive tokens (2 for fp64): one 16-byte
+ * load of fp32 or fp64 logp, 8 bytes of bf16 / fp16, 4 of a bool mask, and the
+ * matching width for every other input. (VEC = 8 would give 16-byte loads of
+ * 16-bit inputs too, at 80+ registers a thread: fewer resident threads and the
+ * same bytes in flight.) A row's first tokens, until logp's row reaches that
+ * alignment, and its last (T - head) % VEC are taken one at a time; an input
+ * whose row is not aligned like logp's, or is strided, falls back to scalar
+ * loads on its own (any stride works). A group of VEC tokens whose mask is all
+ * zero reads nothing but the mask: padded tails cost only their mask bytes.
  */
 #include <stdint.h>
 #include <stdio.h>
