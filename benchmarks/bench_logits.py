@@ -227,7 +227,8 @@ def table(rows):
                      r["peak_beyond_x_logits"] + " x", floor])
     r0 = rows[0]
     title = (f"{r0['device_name']}, {r0['threads']} threads, torch {r0['torch']}: B={r0['B']}, "
-             f"T={r0['T']}, V={r0['V']}, temperature {TEMPERATURE}, logits (B, T+1, V)")
+             f"T={r0['T']}, V={r0['V']}, temperature {TEMPERATURE}, logits (B, T+1, V); "
+             f"other processes held {float(r0['others_busy']):.0%} of the CPU at the start")
     return title, header, body
 
 
