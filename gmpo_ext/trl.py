@@ -1,0 +1,279 @@
+"""GMPO in TRL, fused: a drop-in replacement for ``trl.experimental.gmpo.GMPOTrainer``.
+
+    from gmpo_ext.trl import GMPOTrainer        # instead of trl.experimental.gmpo
+    trainer = GMPOTrainer(model=..., reward_funcs=..., args=GMPOConfig(...), ...)
+
+Everything but the loss is TRL's own (generation, rewards, advantages, weight
+syncing, logging). The loss step:
+
+* calls the model the way TRL's logits path does (``logits_to_keep = T + 1``,
+  ``use_cache=False``, under the accelerator's autocast) and keeps the model's
+  own (B, T + 1, V) logits tensor: no (B, T, V) log-softmax, no slice copy;
+* gets the per-token log-probs and entropies from it with
+  :func:`gmpo_ext.selective_logps` (one fused read of the logits; the
+  gradient is written back into the logits' buffer, one more read), and the
+  loss with :func:`gmpo_ext.gmpo_loss` (``convention="trl"``). That is the
+  composition :func:`gmpo_ext.gmpo_loss_from_logits` runs, split in two here
+  because TRL's entropy mask needs the entropies before the loss;
+* honours ``epsilon`` / ``epsilon_high`` (log space), ``beta`` (k3 KL to the
+  reference log-probs), ``temperature``, ``top_entropy_quantile``, tool masks
+  and gradient accumulation (``normalizer``) exactly as TRL's GMPOTrainer
+  does, and logs the same metric names (``kl``, ``entropy``,
+  ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+  ``clip_ratio/low_min``, ``clip_ratio/high_max``) with the same cross-process
+  reductions, plus ``gmpo/log_ratio_min``, ``gmpo/log_ratio_max`` (the range of
+  the per-token log importance ratio), ``gmpo/max_mean_log_ratio`` and
+  ``gmpo/nonfinite_rows``.
+
+Differences from TRL's GMPOTrainer, on purpose:
+
+* The rollout engine's importance-sampling ratio (``importance_sampling_ratio``
+  in the batch, present with ``use_vllm=True`` and
+  ``vllm_importance_sampling_correction=True``) is applied; TRL's GMPO ignores
+  it. It weights each row's policy term: a per-sequence ratio (the
+  ``sequence_*`` modes, shape (B, 1)) multiplies the row as is; per-token
+  ratios (``token_*`` modes, (B, T)) are combined per row as their geometric
+  mean over the row's counted tokens, ``exp(mean log(w + 1e-10))`` (a token the
+  ``token_mask`` mode zeroed pulls its row's weight towards 0). Pass
+  ``rollout_is_correction=False`` to the constructor for TRL's behaviour.
+* ``use_liger_kernel=True`` does not change the loss (older TRL releases
+  silently trained Liger's GRPO loss with it).
+* Top-entropy masking (``top_entropy_quantile < 1``) is applied to the
+  geometric mean only, as TRL does: the KL term and the metrics use the plain
+  completion (x tool) mask. Reproduced exactly.
+* A masked token never enters the arithmetic, so NaN or inf in padding cannot
+  poison a row (see :func:`gmpo_ext.gmpo_loss`).
+
+Cases the fused path does not handle fall back to TRL's own ``_compute_loss``
+(one warning each): vision-language inputs (``pixel_values`` and the other
+image fields) and models whose ``forward`` takes no ``logits_to_keep``.
+
+Supported TRL releases: see ``TRL_SUPPORTED`` (the range whose
+``GMPOTrainer._compute_loss`` this module was checked against; the parity test
+``tests/test_trl.py`` compares loss and every parameter gradient with TRL's own
+trainer). Importing this module with another TRL release raises ImportError;
+``GMPO_EXT_TRL_ANY_VERSION=1`` skips that check at your own risk.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+
+import torch
+
+TRL_SUPPORTED = (">=1.12.0", "<1.17")
+_MIN, _MAX = "1.12.0", "1.17.0.dev0"
+_INSTALL_HINT = 'pip install "gmpo_ext[trl]"  (or: pip install "trl>=1.12.0,<1.17")'
+
+
+try:
+    import trl as _trl
+except ImportError as _e:  # pragma: no cover - exercised only without TRL
+    raise ImportError(f"gmpo_ext.trl needs TRL {','.join(TRL_SUPPORTED)}, which is not "
+                      f"installed ({_e}). Install it with: {_INSTALL_HINT}") from None
+
+from packaging.version import Version  # noqa: E402  (a dependency of TRL)
+
+TRL_VERSION = _trl.__version__
+if not (Version(_MIN) <= Version(TRL_VERSION) < Version(_MAX)) and \
+        os.environ.get("GMPO_EXT_TRL_ANY_VERSION", "") != "1":
+    raise ImportError(
+        f"gmpo_ext.trl supports TRL {','.join(TRL_SUPPORTED)} (the releases whose "
+        f"experimental GMPOTrainer it reproduces), but TRL {TRL_VERSION} is installed. "
+        f"Install a supported release with: {_INSTALL_HINT}; or set "
+        "GMPO_EXT_TRL_ANY_VERSION=1 to try this one anyway.")
+
+try:
+    from trl.experimental.gmpo import GMPOConfig
+    from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as _e:  # pragma: no cover - a supported release always has them
+    raise ImportError(f"gmpo_ext.trl: TRL {TRL_VERSION} lacks trl.experimental.gmpo ({_e}); "
+                      f"install a supported release: {_INSTALL_HINT}") from None
+
+from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss
+from .logits import selective_logps
+
+__all__ = ["GMPOTrainer", "GMPOConfig", "TRL_SUPPORTED", "TRL_VERSION"]
+
+LOG_RATIO_MIN = "gmpo/log_ratio_min"
+LOG_RATIO_MAX = "gmpo/log_ratio_max"
+
+# batch fields that only vision-language models send: the fused path falls back
+# to TRL's computation when one of them is present
+_VISION_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                "spatial_shapes", "num_tiles", "image_sizes", "mm_token_type_ids",
+                "image_position_ids")
+
+
+def _accepts(module, name):
+    """Whether module.forward takes keyword ``name`` (explicitly or through **kwargs)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+class GMPOTrainer(TRLGMPOTrainer):
+    """TRL's GMPOTrainer with the loss computed by gmpo_ext's fused kernels.
+
+    Same constructor as ``trl.experimental.gmpo.GMPOTrainer`` plus one
+    keyword:
+
+    Args:
+        rollout_is_correction: apply the rollout engine's importance-sampling
+            ratio (vLLM) as a per-row weight of the policy term (default True;
+            TRL's own GMPO ignores it). See the module docstring.
+    """
+
+    _tag_names = ["trl", "gmpo", "gmpo_ext"]
+
+    def __init__(self, *args, rollout_is_correction: bool = True, **kwargs):
+        self.rollout_is_correction = bool(rollout_is_correction)
+        self._gmpo_fallback_warned = set()
+        super().__init__(*args, **kwargs)
+
+    # TRL's compute_loss may route to Liger's GRPO loss (use_liger_kernel); GMPO
+    # always goes through _compute_loss here.
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("GMPOTrainer does not support returning outputs")
+        return self._compute_loss(model, inputs)
+
+    def _fallback(self, model, inputs, why):
+        if why not in self._gmpo_fallback_warned:
+            self._gmpo_fallback_warned.add(why)
+            warnings.warn(f"gmpo_ext.trl.GMPOTrainer: {why}; this batch uses TRL's own GMPO loss "
+                          "(unfused; the rollout importance-sampling ratio is ignored there)",
+                          stacklevel=3)
+        return super()._compute_loss(model, inputs)
+
+    def _policy_logits(self, model, input_ids, attention_mask, T, inputs):
+        """The model's own (B, T+1, V) logits tensor for the completion (or a view)."""
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                        "logits_to_keep": T + 1, "use_cache": False}
+        if inputs.get("token_type_ids") is not None:
+            model_inputs["token_type_ids"] = inputs["token_type_ids"]
+        with self.accelerator.autocast():
+            logits = model(**model_inputs).logits
+        exact = logits.shape[1] == T + 1
+        if not exact:           # a model that ignored logits_to_keep: a strided view
+            logits = logits[:, -(T + 1):]
+        return logits, exact
+
+    def _compute_loss(self, model, inputs):
+        if any(inputs.get(k) is not None for k in _VISION_KEYS):
+            return self._fallback(model, inputs, "vision-language inputs")
+        unwrapped = self.accelerator.unwrap_model(model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        if not _accepts(base, "logits_to_keep"):
+            return self._fallback(model, inputs, f"{type(base).__name__}.forward takes no "
+                                  "logits_to_keep")
+
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        B, T = completion_ids.shape
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+
+        logits, exact = self._policy_logits(model, input_ids, attention_mask, T, inputs)
+        # The gradient may overwrite the logits when nothing else needs them for
+        # backward: true of a linear lm_head, false of a tanh soft-cap after it.
+        text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") \
+            else base.config
+        inplace = exact and getattr(text_config, "final_logit_softcapping", None) is None
+        logps, entropies = selective_logps(logits, completion_ids, self.temperature,
+                                           return_entropy=True, mask=mask,
+                                           inplace_backward=inplace)
+        del logits
+        entropies = entropies.detach()
+
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            seq_mask = mask * entropy_mask
+        else:
+            seq_mask = mask
+
+        advantages = inputs["advantages"]
+        old_logps = inputs.get("old_per_token_logps")
+        if old_logps is None:       # num_iterations == 1 and on-policy: ratio 1
+            old_logps = logps.detach()
+        ref_logps = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+
+        is_weights = inputs.get("importance_sampling_ratio") if self.rollout_is_correction else None
+        if is_weights is not None:
+            if is_weights.dim() == 2 and is_weights.shape[1] == 1:
+                is_weights = is_weights.reshape(-1)       # sequence modes: one weight per row
+            is_weights = is_weights.detach()
+
+        mode = "train" if self.model.training else "eval"
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        # TRL applies the entropy mask to the geometric mean only; with it on,
+        # the KL term (plain mask) is added separately on the (B, T) log-probs.
+        fused_kl = self.beta != 0.0 and seq_mask is mask
+        loss, gm = gmpo_loss(logps, old_logps, advantages, seq_mask,
+                             epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                             beta=self.beta if fused_kl else 0.0,
+                             ref_logps=ref_logps if fused_kl else None,
+                             is_weights=is_weights, convention="trl",
+                             normalizer=float(normalizer), return_metrics=True)
+        if self.beta != 0.0:
+            d = torch.where(mask != 0, ref_logps - logps, torch.zeros((), device=logps.device))
+            per_token_kl = torch.exp(d) - d - 1
+            if not fused_kl:
+                mf = mask.to(per_token_kl.dtype)
+                seq_kl = (per_token_kl * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)
+                loss = loss + self.beta * seq_kl.mean() / normalizer
+
+        self._log_gmpo_metrics(mode, logps.detach(), old_logps, advantages, mask, entropies,
+                               per_token_kl.detach() if self.beta != 0.0 else None, gm)
+        return loss
+
+    @torch.no_grad()
+    def _log_gmpo_metrics(self, mode, logps, old_logps, advantages, mask, entropies,
+                          per_token_kl, gm):
+        """TRL's GMPO metrics (same names, same cross-process reductions), and ours."""
+        m = mask.to(torch.float32)
+        reduce = self.accelerator.reduce
+        metrics = self._metrics[mode]
+
+        def global_masked_mean(x):
+            x = torch.where(m != 0, x.float(), torch.zeros((), device=x.device))
+            totals = reduce(torch.stack([(x * m).sum(), m.sum()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        def masked_seq_mean(x):    # NaN for an empty row, as TRL (then nanmin/nanmax)
+            return (x * m).sum(-1) / m.sum(-1)
+
+        if per_token_kl is not None:
+            metrics["kl"].append(global_masked_mean(per_token_kl))
+        metrics["entropy"].append(global_masked_mean(entropies))
+
+        log_ratio = logps - old_logps
+        adv = advantages.unsqueeze(1)
+        low = ((log_ratio < -self.epsilon_low) & (adv < 0)).float()
+        high = ((log_ratio > self.epsilon_high) & (adv > 0)).float()
+        region = ((low + high) > 0).float()
+        metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+        metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+        metrics["clip_ratio/region_mean"].append(global_masked_mean(region))
+        gather = self.accelerator.gather
+        metrics["clip_ratio/low_min"].append(nanmin(gather(masked_seq_mean(low))).item())
+        metrics["clip_ratio/high_max"].append(nanmax(gather(masked_seq_mean(high))).item())
+
+        # the range of the per-token log importance ratio (the paper's stability plot)
+        valid = m != 0
+        inf = torch.tensor(float("inf"), device=log_ratio.device)
+        lr_min = torch.where(valid, log_ratio.float(), inf).amin() if valid.any() else inf
+        lr_max = torch.where(valid, log_ratio.float(), -inf).amax() if valid.any() else -inf
+        lo_hi = gather(torch.stack([lr_min, -lr_max]).reshape(1, 2)).amin(0)
+        if torch.isfinite(lo_hi).all():
+            metrics[LOG_RATIO_MIN].append(lo_hi[0].item())
+            metrics[LOG_RATIO_MAX].append((-lo_hi[1]).item())
+        metrics[MAX_MEAN_LOG_RATIO].append(gather(gm[MAX_MEAN_LOG_RATIO].reshape(1)).amax().item())
+        metrics[NONFINITE_ROWS].append(reduce(gm[NONFINITE_ROWS].reshape(1),
+                                              reduction="sum").item())

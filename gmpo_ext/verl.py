@@ -1,0 +1,127 @@
+"""GMPO in verl, fused: the policy loss ``gmpo_fused``, a drop-in for verl's ``geo_mean``.
+
+Select it in the actor config once this module is imported in every verl process:
+
+    actor_rollout_ref.actor.policy_loss.loss_mode=gmpo_fused
+
+Ways to get it imported (any one):
+
+* nothing to do with verl >= 0.9 when gmpo_ext is pip-installed: gmpo_ext
+  declares a ``verl.plugins`` entry point, which ``import verl`` loads in every
+  process (unless ``VERL_USE_EXTERNAL_PLUGINS=none``);
+* ``VERL_USE_EXTERNAL_MODULES=gmpo_ext.verl`` in the environment of the driver
+  and the Ray workers (verl imports the listed modules on ``import verl``);
+* ``import gmpo_ext.verl`` in your own entry script before verl builds the actor.
+
+The function has verl's policy-loss signature and return (the one of
+``compute_policy_loss_geo_mean`` in verl 0.6 to 0.9):
+``(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+rollout_is_weights) -> (pg_loss, {"actor/pg_clipfrac", "actor/ppo_kl",
+"actor/pg_clipfrac_lower"})``, the metrics as Python floats like verl's. It
+computes :func:`gmpo_ext.gmpo_loss` with ``convention="verl"``: the clip range
+is ``config.clip_ratio_low`` / ``config.clip_ratio_high`` (falling back to
+``config.clip_ratio``) in LOG space, token-level advantages give the clip side
+per token and the row multiplier as their masked mean, a zero advantage drops
+its tokens, ``rollout_is_weights`` (B, T) are combined per row as
+``exp(masked mean log(w + 1e-10))``, the loss is the plain mean over rows, and
+``loss_agg_mode`` is not used (as in geo_mean). Two differences, neither
+changing a finite result: a masked token never enters the arithmetic, so NaN
+in padding cannot poison a row, and a row whose multiplier is exactly 0
+contributes exactly 0 even where its ratio overflowed.
+
+Importing this module without verl installed defines
+:func:`compute_policy_loss_gmpo_fused` and registers nothing (``REGISTERED`` is
+False); :func:`register` registers it by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .loss import gmpo_loss
+
+__all__ = ["LOSS_MODE", "compute_policy_loss_gmpo_fused", "register", "REGISTERED"]
+
+LOSS_MODE = "gmpo_fused"
+REGISTERED = False
+
+
+def _option(config, name):
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        return config.get(name)
+    return getattr(config, name, None)
+
+
+def _clip_range(config):
+    if config is None:
+        raise ValueError("gmpo_fused: config (verl's actor config) is required: it carries "
+                         "clip_ratio, clip_ratio_low and clip_ratio_high")
+    clip = _option(config, "clip_ratio")
+    low = _option(config, "clip_ratio_low")
+    high = _option(config, "clip_ratio_high")
+    low = clip if low is None else low
+    high = clip if high is None else high
+    if low is None or high is None:
+        raise ValueError("gmpo_fused: config has no clip_ratio (nor clip_ratio_low and "
+                         "clip_ratio_high)")
+    return float(low), float(high)
+
+
+def compute_policy_loss_gmpo_fused(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Optional[Any] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """GMPO's clipped geometric-mean policy loss for verl, fused (arXiv 2507.20673).
+
+    Args:
+        old_log_prob: (B, T) log-probs under the rollout (old) policy.
+        log_prob: (B, T) log-probs under the current policy (gets the gradient).
+        advantages: (B, T) token-level (verl's layout) or (B,) per row.
+        response_mask: (B, T) bool / int / float mask of the response tokens.
+        loss_agg_mode: not used (GMPO normalises each row inside the geometric
+            mean), as in verl's geo_mean.
+        config: verl's actor config (``ActorConfig`` or a DictConfig) with
+            ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``: the LOG-space
+            clip range.
+        rollout_is_weights: optional (B, T) rollout-correction weights.
+
+    Returns:
+        ``(pg_loss, metrics)``: the 0-d loss and ``actor/pg_clipfrac``,
+        ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` as floats.
+    """
+    low, high = _clip_range(config)
+    loss, m = gmpo_loss(log_prob, old_log_prob, advantages, response_mask,
+                        epsilon_low=low, epsilon_high=high, is_weights=rollout_is_weights,
+                        convention="verl", return_metrics=True)
+    metrics = {
+        "actor/pg_clipfrac": m["actor/pg_clipfrac"].item(),
+        "actor/ppo_kl": m["actor/ppo_kl"].item(),
+        "actor/pg_clipfrac_lower": m["actor/pg_clipfrac_lower"].item(),
+    }
+    return loss, metrics
+
+
+def register(name: str = LOSS_MODE):
+    """Register :func:`compute_policy_loss_gmpo_fused` in verl's policy-loss registry."""
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    register_policy_loss(name)(compute_policy_loss_gmpo_fused)
+    return compute_policy_loss_gmpo_fused
+
+
+try:
+    import verl.trainer.ppo.core_algos  # noqa: F401
+except ImportError:   # verl not installed (or one of its own imports missing)
+    pass
+else:
+    register()
+    REGISTERED = True

@@ -1,0 +1,233 @@
+"""gmpo_ext.trl.GMPOTrainer against TRL's own GMPOTrainer, with the real TRL on CPU.
+
+A tiny Qwen2-style causal LM with random weights and a character tokenizer, both
+built locally (nothing is downloaded). (a) On one fixed batch, built the way
+``_compute_loss`` receives it, the loss, every parameter's gradient and the
+logged metrics equal those of ``trl.experimental.gmpo.GMPOTrainer`` in fp32,
+for TRL's options (clip range, beta, temperature, top-entropy mask, tool mask,
+gradient accumulation); (b) the rollout importance-sampling ratio, which TRL's
+GMPO ignores, weights each row as documented; (c) a few steps of
+``trainer.train()`` run end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[test]' installs it)")
+pytest.importorskip("transformers", reason="transformers is not installed")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from datasets import Dataset  # noqa: E402
+from trl.experimental.gmpo import GMPOConfig  # noqa: E402
+from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer  # noqa: E402
+
+from gmpo_ext.demo import build_model, build_tokenizer  # noqa: E402
+from gmpo_ext.reference import gmpo_loss_reference  # noqa: E402
+from gmpo_ext.trl import GMPOTrainer  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+RTOL = 1e-5
+B, P, T = 6, 3, 7
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer("0123456789+-=abc ")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tok, tmp_path_factory):
+    """Random weights saved once: TRL re-creates the reference model from this path (beta != 0)."""
+    model = build_model(len(tok), seed=0, hidden=32, tie_word_embeddings=False)
+    path = str(tmp_path_factory.mktemp("tiny_qwen2"))
+    model.save_pretrained(path)
+    return path
+
+
+def _model(model_dir, tok):
+    model = build_model(len(tok), seed=0, hidden=32, tie_word_embeddings=False)
+    model.config._name_or_path = model_dir
+    return model
+
+
+def _reward(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def _trainer(cls, model, tok, tmp_path, trainer_kw=None, **kw):
+    args = GMPOConfig(output_dir=str(tmp_path / cls.__module__.replace(".", "_")), report_to="none",
+                      use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+                      per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                      max_steps=1, disable_tqdm=True, **kw)
+    ds = Dataset.from_dict({"prompt": ["1+2=", "3+4="] * 4})
+    return cls(model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=tok,
+               **(trainer_kw or {}))
+
+
+def _batch(model, V, temperature, *, beta, tool, isr=None):
+    """One batch shaped like GRPOTrainer's output: left-padded prompts, right-padded
+    completions (one empty), a zero advantage, old log-probs off-policy by noise."""
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(2, V, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, 0] = 0
+    completion_ids = torch.randint(2, V, (B, T), generator=g)
+    lengths = torch.tensor([7, 5, 3, 0, 6, 1])
+    completion_mask = (torch.arange(T) < lengths[:, None]).long()
+    advantages = torch.tensor([1.0, -0.7, 0.0, 0.5, -1.2, 0.8])
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        am = torch.cat([prompt_mask, completion_mask], 1)
+        logits = model(input_ids=ids, attention_mask=am).logits[:, P - 1:-1] / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=advantages,
+                  old_per_token_logps=lp + 0.8 * torch.randn(B, T, generator=g))
+    if beta:
+        inputs["ref_per_token_logps"] = lp + 0.3 * torch.randn(B, T, generator=g)
+    if tool:
+        inputs["tool_mask"] = torch.tensor([[1, 1, 0, 0, 1, 1, 1]] * B)
+    if isr is not None:
+        inputs["importance_sampling_ratio"] = isr
+    return inputs, lp
+
+
+def _loss_and_grads(cls, model_dir, tok, tmp_path, *, grad_accum=1, beta=0.0, tool=False,
+                    isr=None, trainer_kw=None, **cfg):
+    model = _model(model_dir, tok)
+    trainer = _trainer(cls, model, tok, tmp_path, trainer_kw, beta=beta, **cfg)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = grad_accum
+    inputs, lp = _batch(model, len(tok), trainer.temperature, beta=beta, tool=tool, isr=isr)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, metrics, inputs, lp
+
+
+def _max_rel(a, b):
+    """max |a - b| / max |a| (0 when both are 0)."""
+    scale = a.abs().max()
+    if scale == 0:
+        return float((b != 0).any())
+    return float((a - b).abs().max() / scale)
+
+
+CASES = {
+    "defaults": dict(),
+    "tool_mask": dict(tool=True),
+    "entropy_mask": dict(top_entropy_quantile=0.5),
+    "beta": dict(beta=0.1),
+    "beta_entropy_tool": dict(beta=0.1, top_entropy_quantile=0.5, tool=True),
+    "grad_accum": dict(grad_accum=4),
+    "temperature": dict(temperature=0.7),
+    "asymmetric_clip": dict(epsilon=0.2, epsilon_high=0.3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_trl_gmpo(case, model_dir, tok, tmp_path):
+    kw = CASES[case]
+    l_trl, g_trl, m_trl, _, _ = _loss_and_grads(TRLGMPOTrainer, model_dir, tok, tmp_path, **kw)
+    l_ours, g_ours, m_ours, _, _ = _loss_and_grads(GMPOTrainer, model_dir, tok, tmp_path, **kw)
+    assert torch.isfinite(l_trl) and l_trl != 0
+    assert abs(float(l_ours - l_trl)) <= RTOL * abs(float(l_trl)), (float(l_ours), float(l_trl))
+    assert g_trl.keys() == g_ours.keys()
+    nonzero = 0
+    for name, g in g_trl.items():
+        assert _max_rel(g, g_ours[name]) <= RTOL, (name, _max_rel(g, g_ours[name]))
+        nonzero += bool(g.abs().max() > 0)
+    assert nonzero == len(g_trl)          # every parameter took part
+    for name, value in m_trl.items():     # TRL's metric names, same values
+        assert name in m_ours, name
+        assert math.isclose(m_ours[name], value, rel_tol=1e-5, abs_tol=1e-6), (name, m_ours[name], value)
+    assert m_ours["gmpo/log_ratio_min"] < 0 < m_ours["gmpo/log_ratio_max"]
+
+
+def test_clipping_is_exercised(model_dir, tok, tmp_path):
+    """The fixed batch clips on both sides, so the parity above covers the clipped branches."""
+    _, _, m, _, _ = _loss_and_grads(GMPOTrainer, model_dir, tok, tmp_path)
+    assert m["clip_ratio/low_mean"] > 0 and m["clip_ratio/high_mean"] > 0
+
+
+@pytest.mark.parametrize("shape", ["sequence", "token"])
+def test_rollout_importance_weights(shape, model_dir, tok, tmp_path):
+    """TRL's GMPO ignores the rollout IS ratio; ours weights each row's policy term by it
+    (per sequence as given, per token as the geometric mean over the row's tokens), and
+    rollout_is_correction=False restores TRL's behaviour."""
+    g = torch.Generator().manual_seed(5)
+    isr = (0.5 + torch.rand(B, 1, generator=g)) if shape == "sequence" else \
+        (0.5 + torch.rand(B, T, generator=g))
+    l_trl, g_trl, _, _, _ = _loss_and_grads(TRLGMPOTrainer, model_dir, tok, tmp_path, isr=isr)
+    l_off, g_off, _, _, _ = _loss_and_grads(GMPOTrainer, model_dir, tok, tmp_path, isr=isr,
+                                            trainer_kw=dict(rollout_is_correction=False))
+    assert abs(float(l_off - l_trl)) <= RTOL * abs(float(l_trl))
+    assert all(_max_rel(g_trl[n], g_off[n]) <= RTOL for n in g_trl)
+
+    l_on, _, _, inputs, lp = _loss_and_grads(GMPOTrainer, model_dir, tok, tmp_path, isr=isr)
+    mask = inputs["completion_mask"]
+    w = isr.reshape(B) if shape == "sequence" else isr
+    ref, _ = gmpo_loss_reference(lp.double(), inputs["old_per_token_logps"].double(),
+                                 inputs["advantages"].double(), mask, is_weights=w.double(),
+                                 convention="trl")
+    assert abs(float(l_on) - float(ref)) <= 1e-5 * abs(float(ref)), (float(l_on), float(ref))
+    assert abs(float(l_on - l_trl)) > 1e-3 * abs(float(l_trl))     # the weights did something
+
+
+def test_train_end_to_end(tok, tmp_path):
+    """A few optimizer steps through trainer.train(), several updates per generation batch."""
+    torch.manual_seed(0)
+    model = build_model(len(tok), seed=0, hidden=32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = GMPOConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, save_strategy="no", disable_tqdm=True,
+                      per_device_train_batch_size=8, num_generations=4, steps_per_generation=2,
+                      num_iterations=2, max_completion_length=6, max_steps=4, logging_steps=1,
+                      learning_rate=1e-2, seed=0)
+    ds = Dataset.from_dict({"prompt": ["1+2=", "3+4=", "5+1=", "2+2="] * 4})
+    trainer = GMPOTrainer(model=model, reward_funcs=_reward, args=args, train_dataset=ds,
+                          processing_class=tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 4 and len(logs) == 4
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    for key in ("clip_ratio/region_mean", "entropy", "gmpo/log_ratio_min", "gmpo/log_ratio_max",
+                "gmpo/nonfinite_rows"):
+        assert key in logs[-1], key
+    # updates 2..4 of a generation batch see a policy that moved: ratios away from 1
+    assert any(h["gmpo/log_ratio_max"] - h["gmpo/log_ratio_min"] > 1e-4 for h in logs[1:])
+    assert all(h["gmpo/nonfinite_rows"] == 0 for h in logs)
+    changed = sum(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert changed == len(before)
+
+
+def test_bad_trl_version_message(monkeypatch):
+    """Importing with an unsupported TRL release fails with a message naming the range."""
+    import importlib.util
+
+    import trl
+
+    import gmpo_ext.trl as mod
+
+    monkeypatch.setattr(trl, "__version__", "1.11.0")
+    monkeypatch.delenv("GMPO_EXT_TRL_ANY_VERSION", raising=False)
+    spec = importlib.util.spec_from_file_location("gmpo_ext._trl_version_probe", mod.__file__)
+    with pytest.raises(ImportError, match=r"1\.11\.0.*|>=1\.12\.0") as info:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert "1.11.0" in str(info.value) and ">=1.12.0" in str(info.value)
+    assert "pip install" in str(info.value)
