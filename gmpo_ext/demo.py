@@ -176,8 +176,8 @@ def _callbacks(label, total, records, position):
     return [Progress()]
 
 
-def train_one(method: str, opts, records: list, position: int = 0) -> float:
-    """Train one method; append its per-step records; return the wall time (s)."""
+def train_one(method: str, opts, records: list, position: int = 0):
+    """Train one method; append its per-step records; return (wall s, CPU s of this process)."""
     import torch
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -214,9 +214,9 @@ def train_one(method: str, opts, records: list, position: int = 0) -> float:
     for cb in _callbacks(method.upper(), opts.steps, records, position):
         trainer.add_callback(cb)
     torch.manual_seed(opts.seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 # ----------------------------------------------------------------------------
@@ -255,25 +255,28 @@ def summarize(records, walls, window: int):
             "log_ratio_min": min(lo) if lo else float("nan"),
             "log_ratio_max": max(hi) if hi else float("nan"),
             "mean_range": (sum(h - l for h, l in zip(hi, lo)) / len(hi)) if hi else float("nan"),
-            "wall_s": walls.get(method, float("nan")),
+            "wall_s": walls.get(method, (float("nan"),) * 2)[0],
+            "cpu_s": walls.get(method, (float("nan"),) * 2)[1],
         })
     return rows
 
 
 def print_table(rows, window, out=sys.stdout):
     head = (f"{'method':6s} {'steps':>5s} {'reward first':>12s} {'reward last':>11s} "
-            f"{'min log-ratio':>13s} {'max log-ratio':>13s} {'mean range':>10s} {'wall s':>7s}")
+            f"{'min log-ratio':>13s} {'max log-ratio':>13s} {'mean range':>10s} {'wall s':>7s} "
+            f"{'CPU s':>6s}")
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
         print(f"{r['method']:6s} {r['steps']:5d} {r['reward_first']:12.3f} {r['reward_last']:11.3f} "
               f"{r['log_ratio_min']:+13.3f} {r['log_ratio_max']:+13.3f} {r['mean_range']:10.3f} "
-              f"{r['wall_s']:7.1f}", file=out)
+              f"{r['wall_s']:7.1f} {r['cpu_s']:6.1f}", file=out)
     print(f"(reward first/last: mean over the first/last {window} generation batches; "
-          "log-ratio: per-token log pi_theta/pi_old over all updates)", file=out)
+          "log-ratio: per-token log pi_theta/pi_old over all updates; mean range: mean over "
+          "steps of max - min; CPU s: process time, all threads)", file=out)
 
 
-def plot(path, records, title):
+def plot(path, records, title, per_batch: int):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -289,9 +292,16 @@ def plot(path, records, title):
               if r["log_ratio_min"] == r["log_ratio_min"]]
         if lr:
             s, lo, hi = zip(*lr)
-            ax1.fill_between(s, lo, hi, color=c, alpha=0.3, lw=0, label=f"{method} min..max")
-            ax1.plot(s, lo, color=c, lw=0.8)
-            ax1.plot(s, hi, color=c, lw=0.8)
+            ax1.plot(s, hi, color=c, lw=0.6, alpha=0.6)
+            ax1.plot(s, lo, color=c, lw=0.6, alpha=0.6)
+            # envelope per generation batch: its updates span `per_batch` steps
+            xs, los, his = [], [], []
+            for k in range(0, len(s), per_batch):
+                xs.append(s[min(k + per_batch, len(s)) - 1])
+                los.append(min(lo[k:k + per_batch]))
+                his.append(max(hi[k:k + per_batch]))
+            ax1.fill_between(xs, los, his, color=c, alpha=0.25, lw=0,
+                             label=f"{method}: min..max per generation batch")
     ax0.set_xlabel("optimizer step")
     ax0.set_ylabel("mean reward of the generation batch")
     ax0.set_title("reward")
@@ -299,7 +309,7 @@ def plot(path, records, title):
     ax0.legend()
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("per-token log(pi_theta / pi_old)")
-    ax1.set_title("range of the log importance ratio")
+    ax1.set_title("range of the log importance ratio (lines: per step)")
     ax1.axhline(0.0, color="k", lw=0.5)
     ax1.grid(alpha=0.3)
     ax1.legend()
@@ -371,8 +381,8 @@ def main(argv=None) -> int:
     csv_path = os.path.join(opts.out, "demo.csv")
     png_path = os.path.join(opts.out, "demo.png")
     write_csv(csv_path, records)
-    plot(png_path, records,
-         f"GMPO (gmpo_ext.trl, eps=log-space {opts.gmpo_epsilon}) vs GRPO (TRL, eps={opts.grpo_epsilon}); "
+    plot(png_path, records, per_batch=opts.steps_per_generation * opts.num_iterations, title=
+         f"GMPO (gmpo_ext.trl, log-space eps {opts.gmpo_epsilon}) vs GRPO (TRL, eps {opts.grpo_epsilon}); "
          f"{opts.steps_per_generation * opts.num_iterations} updates per generation batch, "
          f"seed {opts.seed}")
     print()
