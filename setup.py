@@ -43,6 +43,20 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def cuda_toolkit_root(nvcc):
+    """The toolkit directory of this nvcc (which may be a wrapper script):
+    CUDA_HOME if set, else what nvcc reports as its TOP in a dry run."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return Path(home)
+    out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull],
+                         capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return Path(line.split("=", 1)[1].strip()).resolve()
+    return Path(nvcc).resolve().parent.parent
+
+
 def cuda_arch_flags(archs):
     flags = []
     archs = [a.strip().replace("sm_", "").replace(".", "") for a in archs.split(";") if a.strip()]
@@ -106,11 +120,15 @@ class BuildExt(build_ext):
             print("gmpo_ext: " + " ".join(cmd))
             subprocess.run(cmd, check=True)
             objects.append(str(obj))
-        cuda_home = Path(nvcc).resolve().parent.parent
-        libdirs = [cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib"]
+        cuda_home = cuda_toolkit_root(nvcc)
+        libdirs = [cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib",
+                   cuda_home / "targets" / "sbsa-linux" / "lib"]
+        libdirs = [d for d in libdirs if (d / "libcudart_static.a").exists()]
+        if not libdirs:
+            raise RuntimeError(f"libcudart_static.a not found under {cuda_home}; set CUDA_HOME")
         ext.extra_objects += objects
         ext.define_macros.append(("GMPO_WITH_CUDA", "1"))
-        ext.library_dirs += [str(d) for d in libdirs if d.exists()]
+        ext.library_dirs += [str(d) for d in libdirs]
         # cudart linked statically: the module needs no CUDA runtime at import,
         # and loads the driver only on the first CUDA call
         ext.libraries += ["cudart_static", "rt", "dl", "pthread"]

@@ -7,6 +7,8 @@ time, so torch.compile sees only the ops.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _C
@@ -50,6 +52,14 @@ def backend(device: torch.device):
     if _simt_module is not None:
         return _simt_module, 1, 0
     return _C, 0, 0
+
+
+def _on_device(device: torch.device):
+    """The kernels launch on the current CUDA device: make it the tensors' one
+    (tensors on cuda:1 would otherwise meet cuda:0's stream)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def view(t, per_token: bool):
@@ -108,8 +118,9 @@ def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, con
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
-    mod.forward(algo, code, stream, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
-                metrics.data_ptr(), DTYPE_CODES[out_dtype])
+    with _on_device(dev):
+        mod.forward(algo, code, stream, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
+                    metrics.data_ptr(), DTYPE_CODES[out_dtype])
     del keep
     return loss, metrics, rows
 
@@ -123,7 +134,8 @@ def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logp
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
-    mod.backward(algo, code, stream, B, T, *rest, rows.data_ptr(), grad_loss.data_ptr(),
-                 DTYPE_CODES[grad_loss.dtype], grad.data_ptr(), DTYPE_CODES[grad.dtype])
+    with _on_device(logps.device):
+        mod.backward(algo, code, stream, B, T, *rest, rows.data_ptr(), grad_loss.data_ptr(),
+                     DTYPE_CODES[grad_loss.dtype], grad.data_ptr(), DTYPE_CODES[grad.dtype])
     del keep
     return grad

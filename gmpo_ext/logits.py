@@ -67,7 +67,9 @@ def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
     lse = torch.empty((B, T), **f32)
     ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
     mod, args = _common(logits, ids, mask, temperature, ids_name)
-    mod.logits_forward(*args, logp.data_ptr(), ent.data_ptr() if entropy else 0, lse.data_ptr())
+    with _backend._on_device(logits.device):
+        mod.logits_forward(*args, logp.data_ptr(), ent.data_ptr() if entropy else 0,
+                           lse.data_ptr())
     return logp, ent, lse
 
 
@@ -75,9 +77,11 @@ def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, te
     mod, args = _common(logits, ids, mask, temperature)
     if grad_logp is not None and grad_logp.dtype not in _backend.FLOAT_DTYPES:
         grad_logp = grad_logp.to(torch.float32)
-    mod.logits_backward(*args, lse.data_ptr(), entropy.data_ptr(), _view(grad_logp),
-                        _view(grad_entropy), (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype],
-                                              grad.stride(0), grad.stride(1)))
+    with _backend._on_device(logits.device):
+        mod.logits_backward(*args, lse.data_ptr(), entropy.data_ptr(), _view(grad_logp),
+                            _view(grad_entropy),
+                            (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype],
+                             grad.stride(0), grad.stride(1)))
 
 
 # ----------------------------------------------------------------------------
