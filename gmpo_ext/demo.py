@@ -39,6 +39,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 import time
 import warnings
 
@@ -192,7 +193,7 @@ def train_one(method: str, opts, records: list, position: int = 0):
     n_gen = -(-opts.steps // (spg * iters))
     prompts = make_prompts(n_gen * spg * opts.prompts_per_step + 64, opts.seed)
     common = dict(
-        output_dir=os.path.join(opts.out, f".trainer_{method}"), report_to="none", use_cpu=True,
+        output_dir=opts.trainer_dir, report_to="none", use_cpu=True,
         bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=opts.seed, data_seed=opts.seed,
         max_steps=opts.steps, learning_rate=opts.lr, lr_scheduler_type="constant",
@@ -372,10 +373,13 @@ def main(argv=None) -> int:
           f"{opts.steps_per_generation * opts.num_iterations} updates per generation batch, "
           f"seed {opts.seed}, {torch.get_num_threads()} threads")
     records, walls = [], {}
-    for i, method in enumerate(methods):
+    for method in methods:
         if method not in ("gmpo", "grpo"):
             raise SystemExit(f"--methods: unknown method {method!r} (gmpo, grpo)")
-        walls[method] = train_one(method, opts, records, position=0)
+    with tempfile.TemporaryDirectory(prefix="gmpo_demo_") as tmp:   # the trainers' output_dir
+        opts.trainer_dir = tmp
+        for method in methods:
+            walls[method] = train_one(method, opts, records, position=0)
     window = 4
     rows = summarize(records, walls, window)
     csv_path = os.path.join(opts.out, "demo.csv")
