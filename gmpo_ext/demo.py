@@ -191,7 +191,9 @@ def train_one(method: str, opts, records: list, position: int = 0):
     spg, iters = opts.steps_per_generation, opts.num_iterations
     batch = opts.prompts_per_step * opts.num_generations
     n_gen = -(-opts.steps // (spg * iters))
-    prompts = make_prompts(n_gen * spg * opts.prompts_per_step + 64, opts.seed)
+    # a fixed-size prompt set (not sized by --steps): the first steps of a run do not
+    # depend on how many steps it has
+    prompts = make_prompts(max(4096, n_gen * spg * opts.prompts_per_step), opts.seed)
     common = dict(
         output_dir=opts.trainer_dir, report_to="none", use_cpu=True,
         bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
@@ -328,7 +330,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data and sampling")
     p.add_argument("--out", default="gmpo_demo_out", help="output folder (demo.csv, demo.png)")
-    p.add_argument("--steps", type=int, default=96, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=240, help="optimizer steps per method")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int, default=4)
     p.add_argument("--num-generations", dest="num_generations", type=int, default=8)
@@ -340,7 +342,9 @@ def parse_args(argv=None):
     p.add_argument("--grpo-epsilon", dest="grpo_epsilon", type=float, default=0.2,
                    help="GRPO clip range, ratio space (TRL default 0.2)")
     p.add_argument("--methods", default="gmpo,grpo", help="comma-separated subset of gmpo,grpo")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the model is tiny, one thread keeps "
+                   "the run fast on a busy machine, and the results do not depend on it)")
     return p.parse_args(argv)
 
 
