@@ -231,3 +231,28 @@ def test_bad_trl_version_message(monkeypatch):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     assert "1.11.0" in str(info.value) and ">=1.12.0" in str(info.value)
     assert "pip install" in str(info.value)
+
+
+@pytest.mark.parametrize("why", ["vision", "no_logits_to_keep"])
+def test_fallback_to_trl(why, model_dir, tok, tmp_path, monkeypatch):
+    """Batches the fused path does not handle go to TRL's own _compute_loss, with one warning."""
+    import gmpo_ext.trl as gtrl
+
+    model = _model(model_dir, tok)
+    trainer = _trainer(GMPOTrainer, model, tok, tmp_path)
+    calls = []
+    monkeypatch.setattr(TRLGMPOTrainer, "_compute_loss",
+                        lambda self, m, inputs: calls.append(inputs) or torch.tensor(1.5))
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    if why == "vision":
+        inputs["pixel_values"] = torch.zeros(1)
+        match = "vision"
+    else:
+        monkeypatch.setattr(gtrl, "_accepts", lambda module, name: False)
+        match = "logits_to_keep"
+    with pytest.warns(UserWarning, match=match):
+        assert float(trainer.compute_loss(model, inputs)) == 1.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # warned once per reason
+        assert float(trainer.compute_loss(model, inputs)) == 1.5
+    assert len(calls) == 2
