@@ -93,8 +93,8 @@ except ImportError as _e:  # pragma: no cover - a supported release always has t
     raise ImportError(f"gmpo_ext.trl: TRL {TRL_VERSION} lacks trl.experimental.gmpo ({_e}); "
                       f"install a supported release: {_INSTALL_HINT}") from None
 
-from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss
-from .logits import selective_logps
+from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss  # noqa: E402
+from .logits import selective_logps  # noqa: E402
 
 __all__ = ["GMPOTrainer", "GMPOConfig", "TRL_SUPPORTED", "TRL_VERSION"]
 

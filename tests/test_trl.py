@@ -12,7 +12,6 @@ GMPO ignores, weights each row as documented; (c) a few steps of
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
