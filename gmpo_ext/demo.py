@@ -1,6 +1,6 @@
 """The main job: GMPO against GRPO on a small verifiable task, on CPU, through TRL.
 
-    python -m gmpo_ext.demo [--seed 0] [--out docs] [--steps 96]
+    python -m gmpo_ext.demo [--seed 0] [--out docs] [--steps 240]
     gmpo-demo ...                                  (the same, as a console script)
 
 A tiny Qwen2-style causal LM (random weights, built from a config) and a
