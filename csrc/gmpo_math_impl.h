@@ -26,7 +26,7 @@ typedef struct {
     int isw;       // importance weights present (per row or per token)
     int isw_tok;   // ... and per token
     GMPO_T el, eh; // gmpo: log-space clip bounds; grpo: 1 - eps_low, 1 + eps_high
-    GMPO_T C;      // safety clamp of l (<= 0: none), gmpo only
+    GMPO_T C;      // safety clamp of l to [-C, C] (inf: none), gmpo only
     GMPO_T beta;
 } GMPO_S(gmpo_opts);
 
@@ -39,7 +39,8 @@ GMPO_HD GMPO_S(gmpo_opts) GMPO_S(gmpo_opts_make)(const gmpo_args *a) {
     o.isw_tok = o.isw && a->is_w.stride_t != 0;
     o.el = (GMPO_T)(o.grpo ? 1.0 - a->eps_low : a->eps_low);
     o.eh = (GMPO_T)(o.grpo ? 1.0 + a->eps_high : a->eps_high);
-    o.C = (GMPO_T)(o.grpo ? 0.0 : a->log_ratio_clamp);
+    // no clamp is a clamp to [-inf, inf]: the same two selects, no branch
+    o.C = (!o.grpo && a->log_ratio_clamp > 0) ? (GMPO_T)a->log_ratio_clamp : (GMPO_T)INFINITY;
     o.beta = (GMPO_T)a->beta;
     return o;
 }
@@ -54,17 +55,16 @@ GMPO_HD void GMPO_S(gmpo_acc_merge)(GMPO_S(gmpo_acc) *s, const GMPO_S(gmpo_acc) 
     s->m0 += o->m0; s->m1 += o->m1; s->m2 += o->m2;
 }
 
-// the log-ratio after the optional safety clamp to [-C, C] (C <= 0: none)
+// the log-ratio after the safety clamp to [-C, C] (C = inf: none; NaN stays NaN)
 GMPO_HD GMPO_T GMPO_S(gmpo_log_ratio)(GMPO_T lp, GMPO_T olp, GMPO_T C) {
     GMPO_T l = lp - olp;
-    if (C > 0) l = l < -C ? -C : (l > C ? C : l);
-    return l;
+    return l < -C ? -C : (l > C ? C : l);
 }
 
-// 1 iff the safety clamp passes the gradient (-C <= l <= C; no clamp: 1; NaN: 0)
+// 1 iff the safety clamp passes the gradient: -C <= l <= C (NaN: 0)
 GMPO_HD int GMPO_S(gmpo_in_clamp)(GMPO_T lp, GMPO_T olp, GMPO_T C) {
     GMPO_T l = lp - olp;
-    return C > 0 ? ((l >= -C) & (l <= C)) : (l == l);
+    return (l >= -C) & (l <= C);
 }
 
 // y: the token's one-sided clipped log-ratio (log-space clip, by advantage sign)
