@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional
 
 import torch
@@ -84,6 +85,28 @@ def _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, bet
                          "reference model's log-probs)")
 
 
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; "
+                         f"got {value!r}")
+
+
+_warned_constant_grads = False
+
+
+def _warn_constant_grads(**tensors):
+    """Only logps gets a gradient; say so once if another input wants one."""
+    global _warned_constant_grads
+    if _warned_constant_grads or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    names = [k for k, t in tensors.items() if isinstance(t, Tensor) and t.requires_grad]
+    if names:
+        _warned_constant_grads = True
+        warnings.warn(f"gmpo_ext: {', '.join(names)} require grad but are treated as constants "
+                      "(only logps gets a gradient, as in TRL and verl); detach them to "
+                      "silence this warning", stacklevel=3)
+
+
 def _epsilons(epsilon_low, epsilon_high):
     _check_number("epsilon_low", epsilon_low, min_value=0.0)
     if epsilon_high is None:
@@ -147,7 +170,7 @@ def gmpo_loss(
             it contributes 0) and zero advantages (verl: the tokens are dropped).
         log_ratio_clamp: optional safety clamp of the log-ratio to [-C, C]
             before anything else (verl uses 20 in its other losses).
-        normalizer: the loss is divided by it (gradient-accumulation steps).
+        normalizer: the loss is divided by it (gradient-accumulation steps); > 0.
         return_metrics: also return a dict of 0-d tensors on the input's
             device (no host sync): trl: ``clip_ratio/low_mean``,
             ``clip_ratio/high_mean``, ``clip_ratio/region_mean``; verl:
@@ -165,15 +188,16 @@ def gmpo_loss(
         The 0-d loss (float32, or float64 for float64 logps), or
         ``(loss, metrics)`` with ``return_metrics=True``.
     """
-    if convention not in _backend.CONVENTIONS:
-        raise ValueError(f"convention must be 'trl' or 'verl', got {convention!r}")
+    _check_choice("convention", convention, _backend.CONVENTIONS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
     _check_number("beta", beta)
     _check_number("log_ratio_clamp", log_ratio_clamp, allow_none=True)
     if log_ratio_clamp is not None and log_ratio_clamp <= 0:
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
-    _check_number("normalizer", normalizer, allow_zero=False)
+    _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
+                         is_weights=is_weights)
     loss, metrics, _ = fused_loss(
         logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
         _backend.ALGO_GMPO, _backend.CONVENTIONS[convention], 0, el, eh, float(beta),
@@ -213,27 +237,41 @@ def grpo_loss(
     Metrics: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean``, ``kl`` (beta != 0), ``gmpo/nonfinite_rows``.
     """
-    if loss_type not in _backend.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(_backend.LOSS_TYPES)}; got {loss_type!r}")
+    _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
     el, eh = _epsilons(epsilon_low, epsilon_high)
     if el > 1:
         raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
     _check_number("beta", beta)
-    _check_number("normalizer", normalizer, allow_zero=False)
+    _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
     denom = 0.0
-    if loss_type == "dr_grpo" and max_completion_length is not None:
+    items_tensor = None
+    if max_completion_length is not None:
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int):
+            raise TypeError("max_completion_length must be an int, got "
+                            f"{type(max_completion_length).__name__}")
         _check_number("max_completion_length", max_completion_length, min_value=1)
-        denom = float(max_completion_length)
+        if loss_type == "dr_grpo":
+            denom = float(max_completion_length)
     if loss_type == "dapo" and num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.item()
-        _check_number("num_items_in_batch", num_items_in_batch, allow_zero=False, min_value=0.0)
-        denom = float(num_items_in_batch)
+            # TRL passes a tensor: divide on the device (no host sync, traceable)
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("num_items_in_batch must be a number or a one-element tensor")
+            items_tensor = num_items_in_batch.reshape(())
+            denom = 1.0
+        else:
+            _check_number("num_items_in_batch", num_items_in_batch, allow_zero=False,
+                          min_value=0.0)
+            denom = float(num_items_in_batch)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
+                         is_weights=is_weights)
     loss, metrics, _ = fused_loss(
         logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
         _backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
         float(normalizer), denom)
+    if items_tensor is not None:
+        loss = loss / items_tensor.to(device=loss.device, dtype=loss.dtype)
     if not return_metrics:
         return loss
     return loss, _metrics_dict(metrics, _METRIC_NAMES["trl"], beta, gmpo=False)
@@ -245,11 +283,14 @@ class GMPOLoss(torch.nn.Module):
     def __init__(self, epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
                  log_ratio_clamp=None, normalizer=1.0, return_metrics=False):
         super().__init__()
+        _check_choice("convention", convention, _backend.CONVENTIONS)
+        _epsilons(epsilon_low, epsilon_high)
+        _check_number("beta", beta)
+        _check_number("log_ratio_clamp", log_ratio_clamp, allow_none=True, min_value=0.0)
+        _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
         self.kwargs = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
                            convention=convention, log_ratio_clamp=log_ratio_clamp,
                            normalizer=normalizer, return_metrics=return_metrics)
-        if convention not in _backend.CONVENTIONS:
-            raise ValueError(f"convention must be 'trl' or 'verl', got {convention!r}")
 
     def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None):
         return gmpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
@@ -265,8 +306,10 @@ class GRPOLoss(torch.nn.Module):
     def __init__(self, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
                  max_completion_length=None, normalizer=1.0, return_metrics=False):
         super().__init__()
-        if loss_type not in _backend.LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(_backend.LOSS_TYPES)}; got {loss_type!r}")
+        _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
+        _epsilons(epsilon_low, epsilon_high)
+        _check_number("beta", beta)
+        _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
         self.kwargs = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
                            loss_type=loss_type, max_completion_length=max_completion_length,
                            normalizer=normalizer, return_metrics=return_metrics)

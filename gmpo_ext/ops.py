@@ -14,8 +14,10 @@ verl, where they are detached.
 ``fused_loss`` is what the public functions call. In plain eager mode it runs
 the same C calls through a torch.autograd.Function, which costs a fraction of
 the custom-op dispatch (that overhead is comparable to the kernels at
-training sizes); under torch.compile, export, tensor subclasses (FakeTensor,
-DTensor...) or functorch transforms it goes through the registered ops.
+training sizes); under torch.compile, export, make_fx and other dispatch modes,
+jit tracing and tensor subclasses (FakeTensor, DTensor...) it goes through the
+registered ops. torch.func transforms that differentiate (grad, jacrev) and
+double backward are not supported and raise.
 """
 
 from __future__ import annotations
@@ -128,8 +130,12 @@ class _EagerLoss(torch.autograd.Function):
         return loss, metrics, rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_metrics, grad_rows):
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward, Hessians): the kernels' gradient
+            # is not itself differentiable; say so rather than return zeros
+            raise RuntimeError("gmpo_ext: the fused loss supports one backward pass; double "
+                               "backward (create_graph=True, Hessians) is not implemented")
         logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
@@ -140,6 +146,14 @@ class _EagerLoss(torch.autograd.Function):
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
+def _tracing():
+    """True under torch.compile / export, make_fx or any TorchDispatchMode, and
+    jit tracing: everything that must see the registered ops, not an opaque call."""
+    return (torch.compiler.is_compiling() or _dispatch_modes() > 0 or torch.jit.is_tracing()
+            or _functorch_active())
 
 
 def _plain(t):
@@ -148,7 +162,7 @@ def _plain(t):
 
 def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts):
     """(loss, metrics, rows) through the eager fast path or the custom op."""
-    if (torch.compiler.is_compiling() or _functorch_active()
+    if (_tracing()
             or not (_plain(logps) and _plain(old_logps) and _plain(advantages) and _plain(mask)
                     and _plain(ref_logps) and _plain(is_weights))):
         return loss_fwd(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)

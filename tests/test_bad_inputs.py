@@ -127,6 +127,7 @@ BAD_OPTIONS = {
     "normalizer-int-zero": ("normalizer", dict(normalizer=0)),
     "normalizer-nan": ("normalizer", dict(normalizer=float("nan"))),
     "normalizer-inf": ("normalizer", dict(normalizer=float("inf"))),
+    "normalizer-negative": ("normalizer", dict(normalizer=-2.0)),
     "beta-without-ref": ("ref_logps", dict(beta=0.1)),
     "beta-nan": ("beta", dict(beta=float("nan"))),
     "beta-str": ("beta", dict(beta="0.1")),
@@ -141,8 +142,9 @@ def test_bad_option_is_named(fn, case):
 
 
 @pytest.mark.parametrize("over", [dict(convention="TRL"), dict(convention="ppo"),
-                                  dict(convention=None), dict(convention=1)],
-                         ids=["upper", "other", "none", "int"])
+                                  dict(convention=None), dict(convention=1),
+                                  dict(convention=["trl"])],
+                         ids=["upper", "other", "none", "int", "list"])
 def test_bad_convention(over):
     msg = _raises("convention", gmpo_ext.gmpo_loss, **over)
     assert "trl" in msg and "verl" in msg   # lists the valid ones
@@ -367,3 +369,23 @@ def test_large_shapes_match_reference(shape, convention, device):
                          loss_type="grpo", beta=0.02)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("cls,over,name", [
+    (gmpo_ext.GMPOLoss, dict(epsilon_low=-1.0), "epsilon_low"),
+    (gmpo_ext.GMPOLoss, dict(convention="ppo"), "convention"),
+    (gmpo_ext.GMPOLoss, dict(normalizer=0), "normalizer"),
+    (gmpo_ext.GMPOLoss, dict(log_ratio_clamp=-5.0), "log_ratio_clamp"),
+    (gmpo_ext.GRPOLoss, dict(loss_type=["dapo"]), "loss_type"),
+    (gmpo_ext.GRPOLoss, dict(epsilon_high=float("nan")), "epsilon_high"),
+])
+def test_module_constructor_rejects_bad_options(cls, over, name):
+    """The nn.Module forms fail at construction, not at their first forward."""
+    with pytest.raises((TypeError, ValueError)) as info:
+        cls(**over)
+    assert _names(name).search(str(info.value)), str(info.value)
+
+
+def test_max_completion_length_must_be_an_int():
+    _raises("max_completion_length", gmpo_ext.grpo_loss, loss_type="dr_grpo",
+            max_completion_length=2.5)

@@ -141,3 +141,54 @@ def test_compile_module_with_changing_batch(dynamic, device):
                case.mask.to(device)).backward()
             grads.append(lp.grad)
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------
+# the eager fast path and the op path must agree on what they refuse or record
+
+def _small(dtype=torch.float64):
+    torch.manual_seed(3)
+    lp = (torch.randn(2, 5, dtype=dtype) * 0.1 - 1).requires_grad_()
+    old = lp.detach() + 0.05 * torch.randn(2, 5, dtype=dtype)
+    return lp, old, torch.tensor([0.7, -1.2]), torch.ones(2, 5, dtype=torch.bool)
+
+
+def test_double_backward_raises_instead_of_returning_zeros():
+    lp, old, adv, m = _small()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.functional.hessian(lambda x: gmpo_ext.gmpo_loss(x, old, adv, m), lp)
+
+
+def test_make_fx_records_the_custom_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+    lp, old, adv, m = _small()
+    gm = make_fx(lambda a, b, c, d: gmpo_ext.gmpo_loss(a, b, c, d))(lp.detach(), old, adv, m)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.gmpo_ext.loss_fwd.default in targets
+    lp2, old2, adv2, m2 = _small()
+    old2 = old2 + 0.3
+    torch.testing.assert_close(gm(lp2.detach(), old2, adv2, m2),
+                               gmpo_ext.gmpo_loss(lp2.detach(), old2, adv2, m2))
+
+
+def test_num_items_in_batch_tensor_divides_on_device_and_compiles():
+    lp, old, adv, m = _small(torch.float32)
+    n = torch.tensor(7.0)
+    eager = gmpo_ext.grpo_loss(lp, old, adv, m, num_items_in_batch=n)
+    as_float = gmpo_ext.grpo_loss(lp, old, adv, m, num_items_in_batch=7.0)
+    torch.testing.assert_close(eager, as_float)
+    (g_eager,) = torch.autograd.grad(eager, lp)
+    (g_float,) = torch.autograd.grad(as_float, lp)
+    torch.testing.assert_close(g_eager, g_float)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: gmpo_ext.grpo_loss(x, old, adv, m, num_items_in_batch=n),
+                      fullgraph=True)
+    torch.testing.assert_close(f(lp), as_float)
+
+
+def test_constant_inputs_that_require_grad_are_reported():
+    import gmpo_ext.loss as L
+    lp, old, adv, m = _small()
+    L._warned_constant_grads = False
+    with pytest.warns(UserWarning, match="old_logps"):
+        gmpo_ext.gmpo_loss(lp, old.clone().requires_grad_(), adv, m)
