@@ -80,7 +80,16 @@ class BuildExt(build_ext):
             if _env("GMPO_EXT_OPENMP", "1") != "0" and self._has_openmp():
                 ext.extra_compile_args.append("-fopenmp")
                 ext.extra_link_args.append("-fopenmp")
-            self._maybe_cuda(ext)
+            else:
+                # the `omp simd` loops still vectorise; no runtime library needed
+                ext.extra_compile_args.append("-fopenmp-simd")
+            try:
+                self._maybe_cuda(ext)
+            except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as e:
+                if _env("GMPO_EXT_CUDA", "auto").lower() != "auto":
+                    raise
+                print(f"gmpo_ext: WARNING: the CUDA build failed ({e}); building the CPU "
+                      "kernels only (GMPO_EXT_CUDA=1 makes this an error)")
         super().build_extensions()
 
     def _has_openmp(self):
@@ -141,7 +150,10 @@ ext = Extension(
     sources=["csrc/module.c", "csrc/gmpo_common.c", "csrc/cpu/gmpo_cpu.c",
              "csrc/cpu/logits_cpu.c"],
     include_dirs=["csrc"],
-    depends=[str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.h")],
+    # the CUDA objects are linked in as extra objects: list their sources too, so
+    # that editing a .cu/.cuh file relinks the module
+    depends=[str(p.relative_to(ROOT)) for pat in ("*.h", "*.cu", "*.cuh")
+             for p in (ROOT / "csrc").rglob(pat)],
     extra_compile_args=list(C_FLAGS),
 )
 

@@ -50,7 +50,8 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
     if (!isfinite(a->beta)) return fail(a, "%s: must be finite", "beta");
     if (a->beta != 0 && !a->ref_logp.data && a->B * a->T > 0)
         return fail(a, "%s: beta != 0 needs ref_logps", "ref_logps");
-    if (isnan(a->log_ratio_clamp))
+    // 0 means no clamp (what the Python layer passes for None); +inf too
+    if (isnan(a->log_ratio_clamp) || a->log_ratio_clamp < 0)
         return fail(a, "%s: must be a number > 0 or None", "log_ratio_clamp");
     if (isinf(a->log_ratio_clamp)) a->log_ratio_clamp = 0;
     if (!(a->normalizer != 0) || !isfinite(a->normalizer))

@@ -133,22 +133,6 @@ GMPO_HD GMPO_S(gmpo_acc) GMPO_S(gmpo_token_contrib)(const GMPO_S(gmpo_opts) *o, 
     return c;
 }
 
-// Accumulate one token (m != 0) into the row sums.
-GMPO_HD void GMPO_S(gmpo_token_fwd)(GMPO_S(gmpo_acc) *s, const gmpo_args *a,
-                                    GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
-                                    GMPO_T ref, GMPO_T w) {
-    GMPO_S(gmpo_opts) o = GMPO_S(gmpo_opts_make)(a);
-    GMPO_S(gmpo_acc) c = GMPO_S(gmpo_token_contrib)(&o, m, lp, olp, adv, ref, w);
-    GMPO_S(gmpo_acc_merge)(s, &c);
-}
-
-// the same for a GRPO token (kept for callers that pick the algorithm themselves)
-GMPO_HD void GMPO_S(grpo_token_fwd)(GMPO_S(gmpo_acc) *s, const gmpo_args *a,
-                                    GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
-                                    GMPO_T ref, GMPO_T w) {
-    GMPO_S(gmpo_token_fwd)(s, a, m, lp, olp, adv, ref, w);
-}
-
 // Row sums -> the row's statistics (GMPO_ROW_STATS doubles).
 // adv_row / w_row: the row's advantage and importance weight when they are per row.
 GMPO_HD void GMPO_S(gmpo_row_finish)(const gmpo_args *a, const GMPO_S(gmpo_acc) *s,
@@ -211,11 +195,4 @@ GMPO_HD GMPO_T GMPO_S(gmpo_token_grad_o)(const GMPO_S(gmpo_opts) *o, GMPO_T pg, 
     }
     if (o->beta_on) g += kl * (1 - GMPO_EXP(ref - lp));
     return m != 0 ? m * g : (GMPO_T)0;
-}
-
-GMPO_HD GMPO_T GMPO_S(gmpo_token_grad)(const gmpo_args *a, GMPO_T pg, GMPO_T kl,
-                                       GMPO_T m, GMPO_T lp, GMPO_T olp, GMPO_T adv,
-                                       GMPO_T ref, GMPO_T w) {
-    GMPO_S(gmpo_opts) o = GMPO_S(gmpo_opts_make)(a);
-    return GMPO_S(gmpo_token_grad_o)(&o, pg, kl, m, lp, olp, adv, ref, w);
 }

@@ -26,6 +26,10 @@
 
 enum { DEV_CPU = 0, DEV_CUDA = 1 };
 
+// The argument formats parse "K" straight into pointers and "L" into int64_t.
+_Static_assert(sizeof(void *) == sizeof(unsigned long long), "K must fill a pointer");
+_Static_assert(sizeof(long long) == sizeof(int64_t), "L must fill an int64_t");
+
 #ifndef GMPO_WITH_CUDA
 gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_loss,
                               void *out_metrics, int32_t out_dtype) {

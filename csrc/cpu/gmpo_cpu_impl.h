@@ -101,6 +101,7 @@ static void GMPO_S(row_constants)(const gmpo_args *a, int64_t i, GMPO_S(scratch)
     *w_row = GMPO_S(row_value)(&a->is_w, i, 1);
     if (!a->adv.stride_t) GMPO_S(fill)(sc->adv, GMPO_TILE, *adv_row);
     if (!(a->is_w.data && a->is_w.stride_t)) GMPO_S(fill)(sc->w, GMPO_TILE, *w_row);
+    if (a->beta == 0) GMPO_S(fill)(sc->ref, GMPO_TILE, 0);   // read by no formula, but defined
 }
 
 // ----------------------------------------------------------------------------

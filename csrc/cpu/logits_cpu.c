@@ -87,6 +87,7 @@ LG_INLINE float lg_exp(float x) {
     tb.f = t;                                    // bits(t) = 0x4B400000 + n
     int32_t e = (int32_t)(tb.u - 0x4B400000u) + 127;
     e = e > 0 ? e : 0;                           // 2^n below 2^-126: 0
+    e = e < 255 ? e : 255;                       // 2^n past 2^127: inf (never the sign bit)
     sb.u = (uint32_t)e << 23;
     return p * sb.f;
 }
