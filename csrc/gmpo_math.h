@@ -239,4 +239,22 @@ GMPO_HD double gmpo_grpo_token_weight(const gmpo_args *a, const double *row, con
     return 1.0 / (d * a->normalizer);
 }
 
+// The factors of row i's token gradients (fp64; the kernels cast them to their
+// accumulation type): gmpo: pg = go*coef_pg/(B*norm), kl = go*coef_kl/(B*norm);
+// grpo: pg = go*c_i (the row's token weight), kl = beta*pg. go: the upstream
+// gradient; rows: the forward's (B+1) x GMPO_ROW_STATS statistics.
+GMPO_HD void gmpo_row_grad_factors(const gmpo_args *a, const double *rows, int64_t i,
+                                   double go, double *pg, double *kl) {
+    const double *rs = rows + i * GMPO_ROW_STATS;
+    if (a->algo == GMPO_ALGO_GMPO) {
+        double scale = go / ((a->B > 1 ? (double)a->B : 1.0) * a->normalizer);
+        *pg = rs[GMPO_RS_COEF_PG] * scale;
+        *kl = rs[GMPO_RS_COEF_KL] * scale;
+    } else {
+        double c = go * gmpo_grpo_token_weight(a, rs, rows + a->B * GMPO_ROW_STATS);
+        *pg = c;
+        *kl = c * a->beta;
+    }
+}
+
 #endif /* GMPO_MATH_H */

@@ -234,18 +234,9 @@ GMPO_INLINE void GMPO_S(row_backward_o)(const gmpo_args *a, const GMPO_S(gmpo_op
     GMPO_S(gmpo_opts) oc = *opts;
     GMPO_FLAGS_SET(oc);
     const GMPO_S(gmpo_opts) *o = &oc;
-    const double *rs = rows + i * GMPO_ROW_STATS;
-    const double *tot = rows + a->B * GMPO_ROW_STATS;
-    GMPO_T pg, kl;
-    if (!o->grpo) {
-        double scale = go / ((a->B > 1 ? (double)a->B : 1.0) * a->normalizer);
-        pg = (GMPO_T)(rs[GMPO_RS_COEF_PG] * scale);
-        kl = (GMPO_T)(rs[GMPO_RS_COEF_KL] * scale);
-    } else {
-        double c = go * gmpo_grpo_token_weight(a, rs, tot);
-        pg = (GMPO_T)c;
-        kl = (GMPO_T)(c * a->beta);
-    }
+    double pg_d, kl_d;
+    gmpo_row_grad_factors(a, rows, i, go, &pg_d, &kl_d);
+    const GMPO_T pg = (GMPO_T)pg_d, kl = (GMPO_T)kl_d;
     GMPO_T adv_row, w_row;
     GMPO_S(row_constants)(a, i, sc, &adv_row, &w_row);
     const int direct = gdt == (sizeof(GMPO_T) == sizeof(float) ? GMPO_DT_F32 : GMPO_DT_F64);

@@ -298,18 +298,10 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
                 const void *__restrict__ grad_out, int32_t go_dt, void *__restrict__ grad,
                 int32_t gdt) {
     const int64_t i = blockIdx.x, T = a.T;
-    const double *rs = rows + i * GMPO_ROW_STATS;
     const double go = gmpo_load_d(grad_out, go_dt, 0);
-    Acc pg, kl;   // the row's gradient factors, as on the CPU (fp64, then Acc)
-    if (a.algo == GMPO_ALGO_GMPO) {
-        double scale = go / ((a.B > 1 ? (double)a.B : 1.0) * a.normalizer);
-        pg = (Acc)(rs[GMPO_RS_COEF_PG] * scale);
-        kl = (Acc)(rs[GMPO_RS_COEF_KL] * scale);
-    } else {
-        double c = go * gmpo_grpo_token_weight(&a, rs, rows + a.B * GMPO_ROW_STATS);
-        pg = (Acc)c;
-        kl = (Acc)(c * a.beta);
-    }
+    double pg_d, kl_d;   // the row's gradient factors, shared with the CPU (fp64)
+    gmpo_row_grad_factors(&a, rows, i, go, &pg_d, &kl_d);
+    const Acc pg = (Acc)pg_d, kl = (Acc)kl_d;
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
