@@ -100,6 +100,37 @@ def others_busy(interval: float = 0.5) -> float:
     return (b1 - b0) / max(t1 - t0, 1)
 
 
+def _self_ticks():
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime of every thread, in ticks
+
+
+class BusyMonitor:
+    """Context manager: ``others`` is the fraction of all cores that other
+    processes kept busy while the block ran (total busy time from /proc/stat
+    minus this process's own; NaN where /proc is missing)."""
+
+    def __enter__(self):
+        try:
+            self._b0, self._t0 = _cpu_ticks()
+            self._s0 = _self_ticks()
+        except (OSError, ValueError, IndexError):
+            self._b0 = None
+        self.others = float("nan")
+        return self
+
+    def __exit__(self, *exc):
+        if self._b0 is not None:
+            try:
+                b1, t1 = _cpu_ticks()
+                s1 = _self_ticks()
+                self.others = max(0.0, ((b1 - self._b0) - (s1 - self._s0)) / max(t1 - self._t0, 1))
+            except (OSError, ValueError, IndexError):
+                pass
+        return False
+
+
 def wait_until_quiet(max_wait: float, threshold: float = 0.1) -> float:
     """Wait up to ``max_wait`` seconds for others_busy() < threshold; return the last reading."""
     deadline = time.monotonic() + max_wait

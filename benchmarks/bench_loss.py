@@ -69,6 +69,7 @@ BASELINE = {"fused": "eager", "fused_C": "eager", "eager": "eager", "compiled": 
 GRID = [(B, T) for B in (8, 16, 64) for T in (1024, 4096, 16384)]
 QUICK = [(8, 1024), (8, 4096), (64, 4096)]
 FLOOR_SHAPES = [(8, 4096), (64, 4096), (64, 16384)]
+BUSY_LIMIT = 0.1       # others' share of the cores above which a shape counts as disturbed
 GPU_BW = {"H100": 3.35e12, "H200": 4.8e12}   # HBM bytes / s (SXM parts)
 EPS = 0.4              # GMPO's log-space clip (paper and TRL default)
 GRPO_EPS = 0.2         # GRPO's ratio-space clip (TRL default)
@@ -245,62 +246,83 @@ def run(args, device, meta) -> list[dict]:
     dtype = DTYPES[args.dtype]
     shapes = args.shapes or (QUICK if args.quick else GRID)
     paths = [p for p in args.paths if not (p == "compiled" and args.no_compile)]
-    compiled_fn = make_compiled() if "compiled" in paths else None
+    state = {"paths": paths, "compiled": make_compiled() if "compiled" in paths else None}
     print(C.fixed_row(HEADER, WIDTHS), flush=True)
     rows = []
     for B, T in shapes:
-        busy = C.wait_until_quiet(args.wait_idle) if args.wait_idle else C.others_busy()
-        if busy > 0.1:
-            print(f"# WARNING: other processes keep {100 * busy:.0f}% of the cores busy: "
-                  "these timings are disturbed", file=sys.stderr, flush=True)
-        inp = make_inputs(B, T, dtype, device, args.seed)
-        lp = inp[0]
-        if "compiled" in paths:
-            t0 = time.perf_counter()
+        best = None
+        for attempt in range(1 + args.retry_busy):
+            if args.wait_idle:
+                C.wait_until_quiet(args.wait_idle)
+            with C.BusyMonitor() as mon:
+                got = run_shape(B, T, dtype, device, args, meta, state)
+            others = mon.others if mon.others == mon.others else 0.0  # NaN: unknown
+            for r in got:
+                r["others_busy"] = mon.others
+            if best is None or others < best[0]:
+                best = (others, got)
+            if others <= BUSY_LIMIT:
+                break
+            print(f"# WARNING: {B}x{T}: other processes kept {100 * others:.0f}% of the "
+                  "cores busy during the measurement: disturbed"
+                  + ("; measuring again" if attempt < args.retry_busy else ""),
+                  file=sys.stderr, flush=True)
+        if len(best[1]) and best[1] is not got:
+            print(f"# {B}x{T}: keeping the least disturbed attempt "
+                  f"({100 * best[0]:.0f}% busy)", flush=True)
+        rows += best[1]
+    return rows
+
+
+def run_shape(B, T, dtype, device, args, meta, state) -> list[dict]:
+    """Every mode and path at one shape: rows for the CSV."""
+    paths, compiled_fn = state["paths"], state["compiled"]
+    inp = make_inputs(B, T, dtype, device, args.seed)
+    lp = inp[0]
+    if compiled_fn is not None:
+        t0 = time.perf_counter()
+        try:
+            torch.autograd.grad(compiled_fn(*inp, EPS, EPS), lp)  # compile fwd + bwd once
+            C.synchronizer(device)()
+            print(f"# {B}x{T}: torch.compile took {time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as e:
+            print(f"# torch.compile failed ({type(e).__name__}: {e}); the compiled path "
+                  "is skipped", file=sys.stderr, flush=True)
+            paths.remove("compiled")
+            state["compiled"] = compiled_fn = None
+    check_agreement(inp, compiled_fn, dtype)
+    fns = loss_fns(inp, compiled_fn)
+    rows = []
+    for mode in args.modes:
+        nb = kernel_bytes(B, T, dtype, mode)
+        memcpy = C.memcpy_fn(nb, device)
+        mc_s = C.measure(memcpy, device, min_time=args.min_time, min_repeats=args.repeats)[0]
+        times = {}
+        for path in paths:
+            fn = None
             try:
-                torch.autograd.grad(compiled_fn(*inp, EPS, EPS), lp)  # compile fwd + bwd once
-                C.synchronizer(device)()
-                print(f"# {B}x{T}: torch.compile took {time.perf_counter() - t0:.1f} s",
-                      flush=True)
-            except Exception as e:
-                print(f"# torch.compile failed ({type(e).__name__}: {e}); the compiled path "
-                      "is skipped", file=sys.stderr, flush=True)
-                paths.remove("compiled")
-                compiled_fn = None
-        check_agreement(inp, compiled_fn, dtype)
-        fns = loss_fns(inp, compiled_fn)
-        for mode in args.modes:
-            nb = kernel_bytes(B, T, dtype, mode)
-            memcpy = C.memcpy_fn(nb, device)
-            mc_s = C.measure(memcpy, device, min_time=args.min_time, min_repeats=args.repeats)[0]
-            times = {}
-            for path in paths:
-                fn = None
-                try:
-                    fn, setup = ((raw_c_fn(inp, mode), None) if path == "fused_C"
-                                 else mode_fn(fns[path], lp, mode))
-                    times[path] = C.measure(fn, device, setup=setup, min_time=args.min_time,
-                                            min_repeats=args.repeats)
-                except Exception as e:  # a path that cannot run here is reported, not fatal
-                    print(f"# {B}x{T} {mode} {path}: skipped ({type(e).__name__}: {e})",
-                          file=sys.stderr, flush=True)
-                del fn
-            # memcpy again after the paths; the faster of the two (the stricter bar)
-            mc_s = min(mc_s, C.measure(memcpy, device, min_time=args.min_time,
-                                       min_repeats=args.repeats)[0])
-            mc_gbps = C.memcpy_gbps(nb, mc_s)
-            del memcpy
-            for path, (sec, fastest, reps) in times.items():
-                base = times.get(BASELINE[path])
-                r = dict(meta, B=B, T=T, tokens=B * T, dtype=args.dtype, mode=mode, path=path,
-                         median_ms=sec * 1e3, min_ms=fastest * 1e3, repeats=reps, bytes=nb, gbps=C.gbps(nb, sec),
-                         memcpy_ms=mc_s * 1e3, memcpy_gbps=mc_gbps,
-                         frac_of_memcpy=C.gbps(nb, sec) / mc_gbps, baseline=BASELINE[path],
-                         speedup_vs_eager=(base[0] / sec) if base else float("nan"),
-                         others_busy=busy)
-                rows.append(r)
-                print(C.fixed_row(fmt_row(r), WIDTHS), flush=True)
-        del inp, fns
+                fn, setup = ((raw_c_fn(inp, mode), None) if path == "fused_C"
+                             else mode_fn(fns[path], lp, mode))
+                times[path] = C.measure(fn, device, setup=setup, min_time=args.min_time,
+                                        min_repeats=args.repeats)
+            except Exception as e:  # a path that cannot run here is reported, not fatal
+                print(f"# {B}x{T} {mode} {path}: skipped ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
+            del fn
+        # memcpy again after the paths; the faster of the two (the stricter bar)
+        mc_s = min(mc_s, C.measure(memcpy, device, min_time=args.min_time,
+                                   min_repeats=args.repeats)[0])
+        mc_gbps = C.memcpy_gbps(nb, mc_s)
+        del memcpy
+        for path, (sec, fastest, reps) in times.items():
+            base = times.get(BASELINE[path])
+            r = dict(meta, B=B, T=T, tokens=B * T, dtype=args.dtype, mode=mode, path=path,
+                     median_ms=sec * 1e3, min_ms=fastest * 1e3, repeats=reps, bytes=nb,
+                     gbps=C.gbps(nb, sec), memcpy_ms=mc_s * 1e3, memcpy_gbps=mc_gbps,
+                     frac_of_memcpy=C.gbps(nb, sec) / mc_gbps, baseline=BASELINE[path],
+                     speedup_vs_eager=(base[0] / sec) if base else float("nan"))
+            rows.append(r)
+            print(C.fixed_row(fmt_row(r), WIDTHS), flush=True)
     return rows
 
 
@@ -435,6 +457,10 @@ def main(argv=None):
                     help="seconds each measurement lasts at least (default 0.2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retry-busy", type=int, default=0, metavar="N",
+                    help="measure a shape again (up to N times) when other processes kept "
+                         "more than 10%% of the cores busy meanwhile; the least disturbed "
+                         "attempt is kept")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each shape, wait up to this long for other processes to "
                          "leave the cores idle (shared machines)")
