@@ -62,38 +62,10 @@
 // ----------------------------------------------------------------------------
 // scalar helpers, branchless so that the loops calling them vectorise
 
-// exp(x) for x <= 88, within 1 ulp of the correctly rounded value where the
-// result is a normal float (x >= -87.3); below that 0 (the exact value is under
-// 2^-126, nothing beside the 1 that a softmax sum always holds); -inf gives 0,
-// NaN gives NaN. x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
-// polynomial fitted to minimise the relative error on that interval
-// (truncation 0.07 ulp), times 2^n built in the exponent bits. No branch and
-// no select on floats: the loops calling it vectorise, and NaN flows through
-// the arithmetic (NaN * anything is NaN).
-LG_INLINE float lg_exp(float x) {
-    float xc = x < -104.0f ? -104.0f : x;        // -inf -> -104 (gives 0); NaN stays
-    float t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
-    float n = t - 12582912.0f;
-    float r = xc - n * 0.693145751953125f;       // ln 2 = hi + lo, n * hi exact
-    r = r - n * 1.42860682028622680e-6f;
-    float p = 1.3879415346309543e-3f;
-    p = p * r + 8.369404822587967e-3f;
-    p = p * r + 4.166724905371666e-2f;
-    p = p * r + 1.666651517152786e-1f;
-    p = p * r + 4.999999701976776e-1f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    gmpo_f32_bits tb, sb;
-    tb.f = t;                                    // bits(t) = 0x4B400000 + n
-    int32_t e = (int32_t)(tb.u - 0x4B400000u) + 127;
-    e = e > 0 ? e : 0;                           // 2^n below 2^-126: 0
-    e = e < 255 ? e : 255;                       // 2^n past 2^127: inf (never the sign bit)
-    sb.u = (uint32_t)e << 23;
-    return p * sb.f;
-}
+// exp: the branchless polynomial of gmpo_math.h (gmpo_exp_f), shared with the
+// loss kernels; the loops calling it vectorise
+LG_INLINE float lg_exp(float x) { return gmpo_exp_f(x); }
 
-// fp16 bits -> fp32: exponent and mantissa moved into place and rebiased by a
-// multiply with 2^112 (exact for normals and subnormals); inf/NaN by a select
 LG_INLINE float lg_from_f16(uint16_t h) {
     gmpo_f32_bits m, o;
     m.u = (uint32_t)(h & 0x7fffu) << 13;
