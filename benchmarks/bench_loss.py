@@ -403,7 +403,7 @@ def readme_table(rows) -> str | None:
     r0 = sel[0]
     head = (f"fp32, forward + backward, median ms per call on {r0['device_name']} "
             f"({r0['device']}, {r0['threads']} threads), torch {r0['torch']}, gmpo_ext "
-            f"{r0['gmpo_ext']}. GB/s counts the bytes the fused kernels move (22 B per token); "
+            f"{r0['gmpo_ext']}" + (f" (git {r0['git']})" if r0.get("git") else "") + ". GB/s counts the bytes the fused kernels move (22 B per token); "
             "memcpy is a copy of the same bytes in the same run (read + write counted). "
             "Kernel-only: the C entry points on preallocated buffers. "
             "Regenerate: `python benchmarks/bench_loss.py --readme`.")
