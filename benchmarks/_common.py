@@ -149,9 +149,15 @@ def synchronizer(device: torch.device):
 # ----------------------------------------------------------------------------
 # timing
 
-def measure(fn, device: torch.device, *, setup=None, min_time: float = 0.2,
-            min_repeats: int = 10, max_repeats: int = 100_000,
-            warmup: int = 3) -> tuple[float, float, int]:
+def measure(fn, device: torch.device, **kw) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls); see measure_stats."""
+    med, _, n = measure_stats(fn, device, **kw)
+    return med, n
+
+
+def measure_stats(fn, device: torch.device, *, setup=None, min_time: float = 0.2,
+                  min_repeats: int = 10, max_repeats: int = 100_000,
+                  warmup: int = 3) -> tuple[float, float, int]:
     """(median and fastest seconds per call, number of timed calls) of ``fn()``, or of
     ``fn(setup())`` when ``setup`` is given (setup runs before each call,
     untimed: e.g. the forward whose backward is timed).

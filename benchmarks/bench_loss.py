@@ -296,21 +296,22 @@ def run_shape(B, T, dtype, device, args, meta, state) -> list[dict]:
     for mode in args.modes:
         nb = kernel_bytes(B, T, dtype, mode)
         memcpy = C.memcpy_fn(nb, device)
-        mc_s = C.measure(memcpy, device, min_time=args.min_time, min_repeats=args.repeats)[0]
+        mc_s = C.measure_stats(memcpy, device, min_time=args.min_time,
+                               min_repeats=args.repeats)[0]
         times = {}
         for path in paths:
             fn = None
             try:
                 fn, setup = ((raw_c_fn(inp, mode), None) if path == "fused_C"
                              else mode_fn(fns[path], lp, mode))
-                times[path] = C.measure(fn, device, setup=setup, min_time=args.min_time,
+                times[path] = C.measure_stats(fn, device, setup=setup, min_time=args.min_time,
                                         min_repeats=args.repeats)
             except Exception as e:  # a path that cannot run here is reported, not fatal
                 print(f"# {B}x{T} {mode} {path}: skipped ({type(e).__name__}: {e})",
                       file=sys.stderr, flush=True)
             del fn
         # memcpy again after the paths; the faster of the two (the stricter bar)
-        mc_s = min(mc_s, C.measure(memcpy, device, min_time=args.min_time,
+        mc_s = min(mc_s, C.measure_stats(memcpy, device, min_time=args.min_time,
                                    min_repeats=args.repeats)[0])
         mc_gbps = C.memcpy_gbps(nb, mc_s)
         del memcpy
