@@ -74,8 +74,9 @@ GPU_BW = {"H100": 3.35e12, "H200": 4.8e12}   # HBM bytes / s (SXM parts)
 EPS = 0.4              # GMPO's log-space clip (paper and TRL default)
 GRPO_EPS = 0.2         # GRPO's ratio-space clip (TRL default)
 
-FIELDS = ["device", "device_name", "torch", "gmpo_ext", "git", "threads", "B", "T", "tokens", "dtype",
-          "mode", "path", "median_ms", "min_ms", "repeats", "bytes", "gbps", "memcpy_ms", "memcpy_gbps",
+FIELDS = ["device", "device_name", "torch", "gmpo_ext", "git", "threads", "B", "T", "tokens",
+          "dtype", "mode", "path", "median_ms", "min_ms", "repeats", "bytes", "gbps", "memcpy_ms",
+          "memcpy_gbps",
           "frac_of_memcpy", "baseline", "speedup_vs_eager", "others_busy"]
 
 
@@ -96,6 +97,12 @@ def kernel_bytes(B: int, T: int, dtype: torch.dtype, mode: str, *, mask_bytes: i
     return {"fwd": read, "bwd": read + write, "both": 2 * read + write}[mode]
 
 
+def per_token(dtype: torch.dtype, mode: str, ref: bool = False) -> int:
+    """Bytes per token of ``mode`` (the per-row advantage left out)."""
+    adv_reads = 2 if mode == "both" else 1
+    return kernel_bytes(1, 1, dtype, mode, ref=ref) - dtype.itemsize * adv_reads
+
+
 def floor_markdown() -> str:
     """Markdown: bytes per token per mode and dtype, and the time they imply at
     H100 and H200 HBM bandwidth for the reference shapes."""
@@ -106,8 +113,7 @@ def floor_markdown() -> str:
         dt = DTYPES[name]
         for ref in (False, True):
             rows.append([name, "yes" if ref else "no"] +
-                        [str(kernel_bytes(1, 1, dt, m, ref=ref) - dt.itemsize * (2 if m == "both" else 1))
-                         for m in MODES])
+                        [str(per_token(dt, m, ref)) for m in MODES])
     out.append(C.markdown_table(["dtype", "ref_logps (beta != 0)", "fwd B/token",
                                  "bwd B/token", "both B/token"], rows, "llrrr"))
     out += ["", "Time those bytes take at HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s): "
@@ -138,7 +144,8 @@ def make_inputs(B, T, dtype, device, seed=0):
     lengths = torch.randint(max(T // 4, 1), T + 1, (B,), generator=g)
     mask = torch.arange(T)[None, :] < lengths[:, None]
     lp = lp.to(device=device, dtype=dtype).requires_grad_()
-    return lp, old.to(device=device, dtype=dtype), adv.to(device=device, dtype=dtype), mask.to(device)
+    to = dict(device=device, dtype=dtype)
+    return lp, old.to(**to), adv.to(**to), mask.to(device)
 
 
 def loss_fns(inp, compiled_fn):
@@ -404,7 +411,8 @@ def readme_table(rows) -> str | None:
     r0 = sel[0]
     head = (f"fp32, forward + backward, median ms per call on {r0['device_name']} "
             f"({r0['device']}, {r0['threads']} threads), torch {r0['torch']}, gmpo_ext "
-            f"{r0['gmpo_ext']}" + (f" (git {r0['git']})" if r0.get("git") else "") + ". GB/s counts the bytes the fused kernels move (22 B per token); "
+            f"{r0['gmpo_ext']}" + (f" (git {r0['git']})" if r0.get("git") else "") + ". "
+            "GB/s counts the bytes the fused kernels move (22 B per token); "
             "memcpy is a copy of the same bytes in the same run (read + write counted). "
             "Kernel-only: the C entry points on preallocated buffers. "
             "Regenerate: `python benchmarks/bench_loss.py --readme`.")
