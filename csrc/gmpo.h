@@ -135,8 +135,13 @@ gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows,
                                const void *grad_out, int32_t grad_out_dtype,
                                void *grad, int32_t grad_dtype);
 
-/* Shared argument checks (dtype codes, sizes, options); used by both backends. */
+/* Shared argument checks (dtype codes, sizes, options); used by both backends.
+ * The forward / backward ones add the checks of their buffers. */
 gmpo_status gmpo_check_args(gmpo_args *a);
+gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out_loss,
+                               const void *out_metrics, int32_t out_dtype);
+gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *grad_out,
+                                int32_t grad_out_dtype, const void *grad, int32_t grad_dtype);
 
 
 #ifdef __cplusplus

@@ -64,3 +64,25 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
         return fail(a, "%s: must be a finite number", "denominator");
     return GMPO_OK;
 }
+
+gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out_loss,
+                               const void *out_metrics, int32_t out_dtype) {
+    gmpo_status st = gmpo_check_args(a);
+    if (st) return st;
+    if (!rows || !out_loss || !out_metrics) return fail(a, "%s: missing output buffer", "forward");
+    if (out_dtype != GMPO_DT_F32 && out_dtype != GMPO_DT_F64)
+        return fail(a, "%s: output dtype must be float32 or float64", "forward");
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *grad_out,
+                                int32_t grad_out_dtype, const void *grad, int32_t grad_dtype) {
+    gmpo_status st = gmpo_check_args(a);
+    if (st) return st;
+    if (!gmpo_dtype_is_float(grad_dtype))
+        return fail(a, "%s: must be a floating-point tensor", "grad");
+    if (!gmpo_dtype_is_float(grad_out_dtype) || !grad_out)
+        return fail(a, "%s: must be a floating-point scalar", "grad_output");
+    if (a->B * a->T != 0 && (!rows || !grad)) return fail(a, "%s: missing buffer", "backward");
+    return GMPO_OK;
+}

@@ -101,16 +101,8 @@ static void backward_rows(const gmpo_args *a, const double *rows, double go, voi
 
 gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
                              void *out_metrics, int32_t out_dtype) {
-    gmpo_status st = gmpo_check_args(a);
+    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
     if (st) return st;
-    if (!rows || !out_loss || !out_metrics) {
-        snprintf(a->err, sizeof a->err, "forward: missing output buffer");
-        return GMPO_EINVAL;
-    }
-    if (out_dtype != GMPO_DT_F32 && out_dtype != GMPO_DT_F64) {
-        snprintf(a->err, sizeof a->err, "forward: output dtype must be float32 or float64");
-        return GMPO_EINVAL;
-    }
     forward_rows(a, rows);
 
     double *tot = rows + a->B * GMPO_ROW_STATS;
@@ -126,21 +118,9 @@ gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
 
 gmpo_status gmpo_cpu_backward(gmpo_args *a, const double *rows, const void *grad_out,
                               int32_t grad_out_dtype, void *grad, int32_t grad_dtype) {
-    gmpo_status st = gmpo_check_args(a);
+    gmpo_status st = gmpo_check_backward(a, rows, grad_out, grad_out_dtype, grad, grad_dtype);
     if (st) return st;
-    if (!gmpo_dtype_is_float(grad_dtype)) {
-        snprintf(a->err, sizeof a->err, "grad: must be a floating-point tensor");
-        return GMPO_EINVAL;
-    }
-    if (!gmpo_dtype_is_float(grad_out_dtype) || !grad_out) {
-        snprintf(a->err, sizeof a->err, "grad_output: must be a floating-point scalar");
-        return GMPO_EINVAL;
-    }
     if (a->B * a->T == 0) return GMPO_OK;
-    if (!rows || !grad) {
-        snprintf(a->err, sizeof a->err, "backward: missing buffer");
-        return GMPO_EINVAL;
-    }
     double go = gmpo_load_d(grad_out, grad_out_dtype, 0);
     backward_rows(a, rows, go, grad, grad_dtype);
     return GMPO_OK;
