@@ -168,24 +168,31 @@ GMPO_HD int gmpo_dtype_is_float(int32_t dt) {
 // ----------------------------------------------------------------------------
 // per-token and per-row math, for float and for double accumulation
 
+// GMPO_EXP: per token, must vectorise (the polynomial above on the host);
+// GMPO_EXP_ROW: once per row (r_i = exp(mu_i)), the libm exp: a loss whose rows
+// nearly cancel (group-normalised advantages) shows every ulp of r_i.
 #define GMPO_T float
 #define GMPO_S(name) name##_f
 #define GMPO_EXP gmpo_exp_f
+#define GMPO_EXP_ROW expf
 #define GMPO_LOG logf
 #include "gmpo_math_impl.h"
 #undef GMPO_T
 #undef GMPO_S
 #undef GMPO_EXP
+#undef GMPO_EXP_ROW
 #undef GMPO_LOG
 
 #define GMPO_T double
 #define GMPO_S(name) name##_d
 #define GMPO_EXP exp
+#define GMPO_EXP_ROW exp
 #define GMPO_LOG log
 #include "gmpo_math_impl.h"
 #undef GMPO_T
 #undef GMPO_S
 #undef GMPO_EXP
+#undef GMPO_EXP_ROW
 #undef GMPO_LOG
 
 // ----------------------------------------------------------------------------

@@ -156,12 +156,12 @@ GMPO_HD void GMPO_S(gmpo_row_finish)(const gmpo_args *a, const GMPO_S(gmpo_acc) 
     int verl = a->convention == GMPO_CONV_VERL;
     GMPO_T D = verl ? n + (GMPO_T)1e-8 : (n > 1 ? n : (GMPO_T)1);
     GMPO_T mu = s->my / D;
-    GMPO_T r = GMPO_EXP(mu);
+    GMPO_T r = GMPO_EXP_ROW(mu);
     GMPO_T ahat;
     if (a->adv.stride_t) ahat = s->am / D;
     else ahat = verl ? adv_row * n / D : adv_row;
     GMPO_T w = 1;
-    if (a->is_w.data) w = a->is_w.stride_t ? GMPO_EXP(s->logw / D) : w_row;
+    if (a->is_w.data) w = a->is_w.stride_t ? GMPO_EXP_ROW(s->logw / D) : w_row;
     // a zero advantage contributes exactly nothing, even when r overflowed to
     // inf (0 * inf); a NaN r (NaN among the row's tokens) stays NaN
     GMPO_T pg = (ahat == 0 && r == r) ? (GMPO_T)0 : -ahat * r * w;
