@@ -40,49 +40,43 @@ GMPO_HD float gmpo_bf16_to_f32(uint16_t h) {
     return b.f;
 }
 
-// round to nearest even; NaN stays a quiet NaN
+// Branch-free (selects only), so that the CPU loops converting whole tiles
+// vectorise; checked bit for bit over every half and bf16 pattern.
+
+// fp32 -> bf16, round to nearest even; NaN stays a quiet NaN
 GMPO_HD uint16_t gmpo_f32_to_bf16(float f) {
     gmpo_f32_bits b;
     b.f = f;
-    if ((b.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((b.u >> 16) | 0x0040u);
-    uint32_t rounding = 0x7fffu + ((b.u >> 16) & 1u);
-    return (uint16_t)((b.u + rounding) >> 16);
+    uint32_t r = (b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16;
+    uint32_t q = (b.u >> 16) | 0x40u;
+    return (uint16_t)((b.u & 0x7fffffffu) > 0x7f800000u ? q : r);
 }
 
 GMPO_HD float gmpo_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu;
-    uint32_t man = h & 0x3ffu;
-    gmpo_f32_bits b;
-    if (exp == 0x1fu) {                       // inf or NaN
-        b.u = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {                    // normal
-        b.u = sign | ((exp + 112u) << 23) | (man << 13);
-    } else {                                  // zero or subnormal: man * 2^-24
-        b.f = (float)man * 5.9604644775390625e-08f;
-        b.u |= sign;
-    }
-    return b.f;
+    gmpo_f32_bits m, o;
+    m.u = (uint32_t)(h & 0x7fffu) << 13;
+    o.f = m.f * 5.192296858534828e33f;           // 2^112 rebiases (subnormals too)
+    uint32_t u = (h & 0x7c00u) == 0x7c00u ? (m.u | 0x7f800000u) : o.u;   // inf, NaN
+    o.u = u | ((uint32_t)(h & 0x8000u) << 16);
+    return o.f;
 }
 
-// round to nearest even, overflow to inf, subnormals kept
+// fp32 -> fp16, round to nearest even, subnormals kept, overflow to inf
 GMPO_HD uint16_t gmpo_f32_to_f16(float f) {
-    gmpo_f32_bits b;
+    gmpo_f32_bits b, s;
     b.f = f;
     uint32_t sign = (b.u >> 16) & 0x8000u;
     uint32_t a = b.u & 0x7fffffffu;
-    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);          // NaN
-    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);         // >= 65520: inf
-    if (a < 0x38800000u) {                                           // below 2^-14: subnormal
-        // |f| + 0.5 has an ulp of 2^-24, the half subnormal step, so the float
-        // adder rounds to nearest even for us; the low bits are then the result
-        gmpo_f32_bits s;
-        s.u = a;
-        s.f = s.f + 0.5f;
-        return (uint16_t)(sign | (s.u - 0x3f000000u));
-    }
-    uint32_t rounding = 0xfffu + ((a >> 13) & 1u);
-    return (uint16_t)(sign | ((a - 0x38000000u + rounding) >> 13));
+    uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    // |f| + 0.5 has an ulp of 2^-24, the half subnormal step, so the float
+    // adder rounds to nearest even for us; the low bits are then the result
+    s.u = a;
+    s.f = s.f + 0.5f;
+    uint32_t sub = s.u - 0x3f000000u;
+    uint32_t r = a < 0x38800000u ? sub : normal;  // below 2^-14: subnormal
+    r = a >= 0x477ff000u ? 0x7c00u : r;           // >= 65520: inf
+    r = a > 0x7f800000u ? 0x7e00u : r;            // NaN
+    return (uint16_t)(sign | r);
 }
 
 // exp(x) on the host for float accumulation: within 1 ulp of the correctly rounded value where the

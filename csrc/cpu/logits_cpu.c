@@ -66,45 +66,7 @@
 // loss kernels; the loops calling it vectorise
 LG_INLINE float lg_exp(float x) { return gmpo_exp_f(x); }
 
-LG_INLINE float lg_from_f16(uint16_t h) {
-    gmpo_f32_bits m, o;
-    m.u = (uint32_t)(h & 0x7fffu) << 13;
-    o.f = m.f * 5.192296858534828e33f;           // 2^112
-    uint32_t u = (h & 0x7c00u) == 0x7c00u ? (m.u | 0x7f800000u) : o.u;
-    o.u = u | ((uint32_t)(h & 0x8000u) << 16);
-    return o.f;
-}
-
-LG_INLINE float lg_from_bf16(uint16_t h) {
-    gmpo_f32_bits b;
-    b.u = (uint32_t)h << 16;
-    return b.f;
-}
-
-// fp32 -> bf16, round to nearest even, NaN stays a quiet NaN
-LG_INLINE uint16_t lg_to_bf16(float f) {
-    gmpo_f32_bits b;
-    b.f = f;
-    uint32_t r = (b.u + 0x7fffu + ((b.u >> 16) & 1u)) >> 16;
-    uint32_t q = (b.u >> 16) | 0x40u;
-    return (uint16_t)((b.u & 0x7fffffffu) > 0x7f800000u ? q : r);
-}
-
-// fp32 -> fp16, round to nearest even, subnormals kept, overflow to inf
-LG_INLINE uint16_t lg_to_f16(float f) {
-    gmpo_f32_bits b, s;
-    b.f = f;
-    uint32_t sign = (b.u >> 16) & 0x8000u;
-    uint32_t a = b.u & 0x7fffffffu;
-    uint32_t normal = (a - 0x38000000u + 0xfffu + ((a >> 13) & 1u)) >> 13;
-    s.u = a;
-    s.f = s.f + 0.5f;                            // ulp 2^-24: the adder rounds the subnormal
-    uint32_t sub = s.u - 0x3f000000u;
-    uint32_t r = a < 0x38800000u ? sub : normal;
-    r = a >= 0x477ff000u ? 0x7c00u : r;
-    r = a > 0x7f800000u ? 0x7e00u : r;
-    return (uint16_t)(sign | r);
-}
+// fp16/bf16 <-> fp32: gmpo_math.h's branch-free converters
 
 // ----------------------------------------------------------------------------
 // chunk loops over the fp32 buffer
@@ -118,10 +80,10 @@ LG_LOOP void lg_load(const void *row, int32_t dt, int64_t off, int64_t n, float 
         for (k = 0; k < n; k++) x[k] = p[k] * s;
     } else if (dt == GMPO_DT_BF16) {
         const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) x[k] = lg_from_bf16(p[k]) * s;
+        for (k = 0; k < n; k++) x[k] = gmpo_bf16_to_f32(p[k]) * s;
     } else {
         const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) x[k] = lg_from_f16(p[k]) * s;
+        for (k = 0; k < n; k++) x[k] = gmpo_f16_to_f32(p[k]) * s;
     }
 }
 
@@ -133,10 +95,10 @@ LG_LOOP void lg_store(void *row, int32_t dt, int64_t off, int64_t n, const float
         for (k = 0; k < n; k++) p[k] = x[k];
     } else if (dt == GMPO_DT_BF16) {
         uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = lg_to_bf16(x[k]);
+        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16(x[k]);
     } else {
         uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = lg_to_f16(x[k]);
+        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16(x[k]);
     }
 }
 
@@ -365,8 +327,8 @@ gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *ent
             lg_row_forward(row, dt, a->V, s, ent, buf, &l, &h);
             int64_t id = lg_id(a, b, t);
             float zid = dt == GMPO_DT_F32 ? ((const float *)row)[id]
-                        : dt == GMPO_DT_BF16 ? lg_from_bf16(((const uint16_t *)row)[id])
-                                             : lg_from_f16(((const uint16_t *)row)[id]);
+                        : dt == GMPO_DT_BF16 ? gmpo_bf16_to_f32(((const uint16_t *)row)[id])
+                                             : gmpo_f16_to_f32(((const uint16_t *)row)[id]);
             logp[r] = zid * s - l;
             lse[r] = l;
             if (ent) entropy[r] = h;
