@@ -127,6 +127,19 @@ gmpo_status gmpo_cpu_backward(gmpo_args *a, const double *rows,
                               const void *grad_out, int32_t grad_out_dtype,
                               void *grad, int32_t grad_dtype);
 
+/* Forward and, in the same pass over the inputs, the backward for grad_out = 1:
+ * what gmpo_cpu_forward writes, plus grad (B,T contiguous, dtype grad_dtype) =
+ * d loss / d logp. For training steps whose upstream gradient is 1, it reads
+ * each input once instead of twice. (GRPO: two passes inside, same result.) */
+gmpo_status gmpo_cpu_forward_backward(gmpo_args *a, double *rows, void *out_loss,
+                                      void *out_metrics, int32_t out_dtype, void *grad,
+                                      int32_t grad_dtype);
+
+/* 1 when the CPU entry points run the common case's kernel for these
+ * arguments (grad_dtype: the gradient's dtype for forward_backward, -1 for
+ * forward), 0 when the generic one: for tests and benchmarks. */
+int gmpo_cpu_uses_fast_kernel(const gmpo_args *a, int32_t grad_dtype);
+
 /* The same on the GPU: every pointer is device memory, launched on a->stream,
  * no host synchronisation. Return GMPO_ENOTBUILT when built without CUDA. */
 gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_loss,
@@ -142,6 +155,7 @@ gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out
                                const void *out_metrics, int32_t out_dtype);
 gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *grad_out,
                                 int32_t grad_out_dtype, const void *grad, int32_t grad_dtype);
+gmpo_status gmpo_check_grad(gmpo_args *a, const void *grad, int32_t grad_dtype);
 
 
 #ifdef __cplusplus

@@ -75,14 +75,20 @@ gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out
     return GMPO_OK;
 }
 
+gmpo_status gmpo_check_grad(gmpo_args *a, const void *grad, int32_t grad_dtype) {
+    if (!gmpo_dtype_is_float(grad_dtype))
+        return fail(a, "%s: must be a floating-point tensor", "grad");
+    if (a->B * a->T != 0 && !grad) return fail(a, "%s: missing buffer", "grad");
+    return GMPO_OK;
+}
+
 gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *grad_out,
                                 int32_t grad_out_dtype, const void *grad, int32_t grad_dtype) {
     gmpo_status st = gmpo_check_args(a);
     if (st) return st;
-    if (!gmpo_dtype_is_float(grad_dtype))
-        return fail(a, "%s: must be a floating-point tensor", "grad");
+    if ((st = gmpo_check_grad(a, grad, grad_dtype))) return st;
     if (!gmpo_dtype_is_float(grad_out_dtype) || !grad_out)
         return fail(a, "%s: must be a floating-point scalar", "grad_output");
-    if (a->B * a->T != 0 && (!rows || !grad)) return fail(a, "%s: missing buffer", "backward");
+    if (a->B * a->T != 0 && !rows) return fail(a, "%s: missing buffer", "backward");
     return GMPO_OK;
 }

@@ -114,6 +114,57 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(forward_backward_doc,
+"forward_backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
+"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 log_ratio_clamp, normalizer, denom, num_threads, rows, out_loss,\n"
+"                 out_metrics, out_dtype, grad, grad_dtype)\n"
+"--\n\n"
+"CPU only: forward, and in the same pass over the inputs the gradient for an\n"
+"upstream gradient of 1 into the contiguous (B, T) buffer grad.");
+
+static PyObject *py_forward_backward(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long rows, out_loss, out_metrics, grad;
+    int out_dtype, grad_dtype;
+    if (!PyArg_ParseTuple(args, COMMON_FMT "KKKiKi:forward_backward", COMMON_ARGS(c), &rows,
+                          &out_loss, &out_metrics, &out_dtype, &grad, &grad_dtype))
+        return NULL;
+    if (check_device(&c)) return NULL;
+    if (c.device != DEV_CPU) {
+        PyErr_SetString(PyExc_ValueError, "device: forward_backward runs on the CPU only");
+        return NULL;
+    }
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = gmpo_cpu_forward_backward(&c.a, (double *)(uintptr_t)rows, (void *)(uintptr_t)out_loss,
+                                   (void *)(uintptr_t)out_metrics, out_dtype,
+                                   (void *)(uintptr_t)grad, grad_dtype);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_status(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(uses_fast_kernel_doc,
+"uses_fast_kernel(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
+"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 log_ratio_clamp, normalizer, denom, num_threads, grad_dtype)\n"
+"--\n\n"
+"Whether the CPU entry points take the common case's kernel for these\n"
+"arguments (grad_dtype: forward_backward's gradient dtype, -1 for forward).");
+
+static PyObject *py_uses_fast_kernel(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    int grad_dtype;
+    if (!PyArg_ParseTuple(args, COMMON_FMT "i:uses_fast_kernel", COMMON_ARGS(c), &grad_dtype))
+        return NULL;
+    return PyBool_FromLong(gmpo_cpu_uses_fast_kernel(&c.a, grad_dtype));
+}
+
 PyDoc_STRVAR(backward_doc,
 "backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
 "         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
@@ -257,6 +308,8 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
+    {"forward_backward", py_forward_backward, METH_VARARGS, forward_backward_doc},
+    {"uses_fast_kernel", py_uses_fast_kernel, METH_VARARGS, uses_fast_kernel_doc},
     {"logits_forward", py_logits_forward, METH_VARARGS, logits_forward_doc},
     {"logits_backward", py_logits_backward, METH_VARARGS, logits_backward_doc},
     {NULL, NULL, 0, NULL},

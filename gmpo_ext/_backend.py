@@ -125,6 +125,45 @@ def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, con
     return loss, metrics, rows
 
 
+def fuses(device: torch.device) -> bool:
+    """Whether forward_backward runs for tensors on ``device`` (the C core's CPU
+    kernels; not CUDA, not the SIMT emulation of the CUDA kernels)."""
+    return device.type == "cpu" and _simt_module is None
+
+
+def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
+                     convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
+                     normalizer, denom):
+    """forward(), plus the gradient for an upstream gradient of 1, computed in
+    the same pass over the inputs (CPU only: see fuses())."""
+    B, T = logps.shape
+    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64)
+    loss = torch.empty((), dtype=out_dtype)
+    metrics = torch.empty((METRICS,), dtype=out_dtype)
+    grad = torch.empty((B, T), dtype=logps.dtype)
+    (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
+                                      is_weights, convention, loss_type, eps_low, eps_high,
+                                      beta, log_ratio_clamp, normalizer, denom)
+    _C.forward_backward(algo, 0, 0, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
+                        metrics.data_ptr(), DTYPE_CODES[out_dtype], grad.data_ptr(),
+                        DTYPE_CODES[grad.dtype])
+    del keep
+    return loss, metrics, rows, grad
+
+
+def uses_fast_kernel(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
+                     convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
+                     normalizer, denom, grad_dtype=None):
+    """Whether the C core takes its common case's kernel for these CPU inputs
+    (grad_dtype: that of forward_backward's gradient; None: forward)."""
+    (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
+                                      is_weights, convention, loss_type, eps_low, eps_high,
+                                      beta, log_ratio_clamp, normalizer, denom)
+    code = -1 if grad_dtype is None else DTYPE_CODES[grad_dtype]
+    return _C.uses_fast_kernel(algo, 0, 0, B, T, *rest, code)
+
+
 def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
              convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
     grad = torch.empty(logps.shape, dtype=logps.dtype, device=logps.device)

@@ -118,12 +118,24 @@ loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerLoss(torch.autograd.Function):
-    """The eager fast path: the same _backend calls as the ops, no dispatcher."""
+    """The eager fast path: the same _backend calls as the ops, no dispatcher.
+
+    On the CPU, when logps will get a gradient, the forward also computes it
+    for an upstream gradient of 1 in the same pass over the inputs (the usual
+    ``loss.backward()``) and keeps it until the backward, which then only
+    hands it over; any other upstream gradient, or a second backward,
+    recomputes it from the saved inputs as the op does.
+    """
 
     @staticmethod
     def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, *opts):
-        loss, metrics, rows = _backend.forward(opts[0], logps, old_logps, advantages, mask,
-                                               ref_logps, is_weights, *opts[1:])
+        ctx.grad = None
+        if ctx.needs_input_grad[0] and _backend.fuses(logps.device):
+            loss, metrics, rows, ctx.grad = _backend.forward_backward(
+                opts[0], logps, old_logps, advantages, mask, ref_logps, is_weights, *opts[1:])
+        else:
+            loss, metrics, rows = _backend.forward(opts[0], logps, old_logps, advantages, mask,
+                                                   ref_logps, is_weights, *opts[1:])
         ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, rows)
         ctx.opts = opts
         ctx.mark_non_differentiable(metrics, rows)
@@ -136,6 +148,9 @@ class _EagerLoss(torch.autograd.Function):
             # is not itself differentiable; say so rather than return zeros
             raise RuntimeError("gmpo_ext: the fused loss supports one backward pass; double "
                                "backward (create_graph=True, Hessians) is not implemented")
+        grad, ctx.grad = ctx.grad, None   # handed over once: autograd may keep it as .grad
+        if grad is not None and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            return (grad,) + (None,) * (5 + len(_OPTS))
         logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:

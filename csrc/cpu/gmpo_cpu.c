@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include "../gmpo.h"
 #include "../gmpo_math.h"
 
@@ -31,6 +32,7 @@
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(GMPO_NO_CLONES) && !defined(__SANITIZE_ADDRESS__)
 #define GMPO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GMPO_CLONES_ON 1
 #else
 #define GMPO_CLONES
 #endif
@@ -51,6 +53,84 @@
 #undef GMPO_S
 
 // ----------------------------------------------------------------------------
+// the common case's row kernel (see gmpo_cpu_fast.h)
+
+#if defined(__GNUC__) || defined(__clang__)
+#define GMPO_HAVE_FAST 1
+
+// one copy per instruction set where GMPO_CLONES applies (see gmpo_cpu_fast.h)
+#if defined(GMPO_CLONES_ON) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define FAST_S(name) name##_v4
+#define FAST_W 16
+#include "gmpo_cpu_fast.h"
+#undef FAST_W
+#undef FAST_S
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define FAST_S(name) name##_v3
+#define FAST_W 8
+#include "gmpo_cpu_fast.h"
+#undef FAST_W
+#undef FAST_S
+#pragma GCC pop_options
+#endif
+#define FAST_S(name) name##_v1
+#define FAST_W 4
+#include "gmpo_cpu_fast.h"
+#undef FAST_W
+#undef FAST_S
+
+// The fast instances for the machine this runs on: the best of x86-64-v4
+// (AVX-512), v3 (AVX2) and the baseline, or the level in the environment
+// variable GMPO_EXT_CPU_LEVEL (1, 3 or 4: for tests; never above the machine's).
+static const fast_fn *fast_fns(void) {
+    static _Atomic int level = 0;   // 0: not chosen yet (idempotent: a race is harmless)
+    int lv = level;
+    if (!lv) {
+        lv = 1;
+#if defined(GMPO_CLONES_ON) && !defined(__clang__)
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("x86-64-v4")) lv = 4;
+        else if (__builtin_cpu_supports("x86-64-v3")) lv = 3;
+#endif
+        const char *env = getenv("GMPO_EXT_CPU_LEVEL");
+        if (env && (env[0] == '1' || env[0] == '3') && env[0] - '0' < lv) lv = env[0] - '0';
+        level = lv;
+    }
+#if defined(GMPO_CLONES_ON) && !defined(__clang__)
+    if (lv == 4) return fns_v4;
+    if (lv == 3) return fns_v3;
+#endif
+    return fns_v1;
+}
+#else
+#define GMPO_HAVE_FAST 0
+typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
+static const fast_fn *fast_fns(void) { return NULL; }
+#endif
+
+// The fast kernel's instance for a call, or -1 where the generic one runs:
+// 4 * log-prob dtype (f32, bf16, f16) + 2 * (mask f32) + verl, plus 12 with the
+// safety clamp. With a gradient buffer (grad_dtype >= 0), only fp32 gradients.
+static int fast_instance(const gmpo_args *a, int32_t grad_dtype) {
+    if (!GMPO_HAVE_FAST) return -1;
+    if (a->algo != GMPO_ALGO_GMPO || a->beta != 0 || a->adv.stride_t != 0) return -1;
+    if (a->is_w.data && a->is_w.stride_t != 0) return -1;
+    int32_t dt = a->logp.dtype, mdt = a->mask.dtype;
+    if (a->old_logp.dtype != dt) return -1;
+    if (a->T > 1 && (a->logp.stride_t != 1 || a->old_logp.stride_t != 1 || a->mask.stride_t != 1))
+        return -1;
+    if (grad_dtype >= 0 && grad_dtype != GMPO_DT_F32) return -1;
+    int d = dt == GMPO_DT_F32 ? 0 : dt == GMPO_DT_BF16 ? 1 : dt == GMPO_DT_F16 ? 2 : -1;
+    int m = (mdt == GMPO_DT_BOOL || mdt == GMPO_DT_U8) ? 0 : mdt == GMPO_DT_F32 ? 1 : -1;
+    if (d < 0 || m < 0) return -1;
+    return 12 * (a->log_ratio_clamp > 0) + 4 * d + 2 * m + (a->convention == GMPO_CONV_VERL);
+}
+
+// ----------------------------------------------------------------------------
 // threading: rows in contiguous static chunks, one per thread
 
 // below this many tokens one thread is faster than waking the others
@@ -67,16 +147,22 @@ static void chunk(int64_t B, int t, int nt, int64_t *r0, int64_t *r1) {
     *r1 = B * (t + 1) / nt;
 }
 
-static void forward_rows(const gmpo_args *a, double *rows) {
+// forward of every row; with grad (grad_dtype >= 0) also the gradient for
+// grad_out = 1, row by row (gmpo only)
+static void forward_rows(const gmpo_args *a, double *rows, void *grad, int32_t grad_dtype) {
     int nt = threads_for(a);
     int f64 = a->logp.dtype == GMPO_DT_F64;
+    int fast = f64 ? -1 : fast_instance(a, grad ? grad_dtype : -1);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
 #endif
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (f64) rows_forward_d(a, r0, r1, rows);
+        if (fast >= 0) fast_fns()[fast](a, r0, r1, rows, (float *)grad);
+        else if (grad && f64) rows_fused_d(a, r0, r1, rows, grad, grad_dtype);
+        else if (grad) rows_fused_f(a, r0, r1, rows, grad, grad_dtype);
+        else if (f64) rows_forward_d(a, r0, r1, rows);
         else rows_forward_f(a, r0, r1, rows);
     }
 }
@@ -99,12 +185,9 @@ static void backward_rows(const gmpo_args *a, const double *rows, double go, voi
 // ----------------------------------------------------------------------------
 // entry points
 
-gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
-                             void *out_metrics, int32_t out_dtype) {
-    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
-    if (st) return st;
-    forward_rows(a, rows);
-
+// the batch totals into row B of rows, the loss and the metrics
+static void finish(gmpo_args *a, double *rows, void *out_loss, void *out_metrics,
+                   int32_t out_dtype) {
     double *tot = rows + a->B * GMPO_ROW_STATS;
     gmpo_totals_init(tot);
     for (int64_t i = 0; i < a->B; i++) gmpo_totals_add_row(tot, rows + i * GMPO_ROW_STATS);
@@ -113,6 +196,36 @@ gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
     gmpo_finish_totals(a, tot, out);
     gmpo_store_d(out_loss, out_dtype, 0, out[0]);
     for (int k = 0; k < GMPO_METRICS; k++) gmpo_store_d(out_metrics, out_dtype, k, out[k + 1]);
+}
+
+gmpo_status gmpo_cpu_forward(gmpo_args *a, double *rows, void *out_loss,
+                             void *out_metrics, int32_t out_dtype) {
+    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
+    if (st) return st;
+    forward_rows(a, rows, NULL, -1);
+    finish(a, rows, out_loss, out_metrics, out_dtype);
+    return GMPO_OK;
+}
+
+int gmpo_cpu_uses_fast_kernel(const gmpo_args *a, int32_t grad_dtype) {
+    return a->logp.dtype != GMPO_DT_F64 && fast_instance(a, grad_dtype) >= 0;
+}
+
+gmpo_status gmpo_cpu_forward_backward(gmpo_args *a, double *rows, void *out_loss,
+                                      void *out_metrics, int32_t out_dtype, void *grad,
+                                      int32_t grad_dtype) {
+    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
+    if (st) return st;
+    if ((st = gmpo_check_grad(a, grad, grad_dtype))) return st;
+    if (a->algo != GMPO_ALGO_GMPO) {
+        // grpo's token weights may need the whole batch's mask sum: two passes
+        forward_rows(a, rows, NULL, -1);
+        finish(a, rows, out_loss, out_metrics, out_dtype);
+        if (a->B * a->T != 0) backward_rows(a, rows, 1.0, grad, grad_dtype);
+        return GMPO_OK;
+    }
+    forward_rows(a, rows, a->B * a->T != 0 ? grad : NULL, grad_dtype);
+    finish(a, rows, out_loss, out_metrics, out_dtype);
     return GMPO_OK;
 }
 

@@ -107,23 +107,39 @@ static void GMPO_S(row_constants)(const gmpo_args *a, int64_t i, GMPO_S(scratch)
 // ----------------------------------------------------------------------------
 // forward
 
-// Sums of one tile into acc. The tokens are spread over GMPO_LANES independent
+// The lane sums of a row: the tokens are spread over GMPO_LANES independent
 // partial sums (a fixed order, so every run gives the same bits) that the
-// compiler keeps in vector registers; the lanes are folded once per tile.
+// compiler keeps in vector registers; they are folded once, at the row's end.
+typedef struct {
+    GMPO_T my[GMPO_LANES], nn[GMPO_LANES], am[GMPO_LANES], lw[GMPO_LANES], kk[GMPO_LANES];
+    GMPO_T m0[GMPO_LANES], m1[GMPO_LANES], m2[GMPO_LANES];
+} GMPO_S(lanes);
+
+GMPO_INLINE void GMPO_S(lanes_zero)(GMPO_S(lanes) *L) {
+    for (int j = 0; j < GMPO_LANES; j++) {
+        L->my[j] = 0; L->nn[j] = 0; L->am[j] = 0; L->lw[j] = 0; L->kk[j] = 0;
+        L->m0[j] = 0; L->m1[j] = 0; L->m2[j] = 0;
+    }
+}
+
+GMPO_INLINE void GMPO_S(lanes_fold)(const GMPO_S(lanes) *L, GMPO_S(gmpo_acc) *acc) {
+    for (int j = 0; j < GMPO_LANES; j++) {
+        acc->my += L->my[j]; acc->n += L->nn[j]; acc->am += L->am[j]; acc->logw += L->lw[j];
+        acc->k += L->kk[j]; acc->m0 += L->m0[j]; acc->m1 += L->m1[j]; acc->m2 += L->m2[j];
+    }
+}
+
+// Sums of one tile into the lanes (n: a multiple of GMPO_LANES except at the
+// row's end, so token t of the row always lands in lane t % GMPO_LANES).
 GMPO_INLINE void GMPO_S(tile_forward)(const GMPO_S(gmpo_opts) *opts, GMPO_FLAGS_DECL, int64_t n,
                                       const GMPO_T *restrict m, const GMPO_T *restrict lp,
                                       const GMPO_T *restrict olp, const GMPO_T *restrict adv,
                                       const GMPO_T *restrict ref, const GMPO_T *restrict w,
-                                      GMPO_S(gmpo_acc) *acc) {
+                                      GMPO_S(lanes) *restrict L) {
     GMPO_S(gmpo_opts) oc = *opts;
     GMPO_FLAGS_SET(oc);
     const GMPO_S(gmpo_opts) *o = &oc;
-    GMPO_T my[GMPO_LANES], nn[GMPO_LANES], am[GMPO_LANES], lw[GMPO_LANES], kk[GMPO_LANES];
-    GMPO_T m0[GMPO_LANES], m1[GMPO_LANES], m2[GMPO_LANES];
     int j;
-    for (j = 0; j < GMPO_LANES; j++) {
-        my[j] = 0; nn[j] = 0; am[j] = 0; lw[j] = 0; kk[j] = 0; m0[j] = 0; m1[j] = 0; m2[j] = 0;
-    }
     for (int64_t k0 = 0; k0 < n; k0 += GMPO_LANES) {
         int lanes = n - k0 < GMPO_LANES ? (int)(n - k0) : GMPO_LANES;
         if (lanes == GMPO_LANES) {
@@ -137,14 +153,14 @@ GMPO_INLINE void GMPO_S(tile_forward)(const GMPO_S(gmpo_opts) *opts, GMPO_FLAGS_
                 // where a NaN or inf in a masked token could leak through
                 // (n, and trl's clip counts, are exactly 0 when m is)
                 int on = mk != 0;
-                my[j] += on ? c.my : 0;
-                nn[j] += c.n;
-                am[j] += on ? c.am : 0;
-                if (o->isw_tok) lw[j] += on ? c.logw : 0;
-                if (o->beta_on) kk[j] += on ? c.k : 0;
-                m0[j] += c.m0;
-                m1[j] += c.m1;
-                m2[j] += o->verl ? (on ? c.m2 : 0) : c.m2;
+                L->my[j] += on ? c.my : 0;
+                L->nn[j] += c.n;
+                L->am[j] += on ? c.am : 0;
+                if (o->isw_tok) L->lw[j] += on ? c.logw : 0;
+                if (o->beta_on) L->kk[j] += on ? c.k : 0;
+                L->m0[j] += c.m0;
+                L->m1[j] += c.m1;
+                L->m2[j] += o->verl ? (on ? c.m2 : 0) : c.m2;
             }
         } else {
             for (j = 0; j < lanes; j++) {
@@ -153,14 +169,10 @@ GMPO_INLINE void GMPO_S(tile_forward)(const GMPO_S(gmpo_opts) *opts, GMPO_FLAGS_
                 if (mk == 0) continue;
                 GMPO_S(gmpo_acc) c = GMPO_S(gmpo_token_contrib)(o, mk, lp[k], olp[k], adv[k],
                                                                 ref[k], w[k]);
-                my[j] += c.my; nn[j] += c.n; am[j] += c.am; lw[j] += c.logw; kk[j] += c.k;
-                m0[j] += c.m0; m1[j] += c.m1; m2[j] += c.m2;
+                L->my[j] += c.my; L->nn[j] += c.n; L->am[j] += c.am; L->lw[j] += c.logw;
+                L->kk[j] += c.k; L->m0[j] += c.m0; L->m1[j] += c.m1; L->m2[j] += c.m2;
             }
         }
-    }
-    for (j = 0; j < GMPO_LANES; j++) {
-        acc->my += my[j]; acc->n += nn[j]; acc->am += am[j]; acc->logw += lw[j];
-        acc->k += kk[j]; acc->m0 += m0[j]; acc->m1 += m1[j]; acc->m2 += m2[j];
     }
 }
 
@@ -169,14 +181,17 @@ GMPO_INLINE void GMPO_S(row_forward_o)(const gmpo_args *a, const GMPO_S(gmpo_opt
                                        double *rs) {
     GMPO_T adv_row, w_row;
     GMPO_S(row_constants)(a, i, sc, &adv_row, &w_row);
-    GMPO_S(gmpo_acc) acc;
-    GMPO_S(gmpo_acc_zero)(&acc);
+    GMPO_S(lanes) L;
+    GMPO_S(lanes_zero)(&L);
     for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
         int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
         GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, sc);
         GMPO_S(tile_forward)(o, GMPO_FLAGS_PASS, n, tl.m, tl.lp, tl.olp, tl.adv, tl.ref, tl.w,
-                             &acc);
+                             &L);
     }
+    GMPO_S(gmpo_acc) acc;
+    GMPO_S(gmpo_acc_zero)(&acc);
+    GMPO_S(lanes_fold)(&L, &acc);
     GMPO_S(gmpo_row_finish)(a, &acc, adv_row, w_row, rs);
 }
 
@@ -272,6 +287,26 @@ GMPO_INLINE void GMPO_S(row_backward_o)(const gmpo_args *a, const GMPO_S(gmpo_op
             GMPO_S(row_backward_o)(a, o, V, B, W, G, i, &sc, rows, go, grad, gdt);   \
     }
 GMPO_INSTANCES(GMPO_MAKE_ROWS_BACKWARD)
+
+// forward and backward (grad_out = 1) of each row in turn, while its inputs
+// are still in the cache (gmpo only: a row's gradient needs only its own sums)
+#define GMPO_MAKE_ROWS_FUSED(K, V, B, W, G)                                          \
+    GMPO_CLONES static void GMPO_S(rows_fused_##K)(                                  \
+        const gmpo_args *a, const GMPO_S(gmpo_opts) *o, int64_t r0, int64_t r1,      \
+        double *rows, void *grad, int32_t gdt) {                                     \
+        GMPO_S(scratch) sc;                                                          \
+        for (int64_t i = r0; i < r1; i++) {                                          \
+            GMPO_S(row_forward_o)(a, o, V, B, W, G, i, &sc, rows + i * GMPO_ROW_STATS); \
+            GMPO_S(row_backward_o)(a, o, V, B, W, G, i, &sc, rows, 1.0, grad, gdt);  \
+        }                                                                            \
+    }
+GMPO_INSTANCES(GMPO_MAKE_ROWS_FUSED)
+
+static void GMPO_S(rows_fused)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows,
+                               void *grad, int32_t gdt) {
+    GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
+    GMPO_DISPATCH(rows_fused, a, &o_, r0, r1, rows, grad, gdt)
+}
 
 static void GMPO_S(rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
                                   const double *rows, double go, void *grad, int32_t gdt) {
