@@ -60,11 +60,15 @@
 
 // one copy per instruction set where GMPO_CLONES applies (see gmpo_cpu_fast.h)
 #if defined(GMPO_CLONES_ON) && !defined(__clang__)
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 #define FAST_S(name) name##_v4
 #define FAST_W 16
+#define FAST_ZX_U8(out, p) \
+    (*(out) = (fv_v4)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))))
 #include "gmpo_cpu_fast.h"
+#undef FAST_ZX_U8
 #undef FAST_W
 #undef FAST_S
 #pragma GCC pop_options
@@ -72,7 +76,10 @@
 #pragma GCC target("arch=x86-64-v3")
 #define FAST_S(name) name##_v3
 #define FAST_W 8
+#define FAST_ZX_U8(out, p) \
+    (*(out) = (fv_v3)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))))
 #include "gmpo_cpu_fast.h"
+#undef FAST_ZX_U8
 #undef FAST_W
 #undef FAST_S
 #pragma GCC pop_options
@@ -86,7 +93,7 @@
 // The fast instances for the machine this runs on: the best of x86-64-v4
 // (AVX-512), v3 (AVX2) and the baseline, or the level in the environment
 // variable GMPO_EXT_CPU_LEVEL (1, 3 or 4: for tests; never above the machine's).
-static const fast_fn *fast_fns(void) {
+static int fast_level(void) {
     static _Atomic int level = 0;   // 0: not chosen yet (idempotent: a race is harmless)
     int lv = level;
     if (!lv) {
@@ -100,16 +107,35 @@ static const fast_fn *fast_fns(void) {
         if (env && (env[0] == '1' || env[0] == '3') && env[0] - '0' < lv) lv = env[0] - '0';
         level = lv;
     }
+    return lv;
+}
+
+static const fast_fn *fast_fns(void) {
+    int lv = fast_level();
 #if defined(GMPO_CLONES_ON) && !defined(__clang__)
     if (lv == 4) return fns_v4;
     if (lv == 3) return fns_v3;
 #endif
+    (void)lv;
     return fns_v1;
+}
+
+static const fast_bwd_fn *fast_bwd_fns(void) {
+    int lv = fast_level();
+#if defined(GMPO_CLONES_ON) && !defined(__clang__)
+    if (lv == 4) return bwd_fns_v4;
+    if (lv == 3) return bwd_fns_v3;
+#endif
+    (void)lv;
+    return bwd_fns_v1;
 }
 #else
 #define GMPO_HAVE_FAST 0
 typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
+typedef void (*fast_bwd_fn)(const gmpo_args *, int64_t, int64_t, const double *, double,
+                            float *);
 static const fast_fn *fast_fns(void) { return NULL; }
+static const fast_bwd_fn *fast_bwd_fns(void) { return NULL; }
 #endif
 
 // The fast kernel's instance for a call, or -1 where the generic one runs:
@@ -171,13 +197,15 @@ static void backward_rows(const gmpo_args *a, const double *rows, double go, voi
                           int32_t gdt) {
     int nt = threads_for(a);
     int f64 = a->logp.dtype == GMPO_DT_F64;
+    int fast = f64 ? -1 : fast_instance(a, gdt);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
 #endif
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (f64) rows_backward_d(a, r0, r1, rows, go, grad, gdt);
+        if (fast >= 0) fast_bwd_fns()[fast](a, r0, r1, rows, go, (float *)grad);
+        else if (f64) rows_backward_d(a, r0, r1, rows, go, grad, gdt);
         else rows_backward_f(a, r0, r1, rows, go, grad, gdt);
     }
 }

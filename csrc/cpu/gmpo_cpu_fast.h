@@ -41,6 +41,8 @@ typedef uint8_t FAST_S(bv) __attribute__((vector_size(FAST_W)));
 
 #ifndef FAST_SEL
 typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
+typedef void (*fast_bwd_fn)(const gmpo_args *, int64_t, int64_t, const double *, double,
+                            float *);
 // c ? a : b per lane (c: all ones or all zeros, as vector comparisons give).
 // Macros and out-parameters rather than vector arguments and results: GCC
 // notes an ABI change for those, though every helper here is inlined.
@@ -72,12 +74,17 @@ GMPO_INLINE void FAST_S(fast_load)(FAST_S(fv) *out, const void *row, const int d
         return;
     }
     case GMPO_DT_U8: {
+#if defined(FAST_ZX_U8)
+        // the instruction set's zero-extending load (one vpmovzxbd)
+        FAST_ZX_U8(out, (const uint8_t *)row + k);
+#else
         FAST_S(bv) b;
         __builtin_memcpy(&b, (const uint8_t *)row + k, sizeof b);
         // a step at a time (u8 -> u16 -> i32 -> f32): GCC splits a direct
         // conversion into scalars
         FAST_S(hv) h = __builtin_convertvector(b, FAST_S(hv));
         *out = __builtin_convertvector(__builtin_convertvector(h, FAST_S(iv)), FAST_S(fv));
+#endif
         return;
     }
     default: {
@@ -103,38 +110,46 @@ GMPO_INLINE size_t FAST_S(fast_size)(const int dt) {
 
 // The per-token step on one vector of tokens. The row's constants: y =
 // clamp(l, lo, hi); the clip metric counts a token where l < clo or l > chi
-// (trl) or where !(-el <= l <= eh) (verl). Updates the lane sums sy (m*y), sn
-// (m), sc (clip count), sl (m*l, verl) and returns the gradient mark (m where
-// the token passes the gradient, else 0).
+// (trl) or where !(-el <= l <= eh) (verl). WR 0 and 1 update the lane sums
+// sy (m*y), sn (m), sc (clip count), sl (m*l, verl); WR 1 also stores (S) the
+// gradient mark g: m where the token passes the gradient, m*0 elsewhere (0,
+// or NaN for a NaN weight, as m*0 gives in gmpo_token_grad_o); WR 2 stores
+// only the gradient itself, m * (pass ? pg : 0) as gmpo_token_grad_o has it.
 #define FAST_STEP(V, S, SEL, sy, sn, sc, sl)                                           \
     {                                                                                  \
         V l = lr;                                                                      \
         if (clamp) l = SEL(lr < -C, -C, SEL(lr > C, C, lr));                           \
-        V y = SEL(l < lo, lo, SEL(l > hi, hi, l));                                     \
-        sy += SEL(m != zero, m * y, zero);                                             \
-        sn += m;                                                                       \
-        if (verl) {                                                                    \
-            sc += SEL(l >= -el, SEL(l <= eh, zero, m), m);                             \
-            sl += SEL(m != zero, -m * l, zero);                                        \
-        } else {                                                                       \
-            sc += SEL(l < clo, m, SEL(l > chi, m, zero));                              \
+        if (WR != 2) {                                                                 \
+            V y = SEL(l < lo, lo, SEL(l > hi, hi, l));                                 \
+            sy += SEL(m != zero, m * y, zero);                                         \
+            sn += m;                                                                   \
+            if (verl) {                                                                \
+                sc += SEL(l >= -el, SEL(l <= eh, zero, m), m);                         \
+                sl += SEL(m != zero, -m * l, zero);                                    \
+            } else {                                                                   \
+                sc += SEL(l < clo, m, SEL(l > chi, m, zero));                          \
+            }                                                                          \
         }                                                                              \
         if (WR) {                                                                      \
-            V g = SEL(l >= lo, SEL(l <= hi, m, zero), zero);                           \
-            if (clamp) g = SEL(lr >= -C, SEL(lr <= C, g, zero), zero);                 \
+            V p_ = WR == 1 ? m : pgv, z_ = WR == 1 ? m * zero : zero;                  \
+            V g = SEL(l >= lo, SEL(l <= hi, p_, z_), z_);                              \
+            if (clamp) g = SEL(lr >= -C, SEL(lr <= C, g, z_), z_);                     \
+            if (WR == 2) g = SEL(m != zero, m * g, zero);                              \
             S;                                                                         \
         }                                                                              \
     }
 #define FAST_SCALAR_SEL(c, a, b) ((c) ? (a) : (b))
 
 // Row i. dt: the log-probs' dtype, mdt: the mask's (GMPO_DT_U8 also for bool),
-// verl, clamp: the convention and whether log_ratio_clamp is set, WR: whether
-// to write the gradient (u: row i of the fp32 gradient). Writes row i of rows.
-GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, const int dt, const int mdt,
-                          const int verl, const int clamp, const int WR, int64_t i,
-                          float adv_row, float w_row, float *restrict u, double *rows) {
+// verl, clamp: the convention and whether log_ratio_clamp is set. WR 0: the
+// forward, into rows[i]; WR 1: and the gradient for grad_out = 1 into u (row
+// i of the fp32 gradient); WR 2: only the gradient, with pg the row's factor
+// (gmpo_row_grad_factors).
+GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, const int dt,
+                                  const int mdt, const int verl, const int clamp, const int WR,
+                                  int64_t i, float adv_row, float w_row, float pg,
+                                  float *restrict u, double *rows) {
     const int64_t T = a->T;
-    double *rs = rows + i * GMPO_ROW_STATS;
     const void *lpr = (const char *)a->logp.data + (size_t)(i * a->logp.stride_b) * FAST_S(fast_size)(dt);
     const void *olpr =
         (const char *)a->old_logp.data + (size_t)(i * a->old_logp.stride_b) * FAST_S(fast_size)(dt);
@@ -152,6 +167,7 @@ GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, cons
         const FAST_S(fv) C = FAST_SPLAT(fC), el = FAST_SPLAT(fel), eh = FAST_SPLAT(feh);
         const FAST_S(fv) lo = FAST_SPLAT(flo), hi = FAST_SPLAT(fhi);
         const FAST_S(fv) clo = FAST_SPLAT(fclo), chi = FAST_SPLAT(fchi), zero = FAST_SPLAT(0);
+        const FAST_S(fv) pgv = FAST_SPLAT(pg);
         FAST_S(fv) sy[FAST_NV], sn[FAST_NV], sc[FAST_NV], sl[FAST_NV];
         int c;
         for (c = 0; c < FAST_NV; c++) { sy[c] = zero; sn[c] = zero; sc[c] = zero; sl[c] = zero; }
@@ -177,12 +193,13 @@ GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, cons
     // the last T % GMPO_LANES tokens, one lane each, the same operations
     for (int j = 0; k0 + j < T; j++) {
         const float C = fC, el = fel, eh = feh, lo = flo, hi = fhi, clo = fclo, chi = fchi;
-        const float zero = 0;
+        const float zero = 0, pgv = pg;
         float m = FAST_S(fast_load1)(mr, mdt, k0 + j);
         float lr = FAST_S(fast_load1)(lpr, dt, k0 + j) - FAST_S(fast_load1)(olpr, dt, k0 + j);
         FAST_STEP(float, u[k0 + j] = g, FAST_SCALAR_SEL, ly[j], ln[j], lc[j], ll[j])
     }
 
+    if (WR == 2) return;
     gmpo_acc_f acc;
     gmpo_acc_zero_f(&acc);
     for (int j = 0; j < GMPO_LANES; j++) {
@@ -201,23 +218,24 @@ GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, cons
         acc.m1 = adv_row > 0 ? cnt : 0.0f;
         acc.m2 = cnt;   // low and high exclude each other within a row
     }
-    gmpo_row_finish_f(a, &acc, adv_row, w_row, rs);
+    gmpo_row_finish_f(a, &acc, adv_row, w_row, rows + i * GMPO_ROW_STATS);
     if (WR) {
         double pg_d, kl_d;
         gmpo_row_grad_factors(a, rows, i, 1.0, &pg_d, &kl_d);
-        const float pg = (float)pg_d;
+        const float pg1 = (float)pg_d;
         // a select, never 0 * inf: tokens that pass nothing stay exactly 0
 #pragma omp simd
-        for (int64_t k = 0; k < T; k++) u[k] = u[k] != 0 ? u[k] * pg : 0.0f;
+        for (int64_t k = 0; k < T; k++) u[k] = u[k] != 0 ? u[k] * pg1 : 0.0f;
     }
 }
 #undef FAST_STEP
 #undef FAST_SCALAR_SEL
 #undef FAST_NV
 
-// rows [r0, r1) through instance K (dtype DT, mask MDT, convention V, clamp
-// CL); u: the fp32 gradient (B, T) or NULL. verl's zero-advantage rows (all
-// their tokens dropped) go to the generic kernel.
+// Rows [r0, r1) through instance K (dtype DT, mask MDT, convention V, clamp
+// CL): rows_K the forward (u: the fp32 gradient (B, T) for grad_out = 1, or
+// NULL), bwd_K the backward (grad: the fp32 gradient, grad_out go). verl's
+// zero-advantage rows (all their tokens dropped) go to the generic kernel.
 #define FAST_MAKE(K, DT, MDT, V, CL)                                                   \
     static void FAST_S(rows_##K)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows, \
                                  float *u) {                                           \
@@ -229,8 +247,23 @@ GMPO_INLINE void FAST_S(fast_row)(const gmpo_args *a, const gmpo_opts_f *o, cons
                 else rows_forward_f(a, i, i + 1, rows);                                \
                 continue;                                                              \
             }                                                                          \
-            if (u) FAST_S(fast_row)(a, &o, DT, MDT, V, CL, 1, i, adv_row, w_row, u + i * a->T, rows); \
-            else FAST_S(fast_row)(a, &o, DT, MDT, V, CL, 0, i, adv_row, w_row, 0, rows);   \
+            if (u) FAST_S(fast_row)(a, &o, DT, MDT, V, CL, 1, i, adv_row, w_row, 0, u + i * a->T, rows); \
+            else FAST_S(fast_row)(a, &o, DT, MDT, V, CL, 0, i, adv_row, w_row, 0, 0, rows); \
+        }                                                                              \
+    }                                                                                  \
+    static void FAST_S(bwd_##K)(const gmpo_args *a, int64_t r0, int64_t r1,            \
+                                const double *rows, double go, float *grad) {          \
+        gmpo_opts_f o = gmpo_opts_make_f(a);                                           \
+        for (int64_t i = r0; i < r1; i++) {                                            \
+            float adv_row = row_value_f(&a->adv, i, 0);                                \
+            if (V && adv_row == 0) {                                                   \
+                rows_backward_f(a, i, i + 1, rows, go, grad, GMPO_DT_F32);             \
+                continue;                                                              \
+            }                                                                          \
+            double pg, kl;                                                             \
+            gmpo_row_grad_factors(a, rows, i, go, &pg, &kl);                           \
+            FAST_S(fast_row)(a, &o, DT, MDT, V, CL, 2, i, adv_row, 1, (float)pg,       \
+                             grad + i * a->T, 0);                                      \
         }                                                                              \
     }
 #define FAST_CL(K, CL)                                                                 \
@@ -259,4 +292,12 @@ static const fast_fn FAST_S(fns)[24] = {
     FAST_S(rows_c_0), FAST_S(rows_c_1), FAST_S(rows_c_2), FAST_S(rows_c_3),
     FAST_S(rows_c_4), FAST_S(rows_c_5), FAST_S(rows_c_6), FAST_S(rows_c_7),
     FAST_S(rows_c_8), FAST_S(rows_c_9), FAST_S(rows_c_10), FAST_S(rows_c_11),
+};
+static const fast_bwd_fn FAST_S(bwd_fns)[24] = {
+    FAST_S(bwd_n_0), FAST_S(bwd_n_1), FAST_S(bwd_n_2), FAST_S(bwd_n_3),
+    FAST_S(bwd_n_4), FAST_S(bwd_n_5), FAST_S(bwd_n_6), FAST_S(bwd_n_7),
+    FAST_S(bwd_n_8), FAST_S(bwd_n_9), FAST_S(bwd_n_10), FAST_S(bwd_n_11),
+    FAST_S(bwd_c_0), FAST_S(bwd_c_1), FAST_S(bwd_c_2), FAST_S(bwd_c_3),
+    FAST_S(bwd_c_4), FAST_S(bwd_c_5), FAST_S(bwd_c_6), FAST_S(bwd_c_7),
+    FAST_S(bwd_c_8), FAST_S(bwd_c_9), FAST_S(bwd_c_10), FAST_S(bwd_c_11),
 };

@@ -380,6 +380,28 @@ static result run(call *c, int32_t grad_dt, double go) {
                                out_dt, B * T != 0 ? g : NULL, grad_dt);
     r.grad = xcalloc((size_t)(B * T), sizeof(double));
     for (int64_t k = 0; k < B * T; k++) r.grad[k] = get(g, grad_dt, k);
+    if (go == 1.0) {
+        // the fused entry point: the forward's outputs and the backward's gradient, bit for bit
+        double *rows2 = xcalloc((size_t)(B + 1) * GMPO_ROW_STATS, sizeof(double));
+        double o8[1 + GMPO_METRICS];
+        float o4[1 + GMPO_METRICS];
+        void *loss2 = out_dt == GMPO_DT_F64 ? (void *)o8 : (void *)o4;
+        void *metrics2 = out_dt == GMPO_DT_F64 ? (void *)(o8 + 1) : (void *)(o4 + 1);
+        void *g2 = xcalloc((size_t)(B * T), dtype_size(grad_dt));
+        gmpo_status st = gmpo_cpu_forward_backward(&c->a, rows2, loss2, metrics2, out_dt,
+                                                   B * T != 0 ? g2 : NULL, grad_dt);
+        CHECK(st == (r.st_f ? r.st_f : r.st_b), "forward_backward status %d", st);
+        if (st == GMPO_OK) {
+            size_t osz = (size_t)(1 + GMPO_METRICS) * (out_dt == GMPO_DT_F64 ? 8 : 4);
+            CHECK(memcmp(loss2, loss, osz) == 0, "forward_backward: loss or metrics differ");
+            CHECK(memcmp(rows2, rows, (size_t)(B + 1) * GMPO_ROW_STATS * sizeof(double)) == 0,
+                  "forward_backward: row statistics differ");
+            CHECK(memcmp(g2, g, (size_t)(B * T) * dtype_size(grad_dt)) == 0,
+                  "forward_backward: gradient differs from the backward's");
+        }
+        free(g2);
+        free(rows2);
+    }
     free(g);
     free(rows);
     return r;
