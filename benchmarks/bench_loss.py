@@ -7,6 +7,12 @@ Compares, on the same inputs in one run:
   fused_C     the same kernels called straight through gmpo_ext._C on
               preallocated buffers: no torch op, no autograd, no allocation.
               fused - fused_C is the Python / dispatch / allocation overhead.
+              In mode both (CPU) it is the one call the eager path makes,
+              forward_backward: the forward and the gradient in one pass.
+  autograd_noop  the framework's fixed cost, for scale: an autograd.Function
+              that computes nothing (its backward returns a preallocated
+              gradient) under the same torch.autograd.grad call. No loss
+              can run below it through autograd.
   eager       the eager PyTorch GMPO formula (gmpo_ext.reference.gmpo_eager)
   compiled    torch.compile of that formula (compiled once per shape)
   grpo_eager  eager GRPO (gmpo_ext.reference.grpo_loss_reference in the input
@@ -63,9 +69,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
           "fp64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MODES = ("fwd", "bwd", "both")
-PATHS = ("fused", "fused_C", "eager", "compiled", "grpo_eager", "grpo_fused")
-BASELINE = {"fused": "eager", "fused_C": "eager", "eager": "eager", "compiled": "eager",
-            "grpo_eager": "grpo_eager", "grpo_fused": "grpo_eager"}
+PATHS = ("fused", "fused_C", "autograd_noop", "eager", "compiled", "grpo_eager", "grpo_fused")
+BASELINE = {"fused": "eager", "fused_C": "eager", "autograd_noop": "eager", "eager": "eager",
+            "compiled": "eager", "grpo_eager": "grpo_eager", "grpo_fused": "grpo_eager"}
 GRID = [(B, T) for B in (8, 16, 64) for T in (1024, 4096, 16384)]
 QUICK = [(8, 1024), (8, 4096), (64, 4096)]
 FLOOR_SHAPES = [(8, 4096), (64, 4096), (64, 16384)]
@@ -148,10 +154,25 @@ def make_inputs(B, T, dtype, device, seed=0):
     return lp, old.to(**to), adv.to(**to), mask.to(device)
 
 
+class _NoOp(torch.autograd.Function):
+    """Computes nothing: the cost of autograd itself (see autograd_noop)."""
+
+    @staticmethod
+    def forward(ctx, lp, grad):
+        ctx.grad = grad
+        return lp.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.grad, None
+
+
 def loss_fns(inp, compiled_fn):
     """path -> zero-argument callable returning the loss (autograd recording)."""
     lp, old, adv, mask = inp
+    noop_grad = torch.zeros_like(lp.detach())
     fns = {
+        "autograd_noop": lambda: _NoOp.apply(lp, noop_grad),
         "fused": lambda: gmpo_ext.gmpo_loss(lp, old, adv, mask, epsilon_low=EPS),
         "eager": lambda: gmpo_eager(lp, old, adv, mask, EPS, EPS),
         "grpo_eager": lambda: grpo_loss_reference(lp, old, adv, mask, epsilon_low=GRPO_EPS,
@@ -198,6 +219,8 @@ def raw_c_fn(inp, mode):
     bwd_args = (algo, code, stream, B, T, *rest, rows.data_ptr(), go.data_ptr(),
                 _backend.DTYPE_CODES[go.dtype], grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype])
     fwd, bwd = mod.forward, mod.backward
+    one_pass = getattr(mod, "forward_backward", None) if _backend.fuses(dev) else None
+    fb_args = fwd_args + (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype])
     hold = (keep, rows, loss, metrics, grad, go, lp, old, adv, mask)
 
     def f():
@@ -207,8 +230,11 @@ def raw_c_fn(inp, mode):
         bwd(*bwd_args)
 
     def fb():
-        fwd(*fwd_args)
-        bwd(*bwd_args)
+        if one_pass is not None:   # what the eager path runs on the CPU: one pass
+            one_pass(*fb_args)
+        else:
+            fwd(*fwd_args)
+            bwd(*bwd_args)
 
     f()  # rows for the backward
     fn = {"fwd": f, "bwd": b, "both": fb}[mode]
@@ -398,6 +424,11 @@ def readme_table(rows) -> str | None:
     by = {(r["B"], r["T"], r["path"]): r for r in sel}
     shapes = sorted({(r["B"], r["T"]) for r in sel}, key=lambda s: (s[0] * s[1], s))
     ms = lambda B, T, p: f"{by[(B, T, p)]['median_ms']:.3f}" if (B, T, p) in by else "-"
+
+    def kfrac(B, T):
+        k = by.get((B, T, "fused_C"))
+        return f"{100 * k['frac_of_memcpy']:.1f}%" if k else "-"
+
     body = []
     for B, T in shapes:
         f = by.get((B, T, "fused"))
@@ -407,18 +438,22 @@ def readme_table(rows) -> str | None:
                      f"{f['gbps']:.2f}" if f else "-",
                      f"{f['memcpy_gbps']:.1f}" if f else "-",
                      f"{100 * f['frac_of_memcpy']:.1f}%" if f else "-",
-                     ms(B, T, "fused_C")])
+                     ms(B, T, "fused_C"), kfrac(B, T), ms(B, T, "autograd_noop")])
     r0 = sel[0]
     head = (f"fp32, forward + backward, median ms per call on {r0['device_name']} "
             f"({r0['device']}, {r0['threads']} threads), torch {r0['torch']}, gmpo_ext "
             f"{r0['gmpo_ext']}" + (f" (git {r0['git']})" if r0.get("git") else "") + ". "
             "GB/s counts the bytes the fused kernels move (22 B per token); "
             "memcpy is a copy of the same bytes in the same run (read + write counted). "
-            "Kernel-only: the C entry points on preallocated buffers. "
+            "Kernel-only: the C entry points on preallocated buffers (on the CPU the "
+            "single forward_backward call the eager path makes). Autograd no-op: an "
+            "autograd.Function that computes nothing, under the same autograd.grad call: "
+            "the floor of any loss called through autograd. "
             "Regenerate: `python benchmarks/bench_loss.py --readme`.")
     table = C.markdown_table(
         ["B x T", "fused ms", "eager ms", "compiled ms", "GRPO eager ms", "fused vs eager",
-         "fused GB/s", "memcpy GB/s", "fused / memcpy", "kernel-only ms"], body, "lrrrrrrrrr")
+         "fused GB/s", "memcpy GB/s", "fused / memcpy", "kernel-only ms",
+         "kernel-only / memcpy", "autograd no-op ms"], body, "lrrrrrrrrrrr")
     return head + "\n\n" + table
 
 
