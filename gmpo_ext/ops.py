@@ -129,9 +129,11 @@ class _EagerLoss(torch.autograd.Function):
 
     # the options travel as one tuple: autograd.Function.apply costs per argument
     @staticmethod
-    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, opts):
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse):
+        # fuse: grad mode was on and logps requires grad (inside forward grad
+        # mode is off, and needs_input_grad ignores it)
         ctx.grad = None
-        if ctx.needs_input_grad[0] and _backend.fuses(logps.device):
+        if fuse and _backend.fuses(logps.device):
             loss, metrics, rows, ctx.grad = _backend.forward_backward(
                 opts[0], logps, old_logps, advantages, mask, ref_logps, is_weights, *opts[1:])
         else:
@@ -151,14 +153,14 @@ class _EagerLoss(torch.autograd.Function):
                                "backward (create_graph=True, Hessians) is not implemented")
         grad, ctx.grad = ctx.grad, None   # handed over once: autograd may keep it as .grad
         if grad is not None and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-            return (grad,) + (None,) * 6
+            return (grad,) + (None,) * 7
         logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
             opts = ctx.opts
             grad = _backend.backward(grad_loss, rows, opts[0], logps, old_logps, advantages,
                                      mask, ref_logps, is_weights, *opts[1:])
-        return (grad,) + (None,) * 6
+        return (grad,) + (None,) * 7
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -182,4 +184,5 @@ def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)
             or not (_plain(logps) and _plain(old_logps) and _plain(advantages) and _plain(mask)
                     and _plain(ref_logps) and _plain(is_weights))):
         return loss_fwd(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)
-    return _EagerLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights, opts)
+    fuse = logps.requires_grad and torch.is_grad_enabled()
+    return _EagerLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse)

@@ -205,3 +205,24 @@ def test_autograd_grad_and_non_leaf_logps():
     gy = _op_path_grad(2 * lp, old, adv, mask, 1.0)
     _same(gx, 2 * gy, "d/dx")
     torch.testing.assert_close(gw, (gy * lp).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_forward_computes_the_gradient_only_when_it_will_be_needed(monkeypatch):
+    calls = {"forward_backward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(_backend, name)
+
+        def counted(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(_backend, name, counted)
+    lp, old, adv, mask = _inputs(50, torch.float32, "bool", seed=11)
+    x = lp.clone().requires_grad_()
+    with torch.no_grad():
+        gmpo_ext.gmpo_loss(x, old, adv, mask)
+    gmpo_ext.gmpo_loss(lp, old, adv, mask)           # nothing requires grad
+    with torch.inference_mode():
+        gmpo_ext.gmpo_loss(x, old, adv, mask)
+    assert calls == {"forward_backward": 0, "backward": 0}
+    gmpo_ext.gmpo_loss(x, old, adv, mask).backward()  # one pass, nothing recomputed
+    assert calls == {"forward_backward": 1, "backward": 0}
