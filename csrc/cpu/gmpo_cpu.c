@@ -142,7 +142,7 @@ static const fast_bwd_fn *fast_bwd_fns(void) { return NULL; }
 // 4 * log-prob dtype (f32, bf16, f16) + 2 * (mask f32) + verl, plus 12 with the
 // safety clamp. With a gradient buffer (grad_dtype >= 0), only fp32 gradients.
 static int fast_instance(const gmpo_args *a, int32_t grad_dtype) {
-    if (!GMPO_HAVE_FAST) return -1;
+    if (!GMPO_HAVE_FAST || a->T == 0) return -1;   // T == 0: the data may be NULL
     if (a->algo != GMPO_ALGO_GMPO || a->beta != 0 || a->adv.stride_t != 0) return -1;
     if (a->is_w.data && a->is_w.stride_t != 0) return -1;
     int32_t dt = a->logp.dtype, mdt = a->mask.dtype;

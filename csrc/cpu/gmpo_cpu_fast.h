@@ -19,16 +19,16 @@
  * sum keeps GMPO_LANES / FAST_W vectors, so token t of a row always lands in
  * lane t % GMPO_LANES whatever the machine (wider-than-register vector types
  * would do the same, but GCC splits their comparisons into scalars). The
- * arithmetic is the
- * generic kernel's, operation for operation (float selects where it has
- * ternaries), and the lanes are folded in the same order: the two kernels give
- * the same bits (tests/test_gmpo_loss.py checks it).
+ * arithmetic is the generic kernel's, operation for operation (float selects
+ * where it has ternaries), and the lanes are folded in the same order: the two
+ * kernels give the same bits (tests/test_cpu_kernels.py checks it, for each
+ * instruction set).
  *
  * With a gradient buffer (the fused forward + backward of
  * gmpo_cpu_forward_backward) the kernel also writes, per token, m where the
- * token passes the gradient and 0 elsewhere; once the row's sums are known it
+ * token passes the gradient and m*0 elsewhere; once the row's sums are known it
  * multiplies them by the row's factor while they are still in the cache. The
- * inputs are read once.
+ * inputs are read once. A third mode is the backward alone (any grad_out).
  */
 
 // this copy's vector types: FAST_W lanes (FAST_W and FAST_S set by the includer)
