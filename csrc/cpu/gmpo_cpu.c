@@ -55,6 +55,21 @@
 // ----------------------------------------------------------------------------
 // the common case's row kernel (see gmpo_cpu_fast.h)
 
+// The fast kernel's entry points for rows [r0, r1): forward (with the fp32
+// gradient for grad_out = 1 when the last argument is not NULL) and backward,
+// 24 instances each, in the order of fast_instance().
+typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
+typedef void (*fast_bwd_fn)(const gmpo_args *, int64_t, int64_t, const double *, double,
+                            float *);
+typedef struct {
+    fast_fn fwd[24];
+    fast_bwd_fn bwd[24];
+} fast_kernels;
+#define FAST_INSTANCE_NAMES(X)                                                        \
+    X(n_0) X(n_1) X(n_2) X(n_3) X(n_4) X(n_5) X(n_6) X(n_7) X(n_8) X(n_9) X(n_10)    \
+    X(n_11) X(c_0) X(c_1) X(c_2) X(c_3) X(c_4) X(c_5) X(c_6) X(c_7) X(c_8) X(c_9)    \
+    X(c_10) X(c_11)
+
 #if defined(__GNUC__) || defined(__clang__)
 #define GMPO_HAVE_FAST 1
 
@@ -110,32 +125,18 @@ static int fast_level(void) {
     return lv;
 }
 
-static const fast_fn *fast_fns(void) {
+static const fast_kernels *fast_kernels_here(void) {
     int lv = fast_level();
 #if defined(GMPO_CLONES_ON) && !defined(__clang__)
-    if (lv == 4) return fns_v4;
-    if (lv == 3) return fns_v3;
+    if (lv == 4) return &kernels_v4;
+    if (lv == 3) return &kernels_v3;
 #endif
     (void)lv;
-    return fns_v1;
-}
-
-static const fast_bwd_fn *fast_bwd_fns(void) {
-    int lv = fast_level();
-#if defined(GMPO_CLONES_ON) && !defined(__clang__)
-    if (lv == 4) return bwd_fns_v4;
-    if (lv == 3) return bwd_fns_v3;
-#endif
-    (void)lv;
-    return bwd_fns_v1;
+    return &kernels_v1;
 }
 #else
 #define GMPO_HAVE_FAST 0
-typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
-typedef void (*fast_bwd_fn)(const gmpo_args *, int64_t, int64_t, const double *, double,
-                            float *);
-static const fast_fn *fast_fns(void) { return NULL; }
-static const fast_bwd_fn *fast_bwd_fns(void) { return NULL; }
+static const fast_kernels *fast_kernels_here(void) { return NULL; }
 #endif
 
 // The fast kernel's instance for a call, or -1 where the generic one runs:
@@ -185,7 +186,7 @@ static void forward_rows(const gmpo_args *a, double *rows, void *grad, int32_t g
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (fast >= 0) fast_fns()[fast](a, r0, r1, rows, (float *)grad);
+        if (fast >= 0) fast_kernels_here()->fwd[fast](a, r0, r1, rows, (float *)grad);
         else if (grad && f64) rows_fused_d(a, r0, r1, rows, grad, grad_dtype);
         else if (grad) rows_fused_f(a, r0, r1, rows, grad, grad_dtype);
         else if (f64) rows_forward_d(a, r0, r1, rows);
@@ -204,7 +205,7 @@ static void backward_rows(const gmpo_args *a, const double *rows, double go, voi
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (fast >= 0) fast_bwd_fns()[fast](a, r0, r1, rows, go, (float *)grad);
+        if (fast >= 0) fast_kernels_here()->bwd[fast](a, r0, r1, rows, go, (float *)grad);
         else if (f64) rows_backward_d(a, r0, r1, rows, go, grad, gdt);
         else rows_backward_f(a, r0, r1, rows, go, grad, gdt);
     }

@@ -40,9 +40,6 @@ typedef uint8_t FAST_S(bv) __attribute__((vector_size(FAST_W)));
 #define FAST_NV (GMPO_LANES / FAST_W)   // vectors per GMPO_LANES tokens
 
 #ifndef FAST_SEL
-typedef void (*fast_fn)(const gmpo_args *, int64_t, int64_t, double *, float *);
-typedef void (*fast_bwd_fn)(const gmpo_args *, int64_t, int64_t, const double *, double,
-                            float *);
 // c ? a : b per lane (c: all ones or all zeros, as vector comparisons give).
 // Macros and out-parameters rather than vector arguments and results: GCC
 // notes an ABI change for those, though every helper here is inlined.
@@ -284,20 +281,12 @@ FAST_CL(c, 1)
 #undef FAST_CL
 #undef FAST_MAKE
 
-// the instances in the order of fast_instance() (gmpo_cpu.c)
-static const fast_fn FAST_S(fns)[24] = {
-    FAST_S(rows_n_0), FAST_S(rows_n_1), FAST_S(rows_n_2), FAST_S(rows_n_3),
-    FAST_S(rows_n_4), FAST_S(rows_n_5), FAST_S(rows_n_6), FAST_S(rows_n_7),
-    FAST_S(rows_n_8), FAST_S(rows_n_9), FAST_S(rows_n_10), FAST_S(rows_n_11),
-    FAST_S(rows_c_0), FAST_S(rows_c_1), FAST_S(rows_c_2), FAST_S(rows_c_3),
-    FAST_S(rows_c_4), FAST_S(rows_c_5), FAST_S(rows_c_6), FAST_S(rows_c_7),
-    FAST_S(rows_c_8), FAST_S(rows_c_9), FAST_S(rows_c_10), FAST_S(rows_c_11),
+// this copy's instances, in the order of fast_instance() (gmpo_cpu.c)
+#define FAST_FWD_ENTRY(k) FAST_S(rows_##k),
+#define FAST_BWD_ENTRY(k) FAST_S(bwd_##k),
+static const fast_kernels FAST_S(kernels) = {
+    {FAST_INSTANCE_NAMES(FAST_FWD_ENTRY)},
+    {FAST_INSTANCE_NAMES(FAST_BWD_ENTRY)},
 };
-static const fast_bwd_fn FAST_S(bwd_fns)[24] = {
-    FAST_S(bwd_n_0), FAST_S(bwd_n_1), FAST_S(bwd_n_2), FAST_S(bwd_n_3),
-    FAST_S(bwd_n_4), FAST_S(bwd_n_5), FAST_S(bwd_n_6), FAST_S(bwd_n_7),
-    FAST_S(bwd_n_8), FAST_S(bwd_n_9), FAST_S(bwd_n_10), FAST_S(bwd_n_11),
-    FAST_S(bwd_c_0), FAST_S(bwd_c_1), FAST_S(bwd_c_2), FAST_S(bwd_c_3),
-    FAST_S(bwd_c_4), FAST_S(bwd_c_5), FAST_S(bwd_c_6), FAST_S(bwd_c_7),
-    FAST_S(bwd_c_8), FAST_S(bwd_c_9), FAST_S(bwd_c_10), FAST_S(bwd_c_11),
-};
+#undef FAST_FWD_ENTRY
+#undef FAST_BWD_ENTRY
