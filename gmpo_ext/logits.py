@@ -422,7 +422,10 @@ def gmpo_loss_from_logits(
             when another loss or metric holds the same logits for its own
             backward (autograd raises: the saved tensor was modified), nor
             when you read the logits after ``backward()``: they hold the
-            gradient then.
+            gradient then. Logits whose positions overlap in memory
+            (``expand``, ``as_strided``), with a pending negation, or
+            sharing memory with the ids or mask get the gradient out of place
+            (same values, a new buffer).
         validate: check the ids against V before the kernels run, with a host
             sync, and raise IndexError (the CPU kernels always check, before any
             compute; on CUDA this turns the NaN flag into an error). Not for
