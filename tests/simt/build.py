@@ -43,7 +43,7 @@ RUNTIME = HERE / "simt_runtime.cpp"
 SELFTEST_DIR = HERE / "selftest"
 
 SANITIZERS = (None, "asan", "tsan")
-_CACHE_VERSION = "simt-build-1"
+_CACHE_VERSION = "simt-build-2"
 _WARNINGS = ("-Wall", "-Wextra")
 _SAN_FLAGS = {
     None: [],
@@ -239,8 +239,12 @@ def build_library(
     common += list(extra_cflags)
     # -fstack-clash-protection: a big kernel frame probes its pages, so an
     # overflow hits the fiber stack's guard region instead of skipping it.
+    # -fsanitize=alignment (no UBSan runtime: simt_runtime.cpp handles its calls):
+    # a misaligned load or store in a kernel ends the block with
+    # cudaErrorMisalignedAddress in every build (ASan's UBSan checks it too).
+    align = [] if sanitize == "asan" else ["-fsanitize=alignment"]
     cu_flags = ["-x", "c++", "-std=c++17", "-DGMPO_SIMT", "-include", str(SIMT_H), "-Wno-unknown-pragmas",
-                "-fstack-clash-protection", *common, *san]
+                "-fstack-clash-protection", *common, *san, *align]
     c_flags = ["-std=c11", *common, *san]
     cxx_flags = ["-std=c++17", *common, *san]
     # The runtime hands scheduler state between fibers without happens-before
@@ -375,6 +379,21 @@ SELFTEST_CASES: dict[str, dict[str | None, tuple[int, list[str]]]] = {
         "asan": (1, ["ERROR: AddressSanitizer: use-after-poison", "histogram_kernel", "correct.cu:"]),
     },
     **{case: {b: expect for b in SANITIZERS} for case, expect in _CAUGHT.items()},
+    # a read of static shared memory past the written slots sees the 0xFF poison
+    # (NaN), not the zeros an earlier launch left in the same copy
+    "smem_uninit": {b: (1, ["wrong result", "block sums 8.000000, -nan"]) for b in SANITIZERS},
+    # a misaligned 16-byte load: a launch error in every build (ASan's UBSan
+    # reports the plain dereference itself)
+    "misaligned": {
+        None: (2, ["cudaErrorMisalignedAddress", "misaligned address", "misaligned_kernel",
+                   _src_line("broken.cu", "v = *p;")]),
+        "tsan": (2, ["cudaErrorMisalignedAddress", "misaligned address", "misaligned_kernel",
+                     _src_line("broken.cu", "v = *p;")]),
+        "asan": (1, ["runtime error: load of misaligned address", _src_line("broken.cu", "v = *p;")]),
+    },
+    "misaligned_ldg": {b: (2, ["cudaErrorMisalignedAddress", "16-byte __ldg needs 16-byte alignment",
+                               "misaligned_kernel", _src_line("broken.cu", "v = __ldg(p);")])
+                       for b in SANITIZERS},
     # killed by SIGSEGV after the harness names the overflow (ASan/TSan report it their own way)
     "stack_overflow": {None: (-11, ["fiber stack overflow (64 KiB); raise SIMT_STACK_KB", "stack_overflow_kernel"])},
 }
