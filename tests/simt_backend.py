@@ -27,7 +27,9 @@ simt_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(simt_build)
 
 MODULE_NAME = "_C_simt"
-CU_SOURCES = sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+# $SIMT_CUDA_DIR: build the kernels of another copy of csrc/cuda (tests/simt/plant_bugs.py)
+CUDA_DIR = pathlib.Path(os.environ.get("SIMT_CUDA_DIR") or CSRC / "cuda")
+CU_SOURCES = sorted(str(p) for p in CUDA_DIR.glob("*.cu"))
 # the module, the shared argument checks and the C core (all of csrc/*.c, csrc/cpu/*.c)
 C_SOURCES = sorted(str(p) for p in (*CSRC.glob("*.c"), *(CSRC / "cpu").glob("*.c")))
 DEFINES = [f"GMPO_MODULE_NAME={MODULE_NAME}", "GMPO_WITH_CUDA", "GMPO_SIMT"]

@@ -185,7 +185,7 @@ def build_kernel_driver(sanitize=None, max_grid=simt_backend.TINY_GRID, cuda_dir
     import pathlib
 
     csrc = simt_backend.CSRC
-    cuda_dir = pathlib.Path(cuda_dir or csrc / "cuda")
+    cuda_dir = pathlib.Path(cuda_dir or simt_backend.CUDA_DIR)
     if sanitize:
         reason = simt_backend.simt_build.sanitizer_works(sanitize)
         if reason:
