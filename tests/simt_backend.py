@@ -55,10 +55,6 @@ def max_grid_from_env() -> tuple[int, int] | None:
     return int(x), int(y or 65535)
 
 
-def module_name(max_grid: tuple[int, int] | None = None) -> str:
-    return MODULE_NAME if max_grid is None else f"{MODULE_NAME}_g{max_grid[0]}x{max_grid[1]}"
-
-
 def grid_defines(max_grid: tuple[int, int] | None) -> list[str]:
     if max_grid is None:
         return []
@@ -69,11 +65,11 @@ def build_simt_module(sanitize: str | None = None, opt: str = "-O2",
                       max_grid: tuple[int, int] | None = None) -> pathlib.Path:
     """Path of the built extension (built or taken from the cache); max_grid:
     (x, y) caps on the grid-stride launches (None: CUDA's limits)."""
-    name = module_name(max_grid)
-    defines = [f"GMPO_MODULE_NAME={name}", *DEFINES[1:], *grid_defines(max_grid)]
+    # the same module name and C objects for every caps: only the .cu objects differ
+    # (the outputs land in different cache directories)
     return simt_build.build_library(
-        CU_SOURCES, c_sources=C_SOURCES, include_dirs=[CSRC], defines=defines, sanitize=sanitize,
-        opt=opt, python_extension=True, name=name, extra_cflags=CFLAGS,
+        CU_SOURCES, c_sources=C_SOURCES, include_dirs=[CSRC], defines=DEFINES, sanitize=sanitize,
+        opt=opt, python_extension=True, name=MODULE_NAME, extra_cflags=CFLAGS, cu_defines=grid_defines(max_grid),
     )
 
 
@@ -89,7 +85,7 @@ def load_simt_module(max_grid=_DEFAULT):
     key = None if max_grid is None else tuple(max_grid)
     if key not in _modules:
         path = build_simt_module(max_grid=key)
-        spec = importlib.util.spec_from_file_location(module_name(key), path)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         assert mod.SIMT == 1 and mod.WITH_CUDA == 1, "the SIMT module was built without its CUDA kernels"

@@ -194,8 +194,8 @@ def build_kernel_driver(sanitize=None, max_grid=simt_backend.TINY_GRID, cuda_dir
     return simt_backend.simt_build.build_library(
         sorted(str(p) for p in cuda_dir.glob("*.cu")),
         c_sources=[str(DRIVER), str(csrc / "gmpo_common.c"), *sorted(str(p) for p in (csrc / "cpu").glob("*.c"))],
-        include_dirs=[csrc], defines=DRIVER_DEFINES + simt_backend.grid_defines(max_grid), sanitize=sanitize,
-        opt="-O1" if sanitize else "-O2", executable=True, name=f"kernel_driver_{tag}",
+        include_dirs=[csrc], defines=DRIVER_DEFINES, cu_defines=simt_backend.grid_defines(max_grid),
+        sanitize=sanitize, opt="-O1", executable=True, name=f"kernel_driver_{tag}",
         extra_cflags=("-fno-strict-aliasing", "-fopenmp-simd"), out_dir=out_dir,
     )
 

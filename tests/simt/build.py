@@ -194,6 +194,7 @@ def build_library(
     extra_cflags: Sequence[str] = (),
     extra_ldflags: Sequence[str] = (),
     runtime_defines: Iterable = (),
+    cu_defines: Iterable = (),
     cxx: str | None = None,
     cc: str | None = None,
     jobs: int = 2,
@@ -211,6 +212,8 @@ def build_library(
     python_extension: name the output <name><EXT_SUFFIX> and add Python's
         include directory (libpython is not linked).
     executable: link a program instead of a shared library.
+    cu_defines: defines for the .cu files only (e.g. grid caps: the C objects
+        stay shared with other builds in the cache).
     runtime_defines: defines for the runtime only (SIMT_USE_UCONTEXT selects
         the portable ucontext fibers on x86-64 too).
     cxx, cc: compilers (default $SIMT_CXX or g++, $SIMT_CC or gcc).
@@ -244,7 +247,7 @@ def build_library(
     # cudaErrorMisalignedAddress in every build (ASan's UBSan checks it too).
     align = [] if sanitize == "asan" else ["-fsanitize=alignment"]
     cu_flags = ["-x", "c++", "-std=c++17", "-DGMPO_SIMT", "-include", str(SIMT_H), "-Wno-unknown-pragmas",
-                "-fstack-clash-protection", *common, *san, *align]
+                "-fstack-clash-protection", *common, *_define_flags(cu_defines), *san, *align]
     c_flags = ["-std=c11", *common, *san]
     cxx_flags = ["-std=c++17", *common, *san]
     # The runtime hands scheduler state between fibers without happens-before
