@@ -48,7 +48,7 @@
 #define GMPO_FWD_MAX_THREADS 512
 #define GMPO_BWD_MAX_THREADS 256
 #define GMPO_TOT_MAX_THREADS 1024
-#define GMPO_MAX_GRID_Y 65535
+// GMPO_MAX_GRID_Y (launch.cuh): the backward's grid.y cap (a grid-stride loop)
 // blocks per SM asked of ptxas: 1024 resident threads (<= 64 registers) in fp32,
 // 512 in fp64, whose accumulators and values take twice the registers
 #define GMPO_MIN_BLOCKS(threads, Acc) ((sizeof(Acc) == 4 ? 1024 : 512) / (threads))
