@@ -87,9 +87,10 @@ static int logits_case(int32_t dt, int ent, int64_t B, int64_t T, int64_t V) {
     gmpo_logits_args a;
     memset(&a, 0, sizeof a);
     a.B = B; a.T = T; a.TL = TL; a.V = V;
-    a.logits = (gmpo_view){z, dt, TL * V, V};
-    a.ids = (gmpo_view){ids, GMPO_DT_I64, T, 1};
-    a.mask = (gmpo_view){mask, GMPO_DT_BOOL, T, 1};
+    a.logits = (gmpo_view){z, dt, TL * V, V, n};
+    a.ids = (gmpo_view){ids, GMPO_DT_I64, T, 1, B * T};
+    a.mask = (gmpo_view){mask, GMPO_DT_BOOL, T, 1, B * T};
+    a.logp_extent = a.entropy_extent = a.lse_extent = B * T;
     a.temperature = 0.7;
     a.num_threads = 1;
     snprintf(a.ids_name, sizeof a.ids_name, "ids");
@@ -102,15 +103,16 @@ static int logits_case(int32_t dt, int ent, int64_t B, int64_t T, int64_t V) {
         for (int k = 0; k < 3; k++) out[s][k] = xalloc((size_t)(B * T) * 4);
         grad[s] = xalloc((size_t)n * dt_size(dt));
     }
-    gmpo_view gv = {g, GMPO_DT_F32, T, 1}, ghv = {ent ? gh : NULL, GMPO_DT_F32, T, 1}, none = {0};
+    gmpo_view gv = {g, GMPO_DT_F32, T, 1, B * T}, ghv = {ent ? gh : NULL, GMPO_DT_F32, T, 1, B * T},
+              none = {0};
     if (!ent) ghv = none;
     gmpo_status s1 = gmpo_logits_cpu_forward(&a, out[0][0], ent ? out[0][1] : NULL, out[0][2]);
     gmpo_status s2 = gmpo_logits_cuda_forward(&a2, out[1][0], ent ? out[1][1] : NULL, out[1][2]);
     if (!s1 && !s2) {
         s1 = gmpo_logits_cpu_backward(&a, out[0][2], out[0][1], gv, ghv,
-                                      (gmpo_view){grad[0], dt, TL * V, V});
+                                      (gmpo_view){grad[0], dt, TL * V, V, n});
         s2 = gmpo_logits_cuda_backward(&a2, out[0][2], out[0][1], gv, ghv,
-                                       (gmpo_view){grad[1], dt, TL * V, V});
+                                       (gmpo_view){grad[1], dt, TL * V, V, n});
     }
     if (s1 || s2) {
         snprintf(why, sizeof why, "status %d / %d: %s %s", s1, s2, a.err, a2.err);
@@ -155,7 +157,7 @@ typedef struct { void *p; gmpo_view v; } tensor;
 static tensor tens(int64_t B, int64_t T, int32_t dt, double (*gen)(int64_t, int64_t)) {
     tensor t;
     t.p = xalloc((size_t)(B * T) * dt_size(dt));
-    t.v = (gmpo_view){t.p, dt, T, T == 1 ? 0 : 1};
+    t.v = (gmpo_view){t.p, dt, T, T == 1 ? 0 : 1, B * T};
     for (int64_t i = 0; i < B; i++)
         for (int64_t j = 0; j < T; j++) {
             double x = gen(i, j);
@@ -182,6 +184,11 @@ static void args_init(gmpo_args *a, int32_t algo, int64_t B, int64_t T) {
     a->beta = 0.04;
     a->normalizer = 2.0;
     a->num_threads = 1;
+    /* the extents of the output buffers the cases pass */
+    a->rows_extent = (B + 1) * GMPO_ROW_STATS;
+    a->loss_extent = a->grad_out_extent = 1;
+    a->metrics_extent = GMPO_METRICS;
+    a->grad_extent = B * T;
 }
 
 static int loss_case(int32_t algo, int32_t dt, int64_t B, int64_t T) {
@@ -273,7 +280,7 @@ static int offset_case(void) {
     a.beta = 0;
     a.logp = lp.v; a.old_logp = olp.v; a.mask = mask.v;
     a.logp.stride_b = a.old_logp.stride_b = a.mask.stride_b = 0;
-    a.adv = (gmpo_view){&adv1, GMPO_DT_F32, 0, 0};
+    a.adv = (gmpo_view){&adv1, GMPO_DT_F32, 0, 0, 1};
     /* the per-row statistics of two such rows, then copied to every row */
     double small[3 * GMPO_ROW_STATS], loss, met[GMPO_METRICS];
     int rc = 0;
@@ -283,6 +290,8 @@ static int offset_case(void) {
     for (int64_t i = 0; i < B; i++) memcpy(rows + i * GMPO_ROW_STATS, small, GMPO_ROW_STATS * 8);
     memcpy(rows + B * GMPO_ROW_STATS, small + 2 * GMPO_ROW_STATS, GMPO_ROW_STATS * 8);
     a.B = B;
+    a.rows_extent = (B + 1) * GMPO_ROW_STATS;
+    a.grad_extent = B * T;
     float go = 1.0f;
     char only[64];
     snprintf(only, sizeof only, "0,%lld", (long long)(B - 1));
