@@ -218,16 +218,17 @@ def raw_c_fn(inp, mode, one_pass=False):
     (algo, B, T, *rest), keep = _backend._args(
         _backend.ALGO_GMPO, lp, old, adv, mask, None, None, _backend.CONVENTIONS["trl"], 0,
         EPS, EPS, 0.0, 0.0, 1.0, 0.0)
-    fwd_args = (algo, code, stream, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
-                metrics.data_ptr(), _backend.DTYPE_CODES[out_dtype])
-    bwd_args = (algo, code, stream, B, T, *rest, rows.data_ptr(), go.data_ptr(),
-                _backend.DTYPE_CODES[go.dtype], grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype])
+    buf = _backend.buf
+    fwd_args = (algo, code, stream, B, T, *rest, buf(rows), buf(loss), buf(metrics),
+                _backend.DTYPE_CODES[out_dtype])
+    bwd_args = (algo, code, stream, B, T, *rest, buf(rows), buf(go),
+                _backend.DTYPE_CODES[go.dtype], buf(grad), _backend.DTYPE_CODES[grad.dtype])
     fwd, bwd = mod.forward, mod.backward
     if one_pass:
         if mode != "both" or not _backend.fuses(dev):
             raise ValueError("the one-pass call exists in mode both on the CPU only")
         one_pass = mod.forward_backward
-    fb_args = fwd_args + (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype])
+    fb_args = fwd_args + (buf(grad), _backend.DTYPE_CODES[grad.dtype])
     hold = (keep, rows, loss, metrics, grad, go, lp, old, adv, mask)
 
     def f():

@@ -10,9 +10,16 @@
  *         row B holds the batch totals (sums of each statistic, max of mu)
  *   grad: (B,T) contiguous, in logp's dtype
  *
- * Every tensor is described by a gmpo_view: a data pointer, a dtype code and
- * element strides, so no caller ever has to copy a strided tensor. A per-row
- * tensor (B,) has stride_t == 0.
+ * Every tensor is described by a gmpo_view: a data pointer, a dtype code,
+ * element strides and its extent, so no caller ever has to copy a strided
+ * tensor. A per-row tensor (B,) has stride_t == 0.
+ *
+ * Defence in depth: the extent of every buffer (the number of elements that
+ * may be read or written from its pointer on) travels with it, and the entry
+ * points check, before any access, that every element the shapes and strides
+ * address lies inside it (GMPO_EINVAL naming the argument otherwise). The
+ * Python layer validates first; these checks make a mistake there, or a
+ * caller of the C API, an error instead of an out-of-bounds access.
  *
  * The library never exits the process: every entry point returns a gmpo_status
  * and, on failure, leaves a message naming the bad argument in args->err.
@@ -68,6 +75,7 @@ typedef struct {
     int32_t dtype;        /* gmpo_dtype */
     int64_t stride_b;     /* elements between rows */
     int64_t stride_t;     /* elements between tokens; 0 for a per-row (B,) tensor */
+    int64_t extent;       /* elements available from data on (>= 0) */
 } gmpo_view;
 
 /* Per-row statistics written by forward (fp64, GMPO_ROW_STATS per row), and in
@@ -111,6 +119,12 @@ typedef struct {
     double log_ratio_clamp;   /* safety clamp of l to [-C, C]; <= 0 or inf: none */
     double normalizer;        /* the loss is divided by it (gradient accumulation) */
     double denom;             /* grpo: dr_grpo length or dapo item count; <= 0: default */
+    /* extents (elements available) of the buffers passed beside the args */
+    int64_t rows_extent;      /* rows: (B+1) * GMPO_ROW_STATS needed */
+    int64_t loss_extent;      /* out_loss: 1 needed */
+    int64_t metrics_extent;   /* out_metrics: GMPO_METRICS needed */
+    int64_t grad_out_extent;  /* grad_out: 1 needed */
+    int64_t grad_extent;      /* grad: B * T needed */
     int32_t num_threads;      /* CPU threads; <= 0: one */
     void *stream;             /* cudaStream_t for the CUDA entry points */
     char err[256];            /* filled on failure */
@@ -148,7 +162,23 @@ gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows,
                                const void *grad_out, int32_t grad_out_dtype,
                                void *grad, int32_t grad_dtype);
 
-/* Shared argument checks (dtype codes, sizes, options); used by both backends.
+/* 1 when every element of an n-dimensional strided view (sizes, element
+ * strides) lies in [0, extent) from its pointer, 0 otherwise (a negative
+ * stride of an axis longer than 1, an overflowing span, or past the end).
+ * An empty view always fits. */
+int gmpo_span_fits(int ndim, const int64_t *sizes, const int64_t *strides, int64_t extent);
+
+/* 1 when no two elements of the view share an address: ordered by stride, each
+ * axis longer than 1 steps past the whole span of the axes below it (the usual
+ * sufficient test; at most 8 axes). Used for buffers that are written. */
+int gmpo_span_disjoint(int ndim, const int64_t *sizes, const int64_t *strides);
+
+/* The CUDA version the kernels were built with (CUDART_VERSION, e.g. 13000),
+ * the runtime's and the driver's (the newest CUDA it supports; 0 without a
+ * driver). All 0 under the SIMT emulation. GMPO_ENOTBUILT without CUDA. */
+gmpo_status gmpo_cuda_versions(int *built, int *runtime, int *driver);
+
+/* Shared argument checks (dtype codes, sizes, extents, options); used by both backends.
  * The forward / backward ones add the checks of their buffers. */
 gmpo_status gmpo_check_args(gmpo_args *a);
 gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out_loss,

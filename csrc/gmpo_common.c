@@ -3,6 +3,7 @@
  * Each failure names the argument, so the Python layer can raise it verbatim.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include "gmpo.h"
 #include "gmpo_math.h"
@@ -12,12 +13,51 @@ static gmpo_status fail(gmpo_args *a, const char *msg, const char *name) {
     return GMPO_EINVAL;
 }
 
-// v must be present (unless optional), of an allowed kind, and (B,T) or (B,) shaped
+int gmpo_span_fits(int ndim, const int64_t *sizes, const int64_t *strides, int64_t extent) {
+    int64_t last = 0;   // the largest element offset the view addresses
+    for (int d = 0; d < ndim; d++) {
+        if (sizes[d] < 0) return 0;
+        if (sizes[d] == 0) return 1;
+    }
+    for (int d = 0; d < ndim; d++) {
+        if (sizes[d] == 1) continue;
+        if (strides[d] < 0) return 0;
+        if (strides[d] > 0 && strides[d] > (INT64_MAX - last) / (sizes[d] - 1)) return 0;
+        last += (sizes[d] - 1) * strides[d];
+    }
+    return last < extent;
+}
+
+int gmpo_span_disjoint(int ndim, const int64_t *sizes, const int64_t *strides) {
+    int64_t sz[8], sd[8];
+    int n = 0;
+    if (ndim > 8) return 0;
+    for (int d = 0; d < ndim; d++) {
+        if (sizes[d] == 0) return 1;   // nothing is written
+        if (sizes[d] == 1) continue;
+        if (strides[d] <= 0) return 0;
+        // insertion by stride
+        int i = n++;
+        while (i > 0 && sd[i - 1] > strides[d]) { sd[i] = sd[i - 1]; sz[i] = sz[i - 1]; i--; }
+        sd[i] = strides[d];
+        sz[i] = sizes[d];
+    }
+    int64_t span = 1;   // elements covered by the axes below (1: one element)
+    for (int i = 0; i < n; i++) {
+        if (sd[i] < span) return 0;
+        if (sz[i] > INT64_MAX / sd[i]) return 0;
+        span = sz[i] * sd[i];
+    }
+    return 1;
+}
+
+// v must be present (unless optional), of an allowed kind, (B,T) or (B,) shaped,
+// and every element it addresses inside its extent
 static gmpo_status check_view(gmpo_args *a, const gmpo_view *v, const char *name,
                               int optional, int float_only, int may_be_row) {
     if (!v->data) {
         if (optional) return GMPO_OK;
-        if (a->B * a->T == 0) return GMPO_OK;   // empty tensors may have no storage
+        if (a->B == 0 || a->T == 0) return GMPO_OK;   // empty tensors may have no storage
         return fail(a, "%s: missing data pointer", name);
     }
     if (v->dtype <= GMPO_DT_NONE || v->dtype > GMPO_DT_I64)
@@ -26,6 +66,20 @@ static gmpo_status check_view(gmpo_args *a, const gmpo_view *v, const char *name
         return fail(a, "%s: must be a floating-point tensor (float32, float64, float16 or bfloat16)", name);
     if (v->stride_t == 0 && !may_be_row && a->T > 1)
         return fail(a, "%s: must have one value per token, shape (B, T)", name);
+    const int64_t sizes[2] = {a->B, v->stride_t == 0 ? 1 : a->T};
+    const int64_t strides[2] = {v->stride_b, v->stride_t};
+    if (!gmpo_span_fits(2, sizes, strides, v->extent))
+        return fail(a, "%s: its shape and strides address memory outside the tensor "
+                       "(too few elements for B rows and T tokens, or a negative stride)", name);
+    return GMPO_OK;
+}
+
+// a contiguous buffer of `need` elements at p: present (or not needed) and big enough
+static gmpo_status check_buffer(gmpo_args *a, const void *p, int64_t extent, int64_t need,
+                                const char *name) {
+    if (need == 0) return GMPO_OK;
+    if (!p) return fail(a, "%s: missing buffer", name);
+    if (extent < need) return fail(a, "%s: buffer too small for the shapes of the inputs", name);
     return GMPO_OK;
 }
 
@@ -33,6 +87,8 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
     gmpo_status st;
     a->err[0] = 0;
     if (a->B < 0 || a->T < 0) return fail(a, "%s: negative size", "logps");
+    if (a->T > 0 && a->B > (INT64_MAX / GMPO_ROW_STATS - 1) / a->T)
+        return fail(a, "%s: too many elements", "logps");
     if (a->algo != GMPO_ALGO_GMPO && a->algo != GMPO_ALGO_GRPO)
         return fail(a, "%s: unknown algorithm code", "algo");
     if ((st = check_view(a, &a->logp, "logps", 0, 1, 0))) return st;
@@ -72,14 +128,15 @@ gmpo_status gmpo_check_forward(gmpo_args *a, const double *rows, const void *out
     if (!rows || !out_loss || !out_metrics) return fail(a, "%s: missing output buffer", "forward");
     if (out_dtype != GMPO_DT_F32 && out_dtype != GMPO_DT_F64)
         return fail(a, "%s: output dtype must be float32 or float64", "forward");
-    return GMPO_OK;
+    if ((st = check_buffer(a, rows, a->rows_extent, (a->B + 1) * GMPO_ROW_STATS, "rows"))) return st;
+    if ((st = check_buffer(a, out_loss, a->loss_extent, 1, "loss"))) return st;
+    return check_buffer(a, out_metrics, a->metrics_extent, GMPO_METRICS, "metrics");
 }
 
 gmpo_status gmpo_check_grad(gmpo_args *a, const void *grad, int32_t grad_dtype) {
     if (!gmpo_dtype_is_float(grad_dtype))
         return fail(a, "%s: must be a floating-point tensor", "grad");
-    if (a->B * a->T != 0 && !grad) return fail(a, "%s: missing buffer", "grad");
-    return GMPO_OK;
+    return check_buffer(a, grad, a->grad_extent, a->B * a->T, "grad");
 }
 
 gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *grad_out,
@@ -89,6 +146,9 @@ gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *gr
     if ((st = gmpo_check_grad(a, grad, grad_dtype))) return st;
     if (!gmpo_dtype_is_float(grad_out_dtype) || !grad_out)
         return fail(a, "%s: must be a floating-point scalar", "grad_output");
-    if (a->B * a->T != 0 && !rows) return fail(a, "%s: missing buffer", "backward");
-    return GMPO_OK;
+    if ((st = check_buffer(a, grad_out, a->grad_out_extent, 1, "grad_output"))) return st;
+    // backward reads the per-row statistics of every row and the totals row
+    return check_buffer(a, rows, a->rows_extent,
+                        (a->B > 0 && a->T > 0) ? (a->B + 1) * GMPO_ROW_STATS : 0,
+                        "rows");
 }

@@ -47,6 +47,10 @@ typedef struct {
     gmpo_view logits;         /* stride_b, stride_t in elements; V contiguous */
     gmpo_view ids;            /* int64 or int32 */
     gmpo_view mask;           /* data NULL: every token counts */
+    /* extents (elements available) of the (B, T) fp32 buffers passed beside the
+     * args: forward's outputs, backward's saved inputs; B * T needed for each
+     * present one. Every view's extent is in the view. */
+    int64_t logp_extent, entropy_extent, lse_extent;
     double temperature;       /* tau > 0 */
     int32_t num_threads;      /* CPU threads; <= 0: one */
     void *stream;             /* cudaStream_t for the CUDA entry points */
@@ -76,8 +80,14 @@ gmpo_status gmpo_logits_cuda_backward(gmpo_logits_args *a, const float *lse,
                                       const float *entropy, gmpo_view grad_logp,
                                       gmpo_view grad_entropy, gmpo_view grad);
 
-/* Argument checks shared by both backends (dtype codes, sizes, temperature). */
+/* Argument checks shared by both backends (dtype codes, sizes, extents,
+ * temperature); the forward / backward ones add the checks of their buffers. */
 gmpo_status gmpo_logits_check_args(gmpo_logits_args *a);
+gmpo_status gmpo_logits_check_forward(gmpo_logits_args *a, const float *logp,
+                                      const float *entropy, const float *lse);
+gmpo_status gmpo_logits_check_backward(gmpo_logits_args *a, const float *lse,
+                                       const float *entropy, gmpo_view grad_logp,
+                                       gmpo_view grad_entropy, gmpo_view grad);
 
 #ifdef __cplusplus
 }

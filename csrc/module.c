@@ -7,8 +7,10 @@
  * with any PyTorch. The GIL is released around the compute only, and every C
  * status becomes one Python exception in one place (fail_status).
  *
- * A tensor is passed as a 4-tuple (data_ptr, dtype_code, stride_b, stride_t);
- * an absent optional tensor as (0, 0, 0, 0).
+ * A tensor is passed as a 5-tuple (data_ptr, dtype_code, stride_b, stride_t,
+ * extent), an absent optional tensor as (0, 0, 0, 0, 0); an output or saved
+ * buffer as (data_ptr, extent). The extent is the number of elements that may
+ * be addressed from data_ptr on: the C core checks every access against it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -43,6 +45,10 @@ gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows, const void *gra
     snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA kernels");
     return GMPO_ENOTBUILT;
 }
+gmpo_status gmpo_cuda_versions(int *built, int *runtime, int *driver) {
+    *built = *runtime = *driver = 0;
+    return GMPO_ENOTBUILT;
+}
 #endif
 
 // the one place a C status becomes a Python exception
@@ -56,8 +62,10 @@ static PyObject *fail_status(gmpo_status st, const gmpo_args *a) {
     return NULL;
 }
 
-#define VIEW_FMT "(KiLL)"
-#define VIEW_ARGS(v) &(v).data, &(v).dtype, &(v).stride_b, &(v).stride_t
+#define VIEW_FMT "(KiLLL)"
+#define VIEW_ARGS(v) &(v).data, &(v).dtype, &(v).stride_b, &(v).stride_t, &(v).extent
+// a buffer: (data_ptr, extent)
+#define BUF_FMT "(KL)"
 
 // The arguments forward and backward share, parsed into a gmpo_args.
 typedef struct {
@@ -87,8 +95,9 @@ PyDoc_STRVAR(forward_doc,
 "        convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "        normalizer, denom, num_threads, rows, out_loss, out_metrics, out_dtype)\n"
 "--\n\n"
-"Fused loss forward. Tensors are (data_ptr, dtype, stride_b, stride_t) tuples;\n"
-"rows, out_loss, out_metrics are data pointers of preallocated outputs.");
+"Fused loss forward. Tensors are (data_ptr, dtype, stride_b, stride_t, extent)\n"
+"tuples; rows, out_loss, out_metrics are (data_ptr, extent) buffers of\n"
+"preallocated outputs.");
 
 static PyObject *py_forward(PyObject *self, PyObject *args) {
     (void)self;
@@ -96,8 +105,9 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
     memset(&c, 0, sizeof c);
     unsigned long long rows, out_loss, out_metrics;
     int out_dtype;
-    if (!PyArg_ParseTuple(args, COMMON_FMT "KKKi:forward", COMMON_ARGS(c), &rows, &out_loss,
-                          &out_metrics, &out_dtype))
+    if (!PyArg_ParseTuple(args, COMMON_FMT BUF_FMT BUF_FMT BUF_FMT "i:forward", COMMON_ARGS(c),
+                          &rows, &c.a.rows_extent, &out_loss, &c.a.loss_extent, &out_metrics,
+                          &c.a.metrics_extent, &out_dtype))
         return NULL;
     if (check_device(&c)) return NULL;
     c.a.stream = (void *)(uintptr_t)c.stream;
@@ -121,7 +131,8 @@ PyDoc_STRVAR(forward_backward_doc,
 "                 out_metrics, out_dtype, grad, grad_dtype)\n"
 "--\n\n"
 "CPU only: forward, and in the same pass over the inputs the gradient for an\n"
-"upstream gradient of 1 into the contiguous (B, T) buffer grad.");
+"upstream gradient of 1 into the contiguous (B, T) buffer grad ((data_ptr,\n"
+"extent), as rows, out_loss and out_metrics).");
 
 static PyObject *py_forward_backward(PyObject *self, PyObject *args) {
     (void)self;
@@ -129,8 +140,10 @@ static PyObject *py_forward_backward(PyObject *self, PyObject *args) {
     memset(&c, 0, sizeof c);
     unsigned long long rows, out_loss, out_metrics, grad;
     int out_dtype, grad_dtype;
-    if (!PyArg_ParseTuple(args, COMMON_FMT "KKKiKi:forward_backward", COMMON_ARGS(c), &rows,
-                          &out_loss, &out_metrics, &out_dtype, &grad, &grad_dtype))
+    if (!PyArg_ParseTuple(args, COMMON_FMT BUF_FMT BUF_FMT BUF_FMT "i" BUF_FMT "i:forward_backward",
+                          COMMON_ARGS(c), &rows, &c.a.rows_extent, &out_loss, &c.a.loss_extent,
+                          &out_metrics, &c.a.metrics_extent, &out_dtype, &grad,
+                          &c.a.grad_extent, &grad_dtype))
         return NULL;
     if (check_device(&c)) return NULL;
     if (c.device != DEV_CPU) {
@@ -172,7 +185,8 @@ PyDoc_STRVAR(backward_doc,
 "         grad, grad_dtype)\n"
 "--\n\n"
 "Fused loss backward: writes d loss / d logp times grad_out (read where it\n"
-"lives, device memory for CUDA) into the contiguous (B, T) buffer grad.");
+"lives, device memory for CUDA) into the contiguous (B, T) buffer grad.\n"
+"rows, grad_out and grad are (data_ptr, extent) buffers.");
 
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     (void)self;
@@ -180,8 +194,9 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     memset(&c, 0, sizeof c);
     unsigned long long rows, grad_out, grad;
     int grad_out_dtype, grad_dtype;
-    if (!PyArg_ParseTuple(args, COMMON_FMT "KKiKi:backward", COMMON_ARGS(c), &rows, &grad_out,
-                          &grad_out_dtype, &grad, &grad_dtype))
+    if (!PyArg_ParseTuple(args, COMMON_FMT BUF_FMT BUF_FMT "i" BUF_FMT "i:backward", COMMON_ARGS(c),
+                          &rows, &c.a.rows_extent, &grad_out, &c.a.grad_out_extent,
+                          &grad_out_dtype, &grad, &c.a.grad_extent, &grad_dtype))
         return NULL;
     if (check_device(&c)) return NULL;
     c.a.stream = (void *)(uintptr_t)c.stream;
@@ -245,16 +260,18 @@ PyDoc_STRVAR(logits_forward_doc,
 "--\n\n"
 "Per-token log-prob, entropy and log-sum-exp of (B, TL, V) logits (TL = T or\n"
 "T + 1) at the (B, T) ids. logits, ids, mask are (data_ptr, dtype, stride_b,\n"
-"stride_t) tuples; logp, entropy (0: skip), lse are data pointers of (B, T)\n"
-"contiguous float32 outputs. An id outside [0, V) raises IndexError on CPU.");
+"stride_t, extent) tuples; logp, entropy (data_ptr 0: skip), lse are\n"
+"(data_ptr, extent) buffers of (B, T) contiguous float32 outputs. An id\n"
+"outside [0, V) raises IndexError on CPU.");
 
 static PyObject *py_logits_forward(PyObject *self, PyObject *args) {
     (void)self;
     logits_call c;
     memset(&c, 0, sizeof c);
     unsigned long long logp, entropy, lse;
-    if (!PyArg_ParseTuple(args, LOGITS_FMT "KKK:logits_forward", LOGITS_ARGS(c), &logp,
-                          &entropy, &lse))
+    if (!PyArg_ParseTuple(args, LOGITS_FMT BUF_FMT BUF_FMT BUF_FMT ":logits_forward",
+                          LOGITS_ARGS(c), &logp, &c.a.logp_extent, &entropy,
+                          &c.a.entropy_extent, &lse, &c.a.lse_extent))
         return NULL;
     if (logits_prepare(&c)) return NULL;
     gmpo_status st;
@@ -277,7 +294,7 @@ PyDoc_STRVAR(logits_backward_doc,
 "Gradient of the logits from d loss / d logp and d loss / d entropy ((B, T)\n"
 "views; grad_entropy may be absent) into grad, a (B, TL, V) view in the\n"
 "logits' dtype that may be the logits themselves. lse and entropy are the\n"
-"forward's outputs (data pointers).");
+"forward's outputs ((data_ptr, extent) buffers).");
 
 static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
     (void)self;
@@ -285,9 +302,10 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
     memset(&c, 0, sizeof c);
     unsigned long long lse, entropy;
     gmpo_view grad_logp, grad_entropy, grad;
-    if (!PyArg_ParseTuple(args, LOGITS_FMT "KK" VIEW_FMT VIEW_FMT VIEW_FMT ":logits_backward",
-                          LOGITS_ARGS(c), &lse, &entropy, VIEW_ARGS(grad_logp),
-                          VIEW_ARGS(grad_entropy), VIEW_ARGS(grad)))
+    if (!PyArg_ParseTuple(args, LOGITS_FMT BUF_FMT BUF_FMT VIEW_FMT VIEW_FMT VIEW_FMT
+                          ":logits_backward", LOGITS_ARGS(c), &lse, &c.a.lse_extent, &entropy,
+                          &c.a.entropy_extent, VIEW_ARGS(grad_logp), VIEW_ARGS(grad_entropy),
+                          VIEW_ARGS(grad)))
         return NULL;
     if (logits_prepare(&c)) return NULL;
     gmpo_status st;
@@ -305,7 +323,27 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(cuda_versions_doc,
+"cuda_versions()\n"
+"--\n\n"
+"(built, runtime, driver): the CUDA version the kernels were compiled with,\n"
+"the runtime's and the newest the driver supports (e.g. 13000 for 13.0; the\n"
+"driver's is 0 without one), or None for a build without CUDA. All 0 under\n"
+"the SIMT emulation.");
+
+static PyObject *py_cuda_versions(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    int built = 0, runtime = 0, driver = 0;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = gmpo_cuda_versions(&built, &runtime, &driver);
+    Py_END_ALLOW_THREADS
+    if (st == GMPO_ENOTBUILT) Py_RETURN_NONE;
+    return Py_BuildValue("(iii)", built, runtime, driver);
+}
+
 static PyMethodDef methods[] = {
+    {"cuda_versions", py_cuda_versions, METH_NOARGS, cuda_versions_doc},
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
     {"forward_backward", py_forward_backward, METH_VARARGS, forward_backward_doc},
@@ -335,6 +373,12 @@ static int module_exec(PyObject *m) {
 
 static PyModuleDef_Slot slots[] = {
     {Py_mod_exec, module_exec},
+#ifdef Py_mod_gil
+    // free-threaded CPython: the module keeps no Python state of its own and
+    // touches no Python object while the GIL is released; the C core's only
+    // global (the CPU kernel level) is an atomic set idempotently
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
     {0, NULL},
 };
 

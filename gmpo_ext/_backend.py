@@ -27,7 +27,7 @@ DTYPE_CODES = {
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ROW_STATS = _C.ROW_STATS
 METRICS = _C.METRICS
-ABSENT = (0, 0, 0, 0)
+ABSENT = (0, 0, 0, 0, 0)
 
 ALGO_GMPO, ALGO_GRPO = 0, 1
 CONVENTIONS = {"trl": 0, "verl": 1}
@@ -45,9 +45,48 @@ def set_simt_module(module):
     _simt_module = module
 
 
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def cuda_version_problem(built: int, driver: int, torch_cuda) -> str | None:
+    """Why kernels built with CUDA ``built`` (CUDART_VERSION, e.g. 13000) cannot
+    run under a driver supporting CUDA ``driver`` (0: none), or None when they
+    can. The runtime is linked statically: within a major version (minor
+    version compatibility) any driver of that major runs them."""
+    if not built or driver // 1000 >= built // 1000:
+        return None
+    have = f"CUDA {_version(driver)}" if driver else "no CUDA at all (no driver found)"
+    return (f"gmpo_ext's CUDA kernels were built with CUDA {_version(built)}, which needs an "
+            f"NVIDIA driver for CUDA {built // 1000}.x or newer; this machine's driver supports "
+            f"{have}; the installed torch is built for CUDA {torch_cuda}. Fix: install a "
+            f"gmpo_ext built with a CUDA {max(driver // 1000, 12)} toolkit (e.g. GMPO_EXT_NVCC="
+            f"/usr/local/cuda-{max(driver // 1000, 12)}/bin/nvcc pip install --no-build-isolation "
+            "--force-reinstall gmpo_ext), or upgrade the NVIDIA driver.")
+
+
+_cuda_ok = False
+
+
+def check_cuda_runtime():
+    """At the first CUDA call: refuse a build whose CUDA the driver cannot run,
+    with a message naming the three versions, instead of a launch failure."""
+    global _cuda_ok
+    if _cuda_ok:
+        return
+    versions = _C.cuda_versions()
+    if versions is not None:   # None: no CUDA kernels; the entry points say so
+        built, _runtime, driver = versions
+        problem = cuda_version_problem(built, driver, torch.version.cuda)
+        if problem:
+            raise RuntimeError(problem)
+    _cuda_ok = True
+
+
 def backend(device: torch.device):
     """(module, device code, stream handle) for tensors on ``device``."""
     if device.type == "cuda":
+        check_cuda_runtime()
         return _C, 1, torch.cuda.current_stream(device).cuda_stream
     if _simt_module is not None:
         return _simt_module, 1, 0
@@ -62,8 +101,26 @@ def _on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
+def span(t) -> int:
+    """Elements the tensor covers from its data pointer on (its extent for the
+    C core: every element its own sizes and strides address; 0 when empty).
+    PyTorch guarantees a tensor's span lies inside its storage."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if size == 0:
+            return 0
+        n += (size - 1) * stride
+    return n
+
+
+def buf(t):
+    """(data_ptr, extent) of an output or saved buffer."""
+    return (t.data_ptr(), span(t))
+
+
 def view(t, per_token: bool):
-    """(data_ptr, dtype code, stride_b, stride_t) of a (B, T), (B,) or (B, 1) tensor.
+    """(data_ptr, dtype code, stride_b, stride_t, extent) of a (B, T), (B,) or
+    (B, 1) tensor.
 
     A per-row tensor gets stride_t 0; a per-token one never does (the C core
     reads stride_t 0 as "one value per row"), so a broadcast token axis of a
@@ -72,7 +129,7 @@ def view(t, per_token: bool):
     if t is None:
         return ABSENT, None
     if not per_token:
-        return (t.data_ptr(), DTYPE_CODES[t.dtype], t.stride(0), 0), t
+        return (t.data_ptr(), DTYPE_CODES[t.dtype], t.stride(0), 0, span(t)), t
     sb, st = t.stride()
     if st == 0:
         if t.shape[1] > 1:
@@ -80,7 +137,97 @@ def view(t, per_token: bool):
             sb, st = t.stride()
         else:
             st = 1
-    return (t.data_ptr(), DTYPE_CODES[t.dtype], sb, st), t
+    return (t.data_ptr(), DTYPE_CODES[t.dtype], sb, st, span(t)), t
+
+
+# ----------------------------------------------------------------------------
+# argument checks: every call into the C core passes them first, whether it
+# comes from the public functions, the eager path or the registered ops (which
+# are public too: torch.ops.gmpo_ext.*, compiled and exported graphs)
+
+def dtype_names(dtypes):
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name, t, dtypes, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {dtype_names(dtypes)}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
+def check_device(name, t, dev, what="logps"):
+    if t is not None and t.device != dev:
+        raise ValueError(f"{name} is on {t.device} but {what} is on {dev}; all inputs "
+                         "must be on the same device")
+
+
+def check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta):
+    """Shapes, dtypes, devices and layouts of the loss's tensors (no data read:
+    runs on fake tensors at trace time too)."""
+    check_tensor("logps", logps, FLOAT_DTYPES)
+    if logps.dim() != 2:
+        raise ValueError(f"logps must have shape (B, T), got {tuple(logps.shape)}")
+    B, T = logps.shape
+    check_tensor("old_logps", old_logps, FLOAT_DTYPES)
+    check_tensor("advantages", advantages, FLOAT_DTYPES)
+    check_tensor("mask", mask, tuple(DTYPE_CODES))
+    check_tensor("ref_logps", ref_logps, FLOAT_DTYPES, optional=True)
+    check_tensor("is_weights", is_weights, FLOAT_DTYPES, optional=True)
+    for name, t in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
+        if t is not None and tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} must have the shape of logps {(B, T)}, got {tuple(t.shape)}")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape (B,), (B, 1) or (B, T) = {(B,)}, {(B, 1)} "
+                         f"or {(B, T)}, got {tuple(advantages.shape)}")
+    if is_weights is not None and tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"is_weights must have shape (B,), (B, 1) or (B, T) = {(B,)}, {(B, 1)} "
+                         f"or {(B, T)}, got {tuple(is_weights.shape)}")
+    dev = logps.device
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"logps is on {dev}; gmpo_ext runs on cpu and cuda tensors")
+    for name, t in (("old_logps", old_logps), ("advantages", advantages), ("mask", mask),
+                    ("ref_logps", ref_logps), ("is_weights", is_weights)):
+        check_device(name, t, dev)
+    if beta != 0 and ref_logps is None:
+        raise ValueError("ref_logps is required when beta != 0 (the KL term needs the "
+                         "reference model's log-probs)")
+
+
+def resolved(t):
+    """t without a pending negation (a neg view such as ``z.conj().imag``, whose
+    bit the raw data pointer does not show): a copy only in that case."""
+    if t is not None and t.is_neg():
+        return t.resolve_neg()
+    return t
+
+
+def _runnable(dev):
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"logps is on {dev}; the kernels run on cpu and cuda tensors")
+
+
+def check_rows(rows, B, dev):
+    """The per-row statistics forward wrote: (B + 1, ROW_STATS) float64."""
+    check_tensor("rows", rows, (torch.float64,))
+    if tuple(rows.shape) != (B + 1, ROW_STATS) or not rows.is_contiguous():
+        raise ValueError(f"rows must be the forward's contiguous ({B + 1}, {ROW_STATS}) float64 "
+                         f"statistics, got shape {tuple(rows.shape)}, strides {rows.stride()}")
+    check_device("rows", rows, dev)
+
+
+def check_grad_loss(grad_loss, dev):
+    check_tensor("grad_loss", grad_loss, FLOAT_DTYPES + tuple(DTYPE_CODES))
+    if grad_loss.numel() != 1:
+        raise ValueError(f"grad_loss must hold one value (the loss is 0-d), got shape "
+                         f"{tuple(grad_loss.shape)}")
+    check_device("grad_loss", grad_loss, dev)
 
 
 def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
@@ -89,13 +236,13 @@ def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, conve
     keep = []  # tensors materialised by view() must outlive the call
 
     def v(t, per_token):
-        spec, held = view(t, per_token)
+        spec, held = view(resolved(t), per_token)
         keep.append(held)
         return spec
 
-    # (B,) and (B, 1) are per row; (B, T) with T > 1 per token
-    adv_token = advantages.dim() == 2 and advantages.shape[1] > 1
-    isw_token = is_weights is not None and is_weights.dim() == 2 and is_weights.shape[1] > 1
+    # (B,) and (B, 1) are per row; (B, T) with T != 1 per token (also T = 0)
+    adv_token = advantages.dim() == 2 and advantages.shape[1] != 1
+    isw_token = is_weights is not None and is_weights.dim() == 2 and is_weights.shape[1] != 1
     args = (
         algo, B, T,
         v(logps, True), v(old_logps, True), v(advantages, adv_token), v(mask, True),
@@ -106,8 +253,17 @@ def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, conve
     return args, keep
 
 
+def _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta):
+    if not checked:
+        check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _runnable(logps.device)
+
+
 def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
-            loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
+            loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
+            checked=False):
+    """(loss, metrics, rows). checked=True: the caller ran check_loss_inputs."""
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
     B, T = logps.shape
     dev = logps.device
     out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
@@ -119,8 +275,8 @@ def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, con
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
     with _on_device(dev):
-        mod.forward(algo, code, stream, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
-                    metrics.data_ptr(), DTYPE_CODES[out_dtype])
+        mod.forward(algo, code, stream, B, T, *rest, buf(rows), buf(loss), buf(metrics),
+                    DTYPE_CODES[out_dtype])
     del keep
     return loss, metrics, rows
 
@@ -133,21 +289,25 @@ def fuses(device: torch.device) -> bool:
 
 def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
                      convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
-                     normalizer, denom):
+                     normalizer, denom, checked=False):
     """forward(), plus the gradient for an upstream gradient of 1, computed in
     the same pass over the inputs (CPU only: see fuses())."""
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    if not fuses(logps.device):
+        raise ValueError(f"forward_backward runs on the C core's CPU kernels; logps is on "
+                         f"{logps.device}")
     B, T = logps.shape
+    dev = logps.device   # explicit: never the default device (set_default_device)
     out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64)
-    loss = torch.empty((), dtype=out_dtype)
-    metrics = torch.empty((METRICS,), dtype=out_dtype)
-    grad = torch.empty((B, T), dtype=logps.dtype)
+    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64, device=dev)
+    loss = torch.empty((), dtype=out_dtype, device=dev)
+    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    grad = torch.empty((B, T), dtype=logps.dtype, device=dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
-    _C.forward_backward(algo, 0, 0, B, T, *rest, rows.data_ptr(), loss.data_ptr(),
-                        metrics.data_ptr(), DTYPE_CODES[out_dtype], grad.data_ptr(),
-                        DTYPE_CODES[grad.dtype])
+    _C.forward_backward(algo, 0, 0, B, T, *rest, buf(rows), buf(loss), buf(metrics),
+                        DTYPE_CODES[out_dtype], buf(grad), DTYPE_CODES[grad.dtype])
     del keep
     return loss, metrics, rows, grad
 
@@ -157,6 +317,7 @@ def uses_fast_kernel(algo, logps, old_logps, advantages, mask, ref_logps, is_wei
                      normalizer, denom, grad_dtype=None):
     """Whether the C core takes its common case's kernel for these CPU inputs
     (grad_dtype: that of forward_backward's gradient; None: forward)."""
+    _checked(False, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
@@ -165,16 +326,23 @@ def uses_fast_kernel(algo, logps, old_logps, advantages, mask, ref_logps, is_wei
 
 
 def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
-             convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
-    grad = torch.empty(logps.shape, dtype=logps.dtype, device=logps.device)
+             convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
+             checked=False):
+    """d loss / d logps times grad_loss, from forward's rows."""
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    dev = logps.device
+    check_rows(rows, logps.shape[0], dev)
+    check_grad_loss(grad_loss, dev)
+    grad = torch.empty(logps.shape, dtype=logps.dtype, device=dev)
     if grad_loss.dtype not in FLOAT_DTYPES:
         grad_loss = grad_loss.to(torch.float32)
-    mod, code, stream = backend(logps.device)
+    grad_loss = resolved(grad_loss)
+    mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
                                       beta, log_ratio_clamp, normalizer, denom)
-    with _on_device(logps.device):
-        mod.backward(algo, code, stream, B, T, *rest, rows.data_ptr(), grad_loss.data_ptr(),
-                     DTYPE_CODES[grad_loss.dtype], grad.data_ptr(), DTYPE_CODES[grad.dtype])
+    with _on_device(dev):
+        mod.backward(algo, code, stream, B, T, *rest, buf(rows), buf(grad_loss),
+                     DTYPE_CODES[grad_loss.dtype], buf(grad), DTYPE_CODES[grad.dtype])
     del keep
     return grad

@@ -44,12 +44,13 @@ ENTROPY = "entropy"
 
 
 # ----------------------------------------------------------------------------
-# views: (data_ptr, dtype code, stride_b, stride_t), never a copy
+# views: (data_ptr, dtype code, stride_b, stride_t, extent), never a copy
 
 def _view(t: Optional[Tensor]):
     if t is None:
         return _backend.ABSENT
-    return (t.data_ptr(), _backend.DTYPE_CODES[t.dtype], t.stride(0), t.stride(1))
+    return (t.data_ptr(), _backend.DTYPE_CODES[t.dtype], t.stride(0), t.stride(1),
+            _backend.span(t))
 
 
 def _common(logits, ids, mask, temperature, ids_name="ids"):
@@ -60,7 +61,15 @@ def _common(logits, ids, mask, temperature, ids_name="ids"):
                  float(temperature), torch.get_num_threads(), ids_name)
 
 
+def _runnable(logits):
+    if logits.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"logits is on {logits.device}; the kernels run on cpu and cuda tensors")
+
+
 def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
+    _check_logits(logits, ids, mask, ids_name)
+    _runnable(logits)
+    logits, ids, mask = _backend.resolved(logits), ids, _backend.resolved(mask)
     B, T = ids.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty((B, T), **f32)
@@ -68,20 +77,85 @@ def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
     ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
     mod, args = _common(logits, ids, mask, temperature, ids_name)
     with _backend._on_device(logits.device):
-        mod.logits_forward(*args, logp.data_ptr(), ent.data_ptr() if entropy else 0,
-                           lse.data_ptr())
+        mod.logits_forward(*args, _backend.buf(logp),
+                           _backend.buf(ent) if entropy else (0, 0), _backend.buf(lse))
     return logp, ent, lse
 
 
+def _check_saved(name, t, B, T, dev):
+    """lse / entropy: the forward's contiguous (B, T) float32 outputs."""
+    _backend.check_tensor(name, t, (torch.float32,))
+    if tuple(t.shape) != (B, T) or not t.is_contiguous():
+        raise ValueError(f"{name} must be the forward's contiguous {(B, T)} float32 output, got "
+                         f"shape {tuple(t.shape)}, strides {t.stride()}")
+    _backend.check_device(name, t, dev, "logits")
+
+
+def _check_grad_out(name, t, B, T, dev):
+    if t is None:
+        return
+    _backend.check_tensor(name, t, _backend.FLOAT_DTYPES)
+    if tuple(t.shape) != (B, T):
+        raise ValueError(f"{name} must have the shape of the ids {(B, T)}, got {tuple(t.shape)}")
+    _backend.check_device(name, t, dev, "logits")
+
+
+def _disjoint(t) -> bool:
+    """No two elements of t share memory (the C core's test for a buffer that
+    is written: ordered by stride, each axis steps past those below it)."""
+    if t.numel() == 0:
+        return True
+    span = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride < span:
+            return False
+        span = size * stride
+    return True
+
+
+def _shares_memory(a, b) -> bool:
+    if b is None or b.numel() == 0 or a.numel() == 0:
+        return False
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:
+        # fake tensors while tracing have no memory: the op checks again when it runs
+        return False
+
+
+def _inplace_ok(logits, *read) -> bool:
+    """Whether the gradient can be written into the logits' buffer: no pending
+    negation, rows that do not overlap (an expand or as_strided view would have
+    one row's gradient overwrite logits another row still reads), and no other
+    input of the backward living in the same memory."""
+    return (not logits.is_neg() and _disjoint(logits)
+            and not any(_shares_memory(logits, t) for t in read))
+
+
 def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature):
+    _check_logits(logits, ids, mask, "ids")
+    _runnable(logits)
+    B, T = ids.shape
+    dev = logits.device
+    _check_grad_out("grad_logp", grad_logp, B, T, dev)
+    _check_grad_out("grad_entropy", grad_entropy, B, T, dev)
+    _check_saved("lse", lse, B, T, dev)
+    _check_saved("entropy", entropy, B, T, dev)
+    if grad is logits:
+        if not _inplace_ok(logits, grad_logp, grad_entropy, ids, mask, lse, entropy):
+            raise ValueError("logits cannot receive its gradient in place: it has the negative "
+                             "bit set, its positions overlap in memory (expand, as_strided), or "
+                             "another argument shares its memory; use logits_bwd")
+    else:
+        logits = _backend.resolved(logits)
+    mask, grad_logp, grad_entropy = (_backend.resolved(mask), _backend.resolved(grad_logp),
+                                     _backend.resolved(grad_entropy))
     mod, args = _common(logits, ids, mask, temperature)
     if grad_logp is not None and grad_logp.dtype not in _backend.FLOAT_DTYPES:
         grad_logp = grad_logp.to(torch.float32)
     with _backend._on_device(logits.device):
-        mod.logits_backward(*args, lse.data_ptr(), entropy.data_ptr(), _view(grad_logp),
-                            _view(grad_entropy),
-                            (grad.data_ptr(), _backend.DTYPE_CODES[grad.dtype],
-                             grad.stride(0), grad.stride(1)))
+        mod.logits_backward(*args, _backend.buf(lse), _backend.buf(entropy), _view(grad_logp),
+                            _view(grad_entropy), _view(grad))
 
 
 # ----------------------------------------------------------------------------
@@ -101,6 +175,7 @@ def logits_fwd(
 
 @logits_fwd.register_fake
 def _(logits, ids, mask, temperature, entropy, inplace_backward):
+    _check_logits(logits, ids, mask, "ids")
     shape = tuple(ids.shape)
     return (logits.new_empty(shape, dtype=torch.float32),
             logits.new_empty(shape, dtype=torch.float32),
@@ -118,6 +193,7 @@ def logits_bwd(
     entropy: Tensor,
     temperature: float,
 ) -> Tensor:
+    _check_logits(logits, ids, mask, "ids")
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature)
     return grad
@@ -125,6 +201,7 @@ def logits_bwd(
 
 @logits_bwd.register_fake
 def _(grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature):
+    _check_logits(logits, ids, mask, "ids")
     return logits.new_empty(logits.shape)
 
 
@@ -144,6 +221,7 @@ def logits_bwd_(
 
 @logits_bwd_.register_fake
 def _(logits, grad_logp, grad_entropy, ids, mask, lse, entropy, temperature):
+    _check_logits(logits, ids, mask, "ids")
     return None
 
 
@@ -161,7 +239,9 @@ def _logits_backward(ctx, grad_logp, grad_entropy, grad_lse):
     if not ctx.needs_input_grad[0]:
         return (None,) * 6
     logits, ids, mask, lse, entropy = ctx.saved_tensors
-    if ctx.inplace_backward:
+    # in place only where it is safe (see _inplace_ok); otherwise out of place,
+    # the same values in a new buffer
+    if ctx.inplace_backward and _inplace_ok(logits, grad_logp, grad_entropy, ids, mask):
         logits_bwd_(logits, grad_logp, grad_entropy, ids, mask, lse, entropy, ctx.temperature)
         grad = logits
     else:
@@ -342,7 +422,10 @@ def gmpo_loss_from_logits(
             when another loss or metric holds the same logits for its own
             backward (autograd raises: the saved tensor was modified), nor
             when you read the logits after ``backward()``: they hold the
-            gradient then.
+            gradient then. Logits whose positions overlap in memory
+            (``expand``, ``as_strided``), with a pending negation, or
+            sharing memory with the ids or mask get the gradient out of place
+            (same values, a new buffer).
         validate: check the ids against V before the kernels run, with a host
             sync, and raise IndexError (the CPU kernels always check, before any
             compute; on CUDA this turns the NaN flag into an error). Not for

@@ -24,16 +24,7 @@ MAX_MEAN_LOG_RATIO = "gmpo/max_mean_log_ratio"
 NONFINITE_ROWS = "gmpo/nonfinite_rows"
 
 
-def _check_tensor(name, t, dtypes, optional=False):
-    if t is None:
-        if optional:
-            return
-        raise TypeError(f"{name} must be a torch.Tensor, got None")
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: {names}")
+_check_tensor = _backend.check_tensor
 
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat)
@@ -54,35 +45,7 @@ def _check_number(name, x, *, min_value=None, allow_zero=True, allow_none=False)
         raise ValueError(f"{name} must be non-zero")
 
 
-def _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta):
-    _check_tensor("logps", logps, _TOKEN_DTYPES)
-    if logps.dim() != 2:
-        raise ValueError(f"logps must have shape (B, T), got {tuple(logps.shape)}")
-    B, T = logps.shape
-    _check_tensor("old_logps", old_logps, _TOKEN_DTYPES)
-    _check_tensor("advantages", advantages, _TOKEN_DTYPES)
-    _check_tensor("mask", mask, _MASK_DTYPES)
-    _check_tensor("ref_logps", ref_logps, _TOKEN_DTYPES, optional=True)
-    _check_tensor("is_weights", is_weights, _TOKEN_DTYPES, optional=True)
-    for name, t in (("old_logps", old_logps), ("mask", mask), ("ref_logps", ref_logps)):
-        if t is not None and tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must have the shape of logps {(B, T)}, got {tuple(t.shape)}")
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape (B,), (B, 1) or (B, T) = {(B,)}, {(B, 1)} "
-                         f"or {(B, T)}, got {tuple(advantages.shape)}")
-    if is_weights is not None and tuple(is_weights.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"is_weights must have shape (B,) or (B, T), got {tuple(is_weights.shape)}")
-    dev = logps.device
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"logps is on {dev}; gmpo_ext runs on cpu and cuda tensors")
-    for name, t in (("old_logps", old_logps), ("advantages", advantages), ("mask", mask),
-                    ("ref_logps", ref_logps), ("is_weights", is_weights)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but logps is on {dev}; all inputs "
-                             "must be on the same device")
-    if beta != 0 and ref_logps is None:
-        raise ValueError("ref_logps is required when beta != 0 (the KL term needs the "
-                         "reference model's log-probs)")
+_check_inputs = _backend.check_loss_inputs
 
 
 def _check_choice(name, value, choices):
@@ -162,7 +125,8 @@ def gmpo_loss(
         beta: coefficient of the k3 KL to the reference policy (needs ref_logps).
         ref_logps: (B, T) reference-model log-probs.
         is_weights: rollout-engine importance weights: (B, T) per token,
-            combined per row as a geometric mean (verl), or (B,) per row. They
+            combined per row as a geometric mean (verl), or (B,) or (B, 1)
+            per row (a (B, 1) tensor is per row even when T == 1). They
             multiply the row's policy term.
         convention: "trl" or "verl": reproduces TRL's GMPOTrainer or verl's
             ``geo_mean`` policy loss exactly, including empty rows (trl: D =
@@ -233,7 +197,7 @@ def grpo_loss(
     mask), "dr_grpo" (sum / (B * max_completion_length), default T), "dapo"
     (sum / num_items_in_batch, default the sum of the mask); then divided by
     ``normalizer``. Shapes, dtypes and the other arguments as in
-    :func:`gmpo_loss`; ``is_weights`` is per token (B, T) or per row (B,).
+    :func:`gmpo_loss`; ``is_weights`` is per token (B, T) or per row (B,) or (B, 1).
     Metrics: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean``, ``kl`` (beta != 0), ``gmpo/nonfinite_rows``.
     """

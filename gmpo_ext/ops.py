@@ -5,6 +5,12 @@ Two ops per loss family, shared by GMPO and GRPO (``algo`` selects):
   gmpo_ext::loss_fwd(...) -> (loss 0-d, metrics (7,), rows (B+1, 10) fp64)
   gmpo_ext::loss_bwd(grad_loss, rows, ...) -> grad (B, T) in logps' dtype
 
+Each op checks its arguments itself (shapes against each other, dtypes,
+devices, layouts; the fake kernels the same, at trace time) before a pointer
+reaches C, and the C core checks every buffer's extent again: the ops are
+public (torch.ops.gmpo_ext.*), and a bad call must raise, never read or write
+out of bounds.
+
 ``rows`` carries the per-row statistics from forward to backward (B+1 rows
 of 10 doubles: nothing per token). The backward reads grad_loss where it
 lives (no host sync), so the pair is safe under CUDA graphs. Only ``logps``
@@ -59,6 +65,7 @@ def loss_fwd(
 @loss_fwd.register_fake
 def _(logps, old_logps, advantages, mask, ref_logps, is_weights, algo, convention, loss_type,
       eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
+    _backend.check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
     out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
     B = logps.shape[0]
     return (
@@ -94,7 +101,11 @@ def loss_bwd(
 
 
 @loss_bwd.register_fake
-def _(grad_loss, rows, logps, *rest):
+def _(grad_loss, rows, logps, old_logps, advantages, mask, ref_logps, is_weights, algo,
+      convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
+    _backend.check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _backend.check_rows(rows, logps.shape[0], logps.device)
+    _backend.check_grad_loss(grad_loss, logps.device)
     return torch.empty_like(logps, memory_format=torch.contiguous_format)
 
 
@@ -135,10 +146,11 @@ class _EagerLoss(torch.autograd.Function):
         ctx.grad = None
         if fuse and _backend.fuses(logps.device):
             loss, metrics, rows, ctx.grad = _backend.forward_backward(
-                opts[0], logps, old_logps, advantages, mask, ref_logps, is_weights, *opts[1:])
+                opts[0], logps, old_logps, advantages, mask, ref_logps, is_weights, *opts[1:],
+                checked=True)
         else:
             loss, metrics, rows = _backend.forward(opts[0], logps, old_logps, advantages, mask,
-                                                   ref_logps, is_weights, *opts[1:])
+                                                   ref_logps, is_weights, *opts[1:], checked=True)
         ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, rows)
         ctx.opts = opts
         ctx.mark_non_differentiable(metrics, rows)
@@ -159,7 +171,7 @@ class _EagerLoss(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             opts = ctx.opts
             grad = _backend.backward(grad_loss, rows, opts[0], logps, old_logps, advantages,
-                                     mask, ref_logps, is_weights, *opts[1:])
+                                     mask, ref_logps, is_weights, *opts[1:], checked=True)
         return (grad,) + (None,) * 7
 
 
@@ -179,8 +191,12 @@ def _plain(t):
 
 
 def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts):
-    """(loss, metrics, rows) through the eager fast path or the custom op."""
-    if (_tracing()
+    """(loss, metrics, rows) through the eager fast path or the custom op.
+
+    The inputs have passed _backend.check_loss_inputs (the public functions
+    call it); the op checks them again itself. Meta tensors take the op (its
+    fake kernel): shapes and dtypes out, no compute."""
+    if (_tracing() or logps.device.type == "meta"
             or not (_plain(logps) and _plain(old_logps) and _plain(advantages) and _plain(mask)
                     and _plain(ref_logps) and _plain(is_weights))):
         return loss_fwd(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts)

@@ -16,7 +16,8 @@ and a row whose advantage multiplier is exactly 0 contributes exactly 0 even
 where exp overflowed. Neither changes any finite result.
 
 Shapes: B rows (sequences), T tokens. logps, old_logps, mask, ref_logps: (B, T);
-advantages (B,), (B, 1) or (B, T); is_weights (B, T) or (B,).
+advantages and is_weights (B,) or (B, 1) per row, (B, T) per token (a (B, 1)
+tensor is per row even when T == 1).
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ def _adv_2d(advantages, B, T):
 
 
 def _row_is_weight(is_weights, m, denom, B):
-    """(B,) weights pass through; (B, T) are combined per row as a geometric mean."""
+    """(B,) and (B, 1) weights are per row and pass through; (B, T) (T != 1)
+    are per token, combined per row as a geometric mean."""
     if is_weights is None:
         return None
-    if is_weights.dim() == 1:
-        return is_weights
+    if is_weights.dim() == 1 or is_weights.shape[1] == 1:
+        return is_weights.reshape(B)
     logw = _masked(torch.log(is_weights + 1e-10), m)
     return torch.exp((logw * m).sum(-1) / denom)
 

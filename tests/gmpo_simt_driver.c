@@ -71,6 +71,7 @@ static tensor make(int64_t B, int64_t T, int32_t dt, int64_t sb, int64_t st, int
     t.v.dtype = dt;
     t.v.stride_b = sb;
     t.v.stride_t = T == 1 && st == 0 ? 0 : st;
+    t.v.extent = n > 0 ? n - offset : 0;
     return t;
 }
 
@@ -177,6 +178,10 @@ static int run_case(const spec *c) {
     a.normalizer = 2.0;
     a.denom = 0;
     a.num_threads = 1;
+    a.rows_extent = (B + 1) * GMPO_ROW_STATS;
+    a.loss_extent = a.grad_out_extent = 1;
+    a.metrics_extent = GMPO_METRICS;
+    a.grad_extent = B * T;
     gmpo_args a2 = a;
 
     const int f64 = fdt == GMPO_DT_F64;

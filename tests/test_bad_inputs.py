@@ -211,12 +211,13 @@ class CCall:
         self.rows = torch.zeros(B + 1, _backend.ROW_STATS, dtype=torch.float64)
         self.loss = torch.zeros((), dtype=torch.float32)
         self.metrics = torch.zeros(_backend.METRICS, dtype=torch.float32)
-        self.out_loss, self.out_metrics = self.loss.data_ptr(), self.metrics.data_ptr()
-        self.rows_ptr, self.out_dtype = self.rows.data_ptr(), 1
+        # output and saved buffers: (data_ptr, extent)
+        self.out_loss, self.out_metrics = _backend.buf(self.loss), _backend.buf(self.metrics)
+        self.rows_ptr, self.out_dtype = _backend.buf(self.rows), 1
         self.grad = torch.full((B, T), 7.0)
         self.grad_out = torch.tensor(1.0)
-        self.grad_ptr, self.grad_dtype = self.grad.data_ptr(), 1
-        self.grad_out_ptr, self.grad_out_dtype = self.grad_out.data_ptr(), 1
+        self.grad_ptr, self.grad_dtype = _backend.buf(self.grad), 1
+        self.grad_out_ptr, self.grad_out_dtype = _backend.buf(self.grad_out), 1
 
     def common(self):
         return (self.algo, self.device, self.stream, self.B, self.T, self.logp, self.old_logp,
@@ -234,10 +235,10 @@ class CCall:
 
 
 def _view(v, **kw):
-    data, dtype, sb, st = v
-    d = dict(data=data, dtype=dtype, sb=sb, st=st)
+    data, dtype, sb, st, extent = v
+    d = dict(data=data, dtype=dtype, sb=sb, st=st, extent=extent)
     d.update(kw)
-    return (d["data"], d["dtype"], d["sb"], d["st"])
+    return (d["data"], d["dtype"], d["sb"], d["st"], d["extent"])
 
 
 C_BAD = {
@@ -255,7 +256,7 @@ C_BAD = {
     # bug: csrc/gmpo_common.c check_view accepts negative codes for non-float tensors
     "mask-dtype-negative": ("mask", lambda c: setattr(c, "mask", _view(c.mask, dtype=-1))),
     "ref_logps-dtype": ("ref_logps", lambda c: setattr(c, "ref_logp", _view(c.ref_logp, dtype=77))),
-    "ref_logps-missing": ("ref_logps", lambda c: setattr(c, "ref_logp", (0, 0, 0, 0))),
+    "ref_logps-missing": ("ref_logps", lambda c: setattr(c, "ref_logp", (0, 0, 0, 0, 0))),
     "is_weights-int": ("is_weights", lambda c: setattr(c, "is_w", _view(c.is_w, dtype=9))),
     "algo": ("algo", lambda c: setattr(c, "algo", 7)),
     "device": ("device", lambda c: setattr(c, "device", 5)),
@@ -270,6 +271,16 @@ C_BAD = {
     "normalizer-nan": ("normalizer", lambda c: setattr(c, "normalizer", float("nan"))),
     "denominator-inf": ("denominator", lambda c: setattr(c, "denom", float("inf"))),
     "size-negative": ("logps", lambda c: setattr(c, "B", -1)),
+    # extents: shapes and strides that address memory outside a buffer
+    "logps-extent": ("logps", lambda c: setattr(c, "logp", _view(c.logp, extent=B * T - 1))),
+    "logps-rows": ("logps", lambda c: setattr(c, "B", B + 1)),
+    "old_logps-stride": ("old_logps", lambda c: setattr(c, "old_logp", _view(c.old_logp, sb=T + 1))),
+    "old_logps-negative-stride": ("old_logps", lambda c: setattr(c, "old_logp", _view(c.old_logp, st=-1))),
+    "advantages-extent": ("advantages", lambda c: setattr(c, "adv", _view(c.adv, extent=B - 1))),
+    "mask-extent": ("mask", lambda c: setattr(c, "mask", _view(c.mask, extent=1))),
+    "ref_logps-extent": ("ref_logps", lambda c: setattr(c, "ref_logp", _view(c.ref_logp, extent=0))),
+    "is_weights-extent": ("is_weights", lambda c: setattr(c, "is_w", _view(c.is_w, extent=T))),
+    "stride-overflow": ("logps", lambda c: setattr(c, "logp", _view(c.logp, sb=2 ** 62))),
 }
 
 
@@ -288,19 +299,37 @@ def test_c_module_rejects_bad_argument(case, which):
 
 @pytest.mark.parametrize("attr,value,name", [
     ("out_dtype", 4, "output dtype"), ("out_dtype", 99, "output dtype"),
-    ("rows_ptr", 0, "output buffer"), ("out_loss", 0, "output buffer"),
-    ("out_metrics", 0, "output buffer"),
+    ("rows_ptr", (0, 0), "output buffer"), ("out_loss", (0, 0), "output buffer"),
+    ("out_metrics", (0, 0), "output buffer"),
+    ("rows_ptr", "small", "rows"), ("out_loss", "small", "loss"),
+    ("out_metrics", "small", "metrics"),
 ])
 def test_c_forward_rejects_bad_outputs(attr, value, name):
     c = CCall()
+    if value == "small":   # one element fewer than the call needs
+        ptr, extent = getattr(c, attr)
+        value = (ptr, extent - 1)
     setattr(c, attr, value)
     with pytest.raises(ValueError, match=name):
         c.forward()
 
 
+@pytest.mark.parametrize("attr,name", [("rows_ptr", "rows"), ("grad_out_ptr", "grad_output"),
+                                       ("grad_ptr", "grad")])
+def test_c_backward_rejects_small_buffers(attr, name):
+    c = CCall()
+    ptr, extent = getattr(c, attr)
+    setattr(c, attr, (ptr, extent - 1))
+    with pytest.raises(ValueError) as info:
+        c.backward()
+    assert _names(name).search(str(info.value)), str(info.value)
+    assert (c.grad == 7.0).all()
+
+
 @pytest.mark.parametrize("attr,value,name", [
     ("grad_dtype", 5, "grad"), ("grad_dtype", 99, "grad"), ("grad_out_dtype", 8, "grad_output"),
-    ("grad_out_ptr", 0, "grad_output"), ("grad_ptr", 0, "buffer"), ("rows_ptr", 0, "buffer"),
+    ("grad_out_ptr", (0, 0), "grad_output"), ("grad_ptr", (0, 0), "buffer"),
+    ("rows_ptr", (0, 0), "buffer"),
 ])
 def test_c_backward_rejects_bad_outputs(attr, value, name):
     c = CCall()

@@ -236,6 +236,13 @@ static gmpo_status lg_fail(gmpo_logits_args *a, const char *msg) {
 
 static size_t lg_esize(int32_t dt) { return dt == GMPO_DT_F32 ? 4 : 2; }
 
+// every element of a (B, T) view (strides may be 0) inside its extent
+static int lg_view_fits(const gmpo_logits_args *a, const gmpo_view *v) {
+    const int64_t sizes[2] = {a->B, a->T};
+    const int64_t strides[2] = {v->stride_b, v->stride_t};
+    return gmpo_span_fits(2, sizes, strides, v->extent);
+}
+
 gmpo_status gmpo_logits_check_args(gmpo_logits_args *a) {
     a->err[0] = 0;
     a->bad_id = 0;
@@ -257,6 +264,74 @@ gmpo_status gmpo_logits_check_args(gmpo_logits_args *a) {
         return lg_fail(a, "temperature: must be a finite number > 0");
     if (a->B * a->TL > 0 && (!a->logits.data || (a->B * a->T > 0 && !a->ids.data)))
         return lg_fail(a, "logits: missing data pointer");
+    {
+        const int64_t sizes[3] = {a->B, a->TL, a->V};
+        const int64_t strides[3] = {a->logits.stride_b, a->logits.stride_t, 1};
+        if (a->logits.data && !gmpo_span_fits(3, sizes, strides, a->logits.extent))
+            return lg_fail(a, "logits: its shape and strides address memory outside the tensor");
+    }
+    if (a->ids.data && !lg_view_fits(a, &a->ids)) {
+        snprintf(a->err, sizeof a->err, "%s: its shape and strides address memory outside the "
+                 "tensor (fewer elements than (B, T))", a->ids_name);
+        return GMPO_EINVAL;
+    }
+    if (a->mask.data && !lg_view_fits(a, &a->mask))
+        return lg_fail(a, "mask: its shape and strides address memory outside the tensor "
+                          "(fewer elements than (B, T))");
+    return GMPO_OK;
+}
+
+// a (B, T) fp32 buffer of `extent` elements: present and big enough
+static gmpo_status lg_buffer(gmpo_logits_args *a, const float *p, int64_t extent, const char *msg) {
+    if (!p || extent < a->B * a->T) return lg_fail(a, msg);
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_logits_check_forward(gmpo_logits_args *a, const float *logp,
+                                      const float *entropy, const float *lse) {
+    gmpo_status st = gmpo_logits_check_args(a);
+    if (st || a->B * a->T == 0) return st;
+    if ((st = lg_buffer(a, logp, a->logp_extent, "logp: missing or too small an output buffer")))
+        return st;
+    if ((st = lg_buffer(a, lse, a->lse_extent, "lse: missing or too small an output buffer")))
+        return st;
+    if (entropy)
+        return lg_buffer(a, entropy, a->entropy_extent,
+                         "entropy: too small an output buffer");
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_logits_check_backward(gmpo_logits_args *a, const float *lse,
+                                       const float *entropy, gmpo_view grad_logp,
+                                       gmpo_view grad_entropy, gmpo_view grad) {
+    gmpo_status st = gmpo_logits_check_args(a);
+    if (st || a->B * a->TL == 0) return st;
+    if (!grad.data || grad.dtype != a->logits.dtype)
+        return lg_fail(a, "grad: missing, or not of the logits' dtype");
+    {
+        const int64_t sizes[3] = {a->B, a->TL, a->V};
+        const int64_t strides[3] = {grad.stride_b, grad.stride_t, 1};
+        if (!gmpo_span_fits(3, sizes, strides, grad.extent))
+            return lg_fail(a, "grad: its shape and strides address memory outside the buffer");
+        // rows written concurrently must not share memory (an expanded or
+        // as_strided buffer written in place would race with itself)
+        if (!gmpo_span_disjoint(3, sizes, strides))
+            return lg_fail(a, "grad: its positions overlap in memory (an expanded or "
+                              "as_strided tensor cannot receive the gradient in place)");
+    }
+    if ((grad_logp.data && !gmpo_dtype_is_float(grad_logp.dtype)) ||
+        (grad_entropy.data && !gmpo_dtype_is_float(grad_entropy.dtype)))
+        return lg_fail(a, "grad_output: must be floating-point tensors");
+    if (grad_logp.data && !lg_view_fits(a, &grad_logp))
+        return lg_fail(a, "grad_logp: its shape and strides address memory outside the tensor");
+    if (grad_entropy.data && !lg_view_fits(a, &grad_entropy))
+        return lg_fail(a, "grad_entropy: its shape and strides address memory outside the tensor");
+    if (a->B * a->T == 0) return GMPO_OK;
+    if ((st = lg_buffer(a, lse, a->lse_extent, "lse: missing or too small a saved buffer")))
+        return st;
+    if (grad_entropy.data)
+        return lg_buffer(a, entropy, a->entropy_extent,
+                         "entropy: missing or too small a saved buffer");
     return GMPO_OK;
 }
 
@@ -295,11 +370,10 @@ static int lg_threads(const gmpo_logits_args *a, int64_t rows) {
 
 gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *entropy,
                                     float *lse) {
-    gmpo_status st = gmpo_logits_check_args(a);
+    gmpo_status st = gmpo_logits_check_forward(a, logp, entropy, lse);
     if (st) return st;
     const int64_t T = a->T, rows = a->B * a->T;
     if (rows == 0) return GMPO_OK;
-    if (!logp || !lse) return lg_fail(a, "forward: missing output buffer");
     if ((st = lg_check_ids(a))) return st;
     const float s = (float)(1.0 / a->temperature);
     const int32_t dt = a->logits.dtype;
@@ -341,17 +415,10 @@ gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *ent
 gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
                                      const float *entropy, gmpo_view grad_logp,
                                      gmpo_view grad_entropy, gmpo_view grad) {
-    gmpo_status st = gmpo_logits_check_args(a);
+    gmpo_status st = gmpo_logits_check_backward(a, lse, entropy, grad_logp, grad_entropy, grad);
     if (st) return st;
     const int64_t T = a->T, TL = a->TL, rows = a->B * a->TL;
     if (rows == 0) return GMPO_OK;
-    if (!grad.data || grad.dtype != a->logits.dtype)
-        return lg_fail(a, "grad: missing, or not of the logits' dtype");
-    if ((grad_logp.data && !gmpo_dtype_is_float(grad_logp.dtype)) ||
-        (grad_entropy.data && !gmpo_dtype_is_float(grad_entropy.dtype)))
-        return lg_fail(a, "grad_output: must be floating-point tensors");
-    if (a->B * a->T > 0 && (!lse || (grad_entropy.data && !entropy)))
-        return lg_fail(a, "backward: missing saved lse or entropy");
     const float s = (float)(1.0 / a->temperature);
     const int32_t dt = a->logits.dtype;
     const size_t es = lg_esize(dt);

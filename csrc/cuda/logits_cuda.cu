@@ -371,13 +371,9 @@ static unsigned lg_block(int64_t V) {
 
 extern "C" gmpo_status gmpo_logits_cuda_forward(gmpo_logits_args *a, float *logp,
                                                 float *entropy, float *lse) {
-    gmpo_status st = gmpo_logits_check_args(a);
+    gmpo_status st = gmpo_logits_check_forward(a, logp, entropy, lse);
     if (st) return st;
     if (a->B * a->T == 0) return GMPO_OK;
-    if (!logp || !lse) {
-        snprintf(a->err, sizeof a->err, "forward: missing output buffer");
-        return GMPO_EINVAL;
-    }
     lg_kargs k = lg_make_kargs(a);
     k.logp = logp; k.entropy = entropy; k.lse = lse;
     cudaStream_t stream = (cudaStream_t)a->stream;
@@ -395,22 +391,9 @@ extern "C" gmpo_status gmpo_logits_cuda_forward(gmpo_logits_args *a, float *logp
 extern "C" gmpo_status gmpo_logits_cuda_backward(gmpo_logits_args *a, const float *lse,
                                                  const float *entropy, gmpo_view grad_logp,
                                                  gmpo_view grad_entropy, gmpo_view grad) {
-    gmpo_status st = gmpo_logits_check_args(a);
+    gmpo_status st = gmpo_logits_check_backward(a, lse, entropy, grad_logp, grad_entropy, grad);
     if (st) return st;
     if (a->B * a->TL == 0) return GMPO_OK;
-    if (!grad.data || grad.dtype != a->logits.dtype) {
-        snprintf(a->err, sizeof a->err, "grad: missing, or not of the logits' dtype");
-        return GMPO_EINVAL;
-    }
-    if ((grad_logp.data && !gmpo_dtype_is_float(grad_logp.dtype)) ||
-        (grad_entropy.data && !gmpo_dtype_is_float(grad_entropy.dtype))) {
-        snprintf(a->err, sizeof a->err, "grad_output: must be floating-point tensors");
-        return GMPO_EINVAL;
-    }
-    if (a->B * a->T > 0 && (!lse || (grad_entropy.data && !entropy))) {
-        snprintf(a->err, sizeof a->err, "backward: missing saved lse or entropy");
-        return GMPO_EINVAL;
-    }
     lg_kargs k = lg_make_kargs(a);
     k.lse_in = lse; k.entropy_in = entropy;
     k.g = grad_logp; k.gh = grad_entropy;

@@ -174,6 +174,7 @@ static buffer make_buffer(const double *src, int64_t rows, int64_t cols, int32_t
     b.v.dtype = dt;
     b.v.stride_b = sb;
     b.v.stride_t = cols == 1 && st == 0 ? 0 : st;
+    b.v.extent = extent;
     return b;
 }
 
@@ -345,6 +346,11 @@ static call make_call(const problem *p, const options *o, const layout *ly) {
     c.a.eps_low = o->el; c.a.eps_high = o->eh; c.a.beta = o->beta;
     c.a.log_ratio_clamp = o->C; c.a.normalizer = o->norm; c.a.denom = o->denom;
     c.a.num_threads = ly->threads;
+    // the output buffers the tests pass are exactly this big
+    c.a.rows_extent = (B + 1) * GMPO_ROW_STATS;
+    c.a.loss_extent = c.a.grad_out_extent = 1;
+    c.a.metrics_extent = GMPO_METRICS;
+    c.a.grad_extent = B * T;
     return c;
 }
 
@@ -559,7 +565,10 @@ static void case_zero_rows(void) {
         a.logp.dtype = a.old_logp.dtype = a.adv.dtype = GMPO_DT_F32;   // no storage: NULL data
         a.logp.stride_t = a.old_logp.stride_t = a.mask.stride_t = 1;
         a.mask.dtype = GMPO_DT_BOOL;
-        if (which) { a.adv.data = adv; a.adv.dtype = GMPO_DT_F64; a.adv.stride_b = 1; }
+        if (which) { a.adv.data = adv; a.adv.dtype = GMPO_DT_F64; a.adv.stride_b = 1; a.adv.extent = 3; }
+        a.rows_extent = 4 * GMPO_ROW_STATS;
+        a.loss_extent = a.grad_out_extent = 1;
+        a.metrics_extent = GMPO_METRICS;
         a.eps_low = a.eps_high = 0.4;
         a.normalizer = 1.0;
         double rows[4 * GMPO_ROW_STATS];
@@ -634,7 +643,7 @@ static void case_bad_args(void) {
     options o = {GMPO_ALGO_GMPO, 0, 0, 0.4, 0.4, 0.1, 0, 1.0, 0};
     double rows[4 * GMPO_ROW_STATS];
     float out[1 + GMPO_METRICS], grad[12], go = 1.0f;
-    for (int which = 0; which < 24; which++) {
+    for (int which = 0; which < 31; which++) {
         call c = make_call(&p, &o, &DENSE32);
         gmpo_args *a = &c.a;
         const char *name = NULL;
@@ -665,6 +674,14 @@ static void case_bad_args(void) {
         case 21: backward = 1; go_p = NULL; name = "grad_output"; break;
         case 22: backward = 1; go_dt = GMPO_DT_BOOL; name = "grad_output"; break;
         case 23: backward = 1; grad_p = NULL; name = "buffer"; break;
+        // extents: a buffer smaller than its shape and strides address
+        case 24: a->logp.extent -= 1; name = "logps"; break;
+        case 25: a->old_logp.stride_t = -1; name = "old_logps"; break;
+        case 26: a->adv.extent = 2; name = "advantages"; break;
+        case 27: a->mask.stride_b = 5; name = "mask"; break;
+        case 28: a->rows_extent = 3 * GMPO_ROW_STATS; name = "rows"; break;
+        case 29: backward = 1; a->grad_extent = 11; name = "grad"; break;
+        case 30: backward = 1; a->rows_extent = 2 * GMPO_ROW_STATS; name = "rows"; break;
         }
         for (int k = 0; k < 12; k++) grad[k] = 7.0f;
         gmpo_status st;
