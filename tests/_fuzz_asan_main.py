@@ -1,4 +1,4 @@
-"""Runs the properties of tests/test_fuzz.py against the sanitized gmpo_ext._C.
+"""Runs the properties (and reproducers) of tests/test_fuzz.py against the sanitized gmpo_ext._C.
 
     LD_PRELOAD=<libasan>:<libubsan> python tests/_fuzz_asan_main.py <built _C module> [test names]
 
@@ -46,8 +46,13 @@ def main(argv):
         return 2
     import test_fuzz
 
+    if not Path(gmpo_ext.__file__).resolve().is_relative_to(HERE.parent):
+        print(f"gmpo_ext comes from {gmpo_ext.__file__}, not this checkout", file=sys.stderr)
+        return 2
+
+    # the properties, then the reproducers of what the fuzzer found (plain functions)
     names = argv[2:] or [n for n in dir(test_fuzz) if n.startswith("test_")
-                         and hasattr(getattr(test_fuzz, n), "hypothesis")]
+                         and hasattr(getattr(test_fuzz, n), "hypothesis")] + test_fuzz.REPROS
     failed = []
     for name in names:
         t0 = time.perf_counter()
@@ -58,8 +63,8 @@ def main(argv):
             traceback.print_exc()
             status = "FAILED"
             failed.append(name)
-        print(f"{name}: {status} ({time.perf_counter() - t0:.1f} s, "
-              f"{test_fuzz.EXAMPLES} examples)", flush=True)
+        n = f", {test_fuzz.EXAMPLES} examples" if name.startswith("test_") else ""
+        print(f"{name}: {status} ({time.perf_counter() - t0:.1f} s{n})", flush=True)
     print(f"module: {path}")
     print(f"{len(names) - len(failed)} passed, {len(failed)} failed", flush=True)
     return 1 if failed else 0

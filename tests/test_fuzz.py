@@ -30,8 +30,9 @@ Two runs of the same properties:
   * test_fuzz_under_asan: a subprocess `python tests/_fuzz_asan_main.py` in
     which gmpo_ext._C is the module built with -fsanitize=address,undefined
     -fno-sanitize-recover=all (tests/_asan_build.py) and the sanitizer runtimes
-    are preloaded; more examples (GMPO_FUZZ_ASAN_EXAMPLES, default 150 per
-    property); it must exit 0 with no sanitizer report.
+    are preloaded; more examples (GMPO_FUZZ_ASAN_EXAMPLES, default 600 per
+    property), then every reproducer below; it must exit 0 with no sanitizer
+    report.
 
 Both use a fixed, derandomized profile (derandomize=True, database=None,
 deadline=None): CI runs the same cases every time.
@@ -420,7 +421,7 @@ RAW_LOSS_BAD = ["none", "none", "old_short", "old_long", "mask_short", "adv_shor
                 "ref_short", "isw_short", "isw_long", "logps_1d", "algo", "convention",
                 "loss_type", "mask_complex", "old_meta",
                 "rows_short", "rows_cols", "rows_f32", "rows_strided", "rows_1d", "rows_meta",
-                "grad_empty", "grad_vec", "grad_meta", "grad_int"]
+                "grad_empty", "grad_vec", "grad_meta", "grad_int", "all_meta"]
 
 
 @st.composite
@@ -455,7 +456,7 @@ def test_raw_loss_ops(case):
     elif bad == "isw_short":
         args[5] = torch.ones((max(B - 1, 0),)) if B else torch.ones((2,))
     elif bad == "isw_long":
-        args[5] = torch.ones((B, T + 1))
+        args[5] = torch.ones((B, T + 2))
     elif bad == "logps_1d":
         args[0] = torch.zeros((B,), dtype=c["logps"].dtype)
     elif bad == "algo":
@@ -475,6 +476,24 @@ def test_raw_loss_ops(case):
     if bad == "logps_1d" and B == 0 and T == 0:
         fwd_bad = True
 
+    if bad == "all_meta":
+        # the fake kernels: outputs of the right shapes on meta, nothing read
+        # (ambiguous: a refusal is accepted too)
+        meta = [None if a is None else a.to("meta") for a in args]
+
+        def meta_fwd(r):
+            loss, metrics, rows = r
+            assert rows.device.type == "meta" and tuple(rows.shape) == (B + 1, 10)
+            assert rows.dtype == torch.float64 and loss.shape == () and tuple(metrics.shape) == (7,)
+
+        r = outcome(lambda: OPS.loss_fwd(*meta, *opts), meta_fwd)
+
+        def meta_bwd(g):
+            assert g.device.type == "meta" and tuple(g.shape) == (B, T) and g.dtype == args[0].dtype
+
+        if r is not None:
+            outcome(lambda: OPS.loss_bwd(torch.ones((), device="meta"), r[2], *meta, *opts), meta_bwd)
+        return
     ref = reference_loss(algo, c, 0.37) if not fwd_bad else None
 
     def expect_fwd(r):
@@ -502,7 +521,7 @@ def test_raw_loss_ops(case):
     elif bad == "rows_strided":
         # the same values, not contiguous: must be read through its strides or refused
         rows = rows.t().contiguous().t()
-        bwd_bad = False
+        bwd_bad = None   # ambiguous: refused, or read through its strides (result checked)
     elif bad == "rows_1d":
         rows = rows.reshape(-1)
     elif bad == "rows_meta":
@@ -522,7 +541,7 @@ def test_raw_loss_ops(case):
     def expect_bwd(g):
         if bwd_bad:
             raise Invalid(bad)
-        up = 1.0 if bwd_bad is None else 0.37
+        up = float(grad_loss)
         assert g.dtype == c["logps"].dtype and tuple(g.shape) == (B, T)
         close(g, ref[2] / 0.37 * up, GRAD_TOL[c["logps"].dtype], "loss_bwd grad")
 
@@ -655,13 +674,16 @@ def test_public_logits_matches_reference(c):
         assert g.dtype == dt and tuple(g.shape) == tuple(L.shape)
         close(g, rg, GRAD_TOL[dt] * 4, "logits grad")
 
-    outcome(call, expect, ids=c["ids"], must_succeed=not invalid)
+    # a vocabulary axis of stride != 1 (conj().imag has stride 2) is documented as
+    # refused (never copied): refused, or right
+    vocab_ok = base.stride(2) == 1 or c["V"] == 1
+    outcome(call, expect, ids=c["ids"], must_succeed=not invalid and vocab_ok)
 
 
 RAW_LOGITS_BAD = ["none", "none", "ids_fewer_rows", "ids_more_rows", "ids_long_T", "ids_float",
                   "logits_f64", "logits_vstride", "mask_short", "ids_meta", "lse_short",
                   "lse_f64", "lse_strided", "ent_short", "grad_short", "grad_long", "grad_strided",
-                  "gent_short", "grad_int"]
+                  "gent_short", "grad_int", "all_meta"]
 
 
 @st.composite
@@ -692,7 +714,8 @@ def test_raw_logits_ops(c):
         logits = logits.to(torch.float64)
         fwd_bad = None   # ambiguous: the public API refuses float64 logits; result checked
     elif bad == "logits_vstride" and V > 1:
-        logits = torch.zeros((B, TL, V * 2), dtype=logits.dtype)[..., ::2]
+        logits = _fill((B, TL, V * 2), logits.dtype, torch.Generator().manual_seed(V), -4.0, 4.0,
+                       "float")[..., ::2]
         fwd_bad = None   # not copied: refused, or read through its stride (result checked)
     elif bad == "mask_short" and T:
         mask = torch.ones((B, T - 1), dtype=torch.bool)
@@ -700,6 +723,25 @@ def test_raw_logits_ops(c):
         ids = torch.zeros((B, T), dtype=torch.int64, device="meta")
     else:
         fwd_bad = False
+    if bad == "all_meta":
+        # ambiguous: the fake kernels' outputs (right shapes, on meta), or refused
+        ml, mi = logits.to("meta"), ids.to("meta")
+        mm = None if mask is None else mask.to("meta")
+
+        def meta_fwd(r):
+            assert all(t.device.type == "meta" and tuple(t.shape) == (B, T) for t in r)
+
+        r = outcome(lambda: OPS.logits_fwd(ml, mi, mm, temp, c["entropy"], c["inplace"]), meta_fwd)
+        if r is not None:
+            logp, ent, lse = r
+
+            def meta_bwd(g):
+                assert g.device.type == "meta" and tuple(g.shape) == (B, TL, V) \
+                    and g.dtype == ml.dtype
+
+            outcome(lambda: OPS.logits_bwd(logp, ent, ml, mi, mm, lse, ent, temp), meta_bwd)
+            outcome(lambda: OPS.logits_bwd_(ml, logp, None, mi, mm, lse, ent, temp), lambda r: None)
+        return
     cc = dict(c, logits=logits, ids=ids, mask=mask)
     invalid_ids = fwd_bad is not True and ids_invalid(cc)
     orig = logits.detach().to(torch.float64)
@@ -715,7 +757,8 @@ def test_raw_logits_ops(c):
 
     res = outcome(lambda: OPS.logits_fwd(logits, ids, mask, temp, c["entropy"], c["inplace"]),
                   expect_fwd, ids=ids if ids.device.type == "cpu" and ids.dim() == 2 else None,
-                  must_succeed=fwd_bad is False and not invalid_ids)
+                  must_succeed=fwd_bad is False and not invalid_ids
+                  and (logits.stride(2) == 1 or V == 1))
     if res is None:
         return
     _, ent, lse = res
@@ -729,7 +772,7 @@ def test_raw_logits_ops(c):
         lse = lse.to(torch.float64)
     elif bad == "lse_strided":
         lse = lse.t().contiguous().t()
-        bwd_bad = False
+        bwd_bad = None   # ambiguous: refused, or read through its strides (result checked)
     elif bad == "ent_short":
         ent = ent[: max(B - 1, 0)] if B else torch.zeros((1, T + 1))
     elif bad == "grad_short":
@@ -740,12 +783,12 @@ def test_raw_logits_ops(c):
         glogp = torch.zeros((B + 1, T + 1))
     elif bad == "grad_strided":
         glogp = glogp.t().contiguous().t()
-        bwd_bad = False
+        bwd_bad = None   # ambiguous: refused, or read through its strides (result checked)
     elif bad == "gent_short":
         gent = torch.zeros((B, T + 1))
     elif bad == "grad_int":
         glogp = (glogp * 0).to(torch.int32)
-        bwd_bad = False
+        bwd_bad = None   # ambiguous: refused, or converted (result checked)
     else:
         bwd_bad = False
 
@@ -774,4 +817,310 @@ def test_raw_logits_ops(c):
             return target
         return OPS.logits_bwd(glogp, gent, logits, ids, mask, lse, ent, temp)
 
-    outcome(call_bwd, expect_bwd, ids=ids, must_succeed=bwd_bad is False and fwd_bad is False)
+    # writing in place into a neg view (torch's Negative fallback cannot return a
+    # mutated tensor for it) or into logits whose elements overlap: refused, or right
+    in_place_ok = (logits.stride(2) == 1 or V == 1) and (
+        not inplace or (not target.is_neg() and torch._debug_has_internal_overlap(target) == 0))
+    outcome(call_bwd, expect_bwd, ids=ids,
+            must_succeed=bwd_bad is False and fwd_bad is False and in_place_ok)
+
+
+# ----------------------------------------------------------------------------
+# the same properties against the ASan + UBSan build of the C module
+
+ASAN_EXAMPLES = int(os.environ.get("GMPO_FUZZ_ASAN_EXAMPLES", "600"))
+
+
+def _properties():
+    return [n for n, f in globals().items() if n.startswith("test_") and hasattr(f, "hypothesis")]
+
+
+@pytest.mark.slow
+def test_fuzz_under_asan():
+    """Every property, ASAN_EXAMPLES examples each, in a python whose gmpo_ext._C
+    is the sanitized build: exit 0, no sanitizer report."""
+    sys.path.insert(0, str(HERE))
+    import _asan_build
+
+    if _asan_build.gcc() is None:
+        pytest.skip("gcc not found: cannot build the sanitized module")
+    try:
+        path = _asan_build.wait()
+    except _asan_build.BuildFailed as e:
+        pytest.fail(f"building gmpo_ext._C with ASan + UBSan failed:\n{e}")
+    env = _asan_build.run_env()
+    for k in ("GMPO_FUZZ_ONLY", "GMPO_FUZZ_EXCLUDE"):
+        env.pop(k, None)
+    env["GMPO_FUZZ_EXAMPLES"] = str(ASAN_EXAMPLES)
+    env["OMP_NUM_THREADS"] = "2"
+    names = _properties() + REPROS
+    r = subprocess.run([sys.executable, str(HERE / "_fuzz_asan_main.py"), str(path), *names],
+                       capture_output=True, text=True, env=env, cwd=str(HERE.parent), timeout=1800)
+    reports = [m for m in _asan_build.SANITIZER_MARKS if m in r.stderr]
+    assert r.returncode != _asan_build.SANITIZER_EXIT and not reports, \
+        f"sanitizer report (exit {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-12000:]}"
+    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-12000:]}"
+    assert f"{len(names)} passed, 0 failed" in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------
+# reproducers of what the fuzzer found (issue 9): each asserts the behaviour
+# the fuzz properties require; they also run in the sanitized subprocess
+
+def _raises(fn, *, ids=None):
+    with pytest.raises(ALLOWED) as info:
+        fn()
+    check_message(info.value, ids)
+    return info.value
+
+
+def _loss_inputs(B=3, T=4, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand((B, T), generator=g, dtype=torch.float64).to(dtype) - 0.1
+    old = lp - 0.2
+    adv = torch.tensor([1.0, -0.5, 2.0][:B] + [0.7] * max(B - 3, 0), dtype=dtype)
+    mask = torch.ones((B, T), dtype=torch.bool)
+    return lp, old, adv, mask
+
+
+GMPO_OPTS = (0, 0, 0, 0.4, 0.4, 0.0, 0.0, 1.0, 0.0)
+
+
+def repro_logits_fwd_ids_fewer_rows():
+    # heap-buffer-overflow reading ids (logits_cpu.c, gmpo_logits_cpu_forward)
+    logits = torch.randn(3, 4, 5)
+    ids = torch.zeros((2, 4), dtype=torch.int64)
+    _raises(lambda: OPS.logits_fwd(logits, ids, None, 1.0, False, False), ids=ids)
+
+
+def repro_logits_fwd_ids_more_rows():
+    logits = torch.randn(1, 4, 5)
+    ids = torch.zeros((3, 4), dtype=torch.int64)
+    _raises(lambda: OPS.logits_fwd(logits, ids, None, 1.0, False, False), ids=ids)
+
+
+def repro_logits_fwd_mask_short():
+    logits = torch.randn(2, 4, 5)
+    ids = torch.zeros((2, 4), dtype=torch.int64)
+    mask = torch.ones((2, 3), dtype=torch.bool)
+    _raises(lambda: OPS.logits_fwd(logits, ids, mask, 1.0, False, False))
+
+
+def repro_logits_fwd_ids_on_meta():
+    logits = torch.randn(2, 4, 5)
+    ids = torch.zeros((2, 4), dtype=torch.int64, device="meta")
+    _raises(lambda: OPS.logits_fwd(logits, ids, None, 1.0, False, False))
+
+
+def repro_logits_fwd_vocab_stride():
+    # the C API takes no stride for V: a strided vocabulary axis is read as contiguous
+    logits = torch.randn(2, 3, 10)[..., ::2]
+    ids = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    try:
+        logp, _, _ = OPS.logits_fwd(logits, ids, None, 1.0, False, False)
+    except ALLOWED:
+        return
+    ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    close(logp, ref, 1e-5, "logp of a vocab-strided logits")
+
+
+def _logits_bwd_args():
+    logits = torch.randn(2, 3, 5)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    logp, ent, lse = OPS.logits_fwd(logits, ids, None, 1.0, True, False)
+    return logits, ids, torch.ones(2, 3), torch.ones(2, 3), lse, ent
+
+
+def repro_logits_bwd_lse_short():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd(gl, ge, logits, ids, None, lse[:1], ent, 1.0))
+
+
+def repro_logits_bwd_lse_float64():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd(gl, ge, logits, ids, None, lse.double()[:, :1], ent, 1.0))
+
+
+def repro_logits_bwd_entropy_short():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd(gl, ge, logits, ids, None, lse, ent[:, :1], 1.0))
+
+
+def repro_logits_bwd_grad_logp_short():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd(gl[:1], ge, logits, ids, None, lse, ent, 1.0))
+
+
+def repro_logits_bwd_grad_entropy_short():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd(gl, ge[:, :1], logits, ids, None, lse, ent, 1.0))
+
+
+def repro_logits_bwd_inplace_grad_short():
+    logits, ids, gl, ge, lse, ent = _logits_bwd_args()
+    _raises(lambda: OPS.logits_bwd_(logits, gl[:1], None, ids, None, lse, ent, 1.0))
+
+
+def repro_loss_fwd_old_logps_short():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old[:, :2], adv, mask, None, None, *GMPO_OPTS))
+
+
+def repro_loss_fwd_mask_short():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv, mask[:1], None, None, *GMPO_OPTS))
+
+
+def repro_loss_fwd_advantages_short():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv[:1], mask, None, None, *GMPO_OPTS))
+
+
+def repro_loss_fwd_advantages_3d():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv[:, None, None], mask, None, None, *GMPO_OPTS))
+
+
+def repro_loss_fwd_ref_logps_short():
+    lp, old, adv, mask = _loss_inputs()
+    opts = (0, 0, 0, 0.4, 0.4, 0.04, 0.0, 1.0, 0.0)
+    _raises(lambda: OPS.loss_fwd(lp, old, adv, mask, old[:, :1], None, *opts))
+
+
+def repro_loss_fwd_is_weights_short():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv, mask, None, torch.ones(1), *GMPO_OPTS))
+
+
+def repro_loss_fwd_is_weights_long():
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv, mask, None, torch.ones(3, 5), *GMPO_OPTS))
+
+
+def repro_loss_fwd_mask_complex_dtype():
+    # KeyError (DTYPE_CODES lookup) is not one of the documented exceptions
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old, adv, mask.to(torch.complex64), None, None, *GMPO_OPTS))
+
+
+def repro_loss_fwd_old_logps_on_meta():
+    # a meta tensor's data pointer is 0, read as "absent": a silently wrong loss
+    lp, old, adv, mask = _loss_inputs()
+    _raises(lambda: OPS.loss_fwd(lp, old.to("meta"), adv, mask, None, None, *GMPO_OPTS))
+
+
+def _loss_bwd_args():
+    lp, old, adv, mask = _loss_inputs()
+    loss, metrics, rows = OPS.loss_fwd(lp, old, adv, mask, None, None, *GMPO_OPTS)
+    return (lp, old, adv, mask), rows
+
+
+def repro_loss_bwd_rows_too_few():
+    args, rows = _loss_bwd_args()
+    _raises(lambda: OPS.loss_bwd(torch.tensor(1.0), rows[:2], *args, None, None, *GMPO_OPTS))
+
+
+def repro_loss_bwd_rows_too_narrow():
+    args, rows = _loss_bwd_args()
+    _raises(lambda: OPS.loss_bwd(torch.tensor(1.0), rows[:, :9].contiguous(), *args, None, None,
+                                 *GMPO_OPTS))
+
+
+def repro_loss_bwd_rows_float32():
+    args, rows = _loss_bwd_args()
+    _raises(lambda: OPS.loss_bwd(torch.tensor(1.0), rows.float(), *args, None, None, *GMPO_OPTS))
+
+
+def repro_loss_bwd_rows_not_contiguous():
+    # read as if contiguous: a silently wrong gradient
+    args, rows = _loss_bwd_args()
+    want = OPS.loss_bwd(torch.tensor(1.0), rows, *args, None, None, *GMPO_OPTS)
+    strided = rows.t().contiguous().t()
+    try:
+        got = OPS.loss_bwd(torch.tensor(1.0), strided, *args, None, None, *GMPO_OPTS)
+    except ALLOWED:
+        return
+    close(got, want, 1e-6, "grad from non-contiguous rows")
+
+
+def repro_loss_bwd_grad_loss_empty():
+    args, rows = _loss_bwd_args()
+    _raises(lambda: OPS.loss_bwd(torch.empty(0), rows, *args, None, None, *GMPO_OPTS))
+
+
+def repro_loss_bwd_grad_loss_on_meta():
+    args, rows = _loss_bwd_args()
+    _raises(lambda: OPS.loss_bwd(torch.empty((), device="meta"), rows, *args, None, None,
+                                 *GMPO_OPTS))
+
+
+def repro_neg_view_advantages():
+    lp, old, adv, mask = _loss_inputs(dtype=torch.float64)
+    nadv = torch._neg_view(-adv)    # values adv, memory -adv
+    got = gmpo_ext.gmpo_loss(lp, old, nadv, mask)
+    want, _ = reference.gmpo_loss_reference(lp, old, adv, mask)
+    close(got, want, 1e-12, "loss with neg-view advantages")
+
+
+def repro_conj_imag_logps():
+    lp, old, adv, mask = _loss_inputs(dtype=torch.float64)
+    z = torch.complex(torch.zeros_like(lp), -lp).conj().imag    # values lp, neg bit set
+    got = gmpo_ext.grpo_loss(z, old, adv, mask)
+    want, _ = reference.grpo_loss_reference(lp, old, adv, mask)
+    close(got, want, 1e-12, "loss with conj().imag logps")
+
+
+def repro_neg_view_logits():
+    logits = torch.randn(2, 3, 5)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    got = gmpo_ext.selective_logps(torch._neg_view(-logits), ids)
+    want = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    close(got, want, 1e-5, "logp of neg-view logits")
+
+
+def repro_default_device_meta():
+    # forward_backward allocated its outputs on the default device
+    lp, old, adv, mask = _loss_inputs(dtype=torch.float64)
+    lp = lp.requires_grad_(True)
+    with torch.device("meta"):
+        loss = gmpo_ext.gmpo_loss(lp, old, adv, mask)
+        loss.backward()
+    x = lp.detach().requires_grad_(True)
+    want, _ = reference.gmpo_loss_reference(x, old, adv, mask)
+    want.backward()
+    close(loss, want, 1e-12, "loss under set_default_device('meta')")
+    close(lp.grad, x.grad, 1e-12, "grad under set_default_device('meta')")
+
+
+def repro_inplace_backward_overlapping_logits():
+    # rows of the logits share memory (expand): the in-place gradient overwrites them
+    base = torch.randn(1, 3, 5)
+    logits = base.expand(2, 3, 5).detach().requires_grad_(True)
+    ids = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    try:
+        logp = gmpo_ext.selective_logps(logits, ids, inplace_backward=True)
+        (g,) = torch.autograd.grad(logp.sum(), logits)
+    except ALLOWED:
+        return
+    x = base.double().expand(2, 3, 5).clone().requires_grad_(True)
+    torch.log_softmax(x, -1).gather(-1, ids[..., None]).sum().backward()
+    close(g, x.grad, 1e-5, "in-place gradient of overlapping logits")
+
+
+def repro_is_weights_b1_empty_row():
+    # (B, 1) is_weights with an empty row (trl): per row in the kernel, per token
+    # in gmpo_ext.reference (where an empty row's geometric mean is 1)
+    lp, old, adv, mask = _loss_inputs(B=2, T=2, dtype=torch.float64)
+    mask[1] = False
+    w = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    got = gmpo_ext.gmpo_loss(lp, old, adv, mask, is_weights=w)
+    want, _ = reference.gmpo_loss_reference(lp, old, adv, mask, is_weights=w)
+    close(got, want, 1e-12, "loss with (B, 1) is_weights and an empty row")
+
+
+REPROS = sorted(n for n in dir() if n.startswith("repro_"))
+
+
+@pytest.mark.parametrize("name", REPROS)
+def test_reproducer(name):
+    globals()[name]()
