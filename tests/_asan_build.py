@@ -97,8 +97,8 @@ def start():
             fd, tmp = tempfile.mkstemp(dir=objdir, prefix=obj.name + ".", suffix=".o")
             os.close(fd)
             cmd = [cc, *CFLAGS, "-c", str(src), "-o", tmp]
-            proc = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-                    tmp, cmd)
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = (p, tmp, cmd)
         objs.append((obj, proc))
     _state["objs"] = objs
     _state["cc"] = cc

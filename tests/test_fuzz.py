@@ -51,8 +51,9 @@ from pathlib import Path
 import pytest
 import torch
 
-hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e .[test])")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+hypothesis = pytest.importorskip("hypothesis",
+                                 reason="hypothesis is not installed (pip install -e .[test])")
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import gmpo_ext  # noqa: E402
@@ -110,7 +111,8 @@ def check_message(exc, ids=None):
     idv, b, t = (int(x) for x in m.groups())
     assert ids.dim() == 2 and b < ids.shape[0] and t < ids.shape[1], \
         f"message names a position outside ids {tuple(ids.shape)}: {msg!r}"
-    assert int(ids[b, t]) == idv, f"message quotes id {idv} but ids[{b}, {t}] = {int(ids[b, t])}: {msg!r}"
+    assert int(ids[b, t]) == idv, \
+        f"message quotes id {idv} but ids[{b}, {t}] = {int(ids[b, t])}: {msg!r}"
 
 
 def outcome(call, expect, ids=None, must_succeed=False):
@@ -119,10 +121,12 @@ def outcome(call, expect, ids=None, must_succeed=False):
     try:
         res = call()
     except ALLOWED as e:
+        event(f"raised {type(e).__name__}")
         if must_succeed:
             raise AssertionError(f"valid input rejected: {type(e).__name__}: {e}") from e
         check_message(e, ids)
         return None
+    event("returned")
     try:
         expect(res)
     except Invalid as why:
@@ -212,6 +216,7 @@ def draw_loss_case(draw, algo):
     gen = torch.Generator().manual_seed(seed)
     B = draw(st.sampled_from([0, 1, 1, 2, 3, 5, 8]))
     T = draw(st.sampled_from([0, 1, 1, 2, 3, 7, 16, 37]))
+    event(f"B*T > 0: {B * T > 0}")
     dt = draw(st.sampled_from(FLOATS))
     other = lambda: draw(st.sampled_from([dt, dt, dt, *FLOATS]))  # noqa: E731
     logps = laid_out(draw, (B, T), dt, gen, -3.0, -0.1)
@@ -319,8 +324,8 @@ def _corrupt(draw, t, gen, B, T):
     """A wrong version of tensor t: shape, dtype, device or type."""
     how = draw(st.sampled_from(["shape", "dtype", "meta", "nontensor", "3d"]))
     if how == "shape":
-        shape = draw(st.sampled_from([(B + 1, T), (max(B - 1, 0), T), (B, T + 1), (B, max(T - 1, 0)),
-                                      (B * T + 1,), (T + 2, B + 2)]))
+        shape = draw(st.sampled_from([(B + 1, T), (max(B - 1, 0), T), (B, T + 1),
+                                      (B, max(T - 1, 0)), (B * T + 1,), (T + 2, B + 2)]))
         return laid_out(draw, shape, t.dtype if t is not None else torch.float32, gen)
     if how == "dtype":
         return _fill(tuple(t.shape) if t is not None else (B, T),
@@ -442,7 +447,7 @@ def test_raw_loss_ops(case):
     shorter = lambda t, d: t.narrow(d, 0, t.shape[d] - 1) if t.shape[d] else None  # noqa: E731
     fwd_bad = True
     if bad == "old_short":
-        args[1] = shorter(args[1], draw_dim := (0 if B else 1)) if B or T else None
+        args[1] = shorter(args[1], 0 if B else 1) if B or T else None
     elif bad == "old_long":
         args[1] = torch.zeros((B + 1, T + 1), dtype=args[1].dtype)
     elif bad == "mask_short":
@@ -492,7 +497,8 @@ def test_raw_loss_ops(case):
             assert g.device.type == "meta" and tuple(g.shape) == (B, T) and g.dtype == args[0].dtype
 
         if r is not None:
-            outcome(lambda: OPS.loss_bwd(torch.ones((), device="meta"), r[2], *meta, *opts), meta_bwd)
+            outcome(lambda: OPS.loss_bwd(torch.ones((), device="meta"), r[2], *meta, *opts),
+                    meta_bwd)
         return
     ref = reference_loss(algo, c, 0.37) if not fwd_bad else None
 
@@ -559,6 +565,7 @@ def draw_logits_case(draw):
     T = draw(st.sampled_from([0, 1, 1, 2, 3, 6]))
     V = draw(st.sampled_from([1, 2, 3, 7, 16, 33]))
     TL = T + draw(st.sampled_from([0, 1]))
+    event(f"B*T > 0: {B * T > 0}")
     dt = draw(st.sampled_from(LOGITS_DTYPES))
     logits = laid_out(draw, (B, TL, V), dt, gen, -4.0, 4.0,
                       layouts=["contiguous", "offset", "transposed", "expand_b", "overlap", "neg",
@@ -803,7 +810,8 @@ def test_raw_logits_ops(c):
         (rg,) = torch.autograd.grad(obj, x, allow_unused=True) if obj.requires_grad else (None,)
         rg = torch.zeros_like(x) if rg is None else rg
         assert tuple(g.shape) == tuple(logits.shape)
-        close(g, rg, GRAD_TOL[logits.dtype] * 4 if logits.dtype in GRAD_TOL else 1e-4, "logits grad")
+        close(g, rg, GRAD_TOL[logits.dtype] * 4 if logits.dtype in GRAD_TOL else 1e-4,
+              "logits grad")
 
     inplace = c["inplace"]
     # logits_bwd_ writes into its first argument: give it a copy with the same
