@@ -23,6 +23,9 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 DEFAULT_ARCHS = "80;86;89;90;100;120"
+# nvcc's flags for csrc/cuda/*.cu, before -I csrc and the -gencode list. .ci/nvcc_check.sh
+# compiles with exactly these (`python setup.py --print-nvcc-flags`), so change them here.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-DGMPO_WITH_CUDA"]
 # -fno-trapping-math lets gcc turn the clip selects into vector blends (we never
 # read FP exception flags); NaN and inf semantics are kept (no -ffast-math).
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-trapping-math",
@@ -123,8 +126,7 @@ class BuildExt(build_ext):
         objects = []
         for src in sources:
             obj = out_dir / (Path(src).stem + ".o")
-            cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17",
-                   "-Xcompiler", "-fPIC", "-I", str(ROOT / "csrc"), "-DGMPO_WITH_CUDA"]
+            cmd = [nvcc, "-c", src, "-o", str(obj), *NVCC_FLAGS, "-I", str(ROOT / "csrc")]
             cmd += cuda_arch_flags(archs)
             print("gmpo_ext: " + " ".join(cmd))
             subprocess.run(cmd, check=True)
@@ -156,5 +158,11 @@ ext = Extension(
              for p in (ROOT / "csrc").rglob(pat)],
     extra_compile_args=list(C_FLAGS),
 )
+
+if sys.argv[1:] == ["--print-nvcc-flags"]:
+    # for .ci/nvcc_check.sh: line 1 the flags, line 2 DEFAULT_ARCHS; nothing built
+    print(" ".join(NVCC_FLAGS))
+    print(" ".join(a.strip() for a in DEFAULT_ARCHS.split(";") if a.strip()))
+    sys.exit(0)
 
 setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})

@@ -1,21 +1,28 @@
 #!/usr/bin/env bash
 # nvcc_check.sh -- static checks of the CUDA kernels that need no GPU.
 #
-# Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with setup.py's flags plus
-# ptxas' verbose report, its spill and local-memory warnings and all warnings
-# (nvcc's, ptxas', the host compiler's) as errors. Fails on any spill or
-# warning. Writes, per file and arch, the ptxas log and the PTX into OUT_DIR,
-# and prints registers, spills, stack and shared memory per kernel.
+# Compiles every csrc/cuda/*.cu with exactly setup.py's nvcc flags
+# (`python setup.py --print-nvcc-flags`: NVCC_FLAGS, then -I csrc) for every
+# architecture of setup.py's DEFAULT_ARCHS, one -gencode=arch=compute_X,code=sm_X
+# at a time as the build does, plus ptxas' verbose report, its spill and
+# local-memory warnings and all warnings (nvcc's, ptxas', the host compiler's) as
+# errors. Fails on any spill, any stack frame (local memory) or any warning.
+# Writes, per file and arch, the ptxas log and the PTX (kept from the same
+# compilation) into OUT_DIR, and prints registers, spills, stack and shared
+# memory per kernel.
 #
 #   .ci/nvcc_check.sh [OUT_DIR]                 (default build/nvcc_check)
-#   NVCC=... ARCHS="80 90" CU_SOURCES="a.cu b.cu" .ci/nvcc_check.sh
+#   NVCC=... ARCHS="80 90" CU_SOURCES="a.cu b.cu" JOBS=2 PYTHON=... .ci/nvcc_check.sh
 #
-# Exit status: 0 clean; 1 a compile error, a warning or a spill; 77 no nvcc.
+# ARCHS overrides the architectures (default: setup.py's). The flags always come
+# from setup.py.
+#
+# Exit status: 0 clean; 1 a compile error, a warning, a spill or a stack frame,
+# or setup.py's flags could not be read; 77 no nvcc.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${1:-$ROOT/build/nvcc_check}"
-ARCHS="${ARCHS:-80 90}"
 NVCC="${NVCC:-${GMPO_EXT_NVCC:-}}"
 if [ -z "$NVCC" ]; then
     if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC="$CUDA_HOME/bin/nvcc"
@@ -25,11 +32,23 @@ if [ -z "$NVCC" ]; then
     echo "nvcc_check: nvcc not found (set NVCC, GMPO_EXT_NVCC or CUDA_HOME)" >&2
     exit 77
 fi
+
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || true)}"
+if [ -z "$PYTHON" ] || ! CONFIG="$(cd "$ROOT" && "$PYTHON" setup.py --print-nvcc-flags)" ||
+        [ "$(printf '%s\n' "$CONFIG" | wc -l)" -ne 2 ]; then
+    echo "nvcc_check: could not read the nvcc flags from setup.py --print-nvcc-flags" >&2
+    exit 1
+fi
+read -r -a SETUP_FLAGS <<<"$(printf '%s\n' "$CONFIG" | sed -n 1p)"
+ARCHS="${ARCHS:-$(printf '%s\n' "$CONFIG" | sed -n 2p)}"
+JOBS="${JOBS:-2}"
 mkdir -p "$OUT"
 
-FLAGS=(-std=c++17 -O3 --use_fast_math -I "$ROOT/csrc" -DGMPO_WITH_CUDA)
+FLAGS=("${SETUP_FLAGS[@]}" -I "$ROOT/csrc")
 CHECKS=(-Xptxas -v,-warn-spills,-warn-lmem-usage -Werror all-warnings --resource-usage
         -Xcompiler -Wall,-Wextra,-Werror)
+echo "nvcc_check: $("$NVCC" --version | tail -1)"
+echo "nvcc_check: flags ${FLAGS[*]}; archs $ARCHS"
 
 shopt -s nullglob
 if [ -n "${CU_SOURCES:-}" ]; then read -r -a SOURCES <<<"$CU_SOURCES"
@@ -39,26 +58,34 @@ if [ ${#SOURCES[@]} -eq 0 ]; then
     exit 1
 fi
 
-# the object with the ptxas report, then the PTX (searched by tests/test_cuda_build.py)
+# one compilation: the object with the ptxas report, and its PTX (-keep; searched
+# by tests/test_cuda_build.py)
 compile() {
-    local src="$1" arch="$2" base="$OUT/$(basename "$1" .cu).sm_$2"
-    "$NVCC" -c "$src" -o "$base.o" -arch="sm_$arch" "${FLAGS[@]}" "${CHECKS[@]}" >"$base.log" 2>&1 &&
-        "$NVCC" -ptx "$src" -o "$base.ptx" -arch="sm_$arch" "${FLAGS[@]}" >>"$base.log" 2>&1
+    local src="$1" arch="$2" stem base keep
+    stem="$(basename "$1" .cu)"
+    base="$OUT/$stem.sm_$arch"
+    keep="$OUT/keep.$stem.sm_$arch"
+    rm -rf "$keep" && mkdir -p "$keep" || return 1
+    "$NVCC" -c "$src" -o "$base.o" "-gencode=arch=compute_$arch,code=sm_$arch" "${FLAGS[@]}" \
+        "${CHECKS[@]}" -keep -keep-dir "$keep" >"$base.log" 2>&1
+    local rc=$?
+    if [ -f "$keep/$stem.ptx" ]; then mv "$keep/$stem.ptx" "$base.ptx"; fi
+    rm -rf "$keep"
+    return $rc
 }
 
-# two jobs at a time (the CI machine has two cores)
 status=0
 pids=()
 for src in "${SOURCES[@]}"; do
     for arch in $ARCHS; do
         compile "$src" "$arch" &
         pids+=($!)
-        if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
+        if [ ${#pids[@]} -ge "$JOBS" ]; then wait "${pids[0]}" || status=1; pids=("${pids[@]:1}"); fi
     done
 done
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 
-printf '%-6s %-44s %5s %8s %8s %6s %6s\n' arch kernel regs spill_st spill_ld stack smem
+printf '%-7s %-44s %5s %8s %8s %6s %6s\n' arch kernel regs spill_st spill_ld stack smem
 for src in "${SOURCES[@]}"; do
     stem="$(basename "$src" .cu)"
     for arch in $ARCHS; do
@@ -74,10 +101,20 @@ for src in "${SOURCES[@]}"; do
                 print k, r, ss, sl, st, sm
             }' "$log" | while read -r k r ss sl st sm; do
             name="$(echo "$k" | c++filt | sed 's/(.*//; s/^void //')"
-            printf '%-6s %-44s %5s %8s %8s %6s %6s\n' "sm_$arch" "$name" "$r" "$ss" "$sl" "$st" "$sm"
+            printf '%-7s %-44s %5s %8s %8s %6s %6s\n' "sm_$arch" "$name" "$r" "$ss" "$sl" "$st" "$sm"
         done
+        # a file with kernels must have their report (a host-only .cu has none)
+        if grep -q '__global__' "$src" && ! grep -q 'Used [0-9]* registers' "$log"; then
+            echo "nvcc_check: no ptxas report for $stem on sm_$arch" >&2
+            cat "$log" >&2
+            status=1
+        fi
         if grep -E -q '[1-9][0-9]* bytes spill' "$log"; then
             echo "nvcc_check: spills in $stem for sm_$arch" >&2
+            status=1
+        fi
+        if grep -E -q '[1-9][0-9]* bytes stack frame' "$log"; then
+            echo "nvcc_check: a stack frame (local memory) in $stem for sm_$arch" >&2
             status=1
         fi
         if grep -E -q -i '(warning|error)' "$log"; then

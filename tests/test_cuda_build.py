@@ -1,7 +1,8 @@
 """Static checks of the CUDA kernels with nvcc (no GPU needed): .ci/nvcc_check.sh
-compiles every csrc/cuda/*.cu for sm_80 and sm_90 with ptxas' spill and
-local-memory warnings and all warnings as errors. These tests run it, read its
-report and search the PTX it writes.
+compiles every csrc/cuda/*.cu with setup.py's own nvcc flags for every
+architecture of setup.py's DEFAULT_ARCHS, with ptxas' spill and local-memory
+warnings and all warnings as errors. These tests run it, read its report and
+search the PTX it writes.
 """
 
 from __future__ import annotations
@@ -11,13 +12,24 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 SCRIPT = REPO / ".ci" / "nvcc_check.sh"
-ARCHS = ("sm_80", "sm_90")
+
+
+def _setup_nvcc_config():
+    """(nvcc flags, architectures) as setup.py builds with them."""
+    out = subprocess.run([sys.executable, "setup.py", "--print-nvcc-flags"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    flags, archs = out.splitlines()
+    return flags.split(), ["sm_" + a for a in archs.split()]
+
+
+SETUP_FLAGS, ARCHS = _setup_nvcc_config()
 
 
 def _nvcc():
@@ -39,8 +51,9 @@ if _nvcc() is None:
 def check(tmp_path_factory):
     """(exit status, report, output dir) of one run of .ci/nvcc_check.sh."""
     out = tmp_path_factory.mktemp("nvcc_check")
+    env = {k: v for k, v in os.environ.items() if k != "ARCHS"}
     proc = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "NVCC": _nvcc()}, timeout=900)
+                          env={**env, "NVCC": _nvcc(), "PYTHON": sys.executable}, timeout=900)
     return proc.returncode, proc.stdout + proc.stderr, out
 
 
@@ -58,6 +71,17 @@ LOSS_KERNELS = ["gmpo_fwd_rows_kernel<float, 4>", "gmpo_fwd_rows_kernel<double, 
                 "gmpo_fwd_totals_kernel", "gmpo_bwd_kernel<float, 4>", "gmpo_bwd_kernel<double, 2>"]
 
 
+def test_the_check_uses_setup_pys_flags_and_architectures(check):
+    _, report, _ = check
+    assert ARCHS and all(re.fullmatch(r"sm_\d+", a) for a in ARCHS), ARCHS
+    m = re.search(r"nvcc_check: flags (.*?) -I \S+; archs (.*)", report)
+    assert m, report
+    assert m.group(1).split() == SETUP_FLAGS
+    assert ["sm_" + a for a in m.group(2).split()] == ARCHS
+    # setup.py builds without fast math; so must the check
+    assert "--use_fast_math" not in SETUP_FLAGS
+
+
 def test_every_kernel_compiles_without_spills_or_warnings(check):
     rc, report, _ = check
     assert rc == 0, report
@@ -65,6 +89,8 @@ def test_every_kernel_compiles_without_spills_or_warnings(check):
     for arch in ARCHS:
         for k in LOSS_KERNELS:
             assert (arch, k) in rows, f"{k} missing for {arch} in the report:\n{report}"
+        assert any(k.startswith("lg_fwd_kernel") for a, k in rows if a == arch), report
+        assert any(k.startswith("lg_bwd_kernel") for a, k in rows if a == arch), report
     for (arch, k), (regs, st, ld, stack) in rows.items():
         assert st == 0 and ld == 0 and stack == 0, f"{k} on {arch}: spills or stack\n{report}"
         assert 0 < regs <= 255
@@ -120,7 +146,8 @@ def test_a_spilling_kernel_fails_the_check(tmp_path):
         "  q[threadIdx.x] = s;\n"
         "}\n")
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], capture_output=True, text=True,
-                          env={**os.environ, "NVCC": _nvcc(), "CU_SOURCES": str(src), "ARCHS": "90"},
+                          env={**os.environ, "NVCC": _nvcc(), "PYTHON": sys.executable, "CU_SOURCES": str(src),
+                               "ARCHS": "90"},
                           timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "spill" in (proc.stdout + proc.stderr).lower()

@@ -48,7 +48,7 @@
 #define GMPO_FWD_MAX_THREADS 512
 #define GMPO_BWD_MAX_THREADS 256
 #define GMPO_TOT_MAX_THREADS 1024
-#define GMPO_MAX_GRID_Y 65535
+// GMPO_MAX_GRID_Y (launch.cuh): the backward's grid.y cap (a grid-stride loop)
 // blocks per SM asked of ptxas: 1024 resident threads (<= 64 registers) in fp32,
 // 512 in fp64, whose accumulators and values take twice the registers
 #define GMPO_MIN_BLOCKS(threads, Acc) ((sizeof(Acc) == 4 ? 1024 : 512) / (threads))
@@ -80,11 +80,21 @@ GMPO_DEV bool gmpo_row_vec(const gmpo_view &v, const char *p, int64_t head) {
     return (uintptr_t)(p + head * gmpo_dtype_size(v.dtype)) % (uintptr_t)gmpo_vec_align<VEC>(v.dtype) == 0;
 }
 
-// VEC tokens t.. of one input row (vector or scalar loads)
+// VEC tokens t.. of one input row (vector or scalar loads).
+// fp64 (Acc = double): the scalar fallback of a vector group takes the one-element
+// case of gmpo_load_vec (same values: the conversions are gmpo_load_d's) rather than
+// gmpo_load_d's two nested dtype switches. With those, ptxas for sm_100 and sm_120
+// wanted 170 to 240 registers for the fp64 kernels and spilled 60 to 216 bytes under
+// their 128-register launch bounds; this way they take 88 to 96 there (65 to 96 on
+// sm_80..sm_90), no spill. The fp32 kernels keep gmpo_load_f: the one-element
+// gmpo_load_vec costs them 4 to 8 registers.
 template <class Acc, int VEC>
 GMPO_DEV void gmpo_load_tokens(const gmpo_view &v, const char *p, bool vec, int64_t t, Acc *out) {
     if (VEC > 1 && vec) {
         gmpo_load_vec<Acc, VEC>(p, v.dtype, t, out);
+    } else if constexpr (sizeof(Acc) == 8 && VEC > 1) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) gmpo_load_vec<Acc, 1>(p, v.dtype, (t + k) * v.stride_t, out + k);
     } else {
 #pragma unroll
         for (int k = 0; k < VEC; k++) out[k] = gmpo_m<Acc>::load(p, v.dtype, (t + k) * v.stride_t);
@@ -220,22 +230,29 @@ gmpo_fwd_totals_kernel(const __grid_constant__ gmpo_args a, double *__restrict__
     const int64_t B = a.B;
     double tot[GMPO_ROW_STATS];
     gmpo_totals_init(tot);
-    const bool al16 = ((uintptr_t)rows & 15u) == 0;   // rows are 80 bytes: 5 x 16
-    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-        const double *src = rows + i * GMPO_ROW_STATS;
-        double row[GMPO_ROW_STATS];
-        if (al16) {
+    // rows are 80 bytes: 5 x 16. One loop per load width, not a branch in one
+    // loop: with both widths in one body ptxas spilled 4 bytes on sm_86 and sm_89
+    // (64 registers at 1024 threads)
+    if (((uintptr_t)rows & 15u) == 0) {
+        for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+            const double2 *src = reinterpret_cast<const double2 *>(rows + i * GMPO_ROW_STATS);
+            double row[GMPO_ROW_STATS];
 #pragma unroll
             for (int k = 0; k < GMPO_ROW_STATS / 2; k++) {
-                double2 d = __ldg(reinterpret_cast<const double2 *>(src) + k);
+                double2 d = __ldg(src + k);
                 row[2 * k] = d.x;
                 row[2 * k + 1] = d.y;
             }
-        } else {
+            gmpo_totals_add_row(tot, row);
+        }
+    } else {
+        for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+            const double *src = rows + i * GMPO_ROW_STATS;
+            double row[GMPO_ROW_STATS];
 #pragma unroll
             for (int k = 0; k < GMPO_ROW_STATS; k++) row[k] = src[k];
+            gmpo_totals_add_row(tot, row);
         }
-        gmpo_totals_add_row(tot, row);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {

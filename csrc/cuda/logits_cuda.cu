@@ -40,7 +40,7 @@
 #define LG_THREADS 256
 #define LG_WARPS (LG_THREADS / 32)
 #define LG_FULL_MASK 0xffffffffu
-#define LG_MAX_GRID 2147483647LL
+#define LG_MAX_GRID GMPO_MAX_GRID_X   /* launch.cuh: 2^31 - 1 unless a test build lowers it */
 
 // everything the kernels need, by value (no pointer to host memory)
 struct lg_kargs {
