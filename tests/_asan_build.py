@@ -20,6 +20,7 @@ Command line (prints the module's path): python tests/_asan_build.py
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -102,6 +103,16 @@ def start():
         objs.append((obj, proc))
     _state["objs"] = objs
     _state["cc"] = cc
+    atexit.register(_abandon)
+
+
+def _abandon():
+    """At exit: stop compiles nobody waited for and drop their partial objects."""
+    for _, proc in _state.get("objs") or ():
+        if proc is not None and proc[0].poll() is None:
+            proc[0].kill()
+            proc[0].wait()
+            Path(proc[1]).unlink(missing_ok=True)
 
 
 def wait() -> Path:

@@ -75,9 +75,10 @@ def pytest_collection_modifyitems(session, config, items):
     asan = [it for it in items if it.nodeid.endswith("test_fuzz.py::test_fuzz_under_asan")]
     if asan:
         items[:] = [it for it in items if it not in asan] + asan
-        import _asan_build
+        if not config.option.collectonly:
+            import _asan_build
 
-        _asan_build.start()
+            _asan_build.start()
 
 
 @pytest.fixture(params=backend_params())
