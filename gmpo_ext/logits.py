@@ -279,7 +279,7 @@ def _check_logits(logits, ids, mask, ids_name):
                          f"shape {(B, T)}, got {tuple(logits.shape)}")
     if logits.shape[2] < 1:
         raise ValueError("logits: the vocabulary axis is empty")
-    if logits.stride(2) != 1 and logits.shape[2] > 1:
+    if logits.stride(2) != 1 and logits.shape[2] > 1 and logits.numel() > 0:
         raise ValueError("logits must have unit stride on the vocabulary axis (it is never "
                          f"copied); got strides {tuple(logits.stride())}")
     if mask is not None:
@@ -288,7 +288,7 @@ def _check_logits(logits, ids, mask, ids_name):
             raise ValueError(f"mask must have the shape of {ids_name} {(B, T)}, got "
                              f"{tuple(mask.shape)}")
     dev = logits.device
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda", "meta"):   # meta: shapes only (the fake kernels)
         raise ValueError(f"logits is on {dev}; gmpo_ext runs on cpu and cuda tensors")
     for name, t in ((ids_name, ids), ("mask", mask)):
         if t is not None and t.device != dev:
