@@ -24,9 +24,12 @@ softmax, the target's x where the id falls in the shard), and two
 all-reduces of O(B*T) float32 values merge them:
 
     all_reduce MAX  (vocab_group)  m_r                          B*T float32
-    all_reduce SUM  (vocab_group)  e_r = exp(m_r - M + ls_r),   B*T*2 float32
+    all_reduce SUM  (vocab_group)  e_r = exp(m_r - M + ls_r),   B*T*2 float64
                                    x_id - M (0 off its shard)
                                    (+ e_r (H_r - log e_r)       + B*T with entropy)
+
+(the merge runs in float64 so that each result carries one fp32 rounding, as
+the single-process kernel's do: 20 bytes per token, 28 with the entropy)
 
     S = sum_r e_r,  lse = M + log S,  logp = (x_id - M) - log S,
     H = log S + sum_r e_r (H_r - log e_r) / S
@@ -161,7 +164,7 @@ def group_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, 
 def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, group,
                  entropy):
     """The shards' states -> (logp, entropy, lse), each (B, T) float32; two
-    all-reduces over ``group``: MAX of the shards' maxima m_r, then SUM of
+    all-reduces over ``group``: MAX of the shards' maxima m_r, then SUM (fp64) of
     e_r = exp(m_r - M + ls_r), of the target's x - M (from the rank holding
     the id) and, with entropy, of e_r (H_r - log e_r). Every term is a
     difference of nearby numbers or small: no precision is lost to a large
@@ -170,8 +173,11 @@ def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, 
     B, T = ids.shape
     V = logits.shape[2]
     M = m_r.clone()
-    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-    log_e = (m_r - M) + ls_r                    # log of the shard's share of S, <= 0
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)   # exact: a max of floats
+    # the merge in float64 (O(B*T) values): lse, logp and H then carry one fp32
+    # rounding each, as the single-process kernel's do
+    Md = M.to(torch.float64)
+    log_e = (m_r.to(torch.float64) - Md) + ls_r.to(torch.float64)   # <= 0
     e = torch.exp(log_e)                        # a shard of only -inf logits: 0
     # the target's logit, on the rank whose shard holds it (T tokens of the
     # (B, T or T + 1, V) logits: a gather of B*T values, no copy of the logits)
@@ -183,16 +189,17 @@ def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, 
     s = torch.tensor(1.0 / temperature, dtype=torch.float32).to(logits.device)
     x = x.to(torch.float32) * s                 # as the kernels scale it (fp32)
     zero = torch.zeros_like(e)
-    parts = [e, torch.where(here, x - M, zero)]
+    parts = [e, torch.where(here, x.to(torch.float64) - Md, zero)]
     if entropy:
-        parts.append(torch.where(e > 0, e * (ent_r - log_e), zero))
+        parts.append(torch.where(e > 0, e * (ent_r.to(torch.float64) - log_e), zero))
     stacked = torch.stack(parts)
     dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
     S = stacked[0]
     log_s = torch.log(S)
-    lse = M + log_s
-    logp = stacked[1] - log_s
-    ent = log_s + stacked[2] / S if entropy else zero
+    lse = (Md + log_s).to(torch.float32)
+    logp = (stacked[1] - log_s).to(torch.float32)
+    ent = (log_s + stacked[2] / S).to(torch.float32) if entropy else torch.zeros_like(lse)
+    zero = torch.zeros_like(lse)
     if mask is not None:                        # masked tokens: 0, as without shards
         keep = mask != 0
         lse, logp, ent = (torch.where(keep, lse, zero), torch.where(keep, logp, zero),

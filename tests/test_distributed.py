@@ -167,3 +167,42 @@ def test_shard_of_one_rank_equals_whole_vocabulary(one_rank):
     torch.testing.assert_close(lpb, lpa, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(eb, ea, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_verl_plugin_reads_global_batch_info():
+    """gmpo_fused with verl's config.global_batch_info: micro-batches of any
+    sizes sum to the whole mini-batch's loss and gradient (dp_size cancels the
+    ranks' gradient averaging); without it, geo_mean's per-micro-batch mean."""
+    from gmpo_ext.verl import compute_policy_loss_gmpo_fused as fused
+
+    g = torch.Generator().manual_seed(3)
+    B, T = 7, 12
+    lp = -torch.rand(B, T, generator=g)
+    old = lp + 0.2 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, 1, generator=g).expand(B, T).contiguous()
+    mask = torch.rand(B, T, generator=g) < 0.8
+
+    def run(rows, info):
+        cfg = {"clip_ratio": 0.4, "clip_ratio_low": 0.4, "clip_ratio_high": 0.4,
+               "global_batch_info": info}
+        x = lp[rows].clone().requires_grad_(True)
+        loss, _ = fused(old[rows], x, adv[rows], mask[rows], config=cfg)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    whole, g_whole = run(slice(None), {})
+    cuts = [slice(0, 1), slice(1, 5), slice(5, 7)]
+    info = {"dp_size": 1, "global_batch_size": B, "batch_num_tokens": None,
+            "loss_scale_factor": None}
+    parts = [run(c, info) for c in cuts]
+    torch.testing.assert_close(sum(p[0] for p in parts), whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), g_whole, rtol=1e-6, atol=1e-9)
+    # dp_size 2: each rank's loss is doubled (FSDP then averages over the 2 ranks)
+    two = run(slice(0, 3), dict(info, dp_size=2))
+    one = run(slice(0, 3), info)
+    torch.testing.assert_close(two[0], 2 * one[0], rtol=1e-6, atol=0)
+    # no global batch size: the mean over the micro-batch's rows (geo_mean's)
+    local, _ = run(slice(1, 5), {"global_batch_size": None})
+    torch.testing.assert_close(local, parts[1][0] * B / 4, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="global_batch_size"):
+        run(slice(0, 2), {"global_batch_size": 2.5})
