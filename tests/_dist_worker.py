@@ -23,6 +23,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+BACKEND = "c"
 TOL = 1e-6   # fp32: relative, with an absolute floor of TOL * max|ref|
 
 
@@ -236,13 +237,20 @@ def vocab_split(rank, world, group):
     bad[0, 0] = V
     m2 = mask.clone()
     m2[0, 0] = True
-    try:
-        gmpo_ext.selective_logps(shard, bad, mask=m2, vocab_group=group, vocab_start=lo)
-    except IndexError as e:
-        if "ids" not in str(e):
-            raise AssertionError(f"vocab: the IndexError does not name ids: {e}")
-    else:
-        raise AssertionError("vocab: an id outside [0, vocab_size) did not raise")
+    # (the C core checks every id; the CUDA kernels write NaN, validate=True raises)
+    for validate in ((False, True) if BACKEND == "c" else (True,)):
+        try:
+            gmpo_ext.selective_logps(shard, bad, mask=m2, vocab_group=group, vocab_start=lo,
+                                     validate=validate)
+        except IndexError as e:
+            if "ids" not in str(e):
+                raise AssertionError(f"vocab: the IndexError does not name ids: {e}")
+        else:
+            raise AssertionError("vocab: an id outside [0, vocab_size) did not raise")
+    if BACKEND != "c":
+        lp = gmpo_ext.selective_logps(shard, bad, mask=m2, vocab_group=group, vocab_start=lo)
+        if not (torch.isnan(lp[0, 0]) and not torch.isnan(lp[0, 1:][mask[0, 1:]]).any()):
+            raise AssertionError("vocab: an invalid id's logp is not NaN alone")
 
 
 def both(rank, world, group_seq, group_vocab, seq_rank, vocab_rank, P_seq, P_vocab):
@@ -312,6 +320,8 @@ def run(rank, world, port, backend_name, scenarios):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
+    global BACKEND
+    BACKEND = backend_name
     if backend_name == "simt":
         from gmpo_ext import _backend
         from simt_backend import load_simt_module
