@@ -5,11 +5,9 @@ For each world size P (processes on this machine) and shape, one call of:
 
   rows      gmpo_loss(group=): rows split over the P ranks (T/P tokens each);
             one all-reduce of B * 8 float64 row sums
-  rows+lg   gmpo_loss_from_logits(group=, return_metrics=True): the same
-            collective, 3 doubles of metrics riding on it
   vocab     selective_logps(vocab_group=, return_entropy=True): logits
             (B, T, V/P); an all-reduce MAX of B*T float32, then an all-reduce
-            SUM of 3 * B*T float32
+            SUM of 3 * B*T float64 (2 * B*T without the entropy)
   local     the same loss with group=None on the rank's tokens (no collective),
             for the compute it adds to
 
@@ -22,6 +20,7 @@ take microseconds.
 
     python benchmarks/bench_distributed.py                     # P = 2, 4
     python benchmarks/bench_distributed.py --world 2 --out results/x.csv
+    python benchmarks/bench_distributed.py --from-csv benchmarks/results/bench_distributed_cpu.csv
 """
 
 from __future__ import annotations
@@ -97,7 +96,7 @@ def _worker(rank, world, port, reps, out_rows):
 
         n = B * T
         m = torch.zeros(n)
-        s3 = torch.zeros(3, n)
+        s3 = torch.zeros(3, n, dtype=torch.float64)
 
         def coll():
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -107,7 +106,7 @@ def _worker(rank, world, port, reps, out_rows):
         t_local = _median_time(lambda: step_v(None), reps)
         t_coll = _median_time(coll, reps)
         rows.append(dict(path="vocab", world=world, shape=f"{B}x{T}x{V}", collectives=2,
-                         bytes_per_rank=4 * n * 4, call_ms=t_call * 1e3,
+                         bytes_per_rank=n * (4 + 3 * 8), call_ms=t_call * 1e3,
                          local_ms=t_local * 1e3, collective_ms=t_coll * 1e3))
     if rank == 0:
         out_rows.extend(rows)
@@ -124,13 +123,31 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def readme_table(path):
+    """The README's markdown table of a results CSV."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = ["| path | P | shape | collectives | bytes per rank | call (fwd+bwd) | same call, no "
+           "collective | the collectives alone |",
+           "| :--- | ---: | :--- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(f"| {r['path']} | {r['world']} | {r['shape']} | {r['collectives']} | "
+                   f"{int(r['bytes_per_rank']):,} | {float(r['call_ms']):.2f} ms | "
+                   f"{float(r['local_ms']):.2f} ms | {float(r['collective_ms']):.2f} ms |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "bench_distributed_cpu.csv"))
+    ap.add_argument("--from-csv", help="print the README table of a results CSV and exit")
     args = ap.parse_args(argv)
+    if args.from_csv:
+        print(readme_table(args.from_csv))
+        return 0
     os.environ["GMPO_BENCH_OUT"] = args.out
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     all_rows = []

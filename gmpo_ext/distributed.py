@@ -186,8 +186,9 @@ def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, 
     if mask is not None:
         here = here & (mask != 0)
     x = logits[:, :T].gather(2, local.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
-    s = torch.tensor(1.0 / temperature, dtype=torch.float32).to(logits.device)
-    x = x.to(torch.float32) * s                 # as the kernels scale it (fp32)
+    # as the kernels scale it: in fp32, by float(1 / tau) (a Python scalar takes
+    # the tensor's dtype: no host-to-device copy)
+    x = x.to(torch.float32) * (1.0 / temperature)
     zero = torch.zeros_like(e)
     parts = [e, torch.where(here, x.to(torch.float64) - Md, zero)]
     if entropy:
