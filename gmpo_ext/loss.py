@@ -294,8 +294,11 @@ class GMPOLoss(torch.nn.Module):
     """nn.Module form of :func:`gmpo_loss`; the constructor takes its options."""
 
     def __init__(self, epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
-                 log_ratio_clamp=None, normalizer=1.0, return_metrics=False):
+                 log_ratio_clamp=None, normalizer=1.0, return_metrics=False, group=None):
         super().__init__()
+        if group is not None:
+            _distributed().check_group("group", group)
+        self.group = group
         _check_choice("convention", convention, _backend.CONVENTIONS)
         _epsilons(epsilon_low, epsilon_high)
         _check_number("beta", beta)
@@ -305,9 +308,12 @@ class GMPOLoss(torch.nn.Module):
                            convention=convention, log_ratio_clamp=log_ratio_clamp,
                            normalizer=normalizer, return_metrics=return_metrics)
 
-    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None):
+    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None,
+                num_rows=None):
+        """num_rows: the whole batch's row count for this call (see gmpo_loss)."""
         return gmpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
-                         is_weights=is_weights, **self.kwargs)
+                         is_weights=is_weights, num_rows=num_rows, group=self.group,
+                         **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -64,12 +64,12 @@ def test_two_ranks(backend):
 
 
 def test_four_ranks(backend):
-    """2 sequence x 2 vocabulary ranks at once; rows split over 4; data
-    parallel over 4 with unequal micro-batches."""
+    """2 sequence x 2 vocabulary ranks at once (rows and vocabulary split);
+    data parallel over 4 with unequal micro-batches."""
     if backend != "c":
         pytest.skip("the 4-rank scenarios run on the C core only (CI time); the SIMT "
                     "emulation runs the 2-rank ones")
-    _spawn(4, backend, ["both", "seq", "dp"])
+    _spawn(4, backend, ["both", "dp"])
 
 
 # ----------------------------------------------------------------------------
@@ -201,8 +201,24 @@ def test_verl_plugin_reads_global_batch_info():
     two = run(slice(0, 3), dict(info, dp_size=2))
     one = run(slice(0, 3), info)
     torch.testing.assert_close(two[0], 2 * one[0], rtol=1e-6, atol=0)
-    # no global batch size: the mean over the micro-batch's rows (geo_mean's)
+    # no global batch size: the mean over the micro-batch's rows (geo_mean's),
+    # and a warning once micro-batches of two sizes have been seen
+    import gmpo_ext.verl as gv
+    gv._seen_sizes.clear()
     local, _ = run(slice(1, 5), {"global_batch_size": None})
     torch.testing.assert_close(local, parts[1][0] * B / 4, rtol=1e-6, atol=1e-7)
+    with pytest.warns(UserWarning, match="global_batch_size"):
+        run(slice(0, 2), {"global_batch_size": None})
     with pytest.raises(TypeError, match="global_batch_size"):
         run(slice(0, 2), {"global_batch_size": 2.5})
+
+
+def test_module_forwards_group_and_num_rows(one_rank):
+    lp, old, adv, mask = _inputs(B=4)
+    mod = gmpo_ext.GMPOLoss(convention="verl", group=one_rank)
+    full = gmpo_ext.gmpo_loss(lp, old, adv, mask, convention="verl")
+    half = mod(lp[:1], old[:1], adv[:1], mask[:1], num_rows=4) + \
+        mod(lp[1:], old[1:], adv[1:], mask[1:], num_rows=4)
+    torch.testing.assert_close(half, full, rtol=1e-6, atol=1e-8)
+    with pytest.raises(TypeError, match="group"):
+        gmpo_ext.GMPOLoss(group=3)
