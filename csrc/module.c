@@ -305,6 +305,8 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+#include "module_hidden.inc"   // the hidden-state tile kernels (HIDDEN_METHODS)
+
 static PyMethodDef methods[] = {
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
@@ -312,6 +314,7 @@ static PyMethodDef methods[] = {
     {"uses_fast_kernel", py_uses_fast_kernel, METH_VARARGS, uses_fast_kernel_doc},
     {"logits_forward", py_logits_forward, METH_VARARGS, logits_forward_doc},
     {"logits_backward", py_logits_backward, METH_VARARGS, logits_backward_doc},
+    HIDDEN_METHODS
     {NULL, NULL, 0, NULL},
 };
 
