@@ -241,10 +241,9 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
                     gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(hidden.dtype)
                 else:
                     gh_out.index_copy_(0, p, dh.to(hidden.dtype))
-    empty = hidden.new_empty(0)
-    return (gh_out if need_h else empty,
-            gw.to(weight.dtype) if need_w else empty,
-            gb.to(bias.dtype) if gb is not None else empty)
+    return (gh_out if need_h else hidden.new_empty(0),
+            gw.to(weight.dtype) if need_w else hidden.new_empty(0),
+            gb.to(bias.dtype) if gb is not None else hidden.new_empty(0))
 
 
 def _acc_mm(acc, a, b):
