@@ -560,12 +560,14 @@ def _pad(x, idx):
 def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
                  temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps,
                  is_weights, return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
-                 loss_kwargs):
+                 loss_kwargs, rows_budget=None):
     temperature, logit_scale, softcap = _head_opts(temperature, logit_scale,
                                                    final_logit_softcapping)
     if mask is None:
         raise TypeError("mask must be a torch.Tensor, got None")
-    if mode not in ("tiles", "rows", "auto"):
+    if mode == "auto":
+        mode = "tiles"   # see the module doc and benchmarks/bench_hidden.py
+    if mode not in ("tiles", "rows"):
         raise ValueError(f"mode must be one of 'auto', 'tiles', 'rows'; got {mode!r}")
     packed = isinstance(hidden, Tensor) and hidden.dim() == 2
     if packed and cu_seqlens is None:
@@ -579,6 +581,28 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
                                  f"{tuple(completion_ids.shape)}, got {tuple(t.shape)}")
     if old_logps is None:
         raise TypeError("old_logps must be a torch.Tensor, got None")
+    budget = 2 * TILE_BUDGET_BYTES if rows_budget is None else int(rows_budget)
+    if mode == "rows" and (algo_loss is not gmpo_loss or return_entropy or
+                           not _rows_fit(hidden, weight, mask, budget)):
+        raise ValueError("mode='rows' needs gmpo_loss_from_hidden, padded (B, T, H) hidden, "
+                         "return_entropy=False and every row's tokens x V within rows_budget")
+    if mode == "rows":
+        _check_hidden_op(hidden, weight, bias, completion_ids.reshape(-1),
+                         torch.arange(completion_ids.numel(), device=hidden.device),
+                         logit_scale, softcap, temperature, 1, 1)
+        _check_tensor("advantages", advantages, _backend.FLOAT_DTYPES)
+        loss, logp_all, ent = _RowsGMPO.apply(
+            hidden, weight, bias, completion_ids, old_logps, advantages, mask, ref_logps,
+            is_weights, (temperature, logit_scale, softcap), loss_kwargs, budget,
+            bool(return_metrics))
+        if not return_metrics:
+            return loss
+        with torch.no_grad():
+            _, metrics = gmpo_loss(logp_all, old_logps, advantages, mask, ref_logps=ref_logps,
+                                   is_weights=is_weights, return_metrics=True, **loss_kwargs)
+            mf = mask.to(torch.float32)
+            metrics[ENTROPY] = (ent.float() * mf).sum() / mf.sum().clamp(min=1.0)
+        return loss, metrics
     logps, ent = _scored(hidden, weight, completion_ids, mask, bias, temperature, logit_scale,
                          softcap, return_entropy or return_metrics, tile_tokens, tile_vocab,
                          "completion_ids")
@@ -601,6 +625,104 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
     if return_entropy:
         res.append(ent)
     return res[0] if len(res) == 1 else tuple(res)
+
+
+# ----------------------------------------------------------------------------
+# whole-row mode: 3 GEMMs, a row block's logits held
+
+class _RowsGMPO(torch.autograd.Function):
+    """GMPO with whole rows held: per block of rows (at most ``budget`` bytes of
+    logits), project the block's counted tokens over the whole vocabulary
+    (1 GEMM), fold, finish the rows' log-probs, get the rows' dL/dlogp from the
+    loss on those rows alone (GMPO's gradient of a row depends on that row
+    only, and the batch mean scales it by rows / B), turn the held logits into
+    dL/dy in place, then dH and dW (2 GEMMs). Forward does all of it; backward
+    scales the stored gradients by the upstream one. The loss and metrics come
+    from the whole batch's log-probs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, old, adv, mask, ref, isw, head, kw, budget,
+                entropy):
+        temperature, scale, softcap = head
+        B, T, H = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gH = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+        gW = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
+        gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
+        sd = _stat_dtype(hidden.dtype)
+        logp_all = torch.zeros((B, T), dtype=sd, device=dev)
+        ent_all = torch.zeros((B, T), dtype=sd, device=dev)
+        counts = (mask != 0).sum(1).tolist()
+        es = hidden.element_size()
+        per_row_max = max(counts, default=0)
+        buf = torch.empty(max(1, min(budget // (V * es), B * T) if per_row_max else 1) * V,
+                          dtype=hidden.dtype, device=dev) if per_row_max else None
+        cap = buf.numel() // V if buf is not None else 0
+        r0 = 0
+        flat_mask = mask.reshape(-1) != 0
+        while r0 < B:
+            r1, n = r0, 0
+            while r1 < B and (r1 == r0 or n + counts[r1] <= cap):
+                n += counts[r1]
+                r1 += 1
+            pos = torch.nonzero(flat_mask[r0 * T:r1 * T]).reshape(-1) + r0 * T
+            M = pos.numel()
+            if M:
+                hc = _gather(hidden, pos)
+                idc = ids.reshape(-1).index_select(0, pos).contiguous()
+                tile = _project(buf, hc, weight, bias, 0, V)
+                st = torch.zeros((M, LSE_STATE), dtype=sd, device=dev)
+                st[:, 0] = -math.inf
+                _fold(tile, idc, st, 0, V, scale, softcap, temperature, entropy)
+                ls = torch.log(st[:, 1])
+                lse = st[:, 0] + ls
+                logp_all.view(-1)[pos] = st[:, 3] - lse
+                ent = ls - st[:, 2] / st[:, 1]
+                if entropy:
+                    ent_all.view(-1)[pos] = ent
+                # the rows' dL/dlogp from the loss on those rows alone
+                lp = logp_all[r0:r1].detach().requires_grad_()
+                sl = slice(r0, r1)
+                with torch.enable_grad():
+                    part = gmpo_loss(lp, old[sl], adv[sl], mask[sl],
+                                     ref_logps=None if ref is None else ref[sl],
+                                     is_weights=None if isw is None else isw[sl],
+                                     **dict(kw, normalizer=kw["normalizer"] * B / (r1 - r0)))
+                    (G,) = torch.autograd.grad(part, lp)
+                g = G.reshape(-1).index_select(0, pos - r0 * T).to(sd).contiguous()
+                _grad(tile, idc, 0, V, scale, softcap, temperature, lse, ent, g, None)
+                if gH is not None:
+                    dh = torch.zeros((M, H), dtype=acc, device=dev)
+                    _acc_mm(dh, tile, weight)
+                    gH[torch.div(pos, T, rounding_mode="floor"), pos % T] = dh.to(hidden.dtype)
+                if gW is not None:
+                    _acc_mm(gW.t(), hc.t(), tile)
+                if gb is not None:
+                    gb += tile.sum(0, dtype=acc)
+            r0 = r1
+        with torch.no_grad():
+            loss = gmpo_loss(logp_all, old, adv, mask, ref_logps=ref, is_weights=isw, **kw)
+        ctx.grads = (gH, None if gW is None else gW.to(weight.dtype),
+                     None if gb is None else gb.to(bias.dtype))
+        ctx.mark_non_differentiable(logp_all, ent_all)
+        return loss, logp_all, ent_all
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_ent):
+        out = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
+        ctx.grads = None
+        return (*out,) + (None,) * 10
+
+
+def _rows_fit(hidden, weight, mask, budget):
+    """Whether every row's counted tokens fit the whole-row budget."""
+    if hidden.dim() != 3:
+        return False
+    longest = int((mask != 0).sum(1).max()) if mask.numel() else 0
+    return longest * weight.shape[0] * hidden.element_size() <= budget
 
 
 def gmpo_loss_from_hidden(

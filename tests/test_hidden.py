@@ -409,3 +409,27 @@ def test_memory_is_one_tile(monkeypatch):
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     assert max(sizes) <= max(64 * 1024 * 4, V * H * 4)
     assert max(sizes) < B * T * V * 4 / 4
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(convention="verl", normalizer=3.0)])
+def test_rows_mode_equals_tiles(kw):
+    """The whole-row variant (3 GEMMs) gives the tiled path's loss, metrics and
+    gradients, row blocks of any size (rows_budget small: one row per block)."""
+    h, W, b, ids, mask, old, adv = make(5, 9, 8, 120, torch.float32, bias=True)
+    h1, W1, b1 = leaves(h, W, b)
+    l1, m1 = gmpo_ext.gmpo_loss_from_hidden(h1, W1, ids, old, adv, mask, bias=b1,
+                                            return_metrics=True, temperature=0.8, **kw)
+    l1.backward()
+    for budget in (9 * 120 * 4, 10 ** 7):
+        h2, W2, b2 = leaves(h, W, b)
+        l2, m2 = hd._from_hidden(
+            gmpo_ext.gmpo_loss, h2, W2, ids, old, adv, mask, b2, 0.8, 1.0, None, None, None,
+            None, True, False, None, None, "rows",
+            dict(dict(epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
+                      log_ratio_clamp=None, normalizer=1.0), **kw), rows_budget=budget)
+        assert abs(l1.item() - l2.item()) < 1e-6
+        for k in m1:
+            assert abs(m1[k].item() - m2[k].item()) < 1e-5, k
+        (l2 * 2).backward()
+        for a, c in ((h1, h2), (W1, W2), (b1, b2)):
+            assert rel(c.grad, 2 * a.grad) < 1e-5
