@@ -455,3 +455,15 @@ def test_rows_mode_equals_tiles(kw):
         (l2 * 2).backward()
         for a, c in ((h1, h2), (W1, W2), (b1, b2)):
             assert rel(c.grad, 2 * a.grad) < 1e-5
+
+
+def test_opcheck():
+    """torch.library.opcheck: schemas, fake kernels, autograd registration."""
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    W = torch.randn(40, 8, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    ids = torch.randint(0, 40, (5,))
+    pos = torch.tensor([0, 1, 2, 4, 5])
+    args = (h, W, b, ids, pos, 1.0, 0.0, 1.0, True, 2, 16)
+    torch.library.opcheck(hd.hidden_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                           "test_autograd_registration"))
