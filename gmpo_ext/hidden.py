@@ -231,8 +231,10 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
                 _grad(tile, args[0], v0, V, scale, softcap, temperature, *args[1:])
                 if dh is not None:
                     _acc_mm(dh, tile, weight[v0:v1])
-                if gw is not None:   # dW^T += h^T dy: measured faster than dy^T h on CPU
+                if gw is not None and dev.type == "cpu":   # dW^T += h^T dy: faster on CPU
                     _acc_mm(gw[v0:v1].t(), hc.t(), tile)
+                elif gw is not None:                      # cuBLAS, into a contiguous fp32 out
+                    _acc_mm(gw[v0:v1], tile.t(), hc)
                 if gb is not None:
                     gb[v0:v1] += tile.sum(0, dtype=acc)
             if dh is not None:
@@ -699,7 +701,10 @@ class _RowsGMPO(torch.autograd.Function):
                     _acc_mm(dh, tile, weight)
                     gH[torch.div(pos, T, rounding_mode="floor"), pos % T] = dh.to(hidden.dtype)
                 if gW is not None:
-                    _acc_mm(gW.t(), hc.t(), tile)
+                    if dev.type == "cpu":
+                        _acc_mm(gW.t(), hc.t(), tile)
+                    else:
+                        _acc_mm(gW, tile.t(), hc)
                 if gb is not None:
                     gb += tile.sum(0, dtype=acc)
             r0 = r1
