@@ -29,9 +29,16 @@ Memory beyond inputs, outputs and parameter gradients: one (tile_n, tile_v)
 tile in the input dtype, the gathered (tile_n, H) hidden tile, a (tile_n, H)
 fp32 dH accumulator, and O(M) per-token statistics. For bf16/fp16 weights the
 fp32 dW accumulator is (V, H) (cast to the weight's dtype at the end), as in
-TRL. FLOPs: forward 1 GEMM, backward 3 (recompute, dH, dW): see DESIGN 2b and
-benchmarks/bench_hidden.py for why token tiles + recompute is the default
-rather than whole rows held (``mode="rows"``).
+TRL. FLOPs: forward 1 GEMM, backward 3 (recompute, dH, dW).
+
+Why token tiles + recompute is the default rather than whole rows held
+(``mode="rows"``, 3 GEMMs): GMPO's G_t needs every logp of its row, so the
+3-GEMM schedule must hold a whole row's T x V logits (T = 4096, V = 151936:
+2.5 GB in fp32, 20x a default tile) or give up; it fits only short rows. Where
+it fits it saves the recompute GEMM (measured in benchmarks/bench_hidden.py,
+results/bench_hidden_rows_cpu.csv), but the default must hold for any row
+length within one tile of memory, and the tiled path already beats TRL's by
+the margins in results/bench_hidden_cpu.md.
 """
 
 from __future__ import annotations
@@ -783,8 +790,12 @@ def gmpo_loss_from_hidden(
             differentiable: an entropy bonus gets its gradient).
         tile_tokens, tile_vocab: the tile (default :func:`default_tiles`).
         mode: "tiles" (token tiles, backward recomputes: 4 GEMMs, one tile of
-            memory), "rows" (reserved for the whole-row variant measured in
-            benchmarks/bench_hidden.py) or "auto" (= "tiles").
+            memory; the default, "auto") or "rows" (whole rows held: each
+            block of rows' T x V logits projected once, its G_t finished, dH
+            and dW at once: 3 GEMMs, all in forward; needs padded (B, T, H)
+            hidden, no entropy gradient, and every row's counted tokens x V
+            within two default tiles (256 MiB); see the module doc for why it
+            is not the default).
 
     Returns:
         loss, then metrics (``return_metrics``), then entropy
