@@ -724,7 +724,8 @@ class _RowsGMPO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_ent):
-        out = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads]
+        # in place: the stored gradients are this backward's alone (no second (V, H) copy)
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
         ctx.grads = None
         return (*out,) + (None,) * 10
 
