@@ -150,7 +150,7 @@ class BuildExt(build_ext):
 ext = Extension(
     "gmpo_ext._C",
     sources=["csrc/module.c", "csrc/gmpo_common.c", "csrc/cpu/gmpo_cpu.c",
-             "csrc/cpu/logits_cpu.c"],
+             "csrc/cpu/logits_cpu.c", "csrc/cpu/hidden_cpu.c"],
     include_dirs=["csrc"],
     # the CUDA objects are linked in as extra objects: list their sources too, so
     # that editing a .cu/.cuh file relinks the module

@@ -493,6 +493,8 @@ static PyObject *py_cuda_versions(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("(iii)", built, runtime, driver);
 }
 
+#include "module_hidden.inc"   // the hidden-state tile kernels (HIDDEN_METHODS)
+
 static PyMethodDef methods[] = {
     {"cuda_versions", py_cuda_versions, METH_NOARGS, cuda_versions_doc},
     {"forward", py_forward, METH_VARARGS, forward_doc},
@@ -506,6 +508,7 @@ static PyMethodDef methods[] = {
     {"logits_forward_shard", py_logits_forward_shard, METH_VARARGS, logits_forward_shard_doc},
     {"logits_backward_shard", py_logits_backward_shard, METH_VARARGS,
      logits_backward_shard_doc},
+    HIDDEN_METHODS
     {NULL, NULL, 0, NULL},
 };
 

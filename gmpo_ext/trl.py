@@ -6,15 +6,25 @@
 Everything but the loss is TRL's own (generation, rewards, advantages, weight
 syncing, logging). The loss step:
 
-* calls the model the way TRL's logits path does (``logits_to_keep = T + 1``,
+* by default (``fused_lm_head=True``) never holds the (B, T, V) logits, as
+  TRL's own fused head does: the model is called with ``logits_to_keep=1``
+  and ``output_hidden_states=True`` (through the wrapped model, so DDP / PEFT
+  hooks run as usual), and the per-token log-probs and entropies come from the
+  last hidden states and the LM head with :func:`gmpo_ext.linear_logps` (token
+  x vocabulary tiles; only the completion tokens the mask counts are
+  projected). On the first batch the hidden states are checked against the
+  model's own last-position logits; a model whose head is not a plain linear
+  layer (+ the config's ``final_logit_softcapping``), or that fails the check,
+  uses the logits path below instead, with one warning;
+* the logits path (``fused_lm_head=False``, or the fallback): calls the model
+  the way TRL's logits path does (``logits_to_keep = T + 1``,
   ``use_cache=False``, under the accelerator's autocast) and keeps the model's
-  own (B, T + 1, V) logits tensor: no (B, T, V) log-softmax, no slice copy;
-* gets the per-token log-probs and entropies from it with
+  own (B, T + 1, V) logits tensor: no (B, T, V) log-softmax, no slice copy,
+  and gets the per-token log-probs and entropies from it with
   :func:`gmpo_ext.selective_logps` (one fused read of the logits; the
-  gradient is written back into the logits' buffer, one more read), and the
-  loss with :func:`gmpo_ext.gmpo_loss` (``convention="trl"``). That is the
-  composition :func:`gmpo_ext.gmpo_loss_from_logits` runs, split in two here
-  because TRL's entropy mask needs the entropies before the loss;
+  gradient is written back into the logits' buffer, one more read);
+* the loss with :func:`gmpo_ext.gmpo_loss` (``convention="trl"``), after the
+  log-probs because TRL's entropy mask needs the entropies before the loss;
 * honours ``epsilon`` / ``epsilon_high`` (log space), ``beta`` (k3 KL to the
   reference log-probs), ``temperature``, ``top_entropy_quantile``, tool masks
   and gradient accumulation (``normalizer``) exactly as TRL's GMPOTrainer
@@ -95,6 +105,7 @@ except ImportError as _e:  # pragma: no cover - a supported release always has t
 
 from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss  # noqa: E402
 from .logits import selective_logps  # noqa: E402
+from .hidden import linear_logps  # noqa: E402
 
 __all__ = ["GMPOTrainer", "GMPOConfig", "TRL_SUPPORTED", "TRL_VERSION"]
 
@@ -127,14 +138,71 @@ class GMPOTrainer(TRLGMPOTrainer):
         rollout_is_correction: apply the rollout engine's importance-sampling
             ratio (vLLM) as a per-row weight of the policy term (default True;
             TRL's own GMPO ignores it). See the module docstring.
+        fused_lm_head: compute the log-probs from the last hidden states with
+            the LM head fused (default True: the (B, T, V) logits are never
+            held); False: from the model's logits (gmpo_ext's logits path).
     """
 
     _tag_names = ["trl", "gmpo", "gmpo_ext"]
 
-    def __init__(self, *args, rollout_is_correction: bool = True, **kwargs):
+    # config fields that rescale the logits after the head (TRL reads them for
+    # its fused head); a model with one of them set uses the logits path
+    _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+    def __init__(self, *args, rollout_is_correction: bool = True, fused_lm_head: bool = True,
+                 **kwargs):
         self.rollout_is_correction = bool(rollout_is_correction)
+        self.fused_lm_head = bool(fused_lm_head)
+        self._gmpo_head_checked = False
         self._gmpo_fallback_warned = set()
         super().__init__(*args, **kwargs)
+
+    def _warn_once(self, why, what):
+        if why not in self._gmpo_fallback_warned:
+            self._gmpo_fallback_warned.add(why)
+            warnings.warn(f"gmpo_ext.trl.GMPOTrainer: {why}; {what}", stacklevel=4)
+
+    def _head(self, base, text_config):
+        """(weight, bias, softcap) of a plain linear LM head, or a reason why not."""
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear):
+            return f"the LM head is {type(head).__name__}, not a torch.nn.Linear"
+        for name in self._LOGIT_SCALES:
+            if getattr(text_config, name, None) not in (None, 1, 1.0):
+                return f"the config rescales the logits ({name})"
+        return head.weight, head.bias, getattr(text_config, "final_logit_softcapping", None)
+
+    def _policy_logps_hidden(self, model, input_ids, attention_mask, T, inputs, mask, head):
+        """Per-token log-probs and entropies from the last hidden states, the head
+        fused; None when the hidden states do not reproduce the model's logits."""
+        weight, bias, softcap = head
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                        "logits_to_keep": 1, "use_cache": False, "output_hidden_states": True}
+        if inputs.get("token_type_ids") is not None:
+            model_inputs["token_type_ids"] = inputs["token_type_ids"]
+        with self.accelerator.autocast():
+            out = model(**model_inputs)
+        hs = getattr(out, "hidden_states", None)
+        if not hs or hs[-1].dim() != 3 or hs[-1].shape[1] < T + 1:
+            return None
+        hs = hs[-1]
+        if hs.dtype != weight.dtype:
+            hs = hs.to(weight.dtype)
+        if not self._gmpo_head_checked:     # once: the head reproduces the model's logits
+            with torch.no_grad():
+                z = hs[:, -1].float() @ weight.float().t()
+                if bias is not None:
+                    z = z + bias.float()
+                if softcap:
+                    z = softcap * torch.tanh(z / softcap)
+                ref = out.logits[:, -1].float()
+                tol = 1e-3 if weight.dtype == torch.float32 else 5e-2
+                if not ((z - ref).abs().max() <= tol * ref.abs().max().clamp(min=1.0)):
+                    return None
+            self._gmpo_head_checked = True
+        return linear_logps(hs[:, -(T + 1):-1], weight, inputs["completion_ids"], bias=bias,
+                            temperature=self.temperature, final_logit_softcapping=softcap,
+                            return_entropy=True, mask=mask)
 
     # TRL's compute_loss may route to Liger's GRPO loss (use_liger_kernel); GMPO
     # always goes through _compute_loss here.
@@ -180,16 +248,30 @@ class GMPOTrainer(TRLGMPOTrainer):
         B, T = completion_ids.shape
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
-        logits, exact = self._policy_logits(model, input_ids, attention_mask, T, inputs)
-        # The gradient may overwrite the logits when nothing else needs them for
-        # backward: true of a linear lm_head, false of a tanh soft-cap after it.
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") \
             else base.config
-        inplace = exact and getattr(text_config, "final_logit_softcapping", None) is None
-        logps, entropies = selective_logps(logits, completion_ids, self.temperature,
-                                           return_entropy=True, mask=mask,
-                                           inplace_backward=inplace)
-        del logits
+        scored = None
+        if self.fused_lm_head:
+            head = self._head(base, text_config)
+            if isinstance(head, str):
+                self._warn_once(f"fused LM head unavailable: {head}", "using the logits path")
+            else:
+                scored = self._policy_logps_hidden(model, input_ids, attention_mask, T, inputs,
+                                                   mask, head)
+                if scored is None:
+                    self.fused_lm_head = False
+                    self._warn_once("fused LM head: the model's last hidden states do not "
+                                    "reproduce its logits through the LM head",
+                                    "using the logits path from now on")
+        if scored is None:
+            logits, exact = self._policy_logits(model, input_ids, attention_mask, T, inputs)
+            # The gradient may overwrite the logits when nothing else needs them for
+            # backward: true of a linear lm_head, false of a tanh soft-cap after it.
+            inplace = exact and getattr(text_config, "final_logit_softcapping", None) is None
+            scored = selective_logps(logits, completion_ids, self.temperature,
+                                     return_entropy=True, mask=mask, inplace_backward=inplace)
+            del logits
+        logps, entropies = scored
         entropies = entropies.detach()
 
         if self.top_entropy_quantile < 1.0:

@@ -255,3 +255,47 @@ def test_fallback_to_trl(why, model_dir, tok, tmp_path, monkeypatch):
         warnings.simplefilter("error")        # warned once per reason
         assert float(trainer.compute_loss(model, inputs)) == 1.5
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_head_and_logits_path(fused, model_dir, tok, tmp_path, monkeypatch):
+    """The default path never calls the logits kernels (the LM head is fused:
+    linear_logps on the last hidden states); fused_lm_head=False uses them. Both
+    match TRL's own trainer."""
+    import gmpo_ext.trl as gtrl
+
+    calls = {"hidden": 0, "logits": 0}
+    real_h, real_l = gtrl.linear_logps, gtrl.selective_logps
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(gtrl, "linear_logps", count("hidden", real_h))
+    monkeypatch.setattr(gtrl, "selective_logps", count("logits", real_l))
+    kw = dict(beta=0.1, temperature=0.7)
+    l_trl, g_trl, _, _, _ = _loss_and_grads(TRLGMPOTrainer, model_dir, tok, tmp_path, **kw)
+    l_ours, g_ours, _, _, _ = _loss_and_grads(GMPOTrainer, model_dir, tok, tmp_path,
+                                              trainer_kw=dict(fused_lm_head=fused), **kw)
+    assert calls == ({"hidden": 1, "logits": 0} if fused else {"hidden": 0, "logits": 1})
+    assert abs(float(l_ours - l_trl)) <= RTOL * abs(float(l_trl))
+    assert all(_max_rel(g_trl[n], g_ours[n]) <= RTOL for n in g_trl)
+
+
+def test_fused_head_falls_back_with_one_warning(model_dir, tok, tmp_path):
+    """A config that rescales the logits (here logit_scale) is not fused: the logits
+    path runs, with one warning, and still matches TRL."""
+    model = _model(model_dir, tok)
+    model.config.logit_scale = 0.5
+    trainer = _trainer(GMPOTrainer, model, tok, tmp_path)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    with pytest.warns(UserWarning, match="logit_scale"):
+        loss = trainer.compute_loss(model, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(trainer.compute_loss(model, inputs))
+    assert torch.isfinite(loss)

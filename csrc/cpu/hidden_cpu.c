@@ -1,0 +1,387 @@
+/*
+ * hidden_cpu.c -- the CPU tile kernels of gmpo_ext's path from hidden states
+ * (C11, OpenMP over the tile's tokens), with the entry points of
+ * csrc/gmpo_hidden.h. The caller (gmpo_ext/hidden.py) runs the GEMMs of the LM
+ * head (torch: MKL / oneDNN) tile by tile; these kernels do the rest:
+ *
+ *   fold: tile (n, vn) of y = h W^T + b, ids (n,) -> state (n, 4) updated in place:
+ *         each token's vocabulary range folded into (max, sum exp, entropy term,
+ *         target logit) and merged into what earlier tiles left there
+ *   grad: tile (n, vn), lse, entropy, G, Gh (n,) -> the tile overwritten with
+ *         dL/dy, the gradient the dH = dy W and dW += dy^T h GEMMs take
+ *
+ * Each row of the tile is processed HD_CHUNK columns at a time: the chunk is
+ * converted to fp32 and transformed (scale, softcap, 1/tau) into a buffer that
+ * stays in L1, and the vector loops (max; exp and sums; or exp and gradient)
+ * run over it. A chunk's sums are a state of their own, merged into the row's
+ * with gmpo_lse_merge: tiles, chunks and (later) vocab-parallel ranks combine
+ * the same way. Sums run in fp32 vector lanes within a chunk.
+ *
+ * The exp is gmpo_math.h's branch-free polynomial (gmpo_exp_f), the tanh of
+ * the softcap gmpo_hidden.h's; gcc vectorises both at -O3. No fast-math: NaN
+ * propagates. On x86-64 gcc the chunk loops are compiled for x86-64-v4
+ * (AVX-512), x86-64-v3 (AVX2, FMA) and the baseline, picked at load time.
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+// FP exceptions are never trapped: gcc may if-convert the selects below, and
+// a * b + c may become one fma (more accurate, not less). Not fast-math.
+#pragma GCC optimize("no-trapping-math", "fp-contract=fast")
+#endif
+#include <math.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include "../gmpo_hidden.h"
+
+#define HD_CHUNK 2048   // fp32 elements per chunk: 8 KiB, in L1
+#define HD_LANES 16     // independent accumulators: one AVX-512 vector, two AVX2
+
+#if defined(__GNUC__)
+#define HD_ALIGN __attribute__((aligned(64)))
+#else
+#define HD_ALIGN
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && \
+    !defined(GMPO_NO_TARGET_CLONES)
+#define HD_LOOP static __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__)
+#define HD_LOOP static __attribute__((noinline))
+#else
+#define HD_LOOP static
+#endif
+
+// the transform's constants, computed once per call
+typedef struct {
+    float s, c, inv_c, inv_t;
+    int softcap;
+} hd_xf;
+
+static hd_xf hd_transform(const gmpo_tile_args *a) {
+    hd_xf f;
+    f.s = (float)a->logit_scale;
+    f.softcap = a->softcap > 0.0;
+    f.c = f.softcap ? (float)a->softcap : 1.0f;
+    f.inv_c = 1.0f / f.c;
+    f.inv_t = (float)(1.0 / a->temperature);
+    return f;
+}
+
+// ----------------------------------------------------------------------------
+// chunk loops over the fp32 buffer
+
+// n values of a tile row from element off into x, transformed: x = f(y); with
+// softcap also the chain factor k = s / tau (1 - t^2) into kf (kf may be NULL)
+HD_LOOP void hd_load(const void *row, int32_t dt, int64_t off, int64_t n, hd_xf f,
+                     float *restrict x, float *restrict kf) {
+    int64_t k;
+    float y[HD_CHUNK] HD_ALIGN;
+    if (dt == GMPO_DT_F32) {
+        const float *p = (const float *)row + off;
+        for (k = 0; k < n; k++) y[k] = p[k];
+    } else if (dt == GMPO_DT_BF16) {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) y[k] = gmpo_bf16_to_f32(p[k]);
+    } else {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) y[k] = gmpo_f16_to_f32(p[k]);
+    }
+    if (!f.softcap) {
+        float m = f.s * f.inv_t;
+        for (k = 0; k < n; k++) x[k] = y[k] * m;
+        return;
+    }
+    float ck = f.c * f.inv_t, dk = f.s * f.inv_t;
+    if (kf) {
+        for (k = 0; k < n; k++) {
+            float t = gmpo_tanh_f(y[k] * f.s * f.inv_c);
+            x[k] = ck * t;
+            kf[k] = dk * (1.0f - t * t);
+        }
+    } else {
+        for (k = 0; k < n; k++) x[k] = ck * gmpo_tanh_f(y[k] * f.s * f.inv_c);
+    }
+}
+
+// n gradient values from x into a tile row of dtype dt from element off
+HD_LOOP void hd_store(void *row, int32_t dt, int64_t off, int64_t n, const float *restrict x) {
+    int64_t k;
+    if (dt == GMPO_DT_F32) {
+        float *p = (float *)row + off;
+        for (k = 0; k < n; k++) p[k] = x[k];
+    } else if (dt == GMPO_DT_BF16) {
+        uint16_t *p = (uint16_t *)row + off;
+        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16(x[k]);
+    } else {
+        uint16_t *p = (uint16_t *)row + off;
+        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16(x[k]);
+    }
+}
+
+// keys that order as the floats do, so an integer max (which gcc vectorises)
+// finds the float max; NaN with the sign bit clear sorts above inf
+static inline int32_t hd_key(int32_t s) { return s ^ (int32_t)((uint32_t)(s >> 31) >> 1); }
+
+HD_LOOP float hd_max(const float *restrict x, int64_t n) {
+    gmpo_f32_bits b;
+    b.f = -INFINITY;
+    int32_t m = hd_key((int32_t)b.u);
+    for (int64_t k = 0; k < n; k++) {
+        b.f = x[k];
+        int32_t v = hd_key((int32_t)b.u);
+        m = v > m ? v : m;
+    }
+    b.u = (uint32_t)hd_key(m);
+    return b.f;
+}
+
+static int hd_any_nan(const float *x, int64_t n) {
+    int any = 0;
+    for (int64_t k = 0; k < n; k++) any |= x[k] != x[k];
+    return any;
+}
+
+// sum of exp(x - M) into *s and, with ent, of exp(x - M) (x - M) into *w
+HD_LOOP void hd_sums(const float *restrict x, int64_t n, float M, int ent, float *s, float *w) {
+    float sv[HD_LANES] HD_ALIGN, wv[HD_LANES] HD_ALIGN;
+    int64_t j = 0;
+    int l;
+    for (l = 0; l < HD_LANES; l++) sv[l] = wv[l] = 0.0f;
+    if (ent) {
+        for (; j + HD_LANES <= n; j += HD_LANES)
+            for (l = 0; l < HD_LANES; l++) {
+                float d = x[j + l] - M;
+                float e = gmpo_exp_f(d);
+                float ed = e * d;
+                sv[l] += e;
+                wv[l] += e == 0.0f ? 0.0f : ed;   // e = 0 where d = -inf
+            }
+    } else {
+        for (; j + HD_LANES <= n; j += HD_LANES)
+            for (l = 0; l < HD_LANES; l++) sv[l] += gmpo_exp_f(x[j + l] - M);
+    }
+    for (; j < n; j++) {
+        float d = x[j] - M;
+        float e = gmpo_exp_f(d);
+        sv[0] += e;
+        wv[0] += e == 0.0f ? 0.0f : e * d;
+    }
+    for (int h = HD_LANES / 2; h > 0; h /= 2)   // pairwise: fixed order, deterministic
+        for (l = 0; l < h; l++) { sv[l] += sv[l + h]; wv[l] += wv[l + h]; }
+    *s = sv[0];
+    *w = ent ? wv[0] : 0.0f;
+}
+
+// x <- (-g p - gh p (x - lse + H)) * k with p = exp(x - lse), in place
+// (k: the chain factor per element, kf, or the constant kc when kf is NULL)
+HD_LOOP void hd_grad(float *restrict x, const float *restrict kf, float kc, int64_t n,
+                     float lse, float g, float gh, float H) {
+    int64_t k;
+    float c = H - lse;
+    if (kf) {
+        for (k = 0; k < n; k++) {
+            float p = gmpo_exp_f(x[k] - lse);
+            float d = -p * (g + gh * (x[k] + c));
+            x[k] = p == 0.0f ? 0.0f : d * kf[k];   // p = 0 where x = -inf
+        }
+    } else if (gh == 0.0f) {
+        float gk = -g * kc;
+        for (k = 0; k < n; k++) x[k] = gk * gmpo_exp_f(x[k] - lse);
+    } else {
+        for (k = 0; k < n; k++) {
+            float p = gmpo_exp_f(x[k] - lse);
+            float d = -p * (g + gh * (x[k] + c));
+            x[k] = p == 0.0f ? 0.0f : d * kc;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// row kernels
+
+static int64_t hd_id(const gmpo_tile_args *a, int64_t r) {
+    return a->ids_dtype == GMPO_DT_I64 ? ((const int64_t *)a->ids)[r]
+                                       : (int64_t)((const int32_t *)a->ids)[r];
+}
+
+// fold one tile row into st (GMPO_LSE_STATE floats); buf: HD_CHUNK floats
+static void hd_row_fold(const gmpo_tile_args *a, hd_xf f, const void *row, int64_t id,
+                        float *buf, float *st) {
+    const int32_t dt = a->dtype;
+    for (int64_t off = 0; off < a->vn; off += HD_CHUNK) {
+        int64_t n = a->vn - off < HD_CHUNK ? a->vn - off : HD_CHUNK;
+        hd_load(row, dt, off, n, f, buf, NULL);
+        float ch[GMPO_LSE_STATE];
+        gmpo_lse_init(ch);
+        float cm = hd_max(buf, n);
+        if (cm != cm || (cm == -INFINITY && hd_any_nan(buf, n))) {
+            ch[0] = NAN;                         // a NaN logit: the token's values are NaN
+        } else if (cm != -INFINITY) {            // all -inf adds nothing
+            hd_sums(buf, n, cm, a->entropy, &ch[1], &ch[2]);
+            ch[0] = cm;
+        }
+        int64_t local = id - a->v0 - off;
+        if (local >= 0 && local < n) ch[3] = buf[local];
+        gmpo_lse_merge(st, ch);
+    }
+}
+
+// overwrite one tile row with dL/dy
+static void hd_row_grad(const gmpo_tile_args *a, hd_xf f, void *row, int64_t id, float lse,
+                        float G, float Gh, float H, float *buf, float *kbuf) {
+    const int32_t dt = a->dtype;
+    const float kc = f.s * f.inv_t;
+    for (int64_t off = 0; off < a->vn; off += HD_CHUNK) {
+        int64_t n = a->vn - off < HD_CHUNK ? a->vn - off : HD_CHUNK;
+        hd_load(row, dt, off, n, f, buf, f.softcap ? kbuf : NULL);  // read before written:
+        hd_grad(buf, f.softcap ? kbuf : NULL, kc, n, lse, G, Gh, H);  // in place is safe
+        int64_t local = id - a->v0 - off;
+        if (local >= 0 && local < n) buf[local] += G * (f.softcap ? kbuf[local] : kc);
+        hd_store(row, dt, off, n, buf);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// checks and entry points
+
+static gmpo_status hd_fail(gmpo_tile_args *a, const char *msg) {
+    snprintf(a->err, sizeof a->err, "%s", msg);
+    return GMPO_EINVAL;
+}
+
+gmpo_status gmpo_hidden_check_tile(gmpo_tile_args *a) {
+    a->err[0] = 0;
+    if (a->n < 0 || a->vn < 0 || a->v0 < 0 || a->V < 1)
+        return hd_fail(a, "tile: negative size or an empty vocabulary");
+    if (a->v0 > a->V || a->vn > a->V - a->v0)
+        return hd_fail(a, "tile: the vocabulary range [v0, v0 + vn) is outside [0, V)");
+    if (a->dtype != GMPO_DT_F32 && a->dtype != GMPO_DT_BF16 && a->dtype != GMPO_DT_F16)
+        return hd_fail(a, "tile: must be float32, bfloat16 or float16");
+    if (a->ids_dtype != GMPO_DT_I64 && a->ids_dtype != GMPO_DT_I32)
+        return hd_fail(a, "ids: must be an int64 or int32 tensor");
+    if (!(a->temperature > 0.0) || isinf(a->temperature))
+        return hd_fail(a, "temperature: must be a finite number > 0");
+    if (!(fabs(a->logit_scale) < INFINITY))
+        return hd_fail(a, "logit_scale: must be finite");
+    if (!(a->softcap >= 0.0) || isinf(a->softcap))
+        return hd_fail(a, "final_logit_softcapping: must be a finite number > 0 (0: none)");
+    if (a->n == 0 || a->vn == 0) return GMPO_OK;
+    if (a->ld < a->vn) return hd_fail(a, "tile: the row stride ld is smaller than vn");
+    // the last element read is (n - 1) * ld + vn - 1: no overflow since ld, n < 2^62 / ...
+    if (a->n - 1 > (INT64_MAX - a->vn) / a->ld ||
+        (a->n - 1) * a->ld + a->vn > a->tile_extent || !a->tile)
+        return hd_fail(a, "tile: its extent is smaller than (n - 1) * ld + vn elements");
+    if (!a->ids || a->ids_extent < a->n)
+        return hd_fail(a, "ids: its extent is smaller than the n tokens of the tile");
+    return GMPO_OK;
+}
+
+// every id in [0, V), checked before any compute
+static gmpo_status hd_check_ids(gmpo_tile_args *a) {
+    for (int64_t r = 0; r < a->n; r++) {
+        int64_t id = hd_id(a, r);
+        if (id < 0 || id >= a->V) {
+            snprintf(a->err, sizeof a->err, "ids: token id %lld at %lld is outside [0, %lld), "
+                     "the vocabulary of the weight", (long long)id, (long long)r, (long long)a->V);
+            return GMPO_EINVAL;
+        }
+    }
+    return GMPO_OK;
+}
+
+static int hd_threads(const gmpo_tile_args *a) {
+    if (a->num_threads <= 1 || a->n < 2) return 1;
+    return a->n < a->num_threads ? (int)a->n : a->num_threads;
+}
+
+static size_t hd_esize(int32_t dt) { return dt == GMPO_DT_F32 ? 4 : 2; }
+
+gmpo_status gmpo_hidden_cpu_fold(gmpo_tile_args *a, float *state, int64_t state_extent) {
+    gmpo_status st = gmpo_hidden_check_tile(a);
+    if (st) return st;
+    if (a->n == 0) return GMPO_OK;
+    if (!state || state_extent / GMPO_LSE_STATE < a->n)
+        return hd_fail(a, "state: its extent is smaller than n x 4 floats");
+    if (a->vn == 0) return GMPO_OK;
+    if ((st = hd_check_ids(a))) return st;
+    const hd_xf f = hd_transform(a);
+    const size_t es = hd_esize(a->dtype);
+    int nt = hd_threads(a);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        float buf[HD_CHUNK] HD_ALIGN;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < a->n; r++) {
+            const char *row = (const char *)a->tile + (size_t)(r * a->ld) * es;
+            hd_row_fold(a, f, row, hd_id(a, r), buf, state + r * GMPO_LSE_STATE);
+        }
+    }
+    (void)nt;
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_hidden_cpu_grad(gmpo_tile_args *a, const float *lse, const float *entropy,
+                                 const float *grad_logp, const float *grad_entropy,
+                                 int64_t extent) {
+    gmpo_status st = gmpo_hidden_check_tile(a);
+    if (st) return st;
+    if (a->n == 0 || a->vn == 0) return GMPO_OK;
+    if (!lse || extent < a->n)
+        return hd_fail(a, "lse: missing, or its extent is smaller than the n tokens");
+    if (grad_entropy && !entropy)
+        return hd_fail(a, "entropy: needed (the forward's) when grad_entropy is given");
+    if ((st = hd_check_ids(a))) return st;
+    const hd_xf f = hd_transform(a);
+    const size_t es = hd_esize(a->dtype);
+    int nt = hd_threads(a);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+        float buf[HD_CHUNK] HD_ALIGN, kbuf[HD_CHUNK] HD_ALIGN;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < a->n; r++) {
+            char *row = (char *)a->tile + (size_t)(r * a->ld) * es;
+            float G = grad_logp ? grad_logp[r] : 0.0f;
+            float Gh = grad_entropy ? grad_entropy[r] : 0.0f;
+            if (G == 0.0f && Gh == 0.0f) {      // no gradient: a zero row, not read
+                memset(row, 0, (size_t)a->vn * es);
+                continue;
+            }
+            hd_row_grad(a, f, row, hd_id(a, r), lse[r], G, Gh, grad_entropy ? entropy[r] : 0.0f,
+                        buf, kbuf);
+        }
+    }
+    (void)nt;
+    return GMPO_OK;
+}
+
+// ----------------------------------------------------------------------------
+// builds without the CUDA kernels: the CUDA entry points say so (weak on gcc /
+// clang, so that csrc/cuda/hidden_cuda.cu's definitions replace them)
+
+#if !defined(GMPO_WITH_CUDA) || defined(__GNUC__)
+#if defined(__GNUC__)
+#define HD_WEAK __attribute__((weak))
+#else
+#define HD_WEAK
+#endif
+HD_WEAK gmpo_status gmpo_hidden_cuda_fold(gmpo_tile_args *a, float *state, int64_t state_extent) {
+    (void)state; (void)state_extent;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA hidden-state kernels");
+    return GMPO_ENOTBUILT;
+}
+HD_WEAK gmpo_status gmpo_hidden_cuda_grad(gmpo_tile_args *a, const float *lse,
+                                          const float *entropy, const float *grad_logp,
+                                          const float *grad_entropy, int64_t extent) {
+    (void)lse; (void)entropy; (void)grad_logp; (void)grad_entropy; (void)extent;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA hidden-state kernels");
+    return GMPO_ENOTBUILT;
+}
+#endif

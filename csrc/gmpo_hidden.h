@@ -1,0 +1,166 @@
+/*
+ * gmpo_hidden.h -- the C API of gmpo_ext's path from hidden states (the LM head
+ * fused in): per-tile kernels that a caller runs between the GEMMs of
+ * z = h W^T + b, so that the (N, V) logits never exist at once (GMPO,
+ * arXiv 2507.20673; DESIGN.md sections 2b and 2c).
+ *
+ * The one primitive (DESIGN 2c): the FOLD of a vocabulary range [v0, v0 + vn)
+ * of a token's logits into a mergeable state, and the MERGE of two states.
+ * Token tiles fold their vocabulary tiles one after another into the same
+ * state; vocab-parallel ranks fold their shard and merge states across
+ * processes (max: all-reduce max, then the rescaled sums: all-reduce sum).
+ *
+ * Shapes use fixed letters: n tokens of a tile, vn vocabulary columns of the
+ * tile, V the whole vocabulary, H the hidden size.
+ *   tile:  (n, vn) row stride ld >= vn, unit stride on the vocabulary axis;
+ *          y = h W^T + b of the tile's tokens and columns, fp32, bf16 or fp16
+ *   ids:   (n,) int64 or int32, contiguous, each in [0, V)
+ *   state: (n, GMPO_LSE_STATE) fp32, contiguous; see gmpo_lse_state below
+ *   lse, entropy, logp, grad_logp, grad_entropy: (n,) fp32 contiguous
+ *
+ * Transform of a logit, in TRL's order (s logit_scale, c softcap, tau temperature):
+ *   u = s * y;  z = c * tanh(u / c) if c > 0 else u;  x = z / tau
+ * Per token: lse = log sum_v exp(x_v), logp = x_id - lse, H = lse - sum_v p_v x_v
+ * with p_v = exp(x_v - lse). Backward, in place over the tile:
+ *   dL/dx_v = G (1[v == id] - p_v) - Gh p_v (x_v - lse + H)
+ *   dL/dy_v = dL/dx_v * s / tau * (1 - tanh^2(u_v / c))   (the factor is 1 without softcap)
+ *
+ * Every buffer comes with its extent: the number of elements addressable from
+ * its pointer. Entry points check every extent, size, dtype code and id before
+ * anything is read, and on failure return a status with a message naming the
+ * argument in args->err; the library never exits.
+ */
+#ifndef GMPO_HIDDEN_H
+#define GMPO_HIDDEN_H
+
+#include <math.h>
+#include <stdint.h>
+#include "gmpo.h"
+#include "gmpo_math.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The mergeable per-token state of a folded vocabulary range, fp32:
+ *   [0] m    the largest x seen (-inf: nothing folded yet)
+ *   [1] s    sum of exp(x - m)
+ *   [2] w    sum of exp(x - m) (x - m)       (entropy term; 0 when not asked)
+ *   [3] tgt  x of the token's id if the id lies in a folded range, else 0
+ *            (so that merging sums it: exactly one range holds the id) */
+#define GMPO_LSE_STATE 4
+
+typedef struct {
+    int64_t n;                /* tokens (rows of the tile) */
+    int64_t vn;               /* columns of the tile */
+    int64_t v0;               /* vocabulary id of the tile's first column */
+    int64_t V;                /* the whole vocabulary: ids must lie in [0, V) */
+    int64_t ld;               /* elements between tile rows, >= vn */
+    int32_t dtype;            /* the tile's dtype: GMPO_DT_F32, _BF16 or _F16 */
+    void *tile;               /* fold: read; grad: read, then overwritten in place */
+    int64_t tile_extent;      /* elements addressable from tile */
+    const void *ids;          /* (n,) int64 or int32 */
+    int32_t ids_dtype;
+    int64_t ids_extent;
+    double logit_scale;       /* s, finite */
+    double softcap;           /* c > 0, or 0: no softcap */
+    double temperature;       /* tau > 0, finite */
+    int32_t entropy;          /* fold: also accumulate w */
+    int32_t num_threads;      /* CPU threads; <= 0: one */
+    void *stream;             /* cudaStream_t for the CUDA entry points */
+    char err[256];            /* filled on failure */
+} gmpo_tile_args;
+
+/* fold the tile into state (n x GMPO_LSE_STATE, in place; a fresh state is
+ * gmpo_lse_init's: m = -inf, s = w = tgt = 0) */
+gmpo_status gmpo_hidden_cpu_fold(gmpo_tile_args *a, float *state, int64_t state_extent);
+
+/* the tile <- dL/dy (in the tile's dtype) from the finished lse and entropy and
+ * the upstream gradients grad_logp G (may be NULL: 0) and grad_entropy Gh (may be
+ * NULL: 0); a token with G = Gh = 0 gets a zero row without being read */
+gmpo_status gmpo_hidden_cpu_grad(gmpo_tile_args *a, const float *lse, const float *entropy,
+                                 const float *grad_logp, const float *grad_entropy,
+                                 int64_t extent);
+
+/* the same two on the GPU (device pointers, a->stream, no host sync); CUDA
+ * builds check sizes and extents but not the ids' values (an id outside [0, V)
+ * is never used as an address: its target logit stays 0, and logp is NaN) */
+gmpo_status gmpo_hidden_cuda_fold(gmpo_tile_args *a, float *state, int64_t state_extent);
+gmpo_status gmpo_hidden_cuda_grad(gmpo_tile_args *a, const float *lse, const float *entropy,
+                                  const float *grad_logp, const float *grad_entropy,
+                                  int64_t extent);
+
+/* argument and extent checks of the tile kernels, shared by both backends */
+gmpo_status gmpo_hidden_check_tile(gmpo_tile_args *a);
+
+/* ----------------------------------------------------------------------------
+ * scalar math shared by the C and CUDA kernels (GMPO_HD) */
+
+/* tanh without libm, branch-free: odd polynomial near 0 (no cancellation),
+ * (1 - e) / (1 + e) with e = exp(-2|a|) elsewhere; NaN stays NaN, +-inf -> +-1 */
+GMPO_HD float gmpo_tanh_f(float a) {
+    float aa = fabsf(a);
+    float e = gmpo_exp_f(-2.0f * aa);
+    float big = (1.0f - e) / (1.0f + e);
+    float a2 = aa * aa;
+    float small = aa * (1.0f + a2 * (-0.333333343f + a2 * (0.133333340f + a2 * -0.0539682549f)));
+    float r = aa < 0.125f ? small : big;
+    return copysignf(r, a);
+}
+
+/* x from a projected value y: s * y, softcap c (c > 0) and 1 / tau (inv_t) */
+GMPO_HD float gmpo_head_x(float y, float s, float c, float inv_c, float inv_t, int softcap) {
+    float u = y * s;
+    return softcap ? c * gmpo_tanh_f(u * inv_c) * inv_t : u * inv_t;
+}
+
+/* a fresh state */
+GMPO_HD void gmpo_lse_init(float *st) {
+    st[0] = -INFINITY;
+    st[1] = 0.0f;
+    st[2] = 0.0f;
+    st[3] = 0.0f;
+}
+
+/* merge state b into a (commutative up to rounding; exact in the max) */
+GMPO_HD void gmpo_lse_merge(float *a, const float *b) {
+    float ma = a[0], mb = b[0];
+    if (mb != mb || ma != ma) {                  // NaN anywhere poisons the token
+        a[0] = a[1] = a[2] = NAN;
+        a[3] += b[3];
+        return;
+    }
+    float M = ma > mb ? ma : mb;
+    float sa = a[1], wa = a[2], sb = b[1], wb = b[2];
+    float s = 0.0f, w = 0.0f;
+    if (M != -INFINITY) {                        // rescale each side to M; an empty side adds 0
+        if (sa > 0.0f) {
+            float d = ma - M, c = expf(d);
+            s += c * sa;
+            w += c * (wa + d * sa);
+        }
+        if (sb > 0.0f) {
+            float d = mb - M, c = expf(d);
+            s += c * sb;
+            w += c * (wb + d * sb);
+        }
+    }
+    a[0] = M;
+    a[1] = s;
+    a[2] = w;
+    a[3] += b[3];
+}
+
+/* lse, logp and entropy of a finished state */
+GMPO_HD void gmpo_lse_finish(const float *st, float *lse, float *logp, float *entropy) {
+    float ls = logf(st[1]);
+    *lse = st[0] + ls;
+    *logp = st[3] - *lse;
+    *entropy = ls - st[2] / st[1];
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GMPO_HIDDEN_H */

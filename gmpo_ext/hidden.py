@@ -1,0 +1,850 @@
+"""GMPO from hidden states: the LM head fused in, the (N, V) logits never held.
+
+``linear_logps(hidden, weight, ids)`` is ``selective_logps(hidden @ weight.T,
+ids)`` without the logits: the projection runs in torch GEMMs (MKL / oneDNN on
+CPU, cuBLAS on GPU) on (tokens x vocabulary) tiles, and this project's kernels
+(csrc/cpu/hidden_cpu.c, csrc/cuda/hidden_cuda.cu) fold each tile into a
+mergeable per-token state (max, sum exp, entropy term, target logit; DESIGN
+2c) and, in backward, turn the recomputed tile into dL/d(h W^T + b) in place
+for the dH = dy W and dW += dy^T h GEMMs. ``gmpo_loss_from_hidden`` puts
+:func:`gmpo_ext.gmpo_loss` on top (autograd chains dL/dlogp into the head's
+backward); ``grpo_loss_from_hidden`` the GRPO baseline.
+
+Two custom ops (validated in their implementations, not only here):
+
+  gmpo_ext::hidden_fwd(hidden, weight, bias, ids, pos, logit_scale, softcap,
+                       temperature, entropy, tile_n, tile_v)
+      -> (logp, entropy, lse), each (M,) float32 (float64 for float64 inputs)
+  gmpo_ext::hidden_bwd(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
+                       lse, entropy, logit_scale, softcap, temperature, tile_n,
+                       tile_v, need_hidden, need_weight, need_bias)
+      -> (grad_hidden, grad_weight, grad_bias) (empty where not needed)
+
+``pos`` (M,) int64 lists the tokens to score as flat positions of hidden's
+token axes (b * T + t for (B, T, H), n for (N, H)): the tokens the mask counts,
+so padding costs no GEMM. Each token tile is gathered from hidden (any strides:
+a slice of the backbone's output is read where it lies, one tile at a time).
+
+Memory beyond inputs, outputs and parameter gradients: one (tile_n, tile_v)
+tile in the input dtype, the gathered (tile_n, H) hidden tile, a (tile_n, H)
+fp32 dH accumulator, and O(M) per-token statistics. For bf16/fp16 weights the
+fp32 dW accumulator is (V, H) (cast to the weight's dtype at the end), as in
+TRL. FLOPs: forward 1 GEMM, backward 3 (recompute, dH, dW).
+
+Why token tiles + recompute is the default rather than whole rows held
+(``mode="rows"``, 3 GEMMs): GMPO's G_t needs every logp of its row, so the
+3-GEMM schedule must hold a whole row's T x V logits (T = 4096, V = 151936:
+2.5 GB in fp32, 20x a default tile) or give up; it fits only short rows. Where
+it fits it saves the recompute GEMM (measured in benchmarks/bench_hidden.py,
+results/bench_hidden_rows_cpu.csv), but the default must hold for any row
+length within one tile of memory, and the tiled path already beats TRL's by
+the margins in results/bench_hidden_cpu.md.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from .loss import _check_tensor, _check_number, gmpo_loss, grpo_loss
+
+__all__ = ["linear_logps", "gmpo_loss_from_hidden", "grpo_loss_from_hidden", "default_tiles"]
+
+HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ID_DTYPES = (torch.int64, torch.int32)
+_MASK_DTYPES = tuple(_backend.DTYPE_CODES)
+LSE_STATE = 4
+ENTROPY = "entropy"
+TILE_BUDGET_BYTES = 128 << 20   # default tile: about 128 MiB (one fp32 tile of 2^25 logits)
+VOCAB_TILE = 32768              # at most this many vocabulary columns per tile
+
+
+def default_tiles(n_tokens: int, H: int, V: int, dtype: torch.dtype,
+                  budget_bytes: int = TILE_BUDGET_BYTES) -> tuple[int, int]:
+    """(tile_n, tile_v): V cut into equal tiles of at most VOCAB_TILE columns
+    (a multiple of 128: no ragged last tile to speak of), then as many tokens
+    as fit the budget together with their hidden-side buffers (the gathered
+    (tile_n, H) tile and its fp32 dH accumulator), between 64 and 8192 and a
+    multiple of 64, never more than the tokens there are."""
+    es = torch.empty((), dtype=dtype).element_size()
+    k = max(1, -(-V // VOCAB_TILE))
+    tile_v = min(V, -(-(-(-V // k)) // 128) * 128)
+    per_token = tile_v * es + H * (es + 4)
+    tile_n = max(64, min(8192, budget_bytes // per_token) // 64 * 64)
+    return max(1, min(tile_n, n_tokens)), max(1, tile_v)
+
+
+# ----------------------------------------------------------------------------
+# the tile kernels: C (CPU), CUDA (or its SIMT emulation); torch for float64
+
+def _tile_spec(tile, v0, V):
+    n, vn = tile.shape
+    return (tile.data_ptr(), tile.numel(), _backend.DTYPE_CODES[tile.dtype], n, vn, v0, V,
+            tile.stride(0))
+
+
+def _ids_spec(ids):
+    return (ids.data_ptr(), ids.numel(), _backend.DTYPE_CODES[ids.dtype])
+
+
+def _xf_torch(y, scale, softcap, temperature):
+    u = y * scale
+    if softcap:
+        t = torch.tanh(u / softcap)
+        return softcap * t / temperature, scale * (1 - t * t) / temperature
+    return u / temperature, None
+
+
+def _fold(tile, ids, state, v0, V, scale, softcap, temperature, entropy):
+    if tile.dtype == torch.float64:    # the same fold in torch, for float64 (gradcheck)
+        x, _ = _xf_torch(tile, scale, softcap, temperature)
+        m = torch.maximum(state[:, 0], x.amax(1))
+        mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(x - mf[:, None])
+        c = torch.exp(state[:, 0] - mf)
+        state[:, 2] = c * (state[:, 2] + (state[:, 0] - mf) * state[:, 1]).nan_to_num(0.0) \
+            + torch.where(e > 0, e * (x - mf[:, None]), torch.zeros_like(e)).sum(1)
+        state[:, 1] = c * state[:, 1] + e.sum(1)
+        state[:, 0] = m
+        local = ids - v0
+        inr = (local >= 0) & (local < tile.shape[1])
+        state[:, 3] += torch.where(inr, x.gather(1, local.clamp(0, tile.shape[1] - 1)[:, None])[:, 0],
+                                   torch.zeros_like(m))
+        return
+    mod, code, stream = _backend.backend(tile.device)
+    with _backend._on_device(tile.device):
+        mod.hidden_fold(code, stream, _tile_spec(tile, v0, V), _ids_spec(ids), float(scale),
+                        float(softcap), float(temperature), int(entropy),
+                        torch.get_num_threads(), (state.data_ptr(), state.numel()))
+
+
+def _grad(tile, ids, v0, V, scale, softcap, temperature, lse, entropy, g, gh):
+    if tile.dtype == torch.float64:
+        x, k = _xf_torch(tile, scale, softcap, temperature)
+        p = torch.exp(x - lse[:, None])
+        d = torch.zeros_like(x)
+        if g is not None:
+            d -= g[:, None] * p
+            local = ids - v0
+            inr = (local >= 0) & (local < tile.shape[1])
+            d.scatter_add_(1, local.clamp(0, tile.shape[1] - 1)[:, None],
+                           torch.where(inr, g, torch.zeros_like(g))[:, None])
+        if gh is not None:
+            d -= gh[:, None] * p * (x - lse[:, None] + entropy[:, None])
+        tile.copy_(d * (k if k is not None else scale / temperature))
+        return
+    n = tile.shape[0]
+    mod, code, stream = _backend.backend(tile.device)
+    bufs = [b for b in (lse, entropy, g, gh) if b is not None]
+    extent = min(b.numel() for b in bufs)
+    with _backend._on_device(tile.device):
+        mod.hidden_grad(code, stream, _tile_spec(tile, v0, V), _ids_spec(ids), float(scale),
+                        float(softcap), float(temperature), 0, torch.get_num_threads(),
+                        lse.data_ptr(), entropy.data_ptr() if gh is not None else 0,
+                        g.data_ptr() if g is not None else 0,
+                        gh.data_ptr() if gh is not None else 0, min(extent, n))
+
+
+def _gather(hidden, p):
+    """The (n, H) rows of hidden at flat token positions p (a copy of those rows only)."""
+    if hidden.dim() == 3:
+        T = hidden.shape[1]
+        return hidden[torch.div(p, T, rounding_mode="floor"), p % T]
+    return hidden.index_select(0, p)
+
+
+def _tile_buffer(tile_n, tile_v, M, V, dtype, device):
+    return torch.empty(min(tile_n, M) * min(tile_v, V), dtype=dtype, device=device)
+
+
+def _project(buf, hc, weight, bias, v0, v1):
+    """The contiguous (n, v1 - v0) tile of hc @ weight[v0:v1].T (+ bias) in buf."""
+    tile = buf[: hc.shape[0] * (v1 - v0)].view(hc.shape[0], v1 - v0)
+    w = weight[v0:v1]
+    if bias is not None:
+        torch.addmm(bias[v0:v1], hc, w.t(), out=tile)
+    else:
+        torch.mm(hc, w.t(), out=tile)
+    return tile
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_impl(hidden, weight, bias, ids, pos, scale, softcap, temperature, entropy,
+                  tile_n, tile_v):
+    M = pos.shape[0]
+    V = weight.shape[0]
+    sd = _stat_dtype(hidden.dtype)
+    dev = hidden.device
+    logp = torch.empty(M, dtype=sd, device=dev)
+    ent = torch.zeros(M, dtype=sd, device=dev)
+    lse = torch.empty(M, dtype=sd, device=dev)
+    if M == 0:
+        return logp, ent, lse
+    buf = _tile_buffer(tile_n, tile_v, M, V, hidden.dtype, dev)
+    state = torch.empty((min(tile_n, M), LSE_STATE), dtype=sd, device=dev)
+    for lo in range(0, M, tile_n):
+        hi = min(lo + tile_n, M)
+        hc = _gather(hidden, pos[lo:hi])
+        st = state[: hi - lo]
+        st[:, 0] = -math.inf
+        st[:, 1:] = 0
+        idc = ids[lo:hi]
+        for v0 in range(0, V, tile_v):
+            v1 = min(v0 + tile_v, V)
+            tile = _project(buf, hc, weight, bias, v0, v1)
+            _fold(tile, idc, st, v0, V, scale, softcap, temperature, entropy)
+        ls = torch.log(st[:, 1])
+        lse[lo:hi] = st[:, 0] + ls
+        logp[lo:hi] = st[:, 3] - lse[lo:hi]
+        if entropy:
+            ent[lo:hi] = ls - st[:, 2] / st[:, 1]
+    return logp, ent, lse
+
+
+def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy,
+                   scale, softcap, temperature, tile_n, tile_v, need_h, need_w, need_b):
+    M = pos.shape[0]
+    V, H = weight.shape
+    dev = hidden.device
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    gh_out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+    # fp32 accumulators: the parameter gradient itself for fp32, a (V, H) fp32 one else
+    gw = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
+    gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
+    sd = _stat_dtype(hidden.dtype)
+    g = grad_logp.to(sd).contiguous() if grad_logp is not None else None
+    gent = grad_entropy.to(sd).contiguous() if grad_entropy is not None else None
+    if M > 0 and (g is not None or gent is not None) and (need_h or need_w or gb is not None):
+        buf = _tile_buffer(tile_n, tile_v, M, V, hidden.dtype, dev)
+        for lo in range(0, M, tile_n):
+            hi = min(lo + tile_n, M)
+            p = pos[lo:hi]
+            hc = _gather(hidden, p)
+            dh = torch.zeros((hi - lo, H), dtype=acc, device=dev) if need_h else None
+            args = (ids[lo:hi], lse[lo:hi], entropy[lo:hi],
+                    g[lo:hi] if g is not None else None,
+                    gent[lo:hi] if gent is not None else None)
+            for v0 in range(0, V, tile_v):
+                v1 = min(v0 + tile_v, V)
+                tile = _project(buf, hc, weight, bias, v0, v1)
+                _grad(tile, args[0], v0, V, scale, softcap, temperature, *args[1:])
+                if dh is not None:
+                    _acc_mm(dh, tile, weight[v0:v1])
+                if gw is not None and dev.type == "cpu":   # dW^T += h^T dy: faster on CPU
+                    _acc_mm(gw[v0:v1].t(), hc.t(), tile)
+                elif gw is not None:                      # cuBLAS, into a contiguous fp32 out
+                    _acc_mm(gw[v0:v1], tile.t(), hc)
+                if gb is not None:
+                    gb[v0:v1] += tile.sum(0, dtype=acc)
+            if dh is not None:
+                if hidden.dim() == 3:
+                    T = hidden.shape[1]
+                    gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(hidden.dtype)
+                else:
+                    gh_out.index_copy_(0, p, dh.to(hidden.dtype))
+    return (gh_out if need_h else hidden.new_empty(0),
+            gw.to(weight.dtype) if need_w else hidden.new_empty(0),
+            gb.to(bias.dtype) if gb is not None else hidden.new_empty(0))
+
+
+def _acc_mm(acc, a, b):
+    """acc += a @ b with acc in fp32 (fp64): the GEMM in the inputs' dtype with
+    fp32 accumulation inside; for bf16/fp16 its product is rounded once per
+    (token tile, vocabulary tile) before it is added in fp32 (CPU torch has no
+    fp32-out bf16 GEMM; on CUDA addmm's out_dtype keeps it fp32 throughout)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += torch.mm(a, b)
+
+
+# ----------------------------------------------------------------------------
+# validation: the public functions and the ops' implementations both call it
+
+def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature, tile_n,
+                     tile_v):
+    _check_tensor("hidden", hidden, HIDDEN_DTYPES)
+    _check_tensor("weight", weight, HIDDEN_DTYPES)
+    _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
+    _check_tensor("ids", ids, ID_DTYPES)
+    _check_tensor("pos", pos, (torch.int64,))
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape (B, T, H) or (N, H), got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"weight must have shape (V, H) with V >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, H) with H = {hidden.shape[-1]} (hidden's "
+                         f"last axis), got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but hidden has {hidden.dtype}; the "
+                            "LM head runs in one dtype")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape (V,) = ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")
+    if ids.dim() != 1 or pos.dim() != 1 or ids.shape[0] != pos.shape[0]:
+        raise ValueError(f"ids and pos must be (M,) vectors of one length, got "
+                         f"{tuple(ids.shape)} and {tuple(pos.shape)}")
+    dev = hidden.device
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"hidden is on {dev}; gmpo_ext runs on cpu and cuda tensors")
+    for name, t in (("weight", weight), ("bias", bias), ("ids", ids), ("pos", pos)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {dev}; all inputs "
+                             "must be on the same device")
+    if not ids.is_contiguous():
+        raise ValueError("ids must be contiguous (an (M,) vector)")
+    ntok = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
+    if pos.numel() and dev.type == "cpu":
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= ntok:
+            raise IndexError(f"pos: token position outside [0, {ntok})")
+    for name, v in (("logit_scale", scale), ("temperature", temperature)):
+        _check_number(name, v)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not (softcap >= 0):
+        raise ValueError(f"final_logit_softcapping must be > 0 or None, got {softcap}")
+    _check_number("final_logit_softcapping", softcap)
+    for name, v in (("tile_tokens", tile_n), ("tile_vocab", tile_v)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def _check_floats(name, t, M, dtypes=_backend.FLOAT_DTYPES):
+    if t is None:
+        return
+    _check_tensor(name, t, dtypes)
+    if tuple(t.shape) != (M,):
+        raise ValueError(f"{name} must have shape ({M},), got {tuple(t.shape)}")
+
+
+# ----------------------------------------------------------------------------
+# custom ops
+
+@torch.library.custom_op("gmpo_ext::hidden_fwd", mutates_args=())
+def hidden_fwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, pos: Tensor,
+    logit_scale: float, softcap: float, temperature: float, entropy: bool, tile_n: int,
+    tile_v: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v)
+    return _forward_impl(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                         entropy, tile_n, tile_v)
+
+
+@hidden_fwd.register_fake
+def _(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature, entropy, tile_n,
+      tile_v):
+    sd = _stat_dtype(hidden.dtype)
+    M = pos.shape[0]
+    return tuple(hidden.new_empty((M,), dtype=sd) for _ in range(3))
+
+
+@torch.library.custom_op("gmpo_ext::hidden_bwd", mutates_args=())
+def hidden_bwd(
+    grad_logp: Optional[Tensor], grad_entropy: Optional[Tensor], hidden: Tensor,
+    weight: Tensor, bias: Optional[Tensor], ids: Tensor, pos: Tensor, lse: Tensor,
+    entropy: Tensor, logit_scale: float, softcap: float, temperature: float, tile_n: int,
+    tile_v: int, need_hidden: bool, need_weight: bool, need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v)
+    M = pos.shape[0]
+    sd = (_stat_dtype(hidden.dtype),)
+    _check_floats("grad_logp", grad_logp, M)
+    _check_floats("grad_entropy", grad_entropy, M)
+    _check_floats("lse", lse, M, sd)
+    _check_floats("entropy", entropy, M, sd)
+    for name, t in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy), ("lse", lse),
+                    ("entropy", entropy)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    return _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
+                          lse.contiguous(), entropy.contiguous(), logit_scale, softcap,
+                          temperature, tile_n, tile_v, need_hidden, need_weight, need_bias)
+
+
+@hidden_bwd.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, logit_scale,
+      softcap, temperature, tile_n, tile_v, need_hidden, need_weight, need_bias):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty(bias.shape if (need_bias and bias is not None) else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, ids, pos, scale, softcap, temperature, _, tile_n, tile_v = inputs
+    _, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, ids, pos, lse, entropy)
+    ctx.opts = (scale, softcap, temperature, tile_n, tile_v)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
+
+
+def _hidden_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+        return (None,) * 11
+    hidden, weight, bias, ids, pos, lse, entropy = ctx.saved_tensors
+    scale, softcap, temperature, tile_n, tile_v = ctx.opts
+    dh, dw, db = hidden_bwd(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
+                            entropy, scale, softcap, temperature, tile_n, tile_v,
+                            bool(need_h), bool(need_w), bool(need_b))
+    return ((dh if need_h else None), (dw if need_w else None),
+            (db if need_b and bias is not None else None)) + (None,) * 8
+
+
+hidden_fwd.register_autograd(_hidden_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------
+# the public layer: layouts (padded, packed), options
+
+def _head_opts(temperature, logit_scale, final_logit_softcapping):
+    for name, v in (("temperature", temperature), ("logit_scale", logit_scale)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be finite, got {v}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    c = final_logit_softcapping
+    if c is None:
+        c = 0.0
+    elif isinstance(c, bool) or not isinstance(c, numbers.Real) or not (math.isfinite(c) and c > 0):
+        raise ValueError(f"final_logit_softcapping must be a finite number > 0 or None, got {c!r}")
+    return float(temperature), float(logit_scale), float(c)
+
+
+def _token_shape(hidden, ids, mask, cu_seqlens):
+    """Check the layout; returns the token shape: (B, T) padded or (N,) packed."""
+    _check_tensor("hidden", hidden, HIDDEN_DTYPES)
+    _check_tensor("ids", ids, ID_DTYPES)
+    if hidden.dim() == 3:
+        shape = tuple(hidden.shape[:2])
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is for packed inputs: hidden (N, H), ids (N,)")
+    elif hidden.dim() == 2:
+        shape = (hidden.shape[0],)
+    else:
+        raise ValueError(f"hidden must have shape (B, T, H) or (N, H) (packed), got "
+                         f"{tuple(hidden.shape)}")
+    if tuple(ids.shape) != shape:
+        raise ValueError(f"ids must have hidden's token shape {shape}, got {tuple(ids.shape)}")
+    if mask is not None:
+        _check_tensor("mask", mask, _MASK_DTYPES)
+        if tuple(mask.shape) != shape:
+            raise ValueError(f"mask must have hidden's token shape {shape}, got "
+                             f"{tuple(mask.shape)}")
+        if mask.device != hidden.device:
+            raise ValueError(f"mask is on {mask.device} but hidden is on {hidden.device}")
+    if ids.device != hidden.device:
+        raise ValueError(f"ids is on {ids.device} but hidden is on {hidden.device}")
+    return shape
+
+
+def _positions(mask, shape, device):
+    n = math.prod(shape)
+    if mask is None:
+        return torch.arange(n, device=device)
+    return torch.nonzero(mask.reshape(-1) != 0).reshape(-1)
+
+
+def _scatter(vals, pos, shape):
+    """(M,) values at flat positions -> a zero-filled tensor of the token shape
+    (differentiable; the gradient of the zeros goes nowhere)."""
+    out = vals.new_zeros(math.prod(shape))
+    return out.index_put((pos,), vals).view(shape)
+
+
+def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, entropy,
+            tile_tokens, tile_vocab, ids_name):
+    """(logps, entropy) in the token shape, the heads' fused op underneath."""
+    shape = _token_shape(hidden, ids, mask, None)
+    _check_tensor("weight", weight, HIDDEN_DTYPES)
+    _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
+    pos = _positions(mask, shape, hidden.device)
+    ids_sel = ids.reshape(-1).index_select(0, pos).contiguous()
+    V, H = weight.shape if weight.dim() == 2 else (1, 1)
+    tn, tv = default_tiles(max(pos.numel(), 1), H, V, hidden.dtype)
+    tn = tile_tokens if tile_tokens is not None else tn
+    tv = tile_vocab if tile_vocab is not None else tv
+    try:
+        logp, ent, _ = hidden_fwd(hidden, weight, bias, ids_sel, pos, logit_scale, softcap,
+                                  temperature, bool(entropy), tn, tv)
+    except IndexError as e:
+        msg = str(e)
+        raise IndexError(ids_name + msg[3:] if msg.startswith("ids:") else msg) from None
+    return _scatter(logp, pos, shape), (_scatter(ent, pos, shape) if entropy else None)
+
+
+def linear_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
+    return_entropy: bool = False,
+    mask: Optional[Tensor] = None,
+    tile_tokens: Optional[int] = None,
+    tile_vocab: Optional[int] = None,
+):
+    """Log-probs of ``ids`` under the LM head ``hidden @ weight.T (+ bias)``, fused.
+
+    ``log_softmax(z)[ids]`` with z = logit_scale * (hidden @ weight.T + bias),
+    softcapped (z = c * tanh(z / c)) when ``final_logit_softcapping = c``, then
+    divided by the temperature (TRL's order), without ever holding the (N, V)
+    logits: (tokens x vocabulary) tiles are projected and folded one at a
+    time; backward recomputes them. Differentiable in hidden, weight and bias
+    (each only when it requires grad), entropy included.
+
+    Args:
+        hidden: (B, T, H) aligned with ids (position t predicts ids[:, t]; any
+            strides, e.g. ``last_hidden_state[:, P - 1:-1]``: read in place) or
+            (N, H) with ids (N,). float32, bfloat16, float16 or float64.
+        weight: (V, H) the LM head (tied embeddings too), hidden's dtype.
+        ids: (B, T) or (N,) int64 / int32 token ids in [0, V).
+        bias: optional (V,).
+        temperature, logit_scale, final_logit_softcapping: the transform above.
+        return_entropy: also return each position's entropy (differentiable).
+        mask: optional, hidden's token shape: only tokens with mask != 0 are
+            projected (padding costs no GEMM); the others get 0.
+        tile_tokens, tile_vocab: the tile, default :func:`default_tiles`.
+
+    Returns:
+        logps in ids' shape (float32; float64 for float64 inputs), or
+        ``(logps, entropy)``. An id outside [0, V) of a scored token raises
+        IndexError (CPU).
+    """
+    temperature, logit_scale, softcap = _head_opts(temperature, logit_scale,
+                                                   final_logit_softcapping)
+    logp, ent = _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap,
+                        return_entropy, tile_tokens, tile_vocab, "ids")
+    return (logp, ent) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------
+# packed rows (cu_seqlens) <-> padded (B, T_max) for the loss
+
+def _packed_index(cu_seqlens, N, device):
+    _check_tensor("cu_seqlens", cu_seqlens, (torch.int32, torch.int64))
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape (B + 1,), got {tuple(cu_seqlens.shape)}")
+    cu = [int(x) for x in cu_seqlens.tolist()]   # host sync: the padded width is needed
+    if cu[0] != 0 or cu[-1] != N or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at N = {N}; "
+                         f"got {cu[:8]}{'...' if len(cu) > 8 else ''}")
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    Tm = max(lens, default=0)
+    c = torch.tensor(cu, dtype=torch.int64, device=device)
+    ar = torch.arange(Tm, device=device)
+    valid = ar[None, :] < (c[1:] - c[:-1])[:, None]
+    idx = torch.where(valid, c[:-1, None] + ar[None, :], torch.full_like(valid, N, dtype=torch.int64))
+    return idx, valid
+
+
+def _pad(x, idx):
+    """(N,) -> (B, T_max), zeros where idx == N (differentiable)."""
+    if x is None:
+        return None
+    ext = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+    return ext[idx]
+
+
+def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
+                 temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps,
+                 is_weights, return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
+                 loss_kwargs, rows_budget=None):
+    temperature, logit_scale, softcap = _head_opts(temperature, logit_scale,
+                                                   final_logit_softcapping)
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor, got None")
+    if mode == "auto":
+        mode = "tiles"   # see the module doc and benchmarks/bench_hidden.py
+    if mode not in ("tiles", "rows"):
+        raise ValueError(f"mode must be one of 'auto', 'tiles', 'rows'; got {mode!r}")
+    packed = isinstance(hidden, Tensor) and hidden.dim() == 2
+    if packed and cu_seqlens is None:
+        raise ValueError("hidden of shape (N, H) is packed: pass cu_seqlens (B + 1,)")
+    _token_shape(hidden, completion_ids, mask, cu_seqlens)
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None:
+            _check_tensor(name, t, _backend.FLOAT_DTYPES)
+            if tuple(t.shape) != tuple(completion_ids.shape):
+                raise ValueError(f"{name} must have the shape of completion_ids "
+                                 f"{tuple(completion_ids.shape)}, got {tuple(t.shape)}")
+    if old_logps is None:
+        raise TypeError("old_logps must be a torch.Tensor, got None")
+    budget = 2 * TILE_BUDGET_BYTES if rows_budget is None else int(rows_budget)
+    if mode == "rows" and (algo_loss is not gmpo_loss or return_entropy or
+                           not _rows_fit(hidden, weight, mask, budget)):
+        raise ValueError("mode='rows' needs gmpo_loss_from_hidden, padded (B, T, H) hidden, "
+                         "return_entropy=False and every row's tokens x V within rows_budget")
+    if mode == "rows":
+        _check_hidden_op(hidden, weight, bias, completion_ids.reshape(-1),
+                         torch.arange(completion_ids.numel(), device=hidden.device),
+                         logit_scale, softcap, temperature, 1, 1)
+        _check_tensor("advantages", advantages, _backend.FLOAT_DTYPES)
+        loss, logp_all, ent = _RowsGMPO.apply(
+            hidden, weight, bias, completion_ids, old_logps, advantages, mask, ref_logps,
+            is_weights, (temperature, logit_scale, softcap), loss_kwargs, budget,
+            bool(return_metrics))
+        if not return_metrics:
+            return loss
+        with torch.no_grad():
+            _, metrics = gmpo_loss(logp_all, old_logps, advantages, mask, ref_logps=ref_logps,
+                                   is_weights=is_weights, return_metrics=True, **loss_kwargs)
+            mf = mask.to(torch.float32)
+            metrics[ENTROPY] = (ent.float() * mf).sum() / mf.sum().clamp(min=1.0)
+        return loss, metrics
+    logps, ent = _scored(hidden, weight, completion_ids, mask, bias, temperature, logit_scale,
+                         softcap, return_entropy or return_metrics, tile_tokens, tile_vocab,
+                         "completion_ids")
+    m, old, ref, isw, lp = mask, old_logps, ref_logps, is_weights, logps
+    if packed:
+        idx, _ = _packed_index(cu_seqlens, hidden.shape[0], hidden.device)
+        m, old, ref, lp = _pad(mask, idx), _pad(old_logps, idx), _pad(ref_logps, idx), _pad(logps, idx)
+        if isw is not None and isw.dim() == 1 and isw.shape[0] == hidden.shape[0] and \
+                isw.shape[0] != idx.shape[0]:
+            isw = _pad(isw, idx)   # per token (N,) -> (B, T_max)
+    out = algo_loss(lp, old, advantages, m, ref_logps=ref, is_weights=isw,
+                    return_metrics=return_metrics, **loss_kwargs)
+    res = list(out) if return_metrics else [out]
+    if return_metrics:
+        with torch.no_grad():
+            mf = mask.to(torch.float32)
+            e = ent.detach().to(torch.float32)
+            res[1][ENTROPY] = torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum() / \
+                mf.sum().clamp(min=1.0)
+    if return_entropy:
+        res.append(ent)
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+# ----------------------------------------------------------------------------
+# whole-row mode: 3 GEMMs, a row block's logits held
+
+class _RowsGMPO(torch.autograd.Function):
+    """GMPO with whole rows held: per block of rows (at most ``budget`` bytes of
+    logits), project the block's counted tokens over the whole vocabulary
+    (1 GEMM), fold, finish the rows' log-probs, get the rows' dL/dlogp from the
+    loss on those rows alone (GMPO's gradient of a row depends on that row
+    only, and the batch mean scales it by rows / B), turn the held logits into
+    dL/dy in place, then dH and dW (2 GEMMs). Forward does all of it; backward
+    scales the stored gradients by the upstream one. The loss and metrics come
+    from the whole batch's log-probs."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, old, adv, mask, ref, isw, head, kw, budget,
+                entropy):
+        temperature, scale, softcap = head
+        B, T, H = hidden.shape
+        V = weight.shape[0]
+        dev = hidden.device
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gH = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+        gW = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
+        gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
+        sd = _stat_dtype(hidden.dtype)
+        logp_all = torch.zeros((B, T), dtype=sd, device=dev)
+        ent_all = torch.zeros((B, T), dtype=sd, device=dev)
+        counts = (mask != 0).sum(1).tolist()
+        es = hidden.element_size()
+        per_row_max = max(counts, default=0)
+        buf = torch.empty(max(1, min(budget // (V * es), B * T) if per_row_max else 1) * V,
+                          dtype=hidden.dtype, device=dev) if per_row_max else None
+        cap = buf.numel() // V if buf is not None else 0
+        r0 = 0
+        flat_mask = mask.reshape(-1) != 0
+        while r0 < B:
+            r1, n = r0, 0
+            while r1 < B and (r1 == r0 or n + counts[r1] <= cap):
+                n += counts[r1]
+                r1 += 1
+            pos = torch.nonzero(flat_mask[r0 * T:r1 * T]).reshape(-1) + r0 * T
+            M = pos.numel()
+            if M:
+                hc = _gather(hidden, pos)
+                idc = ids.reshape(-1).index_select(0, pos).contiguous()
+                tile = _project(buf, hc, weight, bias, 0, V)
+                st = torch.zeros((M, LSE_STATE), dtype=sd, device=dev)
+                st[:, 0] = -math.inf
+                _fold(tile, idc, st, 0, V, scale, softcap, temperature, entropy)
+                ls = torch.log(st[:, 1])
+                lse = st[:, 0] + ls
+                logp_all.view(-1)[pos] = st[:, 3] - lse
+                ent = ls - st[:, 2] / st[:, 1]
+                if entropy:
+                    ent_all.view(-1)[pos] = ent
+                # the rows' dL/dlogp from the loss on those rows alone
+                lp = logp_all[r0:r1].detach().requires_grad_()
+                sl = slice(r0, r1)
+                with torch.enable_grad():
+                    part = gmpo_loss(lp, old[sl], adv[sl], mask[sl],
+                                     ref_logps=None if ref is None else ref[sl],
+                                     is_weights=None if isw is None else isw[sl],
+                                     **dict(kw, normalizer=kw["normalizer"] * B / (r1 - r0)))
+                    (G,) = torch.autograd.grad(part, lp)
+                g = G.reshape(-1).index_select(0, pos - r0 * T).to(sd).contiguous()
+                _grad(tile, idc, 0, V, scale, softcap, temperature, lse, ent, g, None)
+                if gH is not None:
+                    dh = torch.zeros((M, H), dtype=acc, device=dev)
+                    _acc_mm(dh, tile, weight)
+                    gH[torch.div(pos, T, rounding_mode="floor"), pos % T] = dh.to(hidden.dtype)
+                if gW is not None:
+                    if dev.type == "cpu":
+                        _acc_mm(gW.t(), hc.t(), tile)
+                    else:
+                        _acc_mm(gW, tile.t(), hc)
+                if gb is not None:
+                    gb += tile.sum(0, dtype=acc)
+            r0 = r1
+        with torch.no_grad():
+            loss = gmpo_loss(logp_all, old, adv, mask, ref_logps=ref, is_weights=isw, **kw)
+        ctx.grads = (gH, None if gW is None else gW.to(weight.dtype),
+                     None if gb is None else gb.to(bias.dtype))
+        ctx.mark_non_differentiable(logp_all, ent_all)
+        return loss, logp_all, ent_all
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp, grad_ent):
+        # in place: the stored gradients are this backward's alone (no second (V, H) copy)
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        return (*out,) + (None,) * 10
+
+
+def _rows_fit(hidden, weight, mask, budget):
+    """Whether every row's counted tokens fit the whole-row budget."""
+    if hidden.dim() != 3:
+        return False
+    longest = int((mask != 0).sum(1).max()) if mask.numel() else 0
+    return longest * weight.shape[0] * hidden.element_size() <= budget
+
+
+def gmpo_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
+    epsilon_low: float = 0.4,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    ref_logps: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    convention: str = "trl",
+    log_ratio_clamp: Optional[float] = None,
+    normalizer: float = 1.0,
+    cu_seqlens: Optional[Tensor] = None,
+    return_metrics: bool = False,
+    return_entropy: bool = False,
+    tile_tokens: Optional[int] = None,
+    tile_vocab: Optional[int] = None,
+    mode: str = "auto",
+):
+    """GMPO's loss (arXiv 2507.20673) from the policy's last hidden states, the LM head fused.
+
+    ``gmpo_loss(linear_logps(hidden, weight, completion_ids, ...), ...)``: the
+    (N, V) logits are never held (see :func:`linear_logps`); only the tokens
+    the mask counts are projected. Gradients flow to hidden, weight and bias
+    (each only when it requires grad).
+
+    Args:
+        hidden: (B, T, H) aligned with completion_ids (position t predicts
+            token t; any strides: a slice of the backbone's (B, P + T, H)
+            output is read in place), or packed (N, H) with completion_ids,
+            old_logps, mask (N,), advantages (B,) and ``cu_seqlens`` (B + 1,).
+        weight: (V, H) LM head weight (tied or not); bias: optional (V,).
+        completion_ids: (B, T) or (N,) int64 / int32.
+        old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps,
+            is_weights, convention, log_ratio_clamp, normalizer: as in
+            :func:`gmpo_ext.gmpo_loss` (packed: per-token tensors (N,),
+            per-row ones (B,)).
+        temperature, logit_scale, final_logit_softcapping: TRL's transform of
+            the logits: z = s (h W^T + b); z = c tanh(z / c); z / temperature.
+        return_metrics: also return gmpo_loss's metrics plus ``entropy`` (the
+            mask-weighted mean entropy of the counted tokens).
+        return_entropy: also return the per-token entropy (token shape,
+            differentiable: an entropy bonus gets its gradient).
+        tile_tokens, tile_vocab: the tile (default :func:`default_tiles`).
+        mode: "tiles" (token tiles, backward recomputes: 4 GEMMs, one tile of
+            memory; the default, "auto") or "rows" (whole rows held: each
+            block of rows' T x V logits projected once, its G_t finished, dH
+            and dW at once: 3 GEMMs, all in forward; needs padded (B, T, H)
+            hidden, no entropy gradient, and every row's counted tokens x V
+            within two default tiles (256 MiB); see the module doc for why it
+            is not the default).
+
+    Returns:
+        loss, then metrics (``return_metrics``), then entropy
+        (``return_entropy``): a tuple when more than the loss is asked for.
+    """
+    return _from_hidden(
+        gmpo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
+        temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
+        return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
+        dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+             convention=convention, log_ratio_clamp=log_ratio_clamp, normalizer=normalizer))
+
+
+def grpo_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    completion_ids: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: Optional[float] = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    ref_logps: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    loss_type: str = "dapo",
+    max_completion_length: Optional[int] = None,
+    num_items_in_batch=None,
+    normalizer: float = 1.0,
+    cu_seqlens: Optional[Tensor] = None,
+    return_metrics: bool = False,
+    return_entropy: bool = False,
+    tile_tokens: Optional[int] = None,
+    tile_vocab: Optional[int] = None,
+    mode: str = "auto",
+):
+    """GRPO's clipped surrogate (:func:`gmpo_ext.grpo_loss`) from hidden states,
+    the LM head fused, for A/B runs against :func:`gmpo_loss_from_hidden`
+    (same layouts, head options and returns)."""
+    return _from_hidden(
+        grpo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
+        temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
+        return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
+        dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+             loss_type=loss_type, max_completion_length=max_completion_length,
+             num_items_in_batch=num_items_in_batch, normalizer=normalizer))

@@ -1,0 +1,538 @@
+"""GMPO from hidden states (the LM head fused): gmpo_ext.linear_logps,
+gmpo_loss_from_hidden, grpo_loss_from_hidden against a float64 reference built
+from the full logits (h W^T + b, TRL's transform, log_softmax), on the same
+rounded inputs: loss, metrics, entropy, and the gradients of hidden, weight and
+bias (and through the entropy).
+
+Tolerances per dtype (relative to the largest reference value of each
+quantity): fp64 runs the same tiled algorithm in float64 (tiles folded in
+torch): 1e-10. fp32: the GEMMs in fp32 and the fold in fp32: 2e-4 for the
+gradients (sums over V terms). bf16 / fp16: the GEMM outputs (the logits) are
+rounded to the input dtype before the fold, as in any bf16 LM head: a logit of
+size ~5 carries 2^-8 * 5 = 0.02 absolute error in bf16, 0.0025 in fp16; so
+logps and entropy get 0.1 / 0.02 absolute, the gradients 5e-2 / 1e-2
+relative to their scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gmpo_ext
+from gmpo_ext import hidden as hd
+from gmpo_ext.reference import gmpo_loss_reference, grpo_loss_reference
+
+TOL = {  # dtype: (logp/entropy absolute, gradient relative to its scale)
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (5e-5, 2e-4),
+    torch.bfloat16: (0.15, 6e-2),
+    torch.float16: (0.03, 1.5e-2),
+}
+
+
+def ref_head(h, W, ids, b=None, temperature=1.0, scale=1.0, softcap=None):
+    """float64 (logp, entropy) of ids from the full logits, TRL's transform order."""
+    z = h.double() @ W.double().t()
+    if b is not None:
+        z = z + b.double()
+    z = z * scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    lp = torch.log_softmax(z, -1)
+    ent = -(lp.exp() * lp).sum(-1)
+    return lp.gather(-1, ids.long()[..., None]).squeeze(-1), ent
+
+
+def make(B, T, H, V, dtype, seed=0, bias=False, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g).to(dtype)
+    W = (torch.randn(V, H, generator=g) * 1.5 / math.sqrt(H)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if pad and T > 2:   # ragged rows, one of them empty when B > 2
+        for i in range(B):
+            mask[i, max(0, T - (i * 7) % T - 1 if i != 2 else 0):] = False
+    old = -torch.rand(B, T, generator=g) * 3 - 6
+    adv = torch.randn(B, generator=g)
+    return h, W, b, ids, mask, old, adv
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+def check_grads(ours, refs, tol):
+    for name, a, b in zip(("hidden", "weight", "bias"), ours, refs):
+        if b is None:
+            continue
+        assert a.grad is not None, name
+        assert a.grad.dtype == a.dtype
+        assert rel(a.grad, b.grad) <= tol, (name, rel(a.grad, b.grad))
+
+
+# ----------------------------------------------------------------------------
+# linear_logps
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(temperature=0.7, logit_scale=1.3, final_logit_softcapping=4.0, bias=True),
+])
+def test_linear_logps_matches_full_logits(backend, dtype, opts):
+    """backend "c": the C kernels; "simt": the CUDA kernels under the SIMT emulation."""
+    if backend == "simt" and dtype == torch.float64:
+        pytest.skip("float64 tiles fold in torch on every backend")
+    opts = dict(opts)
+    use_bias = opts.pop("bias", False)
+    V = 257 if dtype == torch.float64 else 1003          # not a multiple of the tile
+    h, W, b, ids, mask, *_ = make(3, 21, 16, V, dtype, bias=use_bias)
+    hl, Wl, bl = leaves(h, W, b)
+    lp, ent = gmpo_ext.linear_logps(hl, Wl, ids, bias=bl, mask=mask, return_entropy=True,
+                                    tile_tokens=8, tile_vocab=200, **opts)
+    assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    hr, Wr, br = leaves(h.double(), W.double(), None if b is None else b.double())
+    rl, re = ref_head(hr, Wr, ids, br, opts.get("temperature", 1.0), opts.get("logit_scale", 1.0),
+                      opts.get("final_logit_softcapping"))
+    m = mask.double()
+    rl, re = rl * m, re * m
+    atol, gtol = TOL[dtype]
+    assert (lp.double() - rl).abs().max() <= atol
+    assert (ent.double() - re).abs().max() <= atol
+    assert (lp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    gl = torch.randn(lp.shape, dtype=torch.float64)
+    ge = torch.randn(lp.shape, dtype=torch.float64)
+    (lp.double() * gl + ent.double() * ge).sum().backward()
+    (rl * gl + re * ge).sum().backward()
+    check_grads((hl, Wl, bl), (hr, Wr, br), gtol)
+    # padding gets an exact zero gradient and was never projected
+    assert (hl.grad[~mask] == 0).all()
+
+
+def test_odd_vocab_default_tiles_and_packed_flat():
+    """V = 50257 (GPT-2) with the default tiles; (N, H) hidden with (N,) ids."""
+    h, W, b, ids, mask, *_ = make(1, 40, 8, 50257, torch.float32, pad=False)
+    hl, Wl = leaves(h[0], W)
+    lp = gmpo_ext.linear_logps(hl, Wl, ids[0])
+    hr, Wr = leaves(h[0].double(), W.double())
+    rl, _ = ref_head(hr, Wr, ids[0])
+    assert (lp.double() - rl).abs().max() < 5e-5
+    lp.sum().backward()
+    rl.sum().backward()
+    check_grads((hl, Wl), (hr, Wr), 2e-4)
+
+
+def test_strided_hidden_slice_and_tied_weight():
+    """hidden a slice of a (B, P + T, H) backbone output (a view, read in place);
+    the head tied to the embedding: both gradients land in one leaf."""
+    B, P, T, H, V = 2, 5, 9, 12, 301
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(B, P + T, H, generator=g)
+    emb = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    backbone = (full @ torch.eye(H)).requires_grad_()
+    x = backbone + emb[ids.clamp(max=V - 1)].sum() * 0   # tie: emb also feeds the "backbone"
+    hs = x[:, P - 1:-1]                                  # position t predicts token t
+    assert not hs.is_contiguous()
+    lp = gmpo_ext.linear_logps(hs, emb, ids, tile_tokens=4, tile_vocab=64)
+    lp.sum().backward()
+    b2 = backbone.detach().clone().requires_grad_()
+    e2 = emb.detach().clone().requires_grad_()
+    rl, _ = ref_head((b2 + e2[ids].sum() * 0)[:, P - 1:-1], e2, ids)
+    rl.sum().backward()
+    assert (lp.double() - rl).abs().max() < 5e-5
+    assert rel(backbone.grad, b2.grad) < 2e-4 and rel(emb.grad, e2.grad) < 2e-4
+
+
+def test_only_requested_grads_and_no_grad():
+    h, W, b, ids, mask, *_ = make(2, 6, 8, 97, torch.float32, bias=True)
+    Wl = W.clone().requires_grad_()
+    lp = gmpo_ext.linear_logps(h, Wl, ids, bias=b, mask=mask)
+    lp.sum().backward()
+    assert Wl.grad is not None and h.grad is None and b.grad is None
+    with torch.no_grad():
+        out = gmpo_ext.linear_logps(h, W, ids)
+    assert not out.requires_grad
+
+
+# ----------------------------------------------------------------------------
+# gmpo_loss_from_hidden / grpo_loss_from_hidden
+
+def ref_loss(h, W, ids, old, adv, mask, b=None, head=(), loss=gmpo_loss_reference, **kw):
+    rl, re = ref_head(h, W, ids, b, *head)
+    return loss(rl * mask, old.double(), adv.double(), mask, **kw), re
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(convention="verl", epsilon_low=0.2, epsilon_high=0.3, log_ratio_clamp=20.0,
+         normalizer=2.0),
+    dict(beta=0.04, ref=True, is_weights=True),
+])
+def test_gmpo_loss_from_hidden_matches_reference(backend, dtype, kw):
+    if backend == "simt" and (dtype != torch.float32 or kw):
+        pytest.skip("the emulated CUDA kernels: one configuration suffices here")
+    kw = dict(kw)
+    use_ref, use_isw = kw.pop("ref", False), kw.pop("is_weights", False)
+    h, W, b, ids, mask, old, adv = make(4, 13, 16, 777, dtype, bias=True)
+    g = torch.Generator().manual_seed(9)
+    ref_logps = (old + 0.1 * torch.randn(old.shape, generator=g)) if use_ref else None
+    isw = torch.rand(4, 13, generator=g) + 0.5 if use_isw else None
+    head = dict(temperature=0.9, logit_scale=1.1, final_logit_softcapping=6.0)
+    # old_logps close to the current ones: some tokens clipped, most not
+    with torch.no_grad():
+        cur, _ = ref_head(h, W, ids, b, 0.9, 1.1, 6.0)
+    old = (cur + 0.3 * torch.randn(cur.shape, generator=g)).float()
+    hl, Wl, bl = leaves(h, W, b)
+    loss, metrics, ent = gmpo_ext.gmpo_loss_from_hidden(
+        hl, Wl, ids, old, adv, mask, bias=bl, ref_logps=ref_logps, is_weights=isw,
+        return_metrics=True, return_entropy=True, tile_tokens=16, tile_vocab=256, **head, **kw)
+    hr, Wr, br = leaves(h.double(), W.double(), b.double())
+    (rloss, rmet), re = ref_loss(hr, Wr, ids, old, adv, mask.double(), br, (0.9, 1.1, 6.0),
+                                 ref_logps=ref_logps, is_weights=isw, **kw)
+    atol, gtol = TOL[dtype]
+    scale = max(1.0, rloss.abs().item())
+    assert abs(loss.item() - rloss.item()) <= (1e-5 if dtype == torch.float32 else 5e-2) * scale
+    for k, v in rmet.items():
+        if k == "gmpo/max_mean_log_ratio":
+            assert abs(metrics[k].item() - v.item()) <= 10 * atol + 1e-5, k
+        else:
+            assert abs(metrics[k].item() - v.item()) <= (1e-5 if dtype == torch.float32 else 0.1), k
+    m = mask.double()
+    assert abs(metrics["entropy"].item() - ((re * m).sum() / m.sum()).item()) <= atol
+    # the entropy bonus gets its gradient too
+    (loss - 0.01 * (ent * mask).sum()).backward()
+    (rloss - 0.01 * (re * m).sum()).backward()
+    check_grads((hl, Wl, bl), (hr, Wr, br), gtol)
+
+
+def test_grpo_loss_from_hidden_matches_reference():
+    h, W, b, ids, mask, old, adv = make(3, 11, 8, 300, torch.float32)
+    with torch.no_grad():
+        cur, _ = ref_head(h, W, ids)
+    old = (cur + 0.2 * torch.randn(cur.shape)).float()
+    hl, Wl = leaves(h, W)
+    loss = gmpo_ext.grpo_loss_from_hidden(hl, Wl, ids, old, adv, mask, loss_type="bnpo",
+                                          tile_tokens=8, tile_vocab=100)
+    hr, Wr = leaves(h.double(), W.double())
+    (rloss, _), _ = ref_loss(hr, Wr, ids, old, adv, mask.double(), loss=grpo_loss_reference,
+                             loss_type="bnpo")
+    assert abs(loss.item() - rloss.item()) < 1e-5 * max(1, abs(rloss.item()))
+    loss.backward()
+    rloss.backward()
+    check_grads((hl, Wl), (hr, Wr), 2e-4)
+
+
+def test_packed_equals_padded():
+    """Packed (N, H) rows with cu_seqlens give the padded layout's loss and gradients."""
+    h, W, b, ids, mask, old, adv = make(4, 10, 8, 211, torch.float32)
+    lens = mask.sum(1)
+    cu = torch.zeros(5, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lens, 0)
+    hp, idp, oldp = h[mask], ids[mask], old[mask]
+    mp = torch.ones(hp.shape[0], dtype=torch.float32)
+    h1, W1 = leaves(h, W)
+    l1, m1 = gmpo_ext.gmpo_loss_from_hidden(h1, W1, ids, old, adv, mask, return_metrics=True,
+                                            tile_tokens=8, tile_vocab=64)
+    h2, W2 = leaves(hp, W)
+    l2, m2 = gmpo_ext.gmpo_loss_from_hidden(h2, W2, idp, oldp, adv, mp, cu_seqlens=cu,
+                                            return_metrics=True, tile_tokens=8, tile_vocab=64)
+    assert abs(l1.item() - l2.item()) < 1e-6
+    for k in m1:
+        assert abs(m1[k].item() - m2[k].item()) < 1e-6, k
+    l1.backward()
+    l2.backward()
+    assert rel(h2.grad, h1.grad[mask]) < 1e-5 and rel(W2.grad, W1.grad) < 1e-5
+
+
+def test_all_masked_batch_is_a_differentiable_zero():
+    h, W, b, ids, mask, old, adv = make(2, 5, 8, 50, torch.float32)
+    mask = torch.zeros_like(mask)
+    adv = torch.zeros(2)
+    hl, Wl = leaves(h, W)
+    loss = gmpo_ext.gmpo_loss_from_hidden(hl, Wl, ids, old, adv, mask)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert (hl.grad == 0).all() and (Wl.grad == 0).all()
+    # empty batch
+    loss = gmpo_ext.gmpo_loss_from_hidden(hl[:0], Wl, ids[:0], old[:0], adv[:0], mask[:0])
+    loss.backward()
+
+
+def test_gradcheck_fp64():
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    W = (torch.randn(11, 4, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 3))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+
+    def f(h, W, b):
+        lp, ent = gmpo_ext.linear_logps(h, W, ids, bias=b, mask=mask, return_entropy=True,
+                                        temperature=0.8, final_logit_softcapping=3.0,
+                                        tile_tokens=2, tile_vocab=4)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (h, W, b), eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------
+# tile sizes, the fold primitive, bad inputs
+
+def test_default_tiles():
+    tn, tv = hd.default_tiles(100_000, 896, 151936, torch.float32)
+    assert tv <= hd.VOCAB_TILE and tv % 128 == 0 and -(-151936 // tv) == 5
+    assert tn * tv * 4 <= hd.TILE_BUDGET_BYTES and tn % 64 == 0
+    assert hd.default_tiles(10, 256, 32768, torch.bfloat16) == (10, 32768)
+
+
+def test_fold_merge_is_the_primitive(backend):
+    """Folding [0, V) at once or in two ranges merged gives the same state (DESIGN 2c)."""
+    n, V = 5, 700
+    y = torch.randn(n, V) * 3
+    ids = torch.randint(0, V, (n,))
+
+    def fold(lo, hi):
+        st = torch.zeros(n, 4)
+        st[:, 0] = -math.inf
+        hd._fold(y[:, lo:hi].contiguous(), ids, st, lo, V, 1.0, 0.0, 1.0, True)
+        return st
+
+    whole = fold(0, V)
+    a, b = fold(0, 333), fold(333, V)
+    M = torch.maximum(a[:, 0], b[:, 0])
+    ca, cb = torch.exp(a[:, 0] - M), torch.exp(b[:, 0] - M)
+    s = ca * a[:, 1] + cb * b[:, 1]
+    w = ca * (a[:, 2] + (a[:, 0] - M) * a[:, 1]) + cb * (b[:, 2] + (b[:, 0] - M) * b[:, 1])
+    assert torch.allclose(whole[:, 0], M)
+    assert torch.allclose(whole[:, 1], s, rtol=1e-5)
+    assert torch.allclose(whole[:, 2], w, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(whole[:, 3], a[:, 3] + b[:, 3])
+
+
+@pytest.mark.parametrize("case, exc, name", [
+    ("ids_range", IndexError, "completion_ids"),
+    ("weight_H", ValueError, "weight"),
+    ("weight_dtype", TypeError, "weight"),
+    ("bias_shape", ValueError, "bias"),
+    ("mask_shape", ValueError, "mask"),
+    ("ids_dtype", TypeError, "ids"),
+    ("temperature", ValueError, "temperature"),
+    ("softcap", ValueError, "final_logit_softcapping"),
+    ("cu_seqlens", ValueError, "cu_seqlens"),
+    ("hidden_dim", ValueError, "hidden"),
+    ("tile", ValueError, "tile_tokens"),
+])
+def test_bad_inputs_name_the_argument(case, exc, name):
+    h, W, b, ids, mask, old, adv = make(2, 4, 8, 30, torch.float32, bias=True)
+    kw = {}
+    if case == "ids_range":
+        ids = ids.clone()
+        ids[0, 0] = 30
+        mask[0, 0] = True
+    elif case == "weight_H":
+        W = W[:, :7]
+    elif case == "weight_dtype":
+        W = W.double()
+    elif case == "bias_shape":
+        kw["bias"] = b[:-1]
+    elif case == "mask_shape":
+        mask = mask[:, :3]
+    elif case == "ids_dtype":
+        ids = ids.float()
+    elif case == "temperature":
+        kw["temperature"] = 0.0
+    elif case == "softcap":
+        kw["final_logit_softcapping"] = -1.0
+    elif case == "cu_seqlens":
+        h, ids, old, mask = h[0], ids[0], old[0], mask[0]
+        kw["cu_seqlens"] = torch.tensor([0, 3, 2], dtype=torch.int32)
+    elif case == "hidden_dim":
+        h = h[0, 0]
+    elif case == "tile":
+        kw["tile_tokens"] = 0
+    with pytest.raises(exc, match=name):
+        gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, **kw)
+
+
+def test_ops_validate_in_their_implementation():
+    """The registered ops check what they are given, not only the public wrappers,
+    and the C kernels check extents and ids before any read."""
+    h = torch.randn(4, 8)
+    W = torch.randn(30, 8)
+    with pytest.raises(IndexError, match="pos"):
+        torch.ops.gmpo_ext.hidden_fwd(h, W, None, torch.zeros(2, dtype=torch.int64),
+                                      torch.tensor([0, 4]), 1.0, 0.0, 1.0, False, 2, 8)
+    with pytest.raises(ValueError, match="ids and pos"):
+        torch.ops.gmpo_ext.hidden_fwd(h, W, None, torch.zeros(3, dtype=torch.int64),
+                                      torch.tensor([0, 1]), 1.0, 0.0, 1.0, False, 2, 8)
+    with pytest.raises(IndexError, match="ids"):
+        torch.ops.gmpo_ext.hidden_fwd(h, W, None, torch.tensor([0, 30]),
+                                      torch.tensor([0, 1]), 1.0, 0.0, 1.0, False, 2, 8)
+    # the C entry point itself: a tile extent too small, a state too small
+    tile = torch.randn(3, 10)
+    ids = torch.zeros(3, dtype=torch.int64)
+    st = torch.zeros(3, 4)
+    C = gmpo_ext._C
+    with pytest.raises(ValueError, match="tile"):
+        C.hidden_fold(0, 0, (tile.data_ptr(), 29, 1, 3, 10, 0, 10, 10), (ids.data_ptr(), 3, 9),
+                      1.0, 0.0, 1.0, 0, 1, (st.data_ptr(), 12))
+    with pytest.raises(ValueError, match="state"):
+        C.hidden_fold(0, 0, (tile.data_ptr(), 30, 1, 3, 10, 0, 10, 10), (ids.data_ptr(), 3, 9),
+                      1.0, 0.0, 1.0, 0, 1, (st.data_ptr(), 11))
+    with pytest.raises(ValueError, match="ids"):
+        C.hidden_fold(0, 0, (tile.data_ptr(), 30, 1, 3, 10, 0, 10, 10), (ids.data_ptr(), 2, 9),
+                      1.0, 0.0, 1.0, 0, 1, (st.data_ptr(), 12))
+    with pytest.raises(ValueError, match="vocabulary range"):
+        C.hidden_fold(0, 0, (tile.data_ptr(), 30, 1, 3, 10, 5, 10, 10), (ids.data_ptr(), 3, 9),
+                      1.0, 0.0, 1.0, 0, 1, (st.data_ptr(), 12))
+    with pytest.raises(ValueError, match="lse"):
+        C.hidden_grad(0, 0, (tile.data_ptr(), 30, 1, 3, 10, 0, 10, 10), (ids.data_ptr(), 3, 9),
+                      1.0, 0.0, 1.0, 0, 1, st.data_ptr(), 0, st.data_ptr(), 0, 2)
+
+
+def test_cuda_kernels_never_read_out_of_bounds_ids(backend):
+    """CUDA (here its emulation): no id check on the host; an id outside [0, V)
+    gives NaN as that token's logp and is never used as an address."""
+    if backend != "simt":
+        pytest.skip("the CPU kernels raise instead (test_bad_inputs_name_the_argument)")
+    n, V = 3, 50
+    y = torch.randn(n, V)
+    ids = torch.tensor([0, V, 7])
+    st = torch.zeros(n, 4)
+    st[:, 0] = -math.inf
+    hd._fold(y, ids, st, 0, V, 1.0, 0.0, 1.0, False)
+    lp = st[:, 3] - (st[:, 0] + torch.log(st[:, 1]))
+    assert torch.isnan(lp[1]) and torch.isfinite(lp[[0, 2]]).all()
+    ref = torch.log_softmax(y.double(), -1)
+    assert (lp[[0, 2]].double() - ref[[0, 2], ids[[0, 2]]]).abs().max() < 1e-5
+
+
+def test_memory_is_one_tile():
+    """Nothing (N, V)-sized is allocated: the largest allocation of a step is the
+    tile (or the (V, H) weight gradient), however many tokens there are."""
+    from torch.profiler import ProfilerActivity, profile
+    B, T, H, V = 2, 256, 16, 4096
+    h, W, b, ids, mask, old, adv = make(B, T, H, V, torch.float32, pad=False)
+    hl, Wl = leaves(h, W)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = gmpo_ext.gmpo_loss_from_hidden(hl, Wl, ids, old, adv, mask, tile_tokens=64,
+                                              tile_vocab=1024)
+        loss.backward()
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert max(sizes) <= max(64 * 1024 * 4, V * H * 4)
+    assert max(sizes) < B * T * V * 4 / 4
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(convention="verl", normalizer=3.0)])
+def test_rows_mode_equals_tiles(kw):
+    """The whole-row variant (3 GEMMs) gives the tiled path's loss, metrics and
+    gradients, row blocks of any size (rows_budget small: one row per block)."""
+    h, W, b, ids, mask, old, adv = make(5, 9, 8, 120, torch.float32, bias=True)
+    h1, W1, b1 = leaves(h, W, b)
+    l1, m1 = gmpo_ext.gmpo_loss_from_hidden(h1, W1, ids, old, adv, mask, bias=b1,
+                                            return_metrics=True, temperature=0.8, **kw)
+    l1.backward()
+    for budget in (9 * 120 * 4, 10 ** 7):
+        h2, W2, b2 = leaves(h, W, b)
+        l2, m2 = hd._from_hidden(
+            gmpo_ext.gmpo_loss, h2, W2, ids, old, adv, mask, b2, 0.8, 1.0, None, None, None,
+            None, True, False, None, None, "rows",
+            dict(dict(epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
+                      log_ratio_clamp=None, normalizer=1.0), **kw), rows_budget=budget)
+        assert abs(l1.item() - l2.item()) < 1e-6
+        for k in m1:
+            assert abs(m1[k].item() - m2[k].item()) < 1e-5, k
+        (l2 * 2).backward()
+        for a, c in ((h1, h2), (W1, W2), (b1, b2)):
+            assert rel(c.grad, 2 * a.grad) < 1e-5
+
+
+def test_opcheck():
+    """torch.library.opcheck: schemas, fake kernels, autograd registration."""
+    h = torch.randn(2, 3, 8, requires_grad=True)
+    W = torch.randn(40, 8, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    ids = torch.randint(0, 40, (5,))
+    pos = torch.tensor([0, 1, 2, 4, 5])
+    args = (h, W, b, ids, pos, 1.0, 0.0, 1.0, True, 2, 16)
+    torch.library.opcheck(hd.hidden_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                           "test_autograd_registration"))
+
+
+ASAN_DRIVER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "gmpo_hidden.h"
+/* every buffer malloc'd to its exact extent: ASan reports any read or write past it */
+static int run(int32_t dt, int64_t n, int64_t vn, int64_t ld, int64_t v0, int64_t V, double cap) {
+    size_t es = dt == GMPO_DT_F32 ? 4 : 2;
+    int64_t ext = (n - 1) * ld + vn;
+    unsigned char *tile = malloc((size_t)ext * es);
+    for (int64_t k = 0; k < ext * (int64_t)es; k++) tile[k] = (unsigned char)(k * 37 % 61);
+    if (dt == GMPO_DT_F32) for (int64_t k = 0; k < ext; k++) ((float *)tile)[k] = (float)(k % 13) * 0.3f;
+    int64_t *ids = malloc((size_t)n * 8);
+    for (int64_t r = 0; r < n; r++) ids[r] = (r * 7919) % V;
+    float *st = malloc((size_t)n * 16), *lse = malloc((size_t)n * 4), *ent = malloc((size_t)n * 4);
+    float *g = malloc((size_t)n * 4), *gh = malloc((size_t)n * 4);
+    for (int64_t r = 0; r < n; r++) { gmpo_lse_init(st + 4 * r); g[r] = r % 3 ? 0.5f : 0.0f; gh[r] = 0.25f; }
+    gmpo_tile_args a;
+    memset(&a, 0, sizeof a);
+    a.n = n; a.vn = vn; a.v0 = v0; a.V = V; a.ld = ld; a.dtype = dt; a.tile = tile;
+    a.tile_extent = ext; a.ids = ids; a.ids_dtype = GMPO_DT_I64; a.ids_extent = n;
+    a.logit_scale = 1.5; a.softcap = cap; a.temperature = 0.7; a.entropy = 1; a.num_threads = 2;
+    if (gmpo_hidden_cpu_fold(&a, st, n * 4)) { printf("fold: %s\n", a.err); return 1; }
+    for (int64_t r = 0; r < n; r++) { lse[r] = st[4 * r] + logf(st[4 * r + 1]); ent[r] = 1.0f; }
+    if (gmpo_hidden_cpu_grad(&a, lse, ent, g, gh, n)) { printf("grad: %s\n", a.err); return 1; }
+    a.tile_extent = ext - 1;   /* one element short: refused before any read */
+    if (gmpo_hidden_cpu_fold(&a, st, n * 4) != GMPO_EINVAL) { printf("extent not checked\n"); return 1; }
+    free(tile); free(ids); free(st); free(lse); free(ent); free(g); free(gh);
+    return 0;
+}
+int main(void) {
+    int bad = 0;
+    bad |= run(GMPO_DT_F32, 5, 2049, 2049, 0, 4100, 0.0);
+    bad |= run(GMPO_DT_F32, 3, 4100 - 2049, 2100, 2049, 4100, 0.0);
+    bad |= run(GMPO_DT_BF16, 4, 33, 40, 0, 33, 5.0);
+    bad |= run(GMPO_DT_F16, 7, 1, 1, 32, 33, 5.0);
+    bad |= run(GMPO_DT_F16, 1, 4097, 4097, 0, 4097, 0.0);
+    printf(bad ? "FAIL\n" : "OK\n");
+    return bad;
+}
+"""
+
+
+def test_c_tile_kernels_under_asan(tmp_path):
+    """The C tile kernels, built with AddressSanitizer, on buffers of exactly their
+    extents (odd sizes, chunk edges, ld > vn, every dtype, softcap): no read or
+    write outside them, and a short extent refused before any read."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+    if not shutil.which("gcc"):
+        pytest.skip("no gcc")
+    root = Path(__file__).resolve().parent.parent / "csrc"
+    src = tmp_path / "drv.c"
+    src.write_text(ASAN_DRIVER)
+    exe = tmp_path / "drv"
+    r = subprocess.run(["gcc", "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                        "-fno-sanitize-recover=all", "-fopenmp", "-Wall", "-Wextra", "-Werror",
+                        "-DGMPO_NO_TARGET_CLONES", f"-I{root}", str(src),
+                        str(root / "cpu" / "hidden_cpu.c"), "-o", str(exe), "-lm"],
+                       capture_output=True, text=True)
+    if r.returncode and "sanitize" in r.stderr and "cannot find" in r.stderr:
+        pytest.skip("no ASan runtime")
+    assert r.returncode == 0, r.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True,
+                         env={"ASAN_OPTIONS": "detect_leaks=1", "OMP_NUM_THREADS": "2"})
+    assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr
