@@ -70,6 +70,14 @@ def pytest_collection_modifyitems(session, config, items):
         import _c_build
 
         _c_build.start()
+    # the wheel of test_wheel.py: built, installed into a fresh venv and
+    # smoke-tested in the background from now on (tests/_wheel_build.py)
+    wheel_tests = [it for it in items if it.nodeid.split("::")[0].endswith("test_wheel.py")]
+    if wheel_tests:
+        items[:] = [it for it in items if it not in wheel_tests] + wheel_tests
+        import _wheel_build
+
+        _wheel_build.start()
 
 
 @pytest.fixture(params=backend_params())
