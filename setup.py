@@ -8,7 +8,11 @@ CPython C API. Environment switches:
   GMPO_EXT_CUDA_ARCHS      e.g. "80;90": the SM architectures (default
                            80;86;89;90;100;120, plus PTX for the newest)
   GMPO_EXT_NVCC            the nvcc to use (default: $CUDA_HOME/bin/nvcc or PATH)
+  GMPO_EXT_CUDA_STRICT_ARCHS=1  fail if that nvcc lacks one of the architectures
+                           (by default those are skipped with a warning)
   GMPO_EXT_OPENMP=0        build the CPU kernels without OpenMP
+  GMPO_EXT_LOCAL_VERSION   a local version label for the wheel's flavour, e.g.
+                           cu12 -> 0.1.0+cu12 (tools/build_wheels.sh sets it)
   GMPO_EXT_JOBS=N          compile N sources at a time (default: the CPUs this
                            process may use; MAX_JOBS is read too)
 
@@ -42,7 +46,9 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-DGMPO_WITH_CUDA"]
 # -g0 overrides the -g of Python's own CFLAGS: no debug info in the wheel (a
 # quarter of the C compile time, most of the .so's size)
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-trapping-math",
-           "-fno-math-errno", "-g0"]
+           "-fno-math-errno", "-g0",
+           # a function outside the limited API must not compile into an import error
+           "-Werror=implicit-function-declaration"]
 # The stable ABI of CPython 3.9: the module uses only the limited API, so one
 # abi3 wheel serves every CPython >= 3.9. Free-threaded CPython (3.13t, 3.14t)
 # has no limited API (its headers refuse Py_LIMITED_API) and cannot load abi3
@@ -54,6 +60,18 @@ FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 
 def _env(name, default):
     return os.environ.get(name, default).strip()
+
+
+def version():
+    """gmpo_ext.__version__, plus +GMPO_EXT_LOCAL_VERSION when set."""
+    text = (ROOT / "gmpo_ext" / "__init__.py").read_text()
+    v = re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+    label = _env("GMPO_EXT_LOCAL_VERSION", "")
+    if label:
+        if not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", label):
+            raise ValueError(f"GMPO_EXT_LOCAL_VERSION={label!r}: letters, digits and dots only")
+        v += "+" + label
+    return v
 
 
 def find_nvcc():
@@ -257,8 +275,14 @@ class BuildExt(build_ext):
                 raise RuntimeError("GMPO_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME or GMPO_EXT_NVCC)")
             print("gmpo_ext: WARNING: nvcc not found, building the CPU kernels only")
             return
-        archs = _env("GMPO_EXT_CUDA_ARCHS", DEFAULT_ARCHS)
-        archs = ";".join(a for a in archs.split(";") if a.strip() and nvcc_supports(nvcc, a.strip().replace("sm_", "")))
+        wanted = [a.strip() for a in _env("GMPO_EXT_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+        archs = ";".join(a for a in wanted if nvcc_supports(nvcc, a.replace("sm_", "")))
+        missing = [a for a in wanted if a not in archs.split(";")]
+        if missing and _env("GMPO_EXT_CUDA_STRICT_ARCHS", "0") == "1":
+            # release wheels (tools/build_wheels.sh): every architecture or none
+            raise RuntimeError(f"{nvcc} cannot compile for sm {';'.join(missing)}")
+        if missing:
+            print(f"gmpo_ext: WARNING: {nvcc} cannot compile for sm {';'.join(missing)}: skipped")
         if not archs:
             raise RuntimeError(f"{nvcc} supports none of the architectures {_env('GMPO_EXT_CUDA_ARCHS', DEFAULT_ARCHS)}")
         cuda_home = cuda_toolkit_root(nvcc)
@@ -316,6 +340,6 @@ if sys.argv[1:] == ["--print-nvcc-flags"]:
     print(" ".join(a.strip() for a in DEFAULT_ARCHS.split(";") if a.strip()))
     sys.exit(0)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt},
+setup(version=version(), ext_modules=[ext], cmdclass={"build_ext": BuildExt},
       # the wheel's tag: cp39-abi3 (every CPython >= 3.9, one wheel per platform)
       options={} if FREE_THREADED else {"bdist_wheel": {"py_limited_api": ABI3_TAG}})

@@ -80,13 +80,43 @@ def clean_env(venv_bin: Path) -> dict:
 
 
 def _run(name, cmd, **kw):
+    if _state.get("stopping"):
+        return False
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, **kw)
-        res = (" ".join(map(str, cmd)), p.returncode, p.stdout + p.stderr)
-    except (OSError, subprocess.SubprocessError) as e:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True, **kw) as p:
+            _state["proc"] = p
+            try:
+                out, _ = p.communicate(timeout=1200)
+            except subprocess.TimeoutExpired:
+                _kill(p)
+                out, _ = p.communicate()
+            res = (" ".join(map(str, cmd)), p.returncode, out)
+    except OSError as e:
         res = (" ".join(map(str, cmd)), -1, repr(e))
     _state["steps"][name] = res
     return res[1] == 0
+
+
+def _kill(p):
+    """End a step and the compilers it started (its own process group)."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, 15)
+        except OSError:
+            pass
+
+
+def _stop():
+    """At exit (a run that never waited, e.g. -x stopped early): no compiler
+    is left running and the work directory goes."""
+    _state["stopping"] = True
+    p = _state.get("proc")
+    if p is not None:
+        _kill(p)
+    t = _state.get("thread")
+    if t is not None:
+        t.join(timeout=30)
 
 
 def _pipeline(work: Path):
@@ -143,6 +173,7 @@ def start():
             return
         work = Path(tempfile.mkdtemp(prefix="gmpo_wheel_"))
         atexit.register(shutil.rmtree, work, True)
+        atexit.register(_stop)   # runs first: atexit is last in, first out
         _state.update(work=work, steps={}, wheel=None, env=None,
                       torch_wheel=torch_wheel_file())
         t = threading.Thread(target=_pipeline, args=(work,), name="gmpo-wheel", daemon=True)

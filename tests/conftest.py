@@ -61,6 +61,7 @@ def backend_params():
     return [pytest.param(b, marks=_MARKS.get(b, []), id=b) for b in BACKENDS]
 
 
+@pytest.hookimpl(trylast=True)   # after -k / -m deselection: build only for selected tests
 def pytest_collection_modifyitems(session, config, items):
     """Run the C-core sanitizer tests last and start their compiles now, so the
     (slow) builds overlap with the rest of the suite on the second core."""

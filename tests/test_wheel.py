@@ -240,3 +240,24 @@ def test_module_loads_on_other_cpythons(module_so):
         p = subprocess.run([exe, "-c", LOAD, str(module_so)], capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0 and p.stdout.startswith("ok"), f"{exe}: {p.stdout}{p.stderr}"
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "with_cuda"])
+def test_module_c_compiles_on_the_limited_api(cuda):
+    """csrc/module.c (with every csrc/*.inc it includes) against the 3.9 limited
+    API, warnings as errors: an API outside it fails here in a second, before
+    any wheel is built (setup.py's own build also makes implicit declarations
+    errors)."""
+    import sysconfig
+
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (gcc or cc) on PATH")
+    root = Path(__file__).resolve().parent.parent
+    cmd = [cc, "-fsyntax-only", "-std=c11", "-Wall", "-Wextra", "-Werror",
+           "-DPy_LIMITED_API=0x03090000", f"-I{root / 'csrc'}",
+           f"-I{sysconfig.get_paths()['include']}", str(root / "csrc" / "module.c")]
+    if cuda:
+        cmd.insert(1, "-DGMPO_WITH_CUDA=1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
