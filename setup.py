@@ -170,6 +170,21 @@ class BuildExt(build_ext):
                 self._cuda_failed(ext, e)
         super().build_extensions()
 
+    def run(self):
+        super().run()
+        if not self.inplace:   # (pip install -e . and build_ext --inplace set it)
+            return
+        for ext in self.extensions:
+            # a module of another ABI in the source tree (gmpo_ext/_C.cpython-311-*.so
+            # from before the abi3 build) comes first in the import suffixes and
+            # would shadow the new _C.abi3.so: remove it
+            name = ext.name.rsplit(".", 1)[-1]
+            keep = Path(self.get_ext_filename(ext.name)).name
+            for old in (ROOT / Path(*ext.name.split(".")[:-1])).glob(name + ".*.so"):
+                if old.name != keep:
+                    print(f"gmpo_ext: removing {old}, which would shadow {keep}")
+                    old.unlink()
+
     def _export_only_init(self, ext):
         """Export PyInit_<name> alone (GNU ld version script): the C core's and the
         static CUDA runtime's symbols stay inside the module, so they can neither
@@ -204,16 +219,6 @@ class BuildExt(build_ext):
             super().build_extension(ext)
         finally:
             del self.compiler.compile   # back to the class's method
-        if self.inplace or getattr(self, "editable_mode", False):
-            # a module of another ABI in the source tree (gmpo_ext/_C.cpython-311-*.so
-            # from before the abi3 build) comes first in the import suffixes and
-            # would shadow the new _C.abi3.so: remove it
-            name = ext.name.rsplit(".", 1)[-1]
-            keep = Path(self.get_ext_filename(ext.name)).name
-            for old in (ROOT / Path(*ext.name.split(".")[:-1])).glob(name + ".*.so"):
-                if old.name != keep:
-                    print(f"gmpo_ext: removing {old}, which would shadow {keep}")
-                    old.unlink()
 
     def _compile_parallel(self, ext, compile_c, sources, output_dir, macros, include_dirs,
                           debug, extra_preargs, extra_postargs, depends):
