@@ -20,8 +20,15 @@
 #
 # Environment:
 #   OUT=dist            where the wheels go (OUT/<flavour>/, one index directory each)
-#   PLAT=manylinux_2_28_x86_64   the platform tag (torch's own since 2.6; the module
-#                       itself needs only glibc 2.17 symbols, libgomp aside)
+#   PLAT=manylinux_2_28_x86_64   the platform tag sought (torch's own since 2.6). The CPU
+#                       module needs only GLIBC_2.2.5 symbols, so it gets it anywhere. The
+#                       CUDA flavours link cudart_static, whose pthread/sem/dl calls bind
+#                       to the build host's glibc: on a glibc >= 2.34 host (Debian 12,
+#                       Ubuntu 22.04) they need GLIBC_2.34, and the script then tags the
+#                       oldest the symbols allow (manylinux_2_34) and says so; build them
+#                       in a manylinux_2_28 image with a CUDA toolkit for the 2_28 tag
+#   REUSE=1             keep a flavour's already built wheel (build/wheels/<flavour>/raw):
+#                       repair and audit only
 #   CPU_LABEL=cpu       the CPU wheel's local version label ("" for the PyPI upload:
 #                       PyPI refuses local versions; the CUDA wheels go to an index
 #                       of their own, one directory per flavour, as torch's do)
@@ -108,19 +115,31 @@ for flavour in "${FLAVOURS[@]}"; do
             ;;
         *) log "unknown flavour $flavour (cpu, cu12, cu13)"; status=1; continue ;;
     esac
-    copy_sources "$work/src" || { status=1; continue; }
-    rm -rf "$work/raw" "$dest" && mkdir -p "$work/raw" "$dest"
-    log "$flavour: building (${envs[*]})"
-    start=$(date +%s)
-    if ! (cd "$work/src" && env "${envs[@]}" GMPO_EXT_CUDA_STRICT_ARCHS=1 "$PYTHON" -m pip wheel -q --no-deps \
-            --no-build-isolation -w "$work/raw" . > "$work/build.log" 2>&1); then
-        log "$flavour: build failed, see $work/build.log"; tail -20 "$work/build.log"; status=1; continue
+    rm -rf "$dest" && mkdir -p "$dest"
+    if [ "${REUSE:-0}" = 1 ] && compgen -G "$work/raw/gmpo_ext-*.whl" > /dev/null; then
+        log "$flavour: reusing $(basename "$work"/raw/gmpo_ext-*.whl)"
+    else
+        copy_sources "$work/src" || { status=1; continue; }
+        rm -rf "$work/raw" && mkdir -p "$work/raw"
+        log "$flavour: building (${envs[*]})"
+        start=$(date +%s)
+        if ! (cd "$work/src" && env "${envs[@]}" GMPO_EXT_CUDA_STRICT_ARCHS=1 "$PYTHON" -m pip wheel -q --no-deps \
+                --no-build-isolation -w "$work/raw" . > "$work/build.log" 2>&1); then
+            log "$flavour: build failed, see $work/build.log"; tail -20 "$work/build.log"; status=1; continue
+        fi
+        log "$flavour: built in $(( $(date +%s) - start )) s"
     fi
-    log "$flavour: built in $(( $(date +%s) - start )) s"
     raw=("$work"/raw/gmpo_ext-*.whl)
     if ! auditwheel repair --exclude libgomp.so.1 --plat "$PLAT" --only-plat -w "$dest" "${raw[0]}" \
             > "$work/repair.log" 2>&1; then
-        log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
+        if ! grep -q "too-recent versioned symbols" "$work/repair.log"; then
+            log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
+        fi
+        log "$flavour: WARNING: this host's glibc makes $PLAT impossible (too-recent symbol versions);" \
+            "tagging the oldest manylinux the symbols allow"
+        if ! auditwheel repair --exclude libgomp.so.1 -w "$dest" "${raw[0]}" > "$work/repair.log" 2>&1; then
+            log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
+        fi
     fi
     whl=("$dest"/gmpo_ext-*.whl)
     log "$flavour: $(basename "${whl[0]}") ($(du -h "${whl[0]}" | cut -f1))"
