@@ -149,6 +149,35 @@ gmpo_status gmpo_cpu_forward_backward(gmpo_args *a, double *rows, void *out_loss
                                       void *out_metrics, int32_t out_dtype, void *grad,
                                       int32_t grad_dtype);
 
+/* ---- rows split over ranks (sequence / context parallelism) ----
+ * The forward in two steps around a collective: row_sums writes each row's raw
+ * sums over the tokens this process holds (GMPO_SUM_STATS fp64 per row, see
+ * GMPO_SM_*; every statistic of a row is a sum over its tokens), the caller
+ * adds them up over the processes that share the rows (one all-reduce of
+ * B * GMPO_SUM_STATS doubles), and finish_sums turns the summed rows into what
+ * forward writes (rows, loss, metrics): the geometric mean, the row
+ * coefficients and the totals. backward is unchanged given those rows.
+ * Per-row inputs (adv (B,), is_w (B,)) must be the same in every process.
+ *   sums: (B, GMPO_SUM_STATS) fp64 contiguous, sums_extent elements available */
+#define GMPO_SUM_STATS 8
+enum {
+    GMPO_SM_MY = 0,    /* sum m*y (gmpo) | sum m*loss_t (grpo) */
+    GMPO_SM_N = 1,     /* sum m */
+    GMPO_SM_AM = 2,    /* sum m*A (token-level advantages) */
+    GMPO_SM_LOGW = 3,  /* sum m*log(w + 1e-10) (token-level importance weights) */
+    GMPO_SM_K = 4,     /* sum m*k3 */
+    GMPO_SM_M0 = 5, GMPO_SM_M1 = 6, GMPO_SM_M2 = 7,   /* metric sums */
+};
+gmpo_status gmpo_cpu_row_sums(gmpo_args *a, double *sums, int64_t sums_extent);
+gmpo_status gmpo_cpu_finish_sums(gmpo_args *a, const double *sums, int64_t sums_extent,
+                                 double *rows, void *out_loss, void *out_metrics,
+                                 int32_t out_dtype);
+gmpo_status gmpo_cuda_row_sums(gmpo_args *a, double *sums, int64_t sums_extent);
+gmpo_status gmpo_cuda_finish_sums(gmpo_args *a, const double *sums, int64_t sums_extent,
+                                  double *rows, void *out_loss, void *out_metrics,
+                                  int32_t out_dtype);
+gmpo_status gmpo_check_sums(gmpo_args *a, const double *sums, int64_t sums_extent);
+
 /* 1 when the CPU entry points run the common case's kernel for these
  * arguments (grad_dtype: the gradient's dtype for forward_backward, -1 for
  * forward), 0 when the generic one: for tests and benchmarks. */

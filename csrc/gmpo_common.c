@@ -152,3 +152,11 @@ gmpo_status gmpo_check_backward(gmpo_args *a, const double *rows, const void *gr
                         (a->B > 0 && a->T > 0) ? (a->B + 1) * GMPO_ROW_STATS : 0,
                         "rows");
 }
+
+// rows split over ranks: the (B, GMPO_SUM_STATS) fp64 row sums, written by
+// row_sums and read by finish_sums (the arguments checked as for forward)
+gmpo_status gmpo_check_sums(gmpo_args *a, const double *sums, int64_t sums_extent) {
+    gmpo_status st = gmpo_check_args(a);
+    if (st) return st;
+    return check_buffer(a, sums, sums_extent, a->B * GMPO_SUM_STATS, "sums");
+}

@@ -57,6 +57,21 @@ typedef struct {
     int32_t bad_id;           /* out: 1 when the failure is an id outside [0, V) */
     char ids_name[32];        /* the ids argument's name for messages */
     char err[256];            /* filled on failure */
+    /* The vocabulary split over processes (tensor parallelism): when
+     * vocab_total > 0 the logits hold entries [vocab_start, vocab_start + V) of
+     * a vocabulary of vocab_total, ids are global (checked against
+     * [0, vocab_total)), and forward writes the shard's mergeable state instead
+     * of the finished values: lse = the shard's max of x = z / tau, logp = log
+     * sum exp(x - that max) over the shard (kept apart so that merging loses no
+     * precision to a large lse), entropy = the entropy of the shard's own
+     * softmax; the target's logit is read by the caller (one value per token,
+     * on the rank whose shard holds the id). The caller merges the states
+     * over the processes (gmpo_ext/distributed.py) into the global lse and H,
+     * which backward then takes with the shard's logits: its gradient is exact
+     * for the shard (the one-hot term only where id lies in it). vocab_total 0:
+     * the whole vocabulary, as before. */
+    int64_t vocab_start;
+    int64_t vocab_total;
 } gmpo_logits_args;
 
 /* Forward: logp, lse (required) and entropy (NULL: not computed), each (B, T)

@@ -55,6 +55,22 @@ GMPO_HD void GMPO_S(gmpo_acc_merge)(GMPO_S(gmpo_acc) *s, const GMPO_S(gmpo_acc) 
     s->m0 += o->m0; s->m1 += o->m1; s->m2 += o->m2;
 }
 
+// a row's sums to and from the GMPO_SUM_STATS fp64 values that processes
+// sharing the row add up (rows split over ranks; gmpo.h, GMPO_SM_*)
+GMPO_HD void GMPO_S(gmpo_acc_store)(const GMPO_S(gmpo_acc) *s, double *out) {
+    out[GMPO_SM_MY] = (double)s->my; out[GMPO_SM_N] = (double)s->n;
+    out[GMPO_SM_AM] = (double)s->am; out[GMPO_SM_LOGW] = (double)s->logw;
+    out[GMPO_SM_K] = (double)s->k; out[GMPO_SM_M0] = (double)s->m0;
+    out[GMPO_SM_M1] = (double)s->m1; out[GMPO_SM_M2] = (double)s->m2;
+}
+
+GMPO_HD void GMPO_S(gmpo_acc_load)(const double *in, GMPO_S(gmpo_acc) *s) {
+    s->my = (GMPO_T)in[GMPO_SM_MY]; s->n = (GMPO_T)in[GMPO_SM_N];
+    s->am = (GMPO_T)in[GMPO_SM_AM]; s->logw = (GMPO_T)in[GMPO_SM_LOGW];
+    s->k = (GMPO_T)in[GMPO_SM_K]; s->m0 = (GMPO_T)in[GMPO_SM_M0];
+    s->m1 = (GMPO_T)in[GMPO_SM_M1]; s->m2 = (GMPO_T)in[GMPO_SM_M2];
+}
+
 // the log-ratio after the safety clamp to [-C, C] (C = inf: none; NaN stays NaN)
 GMPO_HD GMPO_T GMPO_S(gmpo_log_ratio)(GMPO_T lp, GMPO_T olp, GMPO_T C) {
     GMPO_T l = lp - olp;

@@ -224,6 +224,79 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 }
 
 // ----------------------------------------------------------------------------
+// rows split over processes (gmpo.h: row_sums, then finish_sums of the sums
+// the caller added up over the processes)
+
+PyDoc_STRVAR(row_sums_doc,
+"row_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
+"         normalizer, denom, num_threads, sums)\n"
+"--\n\n"
+"Each row's raw sums over the tokens given (SUM_STATS float64 per row) into\n"
+"sums, a (data_ptr, extent) buffer of a contiguous (B, SUM_STATS) float64\n"
+"tensor: the first half of forward for rows split over processes.");
+
+static PyObject *py_row_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long sums;
+    int64_t sums_extent;
+    if (!PyArg_ParseTuple(args, COMMON_FMT BUF_FMT ":row_sums", COMMON_ARGS(c), &sums,
+                          &sums_extent))
+        return NULL;
+    if (check_device(&c)) return NULL;
+    c.a.stream = (void *)(uintptr_t)c.stream;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_cpu_row_sums(&c.a, (double *)(uintptr_t)sums, sums_extent);
+    else
+        st = gmpo_cuda_row_sums(&c.a, (double *)(uintptr_t)sums, sums_extent);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_status(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(finish_sums_doc,
+"finish_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"            convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
+"            normalizer, denom, num_threads, sums, rows, out_loss, out_metrics,\n"
+"            out_dtype)\n"
+"--\n\n"
+"The second half: the (B, SUM_STATS) row sums added up over the processes ->\n"
+"rows, loss and metrics, as forward writes them. All (data_ptr, extent).");
+
+static PyObject *py_finish_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long sums, rows, out_loss, out_metrics;
+    int64_t sums_extent;
+    int out_dtype;
+    if (!PyArg_ParseTuple(args, COMMON_FMT BUF_FMT BUF_FMT BUF_FMT BUF_FMT "i:finish_sums",
+                          COMMON_ARGS(c), &sums, &sums_extent, &rows, &c.a.rows_extent,
+                          &out_loss, &c.a.loss_extent, &out_metrics, &c.a.metrics_extent,
+                          &out_dtype))
+        return NULL;
+    if (check_device(&c)) return NULL;
+    c.a.stream = (void *)(uintptr_t)c.stream;
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_cpu_finish_sums(&c.a, (const double *)(uintptr_t)sums, sums_extent,
+                                  (double *)(uintptr_t)rows, (void *)(uintptr_t)out_loss,
+                                  (void *)(uintptr_t)out_metrics, out_dtype);
+    else
+        st = gmpo_cuda_finish_sums(&c.a, (const double *)(uintptr_t)sums, sums_extent,
+                                   (double *)(uintptr_t)rows, (void *)(uintptr_t)out_loss,
+                                   (void *)(uintptr_t)out_metrics, out_dtype);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_status(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+// ----------------------------------------------------------------------------
 // fused kernels from logits (gmpo_logits.h)
 
 // the one place a logits-kernel status becomes a Python exception
@@ -331,6 +404,84 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(logits_forward_shard_doc,
+"logits_forward_shard(device, stream, B, T, TL, V, logits, ids, mask, temperature,\n"
+"                     num_threads, ids_name, logp, entropy, lse, vocab_start,\n"
+"                     vocab_total)\n"
+"--\n\n"
+"logits_forward for logits holding the vocabulary entries [vocab_start,\n"
+"vocab_start + V) of vocab_total (the vocabulary split over processes): writes\n"
+"the shard's mergeable state, lse and entropy of the shard's softmax and in\n"
+"logp the target's scaled logit where the id lies in the shard (else 0).");
+
+static PyObject *py_logits_forward_shard(PyObject *self, PyObject *args) {
+    (void)self;
+    logits_call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long logp, entropy, lse;
+    if (!PyArg_ParseTuple(args, LOGITS_FMT BUF_FMT BUF_FMT BUF_FMT "LL:logits_forward_shard",
+                          LOGITS_ARGS(c), &logp, &c.a.logp_extent, &entropy,
+                          &c.a.entropy_extent, &lse, &c.a.lse_extent, &c.a.vocab_start,
+                          &c.a.vocab_total))
+        return NULL;
+    if (logits_prepare(&c)) return NULL;
+    if (c.a.vocab_total < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
+        return NULL;
+    }
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_logits_cpu_forward(&c.a, (float *)(uintptr_t)logp, (float *)(uintptr_t)entropy,
+                                     (float *)(uintptr_t)lse);
+    else
+        st = gmpo_logits_cuda_forward(&c.a, (float *)(uintptr_t)logp,
+                                      (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c.a);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(logits_backward_shard_doc,
+"logits_backward_shard(device, stream, B, T, TL, V, logits, ids, mask, temperature,\n"
+"                      num_threads, ids_name, lse, entropy, grad_logp, grad_entropy,\n"
+"                      grad, vocab_start, vocab_total)\n"
+"--\n\n"
+"logits_backward for a vocabulary shard: lse and entropy are the merged\n"
+"(global) values; the one-hot term applies where the id lies in the shard.");
+
+static PyObject *py_logits_backward_shard(PyObject *self, PyObject *args) {
+    (void)self;
+    logits_call c;
+    memset(&c, 0, sizeof c);
+    unsigned long long lse, entropy;
+    gmpo_view grad_logp, grad_entropy, grad;
+    if (!PyArg_ParseTuple(args, LOGITS_FMT BUF_FMT BUF_FMT VIEW_FMT VIEW_FMT VIEW_FMT
+                          "LL:logits_backward_shard", LOGITS_ARGS(c), &lse, &c.a.lse_extent,
+                          &entropy, &c.a.entropy_extent, VIEW_ARGS(grad_logp),
+                          VIEW_ARGS(grad_entropy), VIEW_ARGS(grad), &c.a.vocab_start,
+                          &c.a.vocab_total))
+        return NULL;
+    if (logits_prepare(&c)) return NULL;
+    if (c.a.vocab_total < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
+        return NULL;
+    }
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c.device == DEV_CPU)
+        st = gmpo_logits_cpu_backward(&c.a, (const float *)(uintptr_t)lse,
+                                      (const float *)(uintptr_t)entropy, grad_logp,
+                                      grad_entropy, grad);
+    else
+        st = gmpo_logits_cuda_backward(&c.a, (const float *)(uintptr_t)lse,
+                                       (const float *)(uintptr_t)entropy, grad_logp,
+                                       grad_entropy, grad);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c.a);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(cuda_versions_doc,
 "cuda_versions()\n"
 "--\n\n"
@@ -356,8 +507,13 @@ static PyMethodDef methods[] = {
     {"backward", py_backward, METH_VARARGS, backward_doc},
     {"forward_backward", py_forward_backward, METH_VARARGS, forward_backward_doc},
     {"uses_fast_kernel", py_uses_fast_kernel, METH_VARARGS, uses_fast_kernel_doc},
+    {"row_sums", py_row_sums, METH_VARARGS, row_sums_doc},
+    {"finish_sums", py_finish_sums, METH_VARARGS, finish_sums_doc},
     {"logits_forward", py_logits_forward, METH_VARARGS, logits_forward_doc},
     {"logits_backward", py_logits_backward, METH_VARARGS, logits_backward_doc},
+    {"logits_forward_shard", py_logits_forward_shard, METH_VARARGS, logits_forward_shard_doc},
+    {"logits_backward_shard", py_logits_backward_shard, METH_VARARGS,
+     logits_backward_shard_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -376,6 +532,7 @@ static int module_exec(PyObject *m) {
     if (PyModule_AddIntConstant(m, "SIMT", simt) < 0) return -1;
     if (PyModule_AddIntConstant(m, "ROW_STATS", GMPO_ROW_STATS) < 0) return -1;
     if (PyModule_AddIntConstant(m, "METRICS", GMPO_METRICS) < 0) return -1;
+    if (PyModule_AddIntConstant(m, "SUM_STATS", GMPO_SUM_STATS) < 0) return -1;
     return 0;
 }
 

@@ -346,3 +346,63 @@ def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logp
                      DTYPE_CODES[grad_loss.dtype], buf(grad), DTYPE_CODES[grad.dtype])
     del keep
     return grad
+
+
+# ----------------------------------------------------------------------------
+# rows split over processes (gmpo_ext.distributed): the forward in two halves
+# around the caller's all-reduce of the row sums
+
+SUM_STATS = getattr(_C, "SUM_STATS", 8)
+
+
+def row_sums(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
+             loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
+             out=None, checked=False):
+    """Each row's raw sums over the tokens given: (B, SUM_STATS) float64,
+    written into ``out`` (a contiguous (B, SUM_STATS) float64 tensor) when given."""
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    B, T = logps.shape
+    dev = logps.device
+    if out is None:
+        out = torch.empty((B, SUM_STATS), dtype=torch.float64, device=dev)
+    check_sums(out, B, dev)
+    mod, code, stream = backend(dev)
+    (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
+                                      is_weights, convention, loss_type, eps_low, eps_high,
+                                      beta, log_ratio_clamp, normalizer, denom)
+    with _on_device(dev):
+        mod.row_sums(algo, code, stream, B, T, *rest, buf(out))
+    del keep
+    return out
+
+
+def finish_sums(sums, algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
+                convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer,
+                denom, checked=False):
+    """(loss, metrics, rows) from the row sums added up over the processes."""
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    B, T = logps.shape
+    dev = logps.device
+    check_sums(sums, B, dev)
+    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64, device=dev)
+    loss = torch.empty((), dtype=out_dtype, device=dev)
+    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    mod, code, stream = backend(dev)
+    (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
+                                      is_weights, convention, loss_type, eps_low, eps_high,
+                                      beta, log_ratio_clamp, normalizer, denom)
+    with _on_device(dev):
+        mod.finish_sums(algo, code, stream, B, T, *rest, buf(sums), buf(rows), buf(loss),
+                        buf(metrics), DTYPE_CODES[out_dtype])
+    del keep
+    return loss, metrics, rows
+
+
+def check_sums(sums, B, dev):
+    """The row sums: a contiguous (B, SUM_STATS) float64 tensor."""
+    check_tensor("sums", sums, (torch.float64,))
+    if tuple(sums.shape) != (B, SUM_STATS) or not sums.is_contiguous():
+        raise ValueError(f"sums must be a contiguous ({B}, {SUM_STATS}) float64 tensor, got "
+                         f"shape {tuple(sums.shape)}, strides {sums.stride()}")
+    check_device("sums", sums, dev)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from . import loss as _loss
 from .loss import _check_tensor, gmpo_loss
 
 __all__ = ["gmpo_loss_from_logits", "selective_logps"]
@@ -80,6 +81,27 @@ def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
         mod.logits_forward(*args, _backend.buf(logp),
                            _backend.buf(ent) if entropy else (0, 0), _backend.buf(lse))
     return logp, ent, lse
+
+
+def _forward_shard(logits, ids, mask, temperature, entropy, vocab_start, vocab_size,
+                   ids_name="ids"):
+    """A vocabulary shard's state (gmpo_logits.h): (ls_r = log sum exp(x - m_r),
+    the entropy of the shard's softmax, m_r = the shard's max of x), each
+    (B, T) float32; merged by distributed.py."""
+    _check_logits(logits, ids, mask, ids_name)
+    _runnable(logits)
+    logits, mask = _backend.resolved(logits), _backend.resolved(mask)
+    B, T = ids.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    x = torch.empty((B, T), **f32)
+    lse = torch.empty((B, T), **f32)
+    ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
+    mod, args = _common(logits, ids, mask, temperature, ids_name)
+    with _backend._on_device(logits.device):
+        mod.logits_forward_shard(*args, _backend.buf(x),
+                                 _backend.buf(ent) if entropy else (0, 0), _backend.buf(lse),
+                                 int(vocab_start), int(vocab_size))
+    return x, ent, lse
 
 
 def _check_saved(name, t, B, T, dev):
@@ -132,7 +154,8 @@ def _inplace_ok(logits, *read) -> bool:
             and not any(_shares_memory(logits, t) for t in read))
 
 
-def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature):
+def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, temperature,
+              vocab=None):
     _check_logits(logits, ids, mask, "ids")
     _runnable(logits)
     B, T = ids.shape
@@ -154,8 +177,13 @@ def _backward(grad, grad_logp, grad_entropy, logits, ids, mask, lse, entropy, te
     if grad_logp is not None and grad_logp.dtype not in _backend.FLOAT_DTYPES:
         grad_logp = grad_logp.to(torch.float32)
     with _backend._on_device(logits.device):
-        mod.logits_backward(*args, _backend.buf(lse), _backend.buf(entropy), _view(grad_logp),
-                            _view(grad_entropy), _view(grad))
+        if vocab is None:
+            mod.logits_backward(*args, _backend.buf(lse), _backend.buf(entropy),
+                                _view(grad_logp), _view(grad_entropy), _view(grad))
+        else:   # a vocabulary shard: lse and entropy are the merged ones
+            mod.logits_backward_shard(*args, _backend.buf(lse), _backend.buf(entropy),
+                                      _view(grad_logp), _view(grad_entropy), _view(grad),
+                                      int(vocab[0]), int(vocab[1]))
 
 
 # ----------------------------------------------------------------------------
@@ -279,7 +307,7 @@ def _check_logits(logits, ids, mask, ids_name):
                          f"shape {(B, T)}, got {tuple(logits.shape)}")
     if logits.shape[2] < 1:
         raise ValueError("logits: the vocabulary axis is empty")
-    if logits.stride(2) != 1 and logits.shape[2] > 1:
+    if logits.stride(2) != 1 and logits.shape[2] > 1 and logits.numel() > 0:
         raise ValueError("logits must have unit stride on the vocabulary axis (it is never "
                          f"copied); got strides {tuple(logits.stride())}")
     if mask is not None:
@@ -288,7 +316,7 @@ def _check_logits(logits, ids, mask, ids_name):
             raise ValueError(f"mask must have the shape of {ids_name} {(B, T)}, got "
                              f"{tuple(mask.shape)}")
     dev = logits.device
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda", "meta"):   # meta: shapes only (the fake kernels)
         raise ValueError(f"logits is on {dev}; gmpo_ext runs on cpu and cuda tensors")
     for name, t in ((ids_name, ids), ("mask", mask)):
         if t is not None and t.device != dev:
@@ -324,6 +352,9 @@ def selective_logps(
     mask: Optional[Tensor] = None,
     inplace_backward: bool = False,
     validate: bool = False,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
 ):
     """Log-probabilities of ``ids`` under ``softmax(logits / temperature)``, fused.
 
@@ -348,6 +379,14 @@ def selective_logps(
         validate: check the ids against V before the kernels run, with a host
             sync, and raise IndexError (what the CPU kernels always do; on CUDA
             this turns the NaN flag into an error).
+        vocab_group: a torch.distributed process group over which the
+            vocabulary is split (tensor parallelism): ``logits`` (B, T, V/P)
+            hold the entries [vocab_start, vocab_start + V/P) of a vocabulary
+            of ``vocab_size`` (default V/P times the group's size); ids are
+            global. Every rank gets the full log-probs (and entropy) after
+            two all-reduces of O(B*T) float32 values, and the gradient of its
+            own shard (see gmpo_ext.distributed).
+        vocab_start, vocab_size: this rank's shard, with vocab_group.
 
     An id outside [0, V): IndexError on CPU, before any compute; on CUDA the
     token's logp is NaN (no out-of-bounds read).
@@ -363,10 +402,20 @@ def selective_logps(
         logits, ids = logits.unsqueeze(0), ids.unsqueeze(0)
         mask = mask.unsqueeze(0) if isinstance(mask, Tensor) and mask.dim() == 1 else mask
     _check_logits(logits, ids, mask, "ids")
-    if validate:
-        _validate(ids, mask, logits.shape[2], "ids")
-    logp, ent, _ = logits_fwd(logits, ids, mask, temperature, bool(return_entropy),
-                              bool(inplace_backward))
+    if vocab_group is not None:
+        from . import distributed
+        vocab_start, vocab_size = distributed.check_vocab(logits, vocab_group, vocab_start,
+                                                          vocab_size)
+        if validate:
+            _validate(ids, mask, vocab_size, "ids")
+        logp, ent, _ = distributed.shard_logits(logits, ids, mask, temperature,
+                                                bool(return_entropy), bool(inplace_backward),
+                                                vocab_start, vocab_size, vocab_group)
+    else:
+        if validate:
+            _validate(ids, mask, logits.shape[2], "ids")
+        logp, ent, _ = logits_fwd(logits, ids, mask, temperature, bool(return_entropy),
+                                  bool(inplace_backward))
     if flat:
         logp, ent = logp.squeeze(0), ent.squeeze(0)
     return (logp, ent) if return_entropy else logp
@@ -388,8 +437,13 @@ def gmpo_loss_from_logits(
     convention: str = "trl",
     log_ratio_clamp: Optional[float] = None,
     normalizer: float = 1.0,
+    num_rows: Optional[int] = None,
     inplace_backward: bool = False,
     validate: bool = False,
+    group=None,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
     return_metrics: bool = False,
 ):
     """GMPO's loss (arXiv 2507.20673) straight from the policy's logits, fused.
@@ -413,7 +467,11 @@ def gmpo_loss_from_logits(
             (old_logps (B, T) computed with the same temperature).
         temperature: the logits are divided by it (TRL's sampling temperature).
         epsilon_low, epsilon_high, beta, ref_logps, is_weights, convention,
-            log_ratio_clamp, normalizer: as in :func:`gmpo_ext.gmpo_loss`.
+            log_ratio_clamp, normalizer, num_rows, group: as in
+            :func:`gmpo_ext.gmpo_loss` (group: rows split over ranks; the
+            entropy and invalid-id metrics ride on the same all-reduce).
+        vocab_group, vocab_start, vocab_size: the vocabulary split over ranks,
+            as in :func:`selective_logps` (may be combined with group).
         inplace_backward: write the gradient into the logits' buffer instead of
             a new one (peak memory about the logits alone). Safe when nothing
             else reads the logits after this loss's backward: true of a plain
@@ -444,26 +502,38 @@ def gmpo_loss_from_logits(
     if mask is None:
         raise TypeError("mask must be a torch.Tensor, got None")
     V = logits.shape[2]
+    if vocab_group is not None:
+        from . import distributed
+        vocab_start, V = distributed.check_vocab(logits, vocab_group, vocab_start, vocab_size)
     if validate:
         _validate(completion_ids, mask, V, "completion_ids")
     try:
-        logps, entropy, _ = logits_fwd(logits, completion_ids, mask, temperature,
-                                       bool(return_metrics), bool(inplace_backward))
+        if vocab_group is not None:
+            logps, entropy, _ = distributed.shard_logits(
+                logits, completion_ids, mask, temperature, bool(return_metrics),
+                bool(inplace_backward), vocab_start, V, vocab_group, "completion_ids")
+        else:
+            logps, entropy, _ = logits_fwd(logits, completion_ids, mask, temperature,
+                                           bool(return_metrics), bool(inplace_backward))
     except IndexError as e:   # the kernel names its argument "ids"
         msg = str(e)
         raise IndexError("completion_ids" + msg[3:] if msg.startswith("ids:") else msg) from None
-    out = gmpo_loss(logps, old_logps, advantages, mask, epsilon_low=epsilon_low,
-                    epsilon_high=epsilon_high, beta=beta, ref_logps=ref_logps,
-                    is_weights=is_weights, convention=convention,
-                    log_ratio_clamp=log_ratio_clamp, normalizer=normalizer,
-                    return_metrics=return_metrics)
+    extra = None
+    if return_metrics:
+        with torch.no_grad():
+            m = mask.to(torch.float32)
+            ent = entropy.detach()
+            # sums, so that with group= they ride on the row sums' all-reduce
+            extra = torch.stack([
+                torch.where(m != 0, ent * m, torch.zeros_like(ent)).sum().to(torch.float64),
+                m.sum().to(torch.float64),
+                _invalid_ids(completion_ids, mask, V).to(torch.float64)])
+    loss, metrics, extra = _loss._gmpo(logps, old_logps, advantages, mask, epsilon_low,
+                                       epsilon_high, beta, ref_logps, is_weights, convention,
+                                       log_ratio_clamp, normalizer, num_rows, group, extra)
     if not return_metrics:
-        return out
-    loss, metrics = out
-    with torch.no_grad():
-        m = mask.to(torch.float32)
-        ent = entropy.detach()
-        metrics[ENTROPY] = torch.where(m != 0, ent * m, torch.zeros_like(ent)).sum() / \
-            m.sum().clamp(min=1.0)
-        metrics[INVALID_IDS] = _invalid_ids(completion_ids, mask, V).to(torch.float32)
+        return loss
+    metrics = _loss._metrics_dict(metrics, _loss._METRIC_NAMES[convention], beta, gmpo=True)
+    metrics[ENTROPY] = (extra[0] / extra[1].clamp(min=1.0)).to(torch.float32)
+    metrics[INVALID_IDS] = extra[2].to(torch.float32)
     return loss, metrics

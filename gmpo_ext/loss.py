@@ -102,6 +102,8 @@ def gmpo_loss(
     convention: str = "trl",
     log_ratio_clamp: Optional[float] = None,
     normalizer: float = 1.0,
+    num_rows: Optional[int] = None,
+    group=None,
     return_metrics: bool = False,
 ):
     """GMPO's clipped geometric-mean policy loss (arXiv 2507.20673), fused.
@@ -135,6 +137,19 @@ def gmpo_loss(
         log_ratio_clamp: optional safety clamp of the log-ratio to [-C, C]
             before anything else (verl uses 20 in its other losses).
         normalizer: the loss is divided by it (gradient-accumulation steps); > 0.
+        num_rows: the number of rows of the whole batch (across data-parallel
+            ranks and gradient-accumulation steps): the row losses are summed
+            and divided by it (times normalizer) instead of averaged over the
+            B rows at hand, so micro-batches of any sizes add up to exactly
+            the whole batch's loss and gradient. None: the mean over B.
+        group: a torch.distributed process group whose ranks each hold some of
+            every row's tokens (context / sequence parallelism; any split, the
+            mask says which tokens are present; per-row advantages and
+            importance weights the same on every rank). The row statistics
+            are all-reduced in one collective of B * 8 float64 values before
+            the geometric mean: every rank gets the whole batch's loss and
+            metrics, and the exact gradient of its own tokens (see
+            gmpo_ext.distributed for gradient averaging over the group).
         return_metrics: also return a dict of 0-d tensors on the input's
             device (no host sync): trl: ``clip_ratio/low_mean``,
             ``clip_ratio/high_mean``, ``clip_ratio/region_mean``; verl:
@@ -152,6 +167,18 @@ def gmpo_loss(
         The 0-d loss (float32, or float64 for float64 logps), or
         ``(loss, metrics)`` with ``return_metrics=True``.
     """
+    loss, metrics, _ = _gmpo(logps, old_logps, advantages, mask, epsilon_low, epsilon_high,
+                             beta, ref_logps, is_weights, convention, log_ratio_clamp,
+                             normalizer, num_rows, group, None)
+    if not return_metrics:
+        return loss
+    return loss, _metrics_dict(metrics, _METRIC_NAMES[convention], beta, gmpo=True)
+
+
+def _gmpo(logps, old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps,
+          is_weights, convention, log_ratio_clamp, normalizer, num_rows, group, extra):
+    """gmpo_loss's checks and call: (loss, metrics tensor, extra sums reduced over
+    the group with the row sums, or None)."""
     _check_choice("convention", convention, _backend.CONVENTIONS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
     _check_number("beta", beta)
@@ -160,15 +187,27 @@ def gmpo_loss(
         raise ValueError(f"log_ratio_clamp must be > 0 or None, got {log_ratio_clamp}")
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    if group is not None:
+        _distributed().check_group("group", group)
+    norm = _distributed().rows_normalizer("num_rows", num_rows, logps.shape[0],
+                                          float(normalizer)) if num_rows is not None \
+        else float(normalizer)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
                          is_weights=is_weights)
-    loss, metrics, _ = fused_loss(
-        logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
-        _backend.ALGO_GMPO, _backend.CONVENTIONS[convention], 0, el, eh, float(beta),
-        float(log_ratio_clamp or 0.0), float(normalizer), 0.0)
-    if not return_metrics:
-        return loss
-    return loss, _metrics_dict(metrics, _METRIC_NAMES[convention], beta, gmpo=True)
+    opts = (_backend.ALGO_GMPO, _backend.CONVENTIONS[convention], 0, el, eh, float(beta),
+            float(log_ratio_clamp or 0.0), norm, 0.0)
+    ref = ref_logps if beta != 0 else None
+    if group is None:
+        loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, ref, is_weights, *opts)
+        return loss, metrics, extra
+    loss, metrics, _, reduced = _distributed().group_loss(logps, old_logps, advantages, mask,
+                                                          ref, is_weights, opts, group, extra)
+    return loss, metrics, reduced
+
+
+def _distributed():
+    from . import distributed   # imports torch.distributed only when asked for
+    return distributed
 
 
 def grpo_loss(
@@ -186,6 +225,7 @@ def grpo_loss(
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     normalizer: float = 1.0,
+    group=None,
     return_metrics: bool = False,
 ):
     """GRPO's arithmetic-mean clipped surrogate, fused, as TRL's GRPOTrainer computes it.
@@ -200,6 +240,9 @@ def grpo_loss(
     :func:`gmpo_loss`; ``is_weights`` is per token (B, T) or per row (B,) or (B, 1).
     Metrics: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
     ``clip_ratio/region_mean``, ``kl`` (beta != 0), ``gmpo/nonfinite_rows``.
+    ``group``: rows split over the ranks of a process group, as in
+    :func:`gmpo_loss` (the per-row sums, token counts included, are
+    all-reduced once, so every loss type sees whole rows and the whole mask).
     """
     _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
     el, eh = _epsilons(epsilon_low, epsilon_high)
@@ -228,12 +271,18 @@ def grpo_loss(
                           min_value=0.0)
             denom = float(num_items_in_batch)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    if group is not None:
+        _distributed().check_group("group", group)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
                          is_weights=is_weights)
-    loss, metrics, _ = fused_loss(
-        logps, old_logps, advantages, mask, ref_logps if beta != 0 else None, is_weights,
-        _backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
-        float(normalizer), denom)
+    opts = (_backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
+            float(normalizer), denom)
+    ref = ref_logps if beta != 0 else None
+    if group is None:
+        loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, ref, is_weights, *opts)
+    else:
+        loss, metrics, _, _ = _distributed().group_loss(logps, old_logps, advantages, mask, ref,
+                                                        is_weights, opts, group)
     if items_tensor is not None:
         loss = loss / items_tensor.to(device=loss.device, dtype=loss.dtype)
     if not return_metrics:
@@ -245,8 +294,11 @@ class GMPOLoss(torch.nn.Module):
     """nn.Module form of :func:`gmpo_loss`; the constructor takes its options."""
 
     def __init__(self, epsilon_low=0.4, epsilon_high=None, beta=0.0, convention="trl",
-                 log_ratio_clamp=None, normalizer=1.0, return_metrics=False):
+                 log_ratio_clamp=None, normalizer=1.0, return_metrics=False, group=None):
         super().__init__()
+        if group is not None:
+            _distributed().check_group("group", group)
+        self.group = group
         _check_choice("convention", convention, _backend.CONVENTIONS)
         _epsilons(epsilon_low, epsilon_high)
         _check_number("beta", beta)
@@ -256,9 +308,12 @@ class GMPOLoss(torch.nn.Module):
                            convention=convention, log_ratio_clamp=log_ratio_clamp,
                            normalizer=normalizer, return_metrics=return_metrics)
 
-    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None):
+    def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None,
+                num_rows=None):
+        """num_rows: the whole batch's row count for this call (see gmpo_loss)."""
         return gmpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
-                         is_weights=is_weights, **self.kwargs)
+                         is_weights=is_weights, num_rows=num_rows, group=self.group,
+                         **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

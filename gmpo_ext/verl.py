@@ -29,6 +29,22 @@ changing a finite result: a masked token never enters the arithmetic, so NaN
 in padding cannot poison a row, and a row whose multiplier is exactly 0
 contributes exactly 0 even where its ratio overflowed.
 
+Batch-size invariance. verl's ``geo_mean`` takes ``torch.mean`` over the rows
+of each micro-batch, so a mini-batch cut into micro-batches of unequal sizes
+(``use_dynamic_bsz``, uneven data-parallel shards) weighs its rows unequally:
+the summed gradient is not the whole mini-batch's. Where verl provides the
+global batch size (``config.global_batch_info``, filled by the actor's
+``ppo_loss`` in verl's new engine: ``dp_size`` and ``global_batch_size``, the
+rows of the mini-batch over all data-parallel ranks), ``gmpo_fused`` follows
+the contract of verl's ``agg_loss`` for its seq-mean modes: the row losses are
+summed and divided by ``global_batch_size``, times ``dp_size`` to cancel the
+averaging of the gradients over the data-parallel ranks (``num_rows`` and
+``normalizer`` of :func:`gmpo_ext.gmpo_loss`). Then every cut of the
+mini-batch gives its exact gradient. Where verl does not provide it (the
+legacy workers, ``global_batch_size`` None), the loss is the plain mean over
+the micro-batch's rows, exactly ``geo_mean``, and inherits its dependence on
+the cut; a warning says so once when the micro-batches seen differ in size.
+
 Importing this module without verl installed defines
 :func:`compute_policy_loss_gmpo_fused` and registers nothing (``REGISTERED`` is
 False); :func:`register` registers it by hand.
@@ -36,6 +52,7 @@ False); :func:`register` registers it by hand.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -71,6 +88,45 @@ def _clip_range(config):
     return float(low), float(high)
 
 
+_seen_sizes = set()
+
+
+def _as_int(name, v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    try:
+        out = int(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"gmpo_fused: config.global_batch_info[{name!r}] must be an integer, "
+                        f"got {v!r}") from None
+    if out != v:
+        raise TypeError(f"gmpo_fused: config.global_batch_info[{name!r}] must be an integer, "
+                        f"got {v!r}")
+    return out
+
+
+def _global_rows(config, log_prob):
+    """(num_rows, normalizer) from verl's global batch info, or (None, 1.0)."""
+    info = _option(config, "global_batch_info")
+    gbs = _option(info, "global_batch_size") if info is not None else None
+    if gbs is None:
+        B = int(log_prob.shape[0])
+        if B not in _seen_sizes:
+            _seen_sizes.add(B)
+            if len(_seen_sizes) == 2:
+                warnings.warn("gmpo_fused: micro-batches of different sizes and no "
+                              "config.global_batch_info['global_batch_size'] from verl: the "
+                              "loss is the mean over each micro-batch's rows (as geo_mean), so "
+                              "the summed gradient depends on how the mini-batch is cut",
+                              stacklevel=3)
+        return None, 1.0
+    dp = _option(info, "dp_size")
+    dp = 1 if dp is None else _as_int("dp_size", dp)
+    if dp < 1:
+        raise ValueError(f"gmpo_fused: config.global_batch_info['dp_size'] must be >= 1, got {dp}")
+    return _as_int("global_batch_size", gbs), 1.0 / dp
+
+
 def compute_policy_loss_gmpo_fused(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -91,7 +147,9 @@ def compute_policy_loss_gmpo_fused(
             mean), as in verl's geo_mean.
         config: verl's actor config (``ActorConfig`` or a DictConfig) with
             ``clip_ratio``, ``clip_ratio_low``, ``clip_ratio_high``: the LOG-space
-            clip range.
+            clip range; and ``global_batch_info`` (``dp_size``,
+            ``global_batch_size``) where verl fills it: the loss is then
+            sum_i L_i / global_batch_size * dp_size (batch-size invariant).
         rollout_is_weights: optional (B, T) rollout-correction weights.
 
     Returns:
@@ -99,9 +157,11 @@ def compute_policy_loss_gmpo_fused(
         ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` as floats.
     """
     low, high = _clip_range(config)
+    num_rows, normalizer = _global_rows(config, log_prob)
     loss, m = gmpo_loss(log_prob, old_log_prob, advantages, response_mask,
                         epsilon_low=low, epsilon_high=high, is_weights=rollout_is_weights,
-                        convention="verl", return_metrics=True)
+                        convention="verl", num_rows=num_rows, normalizer=normalizer,
+                        return_metrics=True)
     metrics = {
         "actor/pg_clipfrac": m["actor/pg_clipfrac"].item(),
         "actor/ppo_kl": m["actor/ppo_kl"].item(),

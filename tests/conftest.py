@@ -63,22 +63,32 @@ def backend_params():
 
 @pytest.hookimpl(trylast=True)   # after -k / -m deselection: build only for selected tests
 def pytest_collection_modifyitems(session, config, items):
-    """Run the C-core sanitizer tests last and start their compiles now, so the
-    (slow) builds overlap with the rest of the suite on the second core."""
+    """Run the sanitizer tests (the C core's, the fuzzer's ASan run) last and
+    start their compiles now, so the (slow) builds overlap with the rest of the
+    suite on the second core."""
     c_tests = [it for it in items if it.nodeid.split("::")[0].endswith("test_c_core_sanitizers.py")]
     if c_tests:
         items[:] = [it for it in items if it not in c_tests] + c_tests
         import _c_build
 
         _c_build.start()
+    # the fuzzer's run against the ASan + UBSan build of gmpo_ext._C: same idea
+    asan = [it for it in items if it.nodeid.endswith("test_fuzz.py::test_fuzz_under_asan")]
+    if asan:
+        items[:] = [it for it in items if it not in asan] + asan
+        if not config.option.collectonly:
+            import _asan_build
+
+            _asan_build.start()
     # the wheel of test_wheel.py: built, installed into a fresh venv and
     # smoke-tested in the background from now on (tests/_wheel_build.py)
     wheel_tests = [it for it in items if it.nodeid.split("::")[0].endswith("test_wheel.py")]
     if wheel_tests:
         items[:] = [it for it in items if it not in wheel_tests] + wheel_tests
-        import _wheel_build
+        if not config.option.collectonly:
+            import _wheel_build
 
-        _wheel_build.start()
+            _wheel_build.start()
 
 
 @pytest.fixture(params=backend_params())

@@ -261,3 +261,33 @@ def test_build_cache_tracks_included_headers(tmp_path):
     assert run_once() == first  # cached: neither recompiled nor relinked
     header.write_text("#define VALUE 2\n")
     assert run_once()[2] == "0 [2, 2, 2, 2]"
+
+
+def test_plant_bug_patterns_apply():
+    # tests/simt/plant_bugs.py plants each bug by an exact text replacement in a
+    # copy of csrc/cuda: every text must still occur exactly once
+    spec = importlib.util.spec_from_file_location("plant_bugs", HERE / "simt" / "plant_bugs.py")
+    plant_bugs = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("plant_bugs", plant_bugs)   # dataclasses look their module up
+    spec.loader.exec_module(plant_bugs)
+    assert plant_bugs.pattern_problems() == []
+    kinds = {b.kind.split(":")[0] for b in plant_bugs.BUGS}
+    assert {"grid-stride loop", "barrier guarding shared-memory reuse removed",
+            "32-bit truncation of the gradient's row offset", "misaligned 16-byte vector access",
+            "shared-memory read past the written slots"} <= kinds
+
+
+def test_default_grid_caps_are_cudas(tmp_path):
+    # launch.cuh's caps default to CUDA's limits (what an nvcc build gets); a
+    # build may only lower them
+    src = tmp_path / "caps.cu"
+    src.write_text('#include "launch.cuh"\n'
+                   "static_assert(GMPO_MAX_GRID_X == 2147483647LL, \"grid.x cap\");\n"
+                   "static_assert(GMPO_MAX_GRID_Y == 65535, \"grid.y cap\");\n")
+    cuda = HERE.parent / "csrc" / "cuda"
+    cmd = [os.environ.get("SIMT_CXX", "g++"), "-x", "c++", "-std=c++17", "-DGMPO_SIMT", "-include",
+           str(simt_build.SIMT_H), f"-I{cuda}", "-fsyntax-only", str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bad = subprocess.run(cmd[:-1] + ["-DGMPO_MAX_GRID_Y=70000", str(src)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "GMPO_MAX_GRID_Y" in bad.stderr

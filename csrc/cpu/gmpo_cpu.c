@@ -267,3 +267,58 @@ gmpo_status gmpo_cpu_backward(gmpo_args *a, const double *rows, const void *grad
     backward_rows(a, rows, go, grad, grad_dtype);
     return GMPO_OK;
 }
+
+// ----------------------------------------------------------------------------
+// rows split over processes (gmpo.h): row sums, then the finish of summed ones
+
+gmpo_status gmpo_cpu_row_sums(gmpo_args *a, double *sums, int64_t sums_extent) {
+    gmpo_status st = gmpo_check_sums(a, sums, sums_extent);
+    if (st) return st;
+    int nt = threads_for(a);
+    int f64 = a->logp.dtype == GMPO_DT_F64;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
+#endif
+    for (int t = 0; t < nt; t++) {
+        int64_t r0, r1;
+        chunk(a->B, t, nt, &r0, &r1);
+        if (f64) rows_sums_d(a, r0, r1, sums);
+        else rows_sums_f(a, r0, r1, sums);
+    }
+    return GMPO_OK;
+}
+
+gmpo_status gmpo_cpu_finish_sums(gmpo_args *a, const double *sums, int64_t sums_extent,
+                                 double *rows, void *out_loss, void *out_metrics,
+                                 int32_t out_dtype) {
+    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
+    if (st) return st;
+    if ((st = gmpo_check_sums(a, sums, sums_extent))) return st;
+    if (a->logp.dtype == GMPO_DT_F64) rows_finish_sums_d(a, sums, rows);
+    else rows_finish_sums_f(a, sums, rows);
+    finish(a, rows, out_loss, out_metrics, out_dtype);
+    return GMPO_OK;
+}
+
+// builds without the CUDA kernels: the CUDA entry points say so (weak on
+// gcc/clang, as in logits_cpu.c: gmpo_loss.cu's definitions replace them)
+#if !defined(GMPO_WITH_CUDA) || defined(__GNUC__)
+#if defined(__GNUC__)
+#define GMPO_WEAK __attribute__((weak))
+#else
+#define GMPO_WEAK
+#endif
+GMPO_WEAK gmpo_status gmpo_cuda_row_sums(gmpo_args *a, double *sums, int64_t sums_extent) {
+    (void)sums; (void)sums_extent;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA kernels");
+    return GMPO_ENOTBUILT;
+}
+GMPO_WEAK gmpo_status gmpo_cuda_finish_sums(gmpo_args *a, const double *sums,
+                                            int64_t sums_extent, double *rows, void *out_loss,
+                                            void *out_metrics, int32_t out_dtype) {
+    (void)sums; (void)sums_extent; (void)rows; (void)out_loss; (void)out_metrics;
+    (void)out_dtype;
+    snprintf(a->err, sizeof a->err, "gmpo_ext was built without its CUDA kernels");
+    return GMPO_ENOTBUILT;
+}
+#endif

@@ -176,11 +176,11 @@ GMPO_INLINE void GMPO_S(tile_forward)(const GMPO_S(gmpo_opts) *opts, GMPO_FLAGS_
     }
 }
 
-GMPO_INLINE void GMPO_S(row_forward_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
-                                       GMPO_FLAGS_DECL, int64_t i, GMPO_S(scratch) *sc,
-                                       double *rs) {
-    GMPO_T adv_row, w_row;
-    GMPO_S(row_constants)(a, i, sc, &adv_row, &w_row);
+// the sums of row i over its tokens (adv_row, w_row: its per-row values)
+GMPO_INLINE void GMPO_S(row_sums_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                    GMPO_FLAGS_DECL, int64_t i, GMPO_S(scratch) *sc,
+                                    GMPO_S(gmpo_acc) *acc, GMPO_T *adv_row, GMPO_T *w_row) {
+    GMPO_S(row_constants)(a, i, sc, adv_row, w_row);
     GMPO_S(lanes) L;
     GMPO_S(lanes_zero)(&L);
     for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
@@ -189,9 +189,16 @@ GMPO_INLINE void GMPO_S(row_forward_o)(const gmpo_args *a, const GMPO_S(gmpo_opt
         GMPO_S(tile_forward)(o, GMPO_FLAGS_PASS, n, tl.m, tl.lp, tl.olp, tl.adv, tl.ref, tl.w,
                              &L);
     }
+    GMPO_S(gmpo_acc_zero)(acc);
+    GMPO_S(lanes_fold)(&L, acc);
+}
+
+GMPO_INLINE void GMPO_S(row_forward_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                       GMPO_FLAGS_DECL, int64_t i, GMPO_S(scratch) *sc,
+                                       double *rs) {
+    GMPO_T adv_row, w_row;
     GMPO_S(gmpo_acc) acc;
-    GMPO_S(gmpo_acc_zero)(&acc);
-    GMPO_S(lanes_fold)(&L, &acc);
+    GMPO_S(row_sums_o)(a, o, GMPO_FLAGS_PASS, i, sc, &acc, &adv_row, &w_row);
     GMPO_S(gmpo_row_finish)(a, &acc, adv_row, w_row, rs);
 }
 
@@ -237,6 +244,38 @@ GMPO_INSTANCES(GMPO_MAKE_ROWS_FORWARD)
 static void GMPO_S(rows_forward)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows) {
     GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
     GMPO_DISPATCH(rows_forward, a, &o_, r0, r1, rows)
+}
+
+// row sums of rows [r0, r1) into sums (GMPO_SUM_STATS each): the first half of
+// forward, for rows split over processes
+#define GMPO_MAKE_ROWS_SUMS(K, V, B, W, G)                                           \
+    GMPO_CLONES static void GMPO_S(rows_sums_##K)(const gmpo_args *a,                \
+                                                  const GMPO_S(gmpo_opts) *o,        \
+                                                  int64_t r0, int64_t r1, double *sums) { \
+        GMPO_S(scratch) sc;                                                          \
+        GMPO_T adv_row, w_row;                                                       \
+        GMPO_S(gmpo_acc) acc;                                                        \
+        for (int64_t i = r0; i < r1; i++) {                                          \
+            GMPO_S(row_sums_o)(a, o, V, B, W, G, i, &sc, &acc, &adv_row, &w_row);    \
+            GMPO_S(gmpo_acc_store)(&acc, sums + i * GMPO_SUM_STATS);                 \
+        }                                                                            \
+    }
+GMPO_INSTANCES(GMPO_MAKE_ROWS_SUMS)
+
+static void GMPO_S(rows_sums)(const gmpo_args *a, int64_t r0, int64_t r1, double *sums) {
+    GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
+    GMPO_DISPATCH(rows_sums, a, &o_, r0, r1, sums)
+}
+
+// the second half: summed row sums -> the rows' statistics (cheap: O(B))
+static void GMPO_S(rows_finish_sums)(const gmpo_args *a, const double *sums, double *rows) {
+    for (int64_t i = 0; i < a->B; i++) {
+        GMPO_S(gmpo_acc) acc;
+        GMPO_S(gmpo_acc_load)(sums + i * GMPO_SUM_STATS, &acc);
+        GMPO_T adv_row = GMPO_S(row_value)(&a->adv, i, 0);
+        GMPO_T w_row = GMPO_S(row_value)(&a->is_w, i, 1);
+        GMPO_S(gmpo_row_finish)(a, &acc, adv_row, w_row, rows + i * GMPO_ROW_STATS);
+    }
 }
 
 // ----------------------------------------------------------------------------

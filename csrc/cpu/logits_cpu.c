@@ -181,8 +181,9 @@ LG_LOOP void lg_grad(float *restrict x, int64_t n, float lse, float g, float gh,
 // row kernels
 
 // lse and entropy of one row of V logits (online over chunks); buf: LG_CHUNK floats
+// (mx, lsr: the row's max and log sum exp(x - max), of which lse is the sum)
 static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int ent,
-                           float *buf, float *lse, float *entropy) {
+                           float *buf, float *lse, float *entropy, float *mx, float *lsr) {
     float M = -INFINITY;
     double S = 0.0, W = 0.0;   // sum e^(x-M), sum e^(x-M) (x-M)
     for (int64_t off = 0; off < V; off += LG_CHUNK) {
@@ -211,6 +212,8 @@ static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int 
     double ls = log(S);                          // all -inf: log 0 = -inf, NaN below
     *lse = (float)((double)M + ls);
     if (ent) *entropy = (float)(ls - W / S);
+    *mx = M;
+    *lsr = (float)ls;
 }
 
 // gradient of one row: x = z/tau, p = exp(x - lse),
@@ -275,6 +278,12 @@ gmpo_status gmpo_logits_check_args(gmpo_logits_args *a) {
                  "tensor (fewer elements than (B, T))", a->ids_name);
         return GMPO_EINVAL;
     }
+    if (a->vocab_total < 0 || a->vocab_start < 0 ||
+        (a->vocab_total > 0 && a->vocab_start > a->vocab_total - a->V))
+        return lg_fail(a, "vocab_start: the shard [vocab_start, vocab_start + V) must lie in "
+                          "[0, vocab_total)");
+    if (a->vocab_total == 0 && a->vocab_start != 0)
+        return lg_fail(a, "vocab_start: must be 0 without a vocab_total");
     if (a->mask.data && !lg_view_fits(a, &a->mask))
         return lg_fail(a, "mask: its shape and strides address memory outside the tensor "
                           "(fewer elements than (B, T))");
@@ -351,12 +360,13 @@ static gmpo_status lg_check_ids(gmpo_logits_args *a) {
     for (int64_t b = 0; b < a->B; b++)
         for (int64_t t = 0; t < a->T; t++) {
             int64_t id = lg_id(a, b, t);
-            if ((id < 0 || id >= a->V) && lg_counts(a, b, t)) {
+            int64_t vtot = a->vocab_total > 0 ? a->vocab_total : a->V;
+            if ((id < 0 || id >= vtot) && lg_counts(a, b, t)) {
                 a->bad_id = 1;
                 snprintf(a->err, sizeof a->err,
                          "%s: token id %lld at [%lld, %lld] is outside [0, %lld), the "
                          "vocabulary of the logits", a->ids_name, (long long)id,
-                         (long long)b, (long long)t, (long long)a->V);
+                         (long long)b, (long long)t, (long long)vtot);
                 return GMPO_EINVAL;
             }
         }
@@ -397,15 +407,20 @@ gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *ent
             }
             const char *row = (const char *)a->logits.data +
                               (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
-            float l, h = 0.0f;
-            lg_row_forward(row, dt, a->V, s, ent, buf, &l, &h);
+            float l, h = 0.0f, mx, lsr;
+            lg_row_forward(row, dt, a->V, s, ent, buf, &l, &h, &mx, &lsr);
+            if (ent) entropy[r] = h;
+            if (a->vocab_total > 0) {   // a shard's state: its max and log-sum apart
+                lse[r] = mx;
+                logp[r] = lsr;
+                continue;
+            }
             int64_t id = lg_id(a, b, t);
             float zid = dt == GMPO_DT_F32 ? ((const float *)row)[id]
                         : dt == GMPO_DT_BF16 ? gmpo_bf16_to_f32(((const uint16_t *)row)[id])
                                              : gmpo_f16_to_f32(((const uint16_t *)row)[id]);
             logp[r] = zid * s - l;
             lse[r] = l;
-            if (ent) entropy[r] = h;
         }
     }
     (void)nt;
@@ -451,7 +466,8 @@ gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
                               (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
             int64_t k = b * T + t;
             lg_row_backward(row, dt, grow, a->V, s, lse[k], G * s, Gh * s,
-                            grad_entropy.data ? entropy[k] : 0.0f, lg_id(a, b, t), buf);
+                            grad_entropy.data ? entropy[k] : 0.0f,
+                            lg_id(a, b, t) - a->vocab_start, buf);   // outside [0, V): no one-hot
         }
     }
     (void)nt;

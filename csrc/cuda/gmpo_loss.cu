@@ -48,7 +48,7 @@
 #define GMPO_FWD_MAX_THREADS 512
 #define GMPO_BWD_MAX_THREADS 256
 #define GMPO_TOT_MAX_THREADS 1024
-#define GMPO_MAX_GRID_Y 65535
+// GMPO_MAX_GRID_Y (launch.cuh): the backward's grid.y cap (a grid-stride loop)
 // blocks per SM asked of ptxas: 1024 resident threads (<= 64 registers) in fp32,
 // 512 in fp64, whose accumulators and values take twice the registers
 #define GMPO_MIN_BLOCKS(threads, Acc) ((sizeof(Acc) == 4 ? 1024 : 512) / (threads))
@@ -189,11 +189,19 @@ GMPO_DEV void gmpo_fwd_group(const gmpo_args &a, const typename gmpo_m<Acc>::opt
     }
 }
 
-// Row blockIdx.x: its GMPO_ROW_STATS statistics into rows[i].
+// a row's sums to and from the fp64 values processes add up (gmpo_math.h)
+GMPO_DEV void gmpo_sums_store(const gmpo_acc_f &s, double *out) { gmpo_acc_store_f(&s, out); }
+GMPO_DEV void gmpo_sums_store(const gmpo_acc_d &s, double *out) { gmpo_acc_store_d(&s, out); }
+GMPO_DEV void gmpo_sums_load(const double *in, gmpo_acc_f &s) { gmpo_acc_load_f(in, &s); }
+GMPO_DEV void gmpo_sums_load(const double *in, gmpo_acc_d &s) { gmpo_acc_load_d(in, &s); }
+
+// Row blockIdx.x: its GMPO_ROW_STATS statistics into rows[i], or, with sums
+// (rows split over processes), its raw GMPO_SUM_STATS sums into sums[i].
 // logp, old_logp, mask, ref_logp: (B,T); adv, is_w: (B,) or (B,T); rows: (B+1, 10)
 template <class Acc, int VEC>
 __global__ void __launch_bounds__(GMPO_FWD_MAX_THREADS, GMPO_MIN_BLOCKS(GMPO_FWD_MAX_THREADS, Acc))
-gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ rows) {
+gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ rows,
+                     double *__restrict__ sums) {
     typedef typename gmpo_m<Acc>::acc acc_t;
     const int64_t i = blockIdx.x, T = a.T;
     const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
@@ -216,6 +224,22 @@ gmpo_fwd_rows_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ r
     gmpo_block_sum8<Acc>(v);
     if (threadIdx.x == 0) {
         gmpo_acc_unpack<Acc>(v, s);
+        if (sums) gmpo_sums_store(s, sums + i * GMPO_SUM_STATS);
+        else gmpo_m<Acc>::finish(&a, &s, adv_row, w_row, rows + i * GMPO_ROW_STATS);
+    }
+}
+
+// Rows split over processes: the summed sums[i] -> rows[i] (a thread per row)
+template <class Acc>
+__global__ void gmpo_finish_sums_kernel(const __grid_constant__ gmpo_args a,
+                                        const double *__restrict__ sums,
+                                        double *__restrict__ rows) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.B; i += stride) {
+        typename gmpo_m<Acc>::acc s;
+        gmpo_sums_load(sums + i * GMPO_SUM_STATS, s);
+        const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
+        const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
         gmpo_m<Acc>::finish(&a, &s, adv_row, w_row, rows + i * GMPO_ROW_STATS);
     }
 }
@@ -388,9 +412,11 @@ extern "C" gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_l
         const unsigned threads = fwd_threads(a->T, vec_of(dt));
         const dim3 grid((unsigned)a->B);
         if (dt == GMPO_DT_F64)
-            GMPO_LAUNCH((gmpo_fwd_rows_kernel<double, 2>), grid, threads, 0, stream, *a, rows);
+            GMPO_LAUNCH((gmpo_fwd_rows_kernel<double, 2>), grid, threads, 0, stream, *a, rows,
+                        (double *)nullptr);
         else
-            GMPO_LAUNCH((gmpo_fwd_rows_kernel<float, 4>), grid, threads, 0, stream, *a, rows);
+            GMPO_LAUNCH((gmpo_fwd_rows_kernel<float, 4>), grid, threads, 0, stream, *a, rows,
+                        (double *)nullptr);
         GMPO_CHECK_LAUNCH(a, "gmpo_fwd_rows_kernel");
     }
     const unsigned tthreads = pow2_clamp(a->B, 32, GMPO_TOT_MAX_THREADS);
@@ -417,5 +443,54 @@ extern "C" gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows, cons
         GMPO_LAUNCH((gmpo_bwd_kernel<float, 4>), grid, threads, 0, stream, *a, rows, grad_out,
                     grad_out_dtype, grad, grad_dtype);
     GMPO_CHECK_LAUNCH(a, "gmpo_bwd_kernel");
+    return GMPO_OK;
+}
+
+// ----------------------------------------------------------------------------
+// rows split over processes (gmpo.h): row sums, then the finish of summed ones
+
+extern "C" gmpo_status gmpo_cuda_row_sums(gmpo_args *a, double *sums, int64_t sums_extent) {
+    gmpo_status st = gmpo_check_sums(a, sums, sums_extent);
+    if (st) return st;
+    if (a->B > INT32_MAX) return too_many_rows(a);
+    if (a->B == 0) return GMPO_OK;
+    cudaStream_t stream = (cudaStream_t)a->stream;
+    const int32_t dt = a->logp.dtype;
+    const unsigned threads = fwd_threads(a->T, vec_of(dt));
+    const dim3 grid((unsigned)a->B);
+    if (dt == GMPO_DT_F64)
+        GMPO_LAUNCH((gmpo_fwd_rows_kernel<double, 2>), grid, threads, 0, stream, *a,
+                    (double *)nullptr, sums);
+    else
+        GMPO_LAUNCH((gmpo_fwd_rows_kernel<float, 4>), grid, threads, 0, stream, *a,
+                    (double *)nullptr, sums);
+    GMPO_CHECK_LAUNCH(a, "gmpo_fwd_rows_kernel");
+    return GMPO_OK;
+}
+
+extern "C" gmpo_status gmpo_cuda_finish_sums(gmpo_args *a, const double *sums,
+                                             int64_t sums_extent, double *rows, void *out_loss,
+                                             void *out_metrics, int32_t out_dtype) {
+    gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
+    if (st) return st;
+    if ((st = gmpo_check_sums(a, sums, sums_extent))) return st;
+    if (a->B > INT32_MAX) return too_many_rows(a);
+    cudaStream_t stream = (cudaStream_t)a->stream;
+    if (a->B > 0) {
+        const unsigned threads = 128;
+        int64_t blocks = (a->B + threads - 1) / threads;
+        if (blocks > 65535) blocks = 65535;   // the grid-stride loop covers the rest
+        if (a->logp.dtype == GMPO_DT_F64)
+            GMPO_LAUNCH(gmpo_finish_sums_kernel<double>, (unsigned)blocks, threads, 0, stream, *a,
+                        sums, rows);
+        else
+            GMPO_LAUNCH(gmpo_finish_sums_kernel<float>, (unsigned)blocks, threads, 0, stream, *a,
+                        sums, rows);
+        GMPO_CHECK_LAUNCH(a, "gmpo_finish_sums_kernel");
+    }
+    const unsigned tthreads = pow2_clamp(a->B, 32, GMPO_TOT_MAX_THREADS);
+    GMPO_LAUNCH(gmpo_fwd_totals_kernel, 1, tthreads, 0, stream, *a, rows, out_loss, out_metrics,
+                out_dtype);
+    GMPO_CHECK_LAUNCH(a, "gmpo_fwd_totals_kernel");
     return GMPO_OK;
 }

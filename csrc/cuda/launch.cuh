@@ -13,10 +13,17 @@
  *   GMPO_CHECK_LAUNCH(a, what)
  *       right after a launch: on an error, the CUDA error string goes to a->err
  *       and the entry point returns GMPO_ECUDA.
+ *   GMPO_MAX_GRID_X, GMPO_MAX_GRID_Y
+ *       the most blocks a launcher puts on grid.x / grid.y where its kernel has a
+ *       grid-stride loop over that dimension (CUDA's limits by default). A build
+ *       may lower them (-DGMPO_MAX_GRID_X=3 -DGMPO_MAX_GRID_Y=2: the SIMT
+ *       emulation's tiny-grid build) so that every grid-stride loop takes
+ *       several passes in a test.
  */
 #ifndef GMPO_CUDA_LAUNCH_CUH
 #define GMPO_CUDA_LAUNCH_CUH
 
+#include <stdint.h>
 #include <stdio.h>
 
 #ifndef GMPO_SIMT
@@ -36,6 +43,16 @@
 #endif
 
 #define GMPO_DEV __device__ __forceinline__
+
+#ifndef GMPO_MAX_GRID_X
+#define GMPO_MAX_GRID_X 2147483647LL
+#endif
+#ifndef GMPO_MAX_GRID_Y
+#define GMPO_MAX_GRID_Y 65535
+#endif
+#if GMPO_MAX_GRID_X < 1 || GMPO_MAX_GRID_X > 2147483647LL || GMPO_MAX_GRID_Y < 1 || GMPO_MAX_GRID_Y > 65535
+#error "GMPO_MAX_GRID_X must be in [1, 2^31 - 1] and GMPO_MAX_GRID_Y in [1, 65535]"
+#endif
 
 #define GMPO_CHECK_LAUNCH(a, what)                                                  \
     do {                                                                            \

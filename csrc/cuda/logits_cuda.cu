@@ -40,13 +40,14 @@
 #define LG_THREADS 256
 #define LG_WARPS (LG_THREADS / 32)
 #define LG_FULL_MASK 0xffffffffu
-#define LG_MAX_GRID 2147483647LL
+#define LG_MAX_GRID GMPO_MAX_GRID_X   /* launch.cuh: 2^31 - 1 unless a test build lowers it */
 
 // everything the kernels need, by value (no pointer to host memory)
 struct lg_kargs {
     int64_t B, T, TL, V;
     const char *logits;
     int64_t lsb, lst;          // logits strides (elements)
+    int64_t v0, vtot;          // a vocabulary shard: first id, vocabulary (vtot 0: none)
     gmpo_view ids, mask;
     float s;                   // 1 / tau
     // forward outputs
@@ -263,10 +264,16 @@ __global__ void __launch_bounds__(LG_THREADS) lg_fwd_kernel(const lg_kargs a, in
         if (threadIdx.x == 0) {
             float ls = __logf(st.s);           // all -inf: log 0 = -inf, then NaN
             float lse = st.m + ls;
-            int64_t id = lg_id(a, b, t);
-            bool ok = id >= 0 && id < V;
-            a.logp[r] = ok ? lg_ld1<DT>(row, ok ? id : 0) * a.s - lse : __int_as_float(0x7fc00000);
-            a.lse[r] = lse;
+            const int64_t id = lg_id(a, b, t);
+            if (a.vtot > 0) {                  // a shard's state: its max and log-sum apart
+                const bool ok = id >= 0 && id < a.vtot;
+                a.logp[r] = ok ? ls : __int_as_float(0x7fc00000);
+                a.lse[r] = st.m;
+            } else {
+                const bool ok = id >= 0 && id < V;
+                a.logp[r] = ok ? lg_ld1<DT>(row, ok ? id : 0) * a.s - lse : __int_as_float(0x7fc00000);
+                a.lse[r] = lse;
+            }
             if (ent) a.entropy[r] = ls - st.w / st.s;
         }
     }
@@ -315,7 +322,7 @@ __global__ void __launch_bounds__(LG_THREADS) lg_bwd_kernel(const lg_kargs a) {
         const float lse = a.lse_in[k];
         const float g = G * a.s, gh = Gh * a.s;
         const float c = a.gh.data ? a.entropy_in[k] - lse : 0.0f;
-        const int64_t id = lg_id(a, b, t);    // outside [0, V): never matches below
+        const int64_t id = lg_id(a, b, t) - a.v0;   // outside [0, V): never matches below
         const int64_t head = lg_head<DT>(row, V);
         const bool vec = head == lg_head<DT>(grow, V);
         const int64_t nvec = vec ? (V - head) / E : 0, tail0 = vec ? head + nvec * E : 0;
@@ -353,6 +360,7 @@ static lg_kargs lg_make_kargs(const gmpo_logits_args *a) {
     k.logits = (const char *)a->logits.data;
     k.lsb = a->logits.stride_b; k.lst = a->logits.stride_t;
     k.ids = a->ids; k.mask = a->mask;
+    k.v0 = a->vocab_start; k.vtot = a->vocab_total;
     k.s = (float)(1.0 / a->temperature);
     return k;
 }

@@ -43,7 +43,7 @@ RUNTIME = HERE / "simt_runtime.cpp"
 SELFTEST_DIR = HERE / "selftest"
 
 SANITIZERS = (None, "asan", "tsan")
-_CACHE_VERSION = "simt-build-1"
+_CACHE_VERSION = "simt-build-2"
 _WARNINGS = ("-Wall", "-Wextra")
 _SAN_FLAGS = {
     None: [],
@@ -194,6 +194,7 @@ def build_library(
     extra_cflags: Sequence[str] = (),
     extra_ldflags: Sequence[str] = (),
     runtime_defines: Iterable = (),
+    cu_defines: Iterable = (),
     cxx: str | None = None,
     cc: str | None = None,
     jobs: int = 2,
@@ -211,6 +212,8 @@ def build_library(
     python_extension: name the output <name><EXT_SUFFIX> and add Python's
         include directory (libpython is not linked).
     executable: link a program instead of a shared library.
+    cu_defines: defines for the .cu files only (e.g. grid caps: the C objects
+        stay shared with other builds in the cache).
     runtime_defines: defines for the runtime only (SIMT_USE_UCONTEXT selects
         the portable ucontext fibers on x86-64 too).
     cxx, cc: compilers (default $SIMT_CXX or g++, $SIMT_CC or gcc).
@@ -239,8 +242,12 @@ def build_library(
     common += list(extra_cflags)
     # -fstack-clash-protection: a big kernel frame probes its pages, so an
     # overflow hits the fiber stack's guard region instead of skipping it.
+    # -fsanitize=alignment (no UBSan runtime: simt_runtime.cpp handles its calls):
+    # a misaligned load or store in a kernel ends the block with
+    # cudaErrorMisalignedAddress in every build (ASan's UBSan checks it too).
+    align = [] if sanitize == "asan" else ["-fsanitize=alignment"]
     cu_flags = ["-x", "c++", "-std=c++17", "-DGMPO_SIMT", "-include", str(SIMT_H), "-Wno-unknown-pragmas",
-                "-fstack-clash-protection", *common, *san]
+                "-fstack-clash-protection", *common, *_define_flags(cu_defines), *san, *align]
     c_flags = ["-std=c11", *common, *san]
     cxx_flags = ["-std=c++17", *common, *san]
     # The runtime hands scheduler state between fibers without happens-before
@@ -375,6 +382,21 @@ SELFTEST_CASES: dict[str, dict[str | None, tuple[int, list[str]]]] = {
         "asan": (1, ["ERROR: AddressSanitizer: use-after-poison", "histogram_kernel", "correct.cu:"]),
     },
     **{case: {b: expect for b in SANITIZERS} for case, expect in _CAUGHT.items()},
+    # a read of static shared memory past the written slots sees the 0xFF poison
+    # (NaN), not the zeros an earlier launch left in the same copy
+    "smem_uninit": {b: (1, ["wrong result", "block sums 8.000000, -nan"]) for b in SANITIZERS},
+    # a misaligned 16-byte load: a launch error in every build (ASan's UBSan
+    # reports the plain dereference itself)
+    "misaligned": {
+        None: (2, ["cudaErrorMisalignedAddress", "misaligned address", "misaligned_kernel",
+                   _src_line("broken.cu", "v = *p;")]),
+        "tsan": (2, ["cudaErrorMisalignedAddress", "misaligned address", "misaligned_kernel",
+                     _src_line("broken.cu", "v = *p;")]),
+        "asan": (1, ["runtime error:", "misaligned address", _src_line("broken.cu", "v = *p;")]),
+    },
+    "misaligned_ldg": {b: (2, ["cudaErrorMisalignedAddress", "16-byte __ldg needs 16-byte alignment",
+                               "misaligned_kernel", _src_line("broken.cu", "v = __ldg(p);")])
+                       for b in SANITIZERS},
     # killed by SIGSEGV after the harness names the overflow (ASan/TSan report it their own way)
     "stack_overflow": {None: (-11, ["fiber stack overflow (64 KiB); raise SIMT_STACK_KB", "stack_overflow_kernel"])},
 }

@@ -76,9 +76,11 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Static shared memory: one copy per worker thread, reused by the blocks that
-// thread runs one after another. Its contents survive from block to block,
-// so a read of uninitialised static shared memory goes unnoticed (dynamic
-// shared memory is refilled with a garbage pattern for every block).
+// thread runs one after another; the runtime fills it with 0xFF bytes before
+// every block (as it does dynamic shared memory), so a read of a slot the block
+// did not write sees NaN / -1, never an earlier block's value. Declare it in a
+// function (kernel or device function): a namespace-scope __shared__ is not
+// found by the runtime and keeps its values.
 #define __shared__ static thread_local
 // __restrict__ is understood by g++ and clang++ already.
 
@@ -137,6 +139,7 @@ typedef enum cudaError {
   cudaErrorLaunchTimeout = 702,
   cudaErrorAssert = 710,
   cudaErrorIllegalInstruction = 715,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
   cudaErrorUnknown = 999
@@ -242,6 +245,9 @@ uint64_t warp_op(int op, unsigned mask, uint64_t val, int arg, int width, const 
 unsigned active_mask();
 void yield_fiber();
 [[noreturn]] void trap(const char* what, const char* file, int line);
+// ends the block with cudaErrorMisalignedAddress (`size` bytes at p need `align`)
+[[noreturn]] void misaligned(const void* p, unsigned size, const char* what, unsigned align, const char* file,
+                             int line);
 
 cudaError_t launch(const char* name, const void* func, dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, void (*invoke)(void*), void* call);
@@ -475,12 +481,27 @@ inline unsigned atomicDec(unsigned* a, unsigned limit) {
 // ---------------------------------------------------------------------------
 // Loads, bit casts, integer intrinsics
 
+// Each checks its pointer's alignment (a misaligned one ends the block with
+// cudaErrorMisalignedAddress naming the caller's line); plain dereferences are
+// checked by -fsanitize=alignment (tests/simt/build.py).
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline T __ldg(const T* p, const char* simt_file_ = __builtin_FILE(), int simt_line_ = __builtin_LINE()) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
+    ::simt::detail::misaligned(p, sizeof(T), "__ldg", alignof(T), simt_file_, simt_line_);
+  return *p;
+}
 template <class T>
-inline T __ldcs(const T* p) { return *p; }
+inline T __ldcs(const T* p, const char* simt_file_ = __builtin_FILE(), int simt_line_ = __builtin_LINE()) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
+    ::simt::detail::misaligned(p, sizeof(T), "__ldcs", alignof(T), simt_file_, simt_line_);
+  return *p;
+}
 template <class T>
-inline void __stcs(T* p, T v) { *p = v; }
+inline void __stcs(T* p, T v, const char* simt_file_ = __builtin_FILE(), int simt_line_ = __builtin_LINE()) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T))
+    ::simt::detail::misaligned(p, sizeof(T), "__stcs", alignof(T), simt_file_, simt_line_);
+  *p = v;
+}
 
 inline float __int_as_float(int x) { return ::simt::detail::from_bits<float>(static_cast<uint32_t>(x)); }
 inline int __float_as_int(float x) { return static_cast<int>(static_cast<uint32_t>(::simt::detail::to_bits(x))); }

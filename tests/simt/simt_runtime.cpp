@@ -12,7 +12,10 @@
 // stack pool; per-launch worker and fibers; scheduling; barriers and warp
 // collectives; errors; launch; the CUDA runtime API subset.
 
+#include <dlfcn.h>
+#include <elf.h>
 #include <errno.h>
+#include <link.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <sys/mman.h>
@@ -351,6 +354,7 @@ struct Launch {
   uint64_t nblocks;
   size_t stack_size;
   std::atomic<uint64_t> next_block{0};
+  std::vector<unsigned> only_x;  // SIMT_ONLY_BLOCKS_X: run only these blockIdx.x (empty: all)
   std::atomic<bool> failed{false};
   std::mutex mu;
   cudaError_t err = cudaSuccess;
@@ -782,6 +786,99 @@ void trap(const char* what, const char* file, int line) {
   abort();
 }
 
+void misaligned(const void* p, unsigned size, const char* what, unsigned align, const char* file, int line) {
+  if (Fiber* f = tls.cur)
+    fiber_fail(f, cudaErrorMisalignedAddress, "misaligned address %p: %u-byte %s needs %u-byte alignment, at %s:%d", p,
+               size, what, align, file, line);
+  fprintf(stderr, "simt: misaligned address %p: %u-byte %s needs %u-byte alignment, at %s:%d (outside a kernel)\n",
+          p, size, what, align, file, line);
+  abort();
+}
+
+// ---------------------------------------------------------------------------
+// Static __shared__ memory: `static thread_local` variables (simt.h), one copy
+// per worker thread. Before every block, run_block fills each with 0xFF bytes
+// (NaN, -1), as dynamic shared memory is, so a read of a slot the block did not
+// write is seen, whatever an earlier block or launch left there. They are
+// found once, in the symbol table of the module holding this runtime: the TLS
+// symbols of function-local statics (C++ names "_ZZ...": a __shared__ at
+// namespace scope is not found), at their offset from simt::detail::tls.
+
+struct SmemVar {
+  ptrdiff_t off;  // from &tls
+  size_t size;
+};
+static std::vector<SmemVar>* g_smem_vars = nullptr;
+static std::once_flag g_smem_once;
+
+static int find_module(struct dl_phdr_info* info, size_t, void* data) {
+  auto* want = static_cast<std::pair<uintptr_t, std::string>*>(data);
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+    if (ph.p_type != PT_LOAD) continue;
+    const uintptr_t lo = info->dlpi_addr + ph.p_vaddr;
+    if (want->first >= lo && want->first < lo + ph.p_memsz) {
+      want->second = info->dlpi_name && info->dlpi_name[0] ? info->dlpi_name : "/proc/self/exe";
+      return 1;
+    }
+  }
+  return 0;
+}
+
+static void find_static_smem() {
+  g_smem_vars = new std::vector<SmemVar>;
+  std::pair<uintptr_t, std::string> mod{reinterpret_cast<uintptr_t>(&find_module), std::string()};
+  dl_iterate_phdr(find_module, &mod);
+  FILE* fp = mod.second.empty() ? nullptr : fopen(mod.second.c_str(), "rb");
+  std::vector<char> img;
+  if (fp) {
+    char buf[1 << 16];
+    size_t k;
+    while ((k = fread(buf, 1, sizeof buf, fp)) > 0) img.insert(img.end(), buf, buf + k);
+    fclose(fp);
+  }
+  auto fail = [&](const char* why) {
+    fprintf(stderr, "simt: static __shared__ memory is not poisoned between blocks (%s: %s)\n", mod.second.c_str(),
+            why);
+    g_smem_vars->clear();
+  };
+  if (img.size() < sizeof(ElfW(Ehdr)) || memcmp(img.data(), ELFMAG, SELFMAG) != 0) return fail("not an ELF file");
+  const auto* eh = reinterpret_cast<const ElfW(Ehdr)*>(img.data());
+  if (eh->e_shoff == 0 || eh->e_shoff + eh->e_shnum * sizeof(ElfW(Shdr)) > img.size()) return fail("no sections");
+  const auto* sh = reinterpret_cast<const ElfW(Shdr)*>(img.data() + eh->e_shoff);
+  bool have_anchor = false;
+  ElfW(Addr) anchor = 0;
+  std::vector<std::pair<ElfW(Addr), size_t>> found;
+  for (unsigned i = 0; i < eh->e_shnum; ++i) {
+    if (sh[i].sh_type != SHT_SYMTAB || sh[i].sh_link >= eh->e_shnum) continue;
+    const ElfW(Shdr)& strs = sh[sh[i].sh_link];
+    if (sh[i].sh_offset + sh[i].sh_size > img.size() || strs.sh_offset + strs.sh_size > img.size()) continue;
+    const auto* sym = reinterpret_cast<const ElfW(Sym)*>(img.data() + sh[i].sh_offset);
+    const size_t n = sh[i].sh_size / sizeof(ElfW(Sym));
+    for (size_t j = 0; j < n; ++j) {
+      if (ELF64_ST_TYPE(sym[j].st_info) != STT_TLS || sym[j].st_name >= strs.sh_size) continue;
+      const char* name = img.data() + strs.sh_offset + sym[j].st_name;
+      if (strcmp(name, "_ZN4simt6detail3tlsE") == 0) {
+        have_anchor = true;
+        anchor = sym[j].st_value;
+      } else if (strncmp(name, "_ZZ", 3) == 0 && sym[j].st_size) {
+        found.emplace_back(sym[j].st_value, sym[j].st_size);
+      }
+    }
+  }
+  if (!have_anchor) return fail("no symbol table (stripped?)");
+  std::sort(found.begin(), found.end());
+  found.erase(std::unique(found.begin(), found.end()), found.end());
+  for (auto& v : found)
+    g_smem_vars->push_back(SmemVar{static_cast<ptrdiff_t>(v.first) - static_cast<ptrdiff_t>(anchor), v.second});
+}
+
+static void poison_static_smem() {
+  std::call_once(g_smem_once, find_static_smem);
+  unsigned char* base = reinterpret_cast<unsigned char*>(&tls);
+  for (const SmemVar& v : *g_smem_vars) memset(base + v.off, kFillByte, v.size);
+}
+
 // ---------------------------------------------------------------------------
 // Fiber stack overflow: a plain build names the kernel, block and thread on
 // stderr, then lets the fault go on to the previous SIGSEGV handler (Python's
@@ -900,6 +997,7 @@ static void run_block(Worker* w, uint64_t b) {
                    static_cast<unsigned>(b / (static_cast<uint64_t>(g.x) * g.y))};
   tls.block_idx = w->block;
   if (L->smem) memset(w->smem, kFillByte, L->smem);
+  poison_static_smem();
   w->qhead = 0;
   w->qcount = 0;
   for (unsigned i = 0; i < w->n; ++i) {
@@ -1029,6 +1127,9 @@ static void worker_main(Launch* L) {
   while (ok && !L->failed.load(std::memory_order_relaxed)) {
     const uint64_t b = L->next_block.fetch_add(1);
     if (b >= L->nblocks) break;
+    if (!L->only_x.empty() &&
+        std::find(L->only_x.begin(), L->only_x.end(), static_cast<unsigned>(b % L->grid.x)) == L->only_x.end())
+      continue;
     run_block(&w, b);
     if (w.failed) {
       std::lock_guard<std::mutex> lock(L->mu);
@@ -1138,6 +1239,17 @@ cudaError_t launch(const char* name, const void* func, dim3 grid, dim3 block, si
   L.nthreads = static_cast<unsigned>(nthreads);
   L.nblocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   L.stack_size = stack_bytes();
+  // SIMT_ONLY_BLOCKS_X=i,j,...: run only the blocks with these blockIdx.x (the
+  // others do nothing); for a test of a huge grid's last rows
+  if (const char* only = getenv("SIMT_ONLY_BLOCKS_X")) {
+    for (const char* q = only; *q;) {
+      char* end = nullptr;
+      const unsigned long v = strtoul(q, &end, 10);
+      if (end == q) break;
+      L.only_x.push_back(static_cast<unsigned>(v));
+      q = *end == ',' ? end + 1 : end;
+    }
+  }
   const unsigned nworkers =
       static_cast<unsigned>(std::min<uint64_t>(env_unsigned("SIMT_WORKERS", 2, 1, 256), L.nblocks));
   std::vector<std::thread> threads;
@@ -1178,6 +1290,7 @@ static const char* error_name(cudaError_t e) {
     case cudaErrorAssert: return "cudaErrorAssert";
     case cudaErrorIllegalInstruction: return "cudaErrorIllegalInstruction";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     case cudaErrorNotSupported: return "cudaErrorNotSupported";
     default: return "cudaErrorUnknown";
   }
@@ -1197,6 +1310,7 @@ static const char* error_text(cudaError_t e) {
     case cudaErrorAssert: return "device-side assert triggered";
     case cudaErrorIllegalInstruction: return "an illegal instruction was encountered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorNotSupported: return "operation not supported";
     default: return "unknown error";
   }
@@ -1297,6 +1411,48 @@ void __assert_fail(const char* assertion, const char* file, unsigned int line, c
   fprintf(stderr, "%s:%u: %s: Assertion `%s' failed.\n", file, line, function, assertion);
   abort();
 }
+
+#if !SIMT_RT_ASAN
+// The plain and TSan builds compile the kernels with -fsanitize=alignment and
+// no UBSan runtime (tests/simt/build.py): a load or store through a misaligned
+// pointer (a uint4 / float4 / double2 vector off its 16-byte grid, a float off
+// 4 bytes) calls these, and the block ends with cudaErrorMisalignedAddress, as
+// on a GPU. (The ASan build links UBSan's own runtime and aborts there.)
+struct simt_ubsan_loc {
+  const char* file;
+  uint32_t line, column;
+};
+struct simt_ubsan_type {
+  uint16_t kind, info;
+  char name[1];
+};
+struct simt_ubsan_mismatch {
+  simt_ubsan_loc loc;
+  const simt_ubsan_type* type;
+  unsigned char log_align, check_kind;
+};
+
+static void simt_ubsan_mismatch_report(const simt_ubsan_mismatch* d, uintptr_t p) {
+  static const char* const kinds[] = {"load", "store", "reference binding", "member access", "member call",
+                                      "constructor call", "downcast", "downcast", "upcast", "cast to virtual base"};
+  const char* kind = d->check_kind < sizeof kinds / sizeof kinds[0] ? kinds[d->check_kind] : "access";
+  char what[256];
+  snprintf(what, sizeof what, "%s of %s", kind, d->type ? d->type->name : "?");
+  const unsigned align = 1u << d->log_align;
+  if (p == 0) {
+    if (simt::detail::Fiber* f = simt::detail::tls.cur)
+      simt::detail::fiber_fail(f, cudaErrorIllegalAddress, "null pointer: %s at %s:%u", what, d->loc.file,
+                               d->loc.line);
+    fprintf(stderr, "simt: null pointer: %s at %s:%u\n", what, d->loc.file, d->loc.line);
+    abort();
+  }
+  simt::detail::misaligned(reinterpret_cast<const void*>(p), align, what, align, d->loc.file,
+                           static_cast<int>(d->loc.line));
+}
+
+void __ubsan_handle_type_mismatch_v1(simt_ubsan_mismatch* d, uintptr_t p) { simt_ubsan_mismatch_report(d, p); }
+void __ubsan_handle_type_mismatch_v1_abort(simt_ubsan_mismatch* d, uintptr_t p) { simt_ubsan_mismatch_report(d, p); }
+#endif
 
 }  // extern "C"
 

@@ -136,3 +136,52 @@ extern "C" int st_stack_overflow(float* out) {
   GMPO_LAUNCH(stack_overflow_kernel, 1, 4, 0, nullptr, out, 64 * 1024);
   return static_cast<int>(cudaGetLastError());
 }
+
+// ----------------------------------------------------------------------------
+// A read of static shared memory past the slots the block wrote: thread 0 sums
+// `nread` slots of which the first `nwrite` were written. The launcher first
+// runs the kernel with every slot written as 0 (an earlier launch leaving zeros
+// behind), then two blocks where block 0 writes all slots and block 1 only
+// `nwrite`: the slots block 1 did not write must read as the 0xFF poison (NaN),
+// never as what the earlier launch or block left. out: (2,).
+
+__global__ void smem_uninit_kernel(float* out, int nwrite, int nread, float value) {
+  __shared__ float slots[32];
+  const int nw = blockIdx.x == 0 ? nread : nwrite;
+  if (static_cast<int>(threadIdx.x) < nw) slots[threadIdx.x] = value;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int k = 0; k < nread; ++k) s += slots[k];  // BUG: reads past the nw slots written
+    out[blockIdx.x] = s;
+  }
+}
+
+extern "C" int st_smem_uninit(float* out) {
+  GMPO_LAUNCH(smem_uninit_kernel, 4, 32, 0, nullptr, out, 8, 8, 0.0f);   // leaves zeros in every copy
+  int code = static_cast<int>(cudaGetLastError());
+  if (code) return code;
+  GMPO_LAUNCH(smem_uninit_kernel, 2, 32, 0, nullptr, out, 4, 8, 1.0f);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ----------------------------------------------------------------------------
+// A 16-byte vector load off the 16-byte grid (one float past an aligned
+// buffer): plainly dereferenced (use_ldg 0) or through __ldg (1). On a GPU
+// "misaligned address"; the emulation ends the block with the same error.
+// x: (4 * blockDim.x + 4,), 16-byte aligned; out: (blockDim.x,).
+
+__global__ void misaligned_kernel(const float* x, float* out, int use_ldg) {
+  const float4* p = reinterpret_cast<const float4*>(x + 1) + threadIdx.x;  // BUG: x + 1 is not 16-byte aligned
+  float4 v;
+  if (use_ldg)
+    v = __ldg(p);
+  else
+    v = *p;
+  out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
+extern "C" int st_misaligned(const float* x, float* out, int use_ldg) {
+  GMPO_LAUNCH(misaligned_kernel, 1, 32, 0, nullptr, x, out, use_ldg);
+  return static_cast<int>(cudaGetLastError());
+}

@@ -191,6 +191,25 @@ static int run_assert() {
   return report("assert", st_assert(x.data(), out.data(), 100), "");
 }
 
+static int run_smem_uninit() {
+  std::vector<float> out(4, -1.0f);
+  int code = st_smem_uninit(out.data());
+  std::string wrong;
+  if (out[0] != 8.0f || out[1] != 4.0f)  // block 1 wrote 4 slots of 1.0 and read 8
+    wrong = "block sums " + std::to_string(out[0]) + ", " + std::to_string(out[1]) + " (expected 8, 4)";
+  return report("smem_uninit", code, wrong);
+}
+
+static int run_misaligned(int use_ldg) {
+  float* x = nullptr;
+  if (posix_memalign(reinterpret_cast<void**>(&x), 16, (4 * 32 + 4) * sizeof(float)) != 0) return USAGE;
+  for (int i = 0; i < 4 * 32 + 4; ++i) x[i] = 1.0f;
+  std::vector<float> out(32, 0.0f);
+  int code = st_misaligned(x, out.data(), use_ldg);
+  free(x);
+  return report(use_ldg ? "misaligned_ldg" : "misaligned", code, "");
+}
+
 static int run_concurrent() {
   // Two host threads launch at the same time, as pytest + PyTorch may.
   int results[2] = {-1, -1};
@@ -300,13 +319,16 @@ int main(int argc, char** argv) {
   if (c == "trap") return run_simple("trap", st_trap, 3 * 64);
   if (c == "assert") return run_assert();
   if (c == "stack_overflow") return run_simple("stack_overflow", st_stack_overflow, 4);
+  if (c == "smem_uninit") return run_smem_uninit();
+  if (c == "misaligned") return run_misaligned(0);
+  if (c == "misaligned_ldg") return run_misaligned(1);
   if (c == "bench")
     return run_bench(arg(argc, argv, 2, 64), static_cast<int>(arg(argc, argv, 3, 256)), arg(argc, argv, 4, 4096),
                      static_cast<int>(arg(argc, argv, 5, 20)));
   fprintf(stderr,
           "usage: %s all [small] | block_sum [rows n threads] | missing_sync [rows n threads] | histogram [n] | "
           "smem_overrun [n] | warp_semantics | bad_launch | concurrent | oob_read | divergent [threads] | "
-          "partial_warp [threads] | missing_lanes | barrier_vs_shuffle | trap | assert | stack_overflow | bench [blocks threads n "
+          "partial_warp [threads] | missing_lanes | barrier_vs_shuffle | trap | assert | stack_overflow | smem_uninit | misaligned | misaligned_ldg | bench [blocks threads n "
           "iters]\n",
           argv[0]);
   return USAGE;

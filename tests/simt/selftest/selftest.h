@@ -37,6 +37,8 @@ int st_barrier_vs_shuffle(float* out);
 int st_trap(float* out);
 int st_assert(const float* x, float* out, int n);
 int st_stack_overflow(float* out);
+int st_smem_uninit(float* out);
+int st_misaligned(const float* x, float* out, int use_ldg);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,352 @@
+"""The process side of tests/test_distributed.py: each spawned rank joins a gloo
+group on loopback, runs every scenario of its world size, and compares its
+loss, metrics and gradients with the single-process result it computes itself
+on the whole batch (same seed on every rank). A mismatch raises in the rank,
+which torch.multiprocessing.spawn re-raises in the test.
+
+Scenarios (B rows, T tokens, V vocabulary):
+  seq       rows split over ranks: contiguous token slices and an arbitrary
+            (interleaved) split through the mask; both conventions, KL, token
+            and row importance weights, token advantages; fp32 and fp64; GRPO
+  vocab     logits (B, T+1, V/P) sharded on the vocabulary: selective_logps
+            (logp, entropy, gradient) and gmpo_loss_from_logits
+  both      (4 ranks) 2 sequence x 2 vocabulary ranks, gmpo_loss_from_logits
+  dp        data parallel with unequal micro-batches and accumulation steps:
+            num_rows makes the summed losses and gradients the whole batch's
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+BACKEND = "c"
+TOL = 1e-6   # fp32: relative, with an absolute floor of TOL * max|ref|
+
+
+def _close(name, got, ref, tol=TOL, floor=1e-2):
+    """Elementwise relative error <= tol, each element's error measured against
+    max(|ref|, floor * max|ref|) (floor=1: normwise, against the largest)."""
+    got = torch.as_tensor(got).detach().to(torch.float64).cpu()
+    ref = torch.as_tensor(ref).detach().to(torch.float64).cpu()
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}")
+    if not torch.equal(torch.isnan(got), torch.isnan(ref)):
+        raise AssertionError(f"{name}: NaN pattern differs")
+    g, r = got[~torch.isnan(got)], ref[~torch.isnan(ref)]
+    if g.numel() == 0:
+        return
+    scale = r.abs().max().clamp(min=1e-30)
+    err = ((g - r).abs() / torch.maximum(r.abs(), scale * floor)).max()
+    if not err <= tol:
+        raise AssertionError(f"{name}: max relative error {float(err):.3g} > {tol} "
+                             f"(got {g.flatten()[:6].tolist()}, ref {r.flatten()[:6].tolist()})")
+
+
+def _metrics_close(prefix, got, ref, tol=TOL):
+    if set(got) != set(ref):
+        raise AssertionError(f"{prefix}: metric names {sorted(got)} != {sorted(ref)}")
+    for k in ref:
+        _close(f"{prefix} metric {k}", got[k], ref[k], tol)
+
+
+def _batch(seed, B, T, dtype=torch.float32, token_adv=False, token_isw=False, row_isw=False,
+           beta=0.0):
+    g = torch.Generator().manual_seed(seed)
+    logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logps + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.4
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[1] = False                                   # an empty row
+    if B > 3:
+        mask[3, T // 2:] = False                      # a zeroed tail
+    adv = torch.randn(B, 1, generator=g, dtype=torch.float64)
+    if token_adv:
+        # verl's layout: a row's advantage on each token, here with noise and a
+        # few tokens of the other sign (the clip side is per token). Not
+        # independent random signs: their masked mean would cancel, and fp32
+        # sums in any two orders then differ by more than 1e-6 of the result
+        adv = adv + 0.05 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        adv[2, :4] = -adv[2, :4]
+    else:
+        adv = adv.reshape(B)
+    adv.view(-1)[0] = 0.0                             # a zero advantage
+    out = dict(logps=logps.to(dtype), old_logps=old.to(dtype), advantages=adv.to(dtype),
+               mask=mask)
+    if beta:
+        out["ref_logps"] = (logps + torch.randn(B, T, generator=g, dtype=torch.float64)
+                            * 0.2).to(dtype)
+    if token_isw:
+        out["is_weights"] = (torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    elif row_isw:
+        out["is_weights"] = (torch.rand(B, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return out
+
+
+def _slices(T, world, rank, how, seed=0):
+    """(token index tensor of this rank) for a contiguous or an arbitrary split."""
+    if how == "contiguous":
+        bounds = [T * k // world for k in range(world)] + [T]
+        bounds[1] = max(bounds[1] - 2, 1)             # unequal slices
+        return torch.arange(bounds[rank], bounds[rank + 1])
+    owner = torch.randint(0, world, (T,), generator=torch.Generator().manual_seed(seed + 7))
+    return torch.nonzero(owner == rank).flatten()
+
+
+def _local(batch, idx, per_token_keys=("logps", "old_logps", "mask", "ref_logps")):
+    out = {}
+    for k, v in batch.items():
+        if k in per_token_keys or (v.dim() == 2 and v.shape[1] > 1):
+            out[k] = v[:, idx].contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def _grad_of(fn, x, **kw):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x, **kw)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    loss.backward()
+    return loss.detach(), metrics, x.grad
+
+
+# ----------------------------------------------------------------------------
+# scenarios
+
+def seq_split(rank, world, group):
+    import gmpo_ext
+
+    cases = [
+        ("trl kl rowisw contiguous", "contiguous", torch.float32,
+         dict(convention="trl", beta=0.04), dict(row_isw=True, beta=0.04)),
+        ("verl tokadv tokisw any", "any", torch.float32,
+         dict(convention="verl"), dict(token_adv=True, token_isw=True)),
+        ("verl kl clamp contiguous fp64", "contiguous", torch.float64,
+         dict(convention="verl", beta=0.1, log_ratio_clamp=0.3), dict(beta=0.1)),
+        ("trl plain any", "any", torch.float32, dict(convention="trl"), {}),
+    ]
+    for i, (name, how, dtype, opts, bopts) in enumerate(cases):
+        full = _batch(100 + i, 6, 41, dtype, **bopts)
+        idx = _slices(41, world, rank, how, seed=i)
+        loc = _local(full, idx)
+        call = dict(opts, return_metrics=True, epsilon_low=0.3, epsilon_high=0.35)
+
+        def f(x, batch, **kw):
+            b = dict(batch)
+            b.pop("logps")
+            return gmpo_ext.gmpo_loss(x, **b, **kw)
+
+        ref_loss, ref_m, ref_g = _grad_of(f, full["logps"], batch=full, **call)
+        loss, m, g = _grad_of(f, loc["logps"], batch=loc, group=group, **call)
+        _close(f"seq {name} loss", loss, ref_loss)
+        _metrics_close(f"seq {name}", m, ref_m)
+        _close(f"seq {name} grad", g, ref_g[:, idx])
+        if g.dtype != dtype:
+            raise AssertionError(f"seq {name}: gradient dtype {g.dtype}")
+
+    # GRPO: per-row token counts and the batch's mask sum come from all ranks
+    for lt in ("grpo", "bnpo", "dr_grpo"):
+        full = _batch(200, 5, 33, beta=0.05)
+        idx = _slices(33, world, rank, "any", seed=3)
+        loc = _local(full, idx)
+
+        def f(x, batch, **kw):
+            b = dict(batch)
+            b.pop("logps")
+            return gmpo_ext.grpo_loss(x, **b, **kw)
+
+        kw = dict(loss_type=lt, beta=0.05, return_metrics=True, max_completion_length=40)
+        ref_loss, ref_m, ref_g = _grad_of(f, full["logps"], batch=full, **kw)
+        loss, m, g = _grad_of(f, loc["logps"], batch=loc, group=group, **kw)
+        _close(f"grpo {lt} loss", loss, ref_loss)
+        _metrics_close(f"grpo {lt}", m, ref_m)
+        _close(f"grpo {lt} grad", g, ref_g[:, idx])
+
+    # every rank holds the same loss, bit for bit
+    for t in (loss.reshape(1).to(torch.float64),):
+        gathered = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(gathered, t, group=group)
+        if any(not torch.equal(x, gathered[0]) for x in gathered):
+            raise AssertionError(f"seq: ranks disagree on the loss: {gathered}")
+
+
+def _logits_batch(seed, B, T, V):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T + 1, V, generator=g) * 2
+    logits[0, 2, :V // 3] = -float("inf")             # part of one shard masked out
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[1] = False
+    # old and reference log-probs near the policy's own, as in training (far
+    # ones make the k3 KL dominate the loss by orders of magnitude, where fp32
+    # rounding of any two computations differs by more than 1e-6)
+    lp = torch.log_softmax(logits[:, :T].double(), -1).gather(2, ids.unsqueeze(-1)).squeeze(-1)
+    lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -3.0))
+    old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B, generator=g)
+    ref = (lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    return logits, ids, mask, old, adv, ref
+
+
+def vocab_split(rank, world, group):
+    import gmpo_ext
+
+    B, T, V = 4, 19, 96
+    logits, ids, mask, old, adv, ref = _logits_batch(300, B, T, V)
+    P = world
+    lo, hi = V * rank // P, V * (rank + 1) // P
+    shard = logits[:, :, lo:hi].contiguous()
+
+    # selective_logps: logp and entropy, and their gradient through the shard
+    w1 = torch.randn(B, T, generator=torch.Generator().manual_seed(5))
+    w2 = torch.randn(B, T, generator=torch.Generator().manual_seed(6))
+
+    def sel(x, **kw):
+        lp, ent = gmpo_ext.selective_logps(x, ids, 0.7, return_entropy=True, mask=mask, **kw)
+        return (lp * w1).sum() + (ent * w2).sum(), {"lp": lp.detach(), "ent": ent.detach()}
+
+    ref_l, ref_o, ref_g = _grad_of(sel, logits)
+    got_l, got_o, got_g = _grad_of(sel, shard, vocab_group=group, vocab_start=lo,
+                                   vocab_size=V if P != 2 else None)
+    _close("vocab selective logp", got_o["lp"], ref_o["lp"])
+    _close("vocab selective entropy", got_o["ent"], ref_o["ent"], 2e-6)
+    # normwise: the entropy's term p (x - lse + H) cancels elementwise in fp32,
+    # in the single-process kernel as here
+    _close("vocab selective grad", got_g, ref_g[:, :, lo:hi], 1e-6, floor=1.0)
+
+    for conv, beta in (("trl", 0.04), ("verl", 0.0)):
+        def f(x, **kw):
+            return gmpo_ext.gmpo_loss_from_logits(
+                x, ids, old, adv, mask, temperature=0.7, convention=conv, beta=beta,
+                ref_logps=ref, return_metrics=True, **kw)
+
+        ref_loss, ref_m, ref_g = _grad_of(f, logits)
+        loss, m, g = _grad_of(f, shard, vocab_group=group, vocab_start=lo)
+        _close(f"vocab {conv} loss", loss, ref_loss)
+        _metrics_close(f"vocab {conv}", m, ref_m, 2e-6)
+        # normwise (against the largest element): the KL's 1 - exp(ref - logp)
+        # cancels token by token, so one ulp of logp (the shards' merge and the
+        # one-pass kernel round differently) moves small elements by more
+        _close(f"vocab {conv} grad", g, ref_g[:, :, lo:hi], floor=1.0)
+
+    # an id outside the whole vocabulary is still an error, naming the argument
+    bad = ids.clone()
+    bad[0, 0] = V
+    m2 = mask.clone()
+    m2[0, 0] = True
+    # (the C core checks every id; the CUDA kernels write NaN, validate=True raises)
+    for validate in ((False, True) if BACKEND == "c" else (True,)):
+        try:
+            gmpo_ext.selective_logps(shard, bad, mask=m2, vocab_group=group, vocab_start=lo,
+                                     validate=validate)
+        except IndexError as e:
+            if "ids" not in str(e):
+                raise AssertionError(f"vocab: the IndexError does not name ids: {e}")
+        else:
+            raise AssertionError("vocab: an id outside [0, vocab_size) did not raise")
+    if BACKEND != "c":
+        lp = gmpo_ext.selective_logps(shard, bad, mask=m2, vocab_group=group, vocab_start=lo)
+        if not (torch.isnan(lp[0, 0]) and not torch.isnan(lp[0, 1:][mask[0, 1:]]).any()):
+            raise AssertionError("vocab: an invalid id's logp is not NaN alone")
+
+
+def both(rank, world, group_seq, group_vocab, seq_rank, vocab_rank, P_seq, P_vocab):
+    import gmpo_ext
+
+    B, T, V = 5, 23, 64
+    logits, ids, mask, old, adv, ref = _logits_batch(400, B, T, V)
+    isw = torch.rand(B, T, generator=torch.Generator().manual_seed(8)) + 0.5
+    idx = _slices(T, P_seq, seq_rank, "contiguous")
+    lo, hi = V * vocab_rank // P_vocab, V * (vocab_rank + 1) // P_vocab
+    # the (B, T+1, V) logits of this rank's tokens (position T stays with the last slice)
+    pos = idx if seq_rank != P_seq - 1 else torch.cat([idx, torch.tensor([T])])
+    loc_logits = logits[:, pos, lo:hi].contiguous()
+    for conv, beta in (("trl", 0.04), ("verl", 0.04)):
+        def f(x, ids_, old_, mask_, ref_, isw_, **kw):
+            return gmpo_ext.gmpo_loss_from_logits(
+                x, ids_, old_, adv, mask_, temperature=1.3, convention=conv, beta=beta,
+                ref_logps=ref_, is_weights=isw_, return_metrics=True, **kw)
+
+        ref_loss, ref_m, ref_g = _grad_of(f, logits, ids_=ids, old_=old, mask_=mask, ref_=ref,
+                                          isw_=isw)
+        cut = lambda t: t[:, idx].contiguous()   # noqa: E731
+        loss, m, g = _grad_of(f, loc_logits, ids_=cut(ids), old_=cut(old), mask_=cut(mask),
+                              ref_=cut(ref), isw_=cut(isw), group=group_seq,
+                              vocab_group=group_vocab, vocab_start=lo)
+        _close(f"both {conv} loss", loss, ref_loss)
+        _metrics_close(f"both {conv}", m, ref_m, 2e-6)
+        _close(f"both {conv} grad", g, ref_g[:, pos][:, :, lo:hi], floor=1.0)
+
+
+def data_parallel(rank, world, group):
+    """Unequal micro-batches over ranks and accumulation steps: with num_rows
+    the losses add up to the whole batch's and the gradients to its gradient."""
+    import gmpo_ext
+
+    B, T = 11, 17
+    # rows of each rank, cut into accumulation steps of unequal sizes
+    cuts = {2: [[[0], [1, 2]], [[3, 4, 5, 6], [7], [8, 9, 10]]],
+            4: [[[0, 1]], [[2], [3, 4, 5]], [[6, 7, 8]], [[9], [10]]]}[world]
+    for conv, bopts, opts in (("trl", dict(beta=0.05, row_isw=True), dict(beta=0.05)),
+                              ("verl", dict(token_adv=True, token_isw=True), {})):
+        full = _batch(500, B, T, **bopts)
+
+        def f(x, batch, **kw):
+            b = dict(batch)
+            b.pop("logps")
+            return gmpo_ext.gmpo_loss(x, **b, convention=conv, **opts, **kw)
+
+        ref_loss, _, ref_g = _grad_of(f, full["logps"], batch=full)
+        total = torch.zeros((), dtype=torch.float64)
+        for rows in cuts[rank]:
+            r = torch.tensor(rows)
+            part = {k: v[r] for k, v in full.items()}
+            # normalizer 1/world: DDP averages the gradients over the ranks
+            loss, _, g = _grad_of(f, part["logps"], batch=part, num_rows=B,
+                                  normalizer=1.0 / world)
+            _close(f"dp {conv} grad rows {rows}", g / world, ref_g[r])
+            total += loss.to(torch.float64)
+        dist.all_reduce(total, group=group)
+        _close(f"dp {conv} summed loss", total / world, ref_loss)
+
+
+# ----------------------------------------------------------------------------
+# entry point (torch.multiprocessing.spawn)
+
+def run(rank, world, port, backend_name, scenarios):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    global BACKEND
+    BACKEND = backend_name
+    if backend_name == "simt":
+        from gmpo_ext import _backend
+        from simt_backend import load_simt_module
+        _backend.set_simt_module(load_simt_module())
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        world_group = dist.group.WORLD
+        for s in scenarios:
+            if s == "seq":
+                seq_split(rank, world, world_group)
+            elif s == "vocab":
+                vocab_split(rank, world, world_group)
+            elif s == "dp":
+                data_parallel(rank, world, world_group)
+            elif s == "both":
+                # rank = 2 * seq_rank + vocab_rank: sequence groups {0, 2} and
+                # {1, 3} (same vocabulary shard), vocabulary groups {0, 1}, {2, 3}
+                seq_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+                vocab_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+                seq_rank, vocab_rank = rank // 2, rank % 2
+                both(rank, world, seq_groups[rank % 2], vocab_groups[rank // 2], seq_rank,
+                     vocab_rank, 2, 2)
+        dist.barrier()
+    except Exception:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,176 @@
+"""Plant bugs in a scratch copy of csrc/cuda, one at a time, and see whether the
+SIMT tests catch each one.
+
+For every bug of BUGS: copy csrc/cuda to build/simt/plant/<bug>/cuda, replace
+one exact piece of source text (it must occur exactly once), point the SIMT
+builds at the copy (SIMT_CUDA_DIR, read by tests/simt_backend.py) and run the
+bug's pytest selection. A bug is caught when that run fails; the table names the
+tests that failed. The C core and the module are the clean ones (only the .cu
+objects are rebuilt; the build cache keeps them between runs).
+
+    python tests/simt/plant_bugs.py [--only NAME ...] [--list] [--check]
+
+--check: only verify that every pattern still applies to the current sources
+(what tests/test_simt_harness.py runs in CI). Developer tool: a full run builds
+each copy a few ways (plain, tiny grid, TSan) and takes some minutes.
+Exit status: 0 every bug caught (or, with --check, every pattern found), 1 not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CUDA = REPO / "csrc" / "cuda"
+SCRATCH = REPO / "build" / "simt" / "plant"
+
+GRID = "tests/test_simt_grid.py"
+
+
+@dataclass
+class Bug:
+    name: str
+    kind: str
+    file: str     # under csrc/cuda
+    old: str      # exact text, exactly once in the file
+    new: str
+    tests: list = field(default_factory=list)   # pytest node ids / -k selections
+
+
+BUGS = [
+    Bug("logits_fwd_no_stride", "grid-stride loop: stride removed",
+        "logits_cuda.cu",
+        "    const int64_t rows = a.B * a.T;\n    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {",
+        "    const int64_t rows = a.B * a.T;\n    for (int64_t r = blockIdx.x; r < rows; r += rows) {",
+        [f"{GRID}::test_logits_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("loss_bwd_no_y_stride", "grid-stride loop: stride removed (grid.y)",
+        "gmpo_loss.cu",
+        "const int64_t stride = (int64_t)gridDim.y * blockDim.x;",
+        "const int64_t stride = nvec;",
+        [f"{GRID}::test_loss_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("logits_bwd_row_from_blockidx", "grid-stride loop: row from blockIdx.x",
+        "logits_cuda.cu",
+        "const int64_t b = r / a.TL, t = r % a.TL, V = a.V;",
+        "const int64_t b = blockIdx.x / a.TL, t = blockIdx.x % a.TL, V = a.V;",
+        [f"{GRID}::test_logits_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("logits_merge_no_reuse_barrier", "barrier guarding shared-memory reuse removed",
+        "logits_cuda.cu",
+        "    __syncthreads();                           // part is reused by the next row\n",
+        "",
+        [f"{GRID}::test_tsan_tiny_grid_runs_clean"]),
+    Bug("loss_bwd_row_offset_32bit", "32-bit truncation of the gradient's row offset",
+        "gmpo_loss.cu",
+        "char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);",
+        "char *gr = (char *)grad + (int32_t)(i * T) * gmpo_dtype_size(gdt);",
+        [f"{GRID}::test_loss_backward_row_offset_past_2_32"]),
+    Bug("logits_misaligned_vector", "misaligned 16-byte vector access",
+        "logits_cuda.cu",
+        "int64_t h = mis ? (16 - mis) / lg_dt<DT>::size : 0;",
+        "int64_t h = 0 * mis;",
+        [f"{GRID}::test_logits_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("loss_misaligned_vector", "misaligned 16-byte vector access",
+        "gmpo_loss.cu",
+        "    return (uintptr_t)(p + head * gmpo_dtype_size(v.dtype)) % (uintptr_t)gmpo_vec_align<VEC>(v.dtype) == 0;",
+        "    return head >= 0;",
+        ["tests/test_simt_kernels.py::test_misaligned_and_strided_views"]),
+    Bug("logits_merge_reads_unwritten_smem", "shared-memory read past the written slots",
+        "logits_cuda.cu",
+        "st = lane < nwarps ? part[lane] : lg_state{-INFINITY, 0.0f, 0.0f};",
+        "st = lane < LG_WARPS ? part[lane] : lg_state{-INFINITY, 0.0f, 0.0f};",
+        [f"{GRID}::test_logits_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("loss_totals_reads_unwritten_smem", "shared-memory read past the written slots",
+        "gmpo_loss.cu",
+        "for (int w = 1; w < nwarps; w++) gmpo_totals_merge(tot, part[w]);",
+        "for (int w = 1; w < 32 + 0 * nwarps; w++) gmpo_totals_merge(tot, part[w]);",
+        [f"{GRID}::test_loss_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+]
+
+
+def pattern_problems(bugs=BUGS, cuda=CUDA) -> list[str]:
+    """Bugs whose text no longer occurs exactly once in the current sources."""
+    out = []
+    for b in bugs:
+        n = (cuda / b.file).read_text().count(b.old)
+        if n != 1:
+            out.append(f"{b.name}: its text occurs {n} times in csrc/cuda/{b.file} (update BUGS)")
+    return out
+
+
+def plant(bug: Bug) -> pathlib.Path:
+    dst = SCRATCH / bug.name / "cuda"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(CUDA, dst)
+    path = dst / bug.file
+    text = path.read_text()
+    assert text.count(bug.old) == 1, bug.name
+    path.write_text(text.replace(bug.old, bug.new))
+    # the copy includes ../gmpo.h etc.: headers of csrc next to it
+    for h in (REPO / "csrc").glob("*.h"):
+        shutil.copy2(h, dst.parent / h.name)
+    return dst
+
+
+def run_tests(bug: Bug, cuda_dir: pathlib.Path, timeout: float) -> tuple[bool, list[str], str]:
+    env = dict(os.environ, SIMT_CUDA_DIR=str(cuda_dir), SIMT_QUIET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *bug.tests]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return True, ["(timed out: a hang is caught too)"], ""
+    out = proc.stdout + proc.stderr
+    if "BuildError" in out:   # the planted copy must build (warnings are errors): not a catch
+        return False, ["(the planted copy does not build: fix its text in BUGS)"], out
+    failed = sorted(set(re.findall(r"^FAILED (\S+)", out, re.M)))
+    errors = sorted(set(re.findall(r"^ERROR (\S+)", out, re.M)))
+    if proc.returncode not in (0, 1):
+        return True, failed + errors + [f"(pytest exit {proc.returncode})"], out
+    return proc.returncode == 1, failed + errors, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="bug names to plant (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the bugs and exit")
+    ap.add_argument("--check", action="store_true", help="only check that every pattern applies")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per bug's test run")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the test output of missed bugs")
+    args = ap.parse_args(argv)
+    bugs = [b for b in BUGS if not args.only or b.name in args.only]
+    if args.list:
+        for b in bugs:
+            print(f"{b.name:36} {b.kind}  [{b.file}]  tests: {' '.join(b.tests)}")
+        return 0
+    problems = pattern_problems(bugs)
+    if problems or args.check:
+        print("\n".join(problems) or f"all {len(bugs)} patterns apply")
+        return 1 if problems else 0
+    rows, missed = [], 0
+    for b in bugs:
+        t0 = time.time()
+        caught, failed, out = run_tests(b, plant(b), args.timeout)
+        missed += not caught
+        rows.append((b.name, b.kind, "caught" if caught else "MISSED", f"{time.time() - t0:.0f}s",
+                     ", ".join(f.split("::")[-1] for f in failed) or "-"))
+        print(f"{rows[-1][2]:7} {b.name} ({rows[-1][3]}): {rows[-1][4]}", flush=True)
+        if not caught and args.verbose:
+            print(out[-4000:])
+    print()
+    print("| bug | kind | result | time | failing tests |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\n{len(rows) - missed} of {len(rows)} caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
