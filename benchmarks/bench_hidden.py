@@ -33,6 +33,14 @@ in units of ours' tile (tile_tokens x tile_vocab elements of the input dtype).
     python benchmarks/bench_hidden.py                            # the default grid (slow: minutes)
     python benchmarks/bench_hidden.py --shape 896x151936 --n 2048 --dtypes fp32 --repeats 3
     python benchmarks/bench_hidden.py --shape 256x32768 --bt 8x4096 --paths ours --repeats 1
+    python benchmarks/bench_hidden.py --device cuda --shape 896x151936 --n 32768 --dtypes bf16
+
+On CUDA the peak is torch.cuda.max_memory_allocated during the step beyond what
+was allocated before it (minus dH and dW), the time is taken after a
+synchronize, and each row also gives the achieved TFLOPS (the path's own GEMM
+FLOPs: 8 N H V with recompute, 6 N H V for rows and full logits) and the
+3-GEMM floor (6 N H V at the device's dense peak, --peak-tflops or looked up
+from the device name).
 
 Outputs: a table on stdout, rows appended to
 benchmarks/results/bench_hidden_cpu.csv (--csv to change), and a plot
@@ -61,17 +69,23 @@ from gmpo_ext.reference import gmpo_eager  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIELDS = ["device", "rev", "threads", "H", "V", "B", "T", "N", "dtype", "path", "median_s",
-          "min_s", "repeats", "peak_beyond_mib", "tile_mib", "peak_tiles", "speedup_vs_trl"]
+          "min_s", "repeats", "peak_beyond_mib", "tile_mib", "peak_tiles", "speedup_vs_trl",
+          "tflops", "floor_ms"]
+# GEMM FLOPs per path in units of N H V: forward 2, backward dH 2 + dW 2, and 2
+# more where the logits are recomputed in backward (ours' tiles, TRL)
+GEMM_UNITS = {"ours": 8, "trl": 8, "rows": 6, "full": 6}
+# dense bf16/fp16 tensor-core peaks (TFLOPS), by device name, for the floor
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
 
-def make_inputs(B, T, H, V, dtype, seed=0):
+def make_inputs(B, T, H, V, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(B, T, H, generator=g) * 1.0).to(dtype).requires_grad_()
-    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(dtype).requires_grad_()
-    ids = torch.randint(0, V, (B, T), generator=g)
-    old = -torch.rand(B, T, generator=g) * 5 - 8     # about log(1/V): ratios near 1
-    adv = torch.randn(B, generator=g)
-    mask = torch.ones(B, T, dtype=torch.bool)
+    hidden = (torch.randn(B, T, H, generator=g) * 1.0).to(device, dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(device, dtype).requires_grad_()
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    old = (-torch.rand(B, T, generator=g) * 5 - 8).to(device)   # about log(1/V): ratios near 1
+    adv = torch.randn(B, generator=g).to(device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
     return hidden, weight, ids, old, adv, mask
 
 
@@ -103,6 +117,17 @@ def make_step(path, inp):
     return step
 
 
+def cuda_peak_beyond(step) -> tuple[int, object]:
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    grads = sum(g.numel() * g.element_size() for g in out)
+    return torch.cuda.max_memory_allocated() - base - grads, out
+
+
 def cpu_peak_beyond(step) -> tuple[int, object]:
     from torch.profiler import ProfilerActivity, profile
     gc.collect()
@@ -118,9 +143,12 @@ def cpu_peak_beyond(step) -> tuple[int, object]:
     return peak - grads, out
 
 
-def run_config(H, V, B, T, dtype_name, paths, repeats, check=True):
+def run_config(H, V, B, T, dtype_name, paths, repeats, check=True, device="cpu", peak_tflops=None):
     dtype = DTYPES[dtype_name]
-    inp = make_inputs(B, T, H, V, dtype)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    peak_fn = cuda_peak_beyond if cuda else cpu_peak_beyond
+    inp = make_inputs(B, T, H, V, dtype, device=device)
     N = B * T
     tn, tv = default_tiles(N, H, V, dtype)
     tile_bytes = tn * tv * torch.empty((), dtype=dtype).element_size()
@@ -129,7 +157,7 @@ def run_config(H, V, B, T, dtype_name, paths, repeats, check=True):
     # memory first (one profiled step each; also the warm-up round)
     outs = {}
     for p in paths:
-        peak, out = cpu_peak_beyond(steps[p])
+        peak, out = peak_fn(steps[p])
         res[p]["peak"] = peak
         outs[p] = [o.float() for o in out]
         del out
@@ -144,14 +172,22 @@ def run_config(H, V, B, T, dtype_name, paths, repeats, check=True):
     for _ in range(repeats):
         for p in paths:
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             out = steps[p]()
+            sync()
             res[p]["times"].append(time.perf_counter() - t0)
             del out
     rows = []
     for p in paths:
         ts = res[p]["times"] or [float("nan")]
-        rows.append(dict(device=_common.cpu_name(), rev=_common.git_rev(),
+        med = statistics.median(ts)
+        flops = GEMM_UNITS.get(p, 8) * N * H * V
+        rows.append(dict(device=_common.device_name(torch.device(device)) if cuda else
+                         _common.cpu_name(), rev=_common.git_rev(),
+                         tflops=f"{flops / med / 1e12:.1f}" if med == med else "",
+                         floor_ms=f"{6 * N * H * V / (peak_tflops * 1e12) * 1e3:.2f}"
+                         if peak_tflops else "",
                          threads=torch.get_num_threads(), H=H, V=V, B=B, T=T, N=N,
                          dtype=dtype_name, path=p, median_s=f"{statistics.median(ts):.4f}",
                          min_s=f"{min(ts):.4f}", repeats=len(res[p]["times"]),
@@ -232,7 +268,10 @@ def main(argv=None):
     ap.add_argument("--paths", default="ours,trl,full")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--csv", default=str(_common.RESULTS_DIR / "bench_hidden_cpu.csv"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak for the floor (default: by device name)")
+    ap.add_argument("--csv", default=None, help="default results/bench_hidden_<cpu|cuda>.csv")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--summary", action="store_true",
                     help="only write results/bench_hidden_cpu.md from the CSVs there")
@@ -244,12 +283,25 @@ def main(argv=None):
         plot(res / "bench_hidden_cpu.csv", res / "bench_hidden_cpu.png")
         return
     _common.set_threads(args.threads)
+    dev = _common.resolve_device(args.device)
+    peak_tflops = args.peak_tflops
+    if peak_tflops is None and dev.type == "cuda":
+        name = _common.device_name(dev)
+        peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        print(f"{name}: dense peak {peak_tflops} TFLOPS (--peak-tflops to set it)")
+    if args.csv is None:
+        args.csv = str(_common.RESULTS_DIR / f"bench_hidden_{dev.type}.csv")
     shapes = [tuple(int(x) for x in s.split("x")) for s in (args.shape or ["896x151936", "256x32768"])]
     bts = ([tuple(int(x) for x in s.split("x")) for s in args.bt] if args.bt else
            [(max(1, n // args.t), min(n, args.t)) for n in (args.n or [1024, 2048, 4096, 8192])])
     paths = args.paths.split(",")
     csv_path = Path(args.csv)
     new = not csv_path.exists()
+    if not new:   # an older file without the newer columns: rewritten with them
+        with open(csv_path, newline="") as f:
+            old = list(csv.DictReader(f))
+        if old and list(old[0]) != FIELDS:
+            _common.write_csv(csv_path, old, FIELDS)
     with open(csv_path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -257,12 +309,14 @@ def main(argv=None):
         for H, V in shapes:
             for dn in args.dtypes.split(","):
                 for B, T in bts:
-                    rows = run_config(H, V, B, T, dn, paths, args.repeats)
+                    rows = run_config(H, V, B, T, dn, paths, args.repeats, device=dev,
+                                      peak_tflops=peak_tflops)
                     for r in rows:
                         w.writerow(r)
                         print(" ".join(f"{k}={r[k]}" for k in ("H", "V", "N", "dtype", "path",
                                                                   "median_s", "peak_beyond_mib",
-                                                                  "peak_tiles", "speedup_vs_trl")),
+                                                                  "peak_tiles", "speedup_vs_trl",
+                                                                  "tflops", "floor_ms")),
                               flush=True)
                     f.flush()
     if args.plot:
