@@ -13,8 +13,9 @@ right-padded completions of mixed lengths, off-policy old log-probs).
 Time: the three trainers run in turn, ``--repeats`` rounds after a warm-up
 round; the median per trainer and the ratio TRL / ours are reported.
 Peak memory: torch.profiler's allocator events during one step (running sum in
-time order, its maximum), minus the parameter gradients the step leaves
-behind: what the step holds beyond the model, the batch and the gradients.
+time order, its maximum), with the parameter gradients already allocated by
+the warm-up and zeroed in place: what the step holds beyond the model, the
+batch and the parameter gradients.
 
     python benchmarks/bench_trl_step.py                  # CSV in benchmarks/results
     python benchmarks/bench_trl_step.py --shapes 2x64    # quick
@@ -69,6 +70,7 @@ def trainer(cls, model, tok, out_dir, B, **kw):
     t = cls(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
             train_dataset=ds, processing_class=tok, **kw)
     t.model.train()
+    t.current_gradient_accumulation_steps = 1   # set by train() otherwise
     return t
 
 
@@ -88,7 +90,9 @@ def batch(model, V, B, P, T, seed=1):
 
 
 def step(t, model, inputs):
-    model.zero_grad(set_to_none=True)
+    # the parameter gradients stay allocated (zeroed in place): a step's
+    # allocations are then its own transient memory only
+    model.zero_grad(set_to_none=False)
     loss = t.compute_loss(model, inputs)
     loss.backward()
     return loss.detach()
@@ -96,7 +100,7 @@ def step(t, model, inputs):
 
 def peak_beyond(t, model, inputs):
     from torch.profiler import ProfilerActivity, profile
-    model.zero_grad(set_to_none=True)
+    assert all(p.grad is not None for p in model.parameters()), "run a step first"
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(t, model, inputs)
@@ -106,9 +110,7 @@ def peak_beyond(t, model, inputs):
     for e in events:
         cur += e.nbytes()
         peak = max(peak, cur)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
-                if p.grad is not None)
-    return peak - grads
+    return peak
 
 
 def main(argv=None):

@@ -591,6 +591,10 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
     if old_logps is None:
         raise TypeError("old_logps must be a torch.Tensor, got None")
     budget = 2 * TILE_BUDGET_BYTES if rows_budget is None else int(rows_budget)
+    if mode == "rows" and (loss_kwargs.get("group") is not None
+                           or loss_kwargs.get("num_rows") is not None):
+        raise ValueError("mode='rows' finishes each block of rows on its own: group= and "
+                         "num_rows= need mode='tiles' (the default)")
     if mode == "rows" and (algo_loss is not gmpo_loss or return_entropy or
                            not _rows_fit(hidden, weight, mask, budget)):
         raise ValueError("mode='rows' needs gmpo_loss_from_hidden, padded (B, T, H) hidden, "
@@ -764,6 +768,8 @@ def gmpo_loss_from_hidden(
     tile_tokens: Optional[int] = None,
     tile_vocab: Optional[int] = None,
     mode: str = "auto",
+    num_rows: Optional[int] = None,
+    group=None,
 ):
     """GMPO's loss (arXiv 2507.20673) from the policy's last hidden states, the LM head fused.
 
@@ -790,6 +796,9 @@ def gmpo_loss_from_hidden(
         return_entropy: also return the per-token entropy (token shape,
             differentiable: an entropy bonus gets its gradient).
         tile_tokens, tile_vocab: the tile (default :func:`default_tiles`).
+        num_rows, group: as in :func:`gmpo_ext.gmpo_loss` (the whole batch's
+            row count; rows split over the ranks of a process group, one
+            all-reduce of the row statistics). Tiles mode only.
         mode: "tiles" (token tiles, backward recomputes: 4 GEMMs, one tile of
             memory; the default, "auto") or "rows" (whole rows held: each
             block of rows' T x V logits projected once, its G_t finished, dH
@@ -807,7 +816,9 @@ def gmpo_loss_from_hidden(
         temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
         return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
         dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
-             convention=convention, log_ratio_clamp=log_ratio_clamp, normalizer=normalizer))
+             convention=convention, log_ratio_clamp=log_ratio_clamp, normalizer=normalizer,
+             **({} if num_rows is None else dict(num_rows=num_rows)),
+             **({} if group is None else dict(group=group))))
 
 
 def grpo_loss_from_hidden(

@@ -165,6 +165,43 @@ def seq_split(rank, world, group):
         _metrics_close(f"grpo {lt}", m, ref_m)
         _close(f"grpo {lt} grad", g, ref_g[:, idx])
 
+    # from hidden states (the LM head fused): rows split over the ranks, each
+    # rank's hidden, weight and bias gradients exact for its tokens (their sum
+    # over the ranks is the whole batch's weight gradient)
+    g = torch.Generator().manual_seed(300)
+    Bh, Th, H, V = 4, 23, 16, 37
+    hid = torch.randn(Bh, Th, H, generator=g)
+    W = torch.randn(V, H, generator=g) * 0.3
+    bias = torch.randn(V, generator=g) * 0.1
+    ids = torch.randint(0, V, (Bh, Th), generator=g)
+    maskh = (torch.rand(Bh, Th, generator=g) < 0.8).float()
+    maskh[1] = 0
+    with torch.no_grad():
+        lp0 = torch.log_softmax(hid @ W.t() + bias, -1).gather(-1, ids[..., None])[..., 0]
+    oldh = lp0 + 0.3 * torch.randn(Bh, Th, generator=g)
+    advh = torch.randn(Bh, generator=g)
+    idx = _slices(Th, world, rank, "any", seed=7)
+
+    def fh(h_, w_, b_, ids_, old_, mask_, **kw):
+        h_, w_, b_ = (t.clone().requires_grad_(True) for t in (h_, w_, b_))
+        loss_, m_ = gmpo_ext.gmpo_loss_from_hidden(h_, w_, ids_, old_, advh, mask_, bias=b_,
+                                                   temperature=0.8, beta=0.0, convention="verl",
+                                                   return_metrics=True, tile_tokens=16,
+                                                   tile_vocab=16, **kw)
+        gh, gw, gb = torch.autograd.grad(loss_, (h_, w_, b_))
+        return loss_.detach(), m_, gh, gw, gb
+
+    ref = fh(hid, W, bias, ids, oldh, maskh)
+    got = fh(hid[:, idx], W, bias, ids[:, idx], oldh[:, idx], maskh[:, idx], group=group)
+    _close("hidden loss", got[0], ref[0])
+    _metrics_close("hidden", got[1], ref[1])
+    _close("hidden grad hidden", got[2], ref[2][:, idx])
+    gw, gb = got[3].clone(), got[4].clone()
+    dist.all_reduce(gw, group=group)
+    dist.all_reduce(gb, group=group)
+    _close("hidden grad weight (summed over ranks)", gw, ref[3])
+    _close("hidden grad bias (summed over ranks)", gb, ref[4])
+
     # every rank holds the same loss, bit for bit
     for t in (loss.reshape(1).to(torch.float64),):
         gathered = [torch.empty_like(t) for _ in range(world)]
