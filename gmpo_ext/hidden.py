@@ -626,15 +626,34 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         if isw is not None and isw.dim() == 1 and isw.shape[0] == hidden.shape[0] and \
                 isw.shape[0] != idx.shape[0]:
             isw = _pad(isw, idx)   # per token (N,) -> (B, T_max)
-    out = algo_loss(lp, old, advantages, m, ref_logps=ref, is_weights=isw,
-                    return_metrics=return_metrics, **loss_kwargs)
-    res = list(out) if return_metrics else [out]
-    if return_metrics:
+    if return_metrics and loss_kwargs.get("group") is not None:
+        # rows split over ranks: the entropy metric's two sums ride on the row
+        # statistics' all-reduce (one collective in all), as in the logits path
+        from . import loss as _loss
         with torch.no_grad():
             mf = mask.to(torch.float32)
             e = ent.detach().to(torch.float32)
-            res[1][ENTROPY] = torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum() / \
-                mf.sum().clamp(min=1.0)
+            extra = torch.stack([torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum(),
+                                 mf.sum()]).to(torch.float64)
+        kw = loss_kwargs
+        loss, metrics, extra = _loss._gmpo(
+            lp, old, advantages, m, kw["epsilon_low"], kw["epsilon_high"], kw["beta"], ref, isw,
+            kw["convention"], kw["log_ratio_clamp"], kw["normalizer"], kw.get("num_rows"),
+            kw["group"], extra)
+        metrics = _loss._metrics_dict(metrics, _loss._METRIC_NAMES[kw["convention"]], kw["beta"],
+                                      gmpo=True)
+        metrics[ENTROPY] = (extra[0] / extra[1].clamp(min=1.0)).to(torch.float32)
+        res = [loss, metrics]
+    else:
+        out = algo_loss(lp, old, advantages, m, ref_logps=ref, is_weights=isw,
+                        return_metrics=return_metrics, **loss_kwargs)
+        res = list(out) if return_metrics else [out]
+        if return_metrics:
+            with torch.no_grad():
+                mf = mask.to(torch.float32)
+                e = ent.detach().to(torch.float32)
+                res[1][ENTROPY] = torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum() / \
+                    mf.sum().clamp(min=1.0)
     if return_entropy:
         res.append(ent)
     return res[0] if len(res) == 1 else tuple(res)

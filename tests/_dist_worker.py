@@ -195,12 +195,14 @@ def seq_split(rank, world, group):
     got = fh(hid[:, idx], W, bias, ids[:, idx], oldh[:, idx], maskh[:, idx], group=group)
     _close("hidden loss", got[0], ref[0])
     _metrics_close("hidden", got[1], ref[1])
-    _close("hidden grad hidden", got[2], ref[2][:, idx])
+    # the gradients pass through fp32 GEMMs over other token tiles than the
+    # single process's (another summation order): 1e-5 there
+    _close("hidden grad hidden", got[2], ref[2][:, idx], tol=1e-5)
     gw, gb = got[3].clone(), got[4].clone()
     dist.all_reduce(gw, group=group)
     dist.all_reduce(gb, group=group)
-    _close("hidden grad weight (summed over ranks)", gw, ref[3])
-    _close("hidden grad bias (summed over ranks)", gb, ref[4])
+    _close("hidden grad weight (summed over ranks)", gw, ref[3], tol=1e-5)
+    _close("hidden grad bias (summed over ranks)", gb, ref[4], tol=1e-5)
 
     # every rank holds the same loss, bit for bit
     for t in (loss.reshape(1).to(torch.float64),):
