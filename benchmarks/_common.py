@@ -207,6 +207,25 @@ def measure_stats(fn, device: torch.device, *, setup=None, min_time: float = 0.2
     return statistics.median(times), min(times), n
 
 
+def cpu_alloc_peak(fn):
+    """(peak bytes, fn's result): over one call of fn, the largest amount torch's
+    CPU allocator held beyond what it held before the call (torch.profiler's
+    allocator events, summed in time order)."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak, out
+
+
 def memcpy_fn(nbytes: int, device: torch.device):
     """A copy_ of ``nbytes`` between two preallocated uint8 buffers on ``device``.
 

@@ -129,16 +129,7 @@ def cuda_peak_beyond(step) -> tuple[int, object]:
 
 
 def cpu_peak_beyond(step) -> tuple[int, object]:
-    from torch.profiler import ProfilerActivity, profile
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
+    peak, out = _common.cpu_alloc_peak(step)
     grads = sum(g.numel() * g.element_size() for g in out)
     return peak - grads, out
 

@@ -129,18 +129,7 @@ def make_inputs(B, T, V, dtype, device, seed=0):
 
 def cpu_peak_beyond(step) -> int:
     """Peak bytes the step allocates beyond what existed before it (see the module doc)."""
-    from torch.profiler import ProfilerActivity, profile
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = step()
-        del out
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return C.cpu_alloc_peak(step)[0]
 
 
 def cuda_peak_beyond(step, device) -> int:

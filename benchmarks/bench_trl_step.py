@@ -24,7 +24,6 @@ batch and the parameter gradients.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_name, set_threads, write_csv  # noqa: E402
+from _common import cpu_alloc_peak, cpu_name, set_threads, write_csv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2.0 ** 20
@@ -99,18 +98,8 @@ def step(t, model, inputs):
 
 
 def peak_beyond(t, model, inputs):
-    from torch.profiler import ProfilerActivity, profile
     assert all(p.grad is not None for p in model.parameters()), "run a step first"
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(t, model, inputs)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
+    return cpu_alloc_peak(lambda: step(t, model, inputs))[0]
 
 
 def main(argv=None):

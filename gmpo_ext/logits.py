@@ -33,7 +33,7 @@ from torch import Tensor
 
 from . import _backend
 from . import loss as _loss
-from .loss import _check_tensor, gmpo_loss
+from .loss import _check_tensor
 
 __all__ = ["gmpo_loss_from_logits", "selective_logps"]
 
