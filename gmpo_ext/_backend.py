@@ -259,6 +259,18 @@ def _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights,
     _runnable(logps.device)
 
 
+def _loss_outputs(logps):
+    """(out_dtype, rows, loss, metrics): the forward's outputs, on logps' device
+    (explicitly: never the default device): fp32, or fp64 for fp64 logps; rows
+    the (B + 1, ROW_STATS) fp64 statistics."""
+    dev = logps.device
+    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
+    rows = torch.empty((logps.shape[0] + 1, ROW_STATS), dtype=torch.float64, device=dev)
+    loss = torch.empty((), dtype=out_dtype, device=dev)
+    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    return out_dtype, rows, loss, metrics
+
+
 def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
             loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
             checked=False):
@@ -266,10 +278,7 @@ def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, con
     _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
     B, T = logps.shape
     dev = logps.device
-    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64, device=dev)
-    loss = torch.empty((), dtype=out_dtype, device=dev)
-    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    out_dtype, rows, loss, metrics = _loss_outputs(logps)
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
@@ -298,10 +307,7 @@ def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_wei
                          f"{logps.device}")
     B, T = logps.shape
     dev = logps.device   # explicit: never the default device (set_default_device)
-    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64, device=dev)
-    loss = torch.empty((), dtype=out_dtype, device=dev)
-    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    out_dtype, rows, loss, metrics = _loss_outputs(logps)
     grad = torch.empty((B, T), dtype=logps.dtype, device=dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
@@ -384,10 +390,7 @@ def finish_sums(sums, algo, logps, old_logps, advantages, mask, ref_logps, is_we
     B, T = logps.shape
     dev = logps.device
     check_sums(sums, B, dev)
-    out_dtype = torch.float64 if logps.dtype == torch.float64 else torch.float32
-    rows = torch.empty((B + 1, ROW_STATS), dtype=torch.float64, device=dev)
-    loss = torch.empty((), dtype=out_dtype, device=dev)
-    metrics = torch.empty((METRICS,), dtype=out_dtype, device=dev)
+    out_dtype, rows, loss, metrics = _loss_outputs(logps)
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,

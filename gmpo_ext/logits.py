@@ -67,15 +67,21 @@ def _runnable(logits):
         raise ValueError(f"logits is on {logits.device}; the kernels run on cpu and cuda tensors")
 
 
+def _forward_outputs(logits, ids, entropy):
+    """The forward kernels' three (B, T) fp32 outputs on the logits' device; the
+    entropy zeros when it is not computed."""
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    shape = tuple(ids.shape)
+    return (torch.empty(shape, **f32),
+            torch.empty(shape, **f32) if entropy else torch.zeros(shape, **f32),
+            torch.empty(shape, **f32))
+
+
 def _forward(logits, ids, mask, temperature, entropy, ids_name="ids"):
     _check_logits(logits, ids, mask, ids_name)
     _runnable(logits)
-    logits, ids, mask = _backend.resolved(logits), ids, _backend.resolved(mask)
-    B, T = ids.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    logp = torch.empty((B, T), **f32)
-    lse = torch.empty((B, T), **f32)
-    ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
+    logits, mask = _backend.resolved(logits), _backend.resolved(mask)
+    logp, ent, lse = _forward_outputs(logits, ids, entropy)
     mod, args = _common(logits, ids, mask, temperature, ids_name)
     with _backend._on_device(logits.device):
         mod.logits_forward(*args, _backend.buf(logp),
@@ -91,11 +97,7 @@ def _forward_shard(logits, ids, mask, temperature, entropy, vocab_start, vocab_s
     _check_logits(logits, ids, mask, ids_name)
     _runnable(logits)
     logits, mask = _backend.resolved(logits), _backend.resolved(mask)
-    B, T = ids.shape
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    x = torch.empty((B, T), **f32)
-    lse = torch.empty((B, T), **f32)
-    ent = torch.empty((B, T), **f32) if entropy else torch.zeros((B, T), **f32)
+    x, ent, lse = _forward_outputs(logits, ids, entropy)
     mod, args = _common(logits, ids, mask, temperature, ids_name)
     with _backend._on_device(logits.device):
         mod.logits_forward_shard(*args, _backend.buf(x),
