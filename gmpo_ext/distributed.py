@@ -161,24 +161,44 @@ def group_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, 
 # ----------------------------------------------------------------------------
 # the vocabulary split over ranks
 
-def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, group,
-                 entropy):
-    """The shards' states -> (logp, entropy, lse), each (B, T) float32; two
-    all-reduces over ``group``: MAX of the shards' maxima m_r, then SUM (fp64) of
-    e_r = exp(m_r - M + ls_r), of the target's x - M (from the rank holding
-    the id) and, with entropy, of e_r (H_r - log e_r). Every term is a
-    difference of nearby numbers or small: no precision is lost to a large
-    log-sum-exp. lse = M + log S, logp = (x_id - M) - log S,
-    H = log S + sum_r e_r (H_r - log e_r) / S."""
-    B, T = ids.shape
-    V = logits.shape[2]
+def merge_states(m_r, ls_r, ent_r, x, here, group, entropy, out_dtype=torch.float32):
+    """Per-token states of the shards' vocabulary ranges -> the whole
+    vocabulary's (logp, entropy, lse), each in ``out_dtype``; the one merge of
+    the logits shards and the head shards. Per token: this rank's max m_r of
+    x = z / tau, ls_r = log sum exp(x - m_r), the shard's entropy ent_r, the
+    target's x (read only where ``here``: the id lies in this rank's shard).
+    Two all-reduces over ``group``: MAX of m_r, then SUM (float64) of
+    e_r = exp(m_r - M + ls_r), of the target's x - M (from the rank holding the
+    id) and, with entropy, of e_r (ent_r - log e_r). Every term is a difference
+    of nearby numbers or small: no precision is lost to a large log-sum-exp.
+    lse = M + log S, logp = (x_id - M) - log S, H = log S + sum_r e_r (H_r - log e_r) / S."""
     M = m_r.clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)   # exact: a max of floats
-    # the merge in float64 (O(B*T) values): lse, logp and H then carry one fp32
-    # rounding each, as the single-process kernel's do
+    # the merge in float64 (O(N) values): lse, logp and H then carry one
+    # rounding each, as the single-process kernels' do
     Md = M.to(torch.float64)
     log_e = (m_r.to(torch.float64) - Md) + ls_r.to(torch.float64)   # <= 0
     e = torch.exp(log_e)                        # a shard of only -inf logits: 0
+    zero = torch.zeros_like(e)
+    parts = [e, torch.where(here, x.to(torch.float64) - Md, zero)]
+    if entropy:
+        parts.append(torch.where(e > 0, e * (ent_r.to(torch.float64) - log_e), zero))
+    stacked = torch.stack(parts)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+    S = stacked[0]
+    log_s = torch.log(S)
+    lse = (Md + log_s).to(out_dtype)
+    logp = (stacked[1] - log_s).to(out_dtype)
+    ent = (log_s + stacked[2] / S).to(out_dtype) if entropy else torch.zeros_like(lse)
+    return logp, ent, lse
+
+
+def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, group,
+                 entropy):
+    """The logits shards' states -> (logp, entropy, lse), each (B, T) float32
+    (merge_states), masked tokens 0."""
+    T = ids.shape[1]
+    V = logits.shape[2]
     # the target's logit, on the rank whose shard holds it (T tokens of the
     # (B, T or T + 1, V) logits: a gather of B*T values, no copy of the logits)
     local = ids.to(torch.int64) - vocab_start
@@ -189,17 +209,7 @@ def merge_shards(logits, ids, mask, temperature, m_r, ls_r, ent_r, vocab_start, 
     # as the kernels scale it: in fp32, by float(1 / tau) (a Python scalar takes
     # the tensor's dtype: no host-to-device copy)
     x = x.to(torch.float32) * (1.0 / temperature)
-    zero = torch.zeros_like(e)
-    parts = [e, torch.where(here, x.to(torch.float64) - Md, zero)]
-    if entropy:
-        parts.append(torch.where(e > 0, e * (ent_r.to(torch.float64) - log_e), zero))
-    stacked = torch.stack(parts)
-    dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
-    S = stacked[0]
-    log_s = torch.log(S)
-    lse = (Md + log_s).to(torch.float32)
-    logp = (stacked[1] - log_s).to(torch.float32)
-    ent = (log_s + stacked[2] / S).to(torch.float32) if entropy else torch.zeros_like(lse)
+    logp, ent, lse = merge_states(m_r, ls_r, ent_r, x, here, group, entropy)
     zero = torch.zeros_like(lse)
     if mask is not None:                        # masked tokens: 0, as without shards
         keep = mask != 0
@@ -251,10 +261,10 @@ def shard_logits(logits, ids, mask, temperature, entropy, inplace_backward, voca
                               vocab_start, vocab_size, group, ids_name)
 
 
-def check_vocab(logits, vocab_group, vocab_start, vocab_size):
-    """Validates the shard's arguments; returns (vocab_start, vocab_size)."""
+def check_vocab(V, vocab_group, vocab_start, vocab_size, what="the logits"):
+    """Validates a shard of V vocabulary entries (the logits' last axis, or the
+    head's weight rows); returns (vocab_start, vocab_size)."""
     check_group("vocab_group", vocab_group)
-    V = logits.shape[-1]
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
         raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
     if vocab_size is None:
@@ -262,6 +272,6 @@ def check_vocab(logits, vocab_group, vocab_start, vocab_size):
     elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
         raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
     if not (0 <= vocab_start and vocab_start + V <= vocab_size):
-        raise ValueError(f"vocab_start: the shard [{vocab_start}, {vocab_start + V}) of the "
-                         f"logits must lie in the vocabulary [0, {vocab_size}) (vocab_size)")
+        raise ValueError(f"vocab_start: the shard [{vocab_start}, {vocab_start + V}) of "
+                         f"{what} must lie in the vocabulary [0, {vocab_size}) (vocab_size)")
     return int(vocab_start), int(vocab_size)

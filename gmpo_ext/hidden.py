@@ -177,42 +177,82 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_ids_f64(ids, V):
+    """The float64 path folds in torch, not in the C core: its ids are checked
+    here, as the C core checks the others (CPU: IndexError naming ids; CUDA: no
+    host sync, the invalid tokens' logp becomes NaN, as the CUDA kernels do).
+    Returns the (M,) bool tensor of invalid ids on CUDA, None on CPU."""
+    bad = (ids < 0) | (ids >= V)
+    if ids.device.type != "cpu":
+        return bad
+    if ids.numel() and bool(bad.any()):
+        r = int(torch.nonzero(bad)[0, 0])
+        raise IndexError(f"ids: token id {int(ids[r])} at {r} is outside [0, {V}), the "
+                         "vocabulary of the weight")
+    return None
+
+
 def _forward_impl(hidden, weight, bias, ids, pos, scale, softcap, temperature, entropy,
-                  tile_n, tile_v):
+                  tile_n, tile_v, vocab=None):
+    """(logp, entropy, lse), each (M,). ``vocab``: None (weight is the whole
+    vocabulary) or (vocab_start, vocab_size, group): weight holds the rows
+    [vocab_start, vocab_start + V) of a vocab_size vocabulary sharded over
+    ``group``; each token's folded state is merged over the group (two
+    all-reduces of O(M) values, gmpo_ext.distributed.merge_states)."""
     M = pos.shape[0]
     V = weight.shape[0]
+    v_base, V_all = (0, V) if vocab is None else vocab[:2]
     sd = _stat_dtype(hidden.dtype)
     dev = hidden.device
-    logp = torch.empty(M, dtype=sd, device=dev)
-    ent = torch.zeros(M, dtype=sd, device=dev)
-    lse = torch.empty(M, dtype=sd, device=dev)
+    bad = _check_ids_f64(ids, V_all) if hidden.dtype == torch.float64 else None
+    if bad is None and vocab is not None:
+        # the CUDA kernels mark an invalid id's target NaN in the tile at v0 = 0,
+        # but the merge reads a target only from the shard holding the id: mark
+        # it here (the C core has raised on it already: then none is set)
+        bad = (ids < 0) | (ids >= V_all)
     if M == 0:
-        return logp, ent, lse
+        return (torch.empty(M, dtype=sd, device=dev), torch.zeros(M, dtype=sd, device=dev),
+                torch.empty(M, dtype=sd, device=dev))
     buf = _tile_buffer(tile_n, tile_v, M, V, hidden.dtype, dev)
-    state = torch.empty((min(tile_n, M), LSE_STATE), dtype=sd, device=dev)
+    # every token's state (O(M)): folded tile by tile, finished (or merged over
+    # the vocabulary's ranks) at the end
+    st = torch.zeros((M, LSE_STATE), dtype=sd, device=dev)
+    st[:, 0] = -math.inf
     for lo in range(0, M, tile_n):
         hi = min(lo + tile_n, M)
         hc = _gather(hidden, pos[lo:hi])
-        st = state[: hi - lo]
-        st[:, 0] = -math.inf
-        st[:, 1:] = 0
         idc = ids[lo:hi]
         for v0 in range(0, V, tile_v):
             v1 = min(v0 + tile_v, V)
             tile = _project(buf, hc, weight, bias, v0, v1)
-            _fold(tile, idc, st, v0, V, scale, softcap, temperature, entropy)
-        ls = torch.log(st[:, 1])
-        lse[lo:hi] = st[:, 0] + ls
-        logp[lo:hi] = st[:, 3] - lse[lo:hi]
-        if entropy:
-            ent[lo:hi] = ls - st[:, 2] / st[:, 1]
+            _fold(tile, idc, st[lo:hi], v_base + v0, V_all, scale, softcap, temperature,
+                  entropy)
+    ls = torch.log(st[:, 1])
+    if vocab is None:
+        lse = st[:, 0] + ls
+        logp = st[:, 3] - lse
+        ent = ls - st[:, 2] / st[:, 1] if entropy else torch.zeros_like(lse)
+    else:
+        from . import distributed
+        here = (ids >= v_base) & (ids < v_base + V)
+        logp, ent, lse = distributed.merge_states(st[:, 0], ls, ls - st[:, 2] / st[:, 1],
+                                                  st[:, 3], here, vocab[2], entropy, sd)
+    if bad is not None:   # no host sync: an invalid id's logp is NaN
+        logp = torch.where(bad, torch.full_like(logp, math.nan), logp)
     return logp, ent, lse
 
 
 def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy,
-                   scale, softcap, temperature, tile_n, tile_v, need_h, need_w, need_b):
+                   scale, softcap, temperature, tile_n, tile_v, need_h, need_w, need_b,
+                   vocab=None):
+    """(grad_hidden, grad_weight, grad_bias). With ``vocab`` (a shard, as in
+    _forward_impl) the weight and bias gradients are the shard's own, and each
+    token tile's hidden gradient, a partial sum over the shard's columns, is
+    summed over the group (one all-reduce of the fp32 (tile_n, H) block per
+    token tile, as the backward of Megatron's column-parallel head does)."""
     M = pos.shape[0]
     V, H = weight.shape
+    v_base, V_all = (0, V) if vocab is None else vocab[:2]
     dev = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     gh_out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
@@ -235,7 +275,8 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
             for v0 in range(0, V, tile_v):
                 v1 = min(v0 + tile_v, V)
                 tile = _project(buf, hc, weight, bias, v0, v1)
-                _grad(tile, args[0], v0, V, scale, softcap, temperature, *args[1:])
+                _grad(tile, args[0], v_base + v0, V_all, scale, softcap, temperature,
+                      *args[1:])
                 if dh is not None:
                     _acc_mm(dh, tile, weight[v0:v1])
                 if gw is not None and dev.type == "cpu":   # dW^T += h^T dy: faster on CPU
@@ -245,6 +286,9 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
                 if gb is not None:
                     gb[v0:v1] += tile.sum(0, dtype=acc)
             if dh is not None:
+                if vocab is not None:
+                    import torch.distributed as dist
+                    dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=vocab[2])
                 if hidden.dim() == 3:
                     T = hidden.shape[1]
                     gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(hidden.dtype)
@@ -469,9 +513,43 @@ def _scatter(vals, pos, shape):
     return out.index_put((pos,), vals).view(shape)
 
 
+class _ShardHead(torch.autograd.Function):
+    """linear_logps with the head's vocabulary sharded over a process group:
+    _forward_impl / _backward_impl with ``vocab`` (the fold, merge and tile
+    gradient of the single-process ops, plus the collectives)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, pos, opts, entropy, vocab):
+        scale, softcap, temperature, tile_n, tile_v = opts
+        _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature, tile_n,
+                         tile_v)
+        logp, ent, lse = _forward_impl(hidden, weight, bias, ids, pos, scale, softcap,
+                                       temperature, entropy, tile_n, tile_v, vocab)
+        ctx.save_for_backward(hidden, weight, bias, ids, pos, lse, ent)
+        ctx.opts, ctx.vocab = opts, vocab
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
+        return logp, ent, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_lse):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return (None,) * 8
+        hidden, weight, bias, ids, pos, lse, ent = ctx.saved_tensors
+        scale, softcap, temperature, tile_n, tile_v = ctx.opts
+        dh, dw, db = _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
+                                    lse, ent, scale, softcap, temperature, tile_n, tile_v,
+                                    bool(need_h), bool(need_w), bool(need_b), ctx.vocab)
+        return ((dh if need_h else None), (dw if need_w else None),
+                (db if need_b and bias is not None else None)) + (None,) * 5
+
+
 def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, entropy,
-            tile_tokens, tile_vocab, ids_name):
-    """(logps, entropy) in the token shape, the heads' fused op underneath."""
+            tile_tokens, tile_vocab, ids_name, vocab_group=None, vocab_start=0,
+            vocab_size=None):
+    """(logps, entropy) in the token shape, the heads' fused op underneath (the
+    shard's autograd.Function with ``vocab_group``)."""
     shape = _token_shape(hidden, ids, mask, None)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
@@ -479,15 +557,38 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     ids_sel = ids.reshape(-1).index_select(0, pos).contiguous()
     V, H = weight.shape if weight.dim() == 2 else (1, 1)
     tn, tv = default_tiles(max(pos.numel(), 1), H, V, hidden.dtype)
+    vocab = None
+    if vocab_group is not None and weight.dim() == 2:   # else hidden_fwd names weight
+        from . import distributed
+        vocab_start, vocab_size = distributed.check_vocab(V, vocab_group, vocab_start,
+                                                          vocab_size, "the weight's rows")
+        vocab = (vocab_start, vocab_size, vocab_group)
+        # the token tile must be the same on every rank (the backward's hidden
+        # gradient is all-reduced tile by tile): sized for an equal shard
+        P = torch.distributed.get_world_size(vocab_group)
+        tn = default_tiles(max(pos.numel(), 1), H, -(-vocab_size // P), hidden.dtype)[0]
     tn = tile_tokens if tile_tokens is not None else tn
     tv = tile_vocab if tile_vocab is not None else tv
     try:
-        logp, ent, _ = hidden_fwd(hidden, weight, bias, ids_sel, pos, logit_scale, softcap,
-                                  temperature, bool(entropy), tn, tv)
+        if vocab is None:
+            logp, ent, _ = hidden_fwd(hidden, weight, bias, ids_sel, pos, logit_scale, softcap,
+                                      temperature, bool(entropy), tn, tv)
+        else:
+            if hidden.device.type == "meta":
+                raise ValueError("hidden: vocab_group= needs real tensors (meta tensors "
+                                 "cannot be all-reduced)")
+            logp, ent, _ = _shard_head(hidden, weight, bias, ids_sel, pos,
+                                       (logit_scale, softcap, temperature, tn, tv),
+                                       bool(entropy), vocab)
     except IndexError as e:
         msg = str(e)
         raise IndexError(ids_name + msg[3:] if msg.startswith("ids:") else msg) from None
     return _scatter(logp, pos, shape), (_scatter(ent, pos, shape) if entropy else None)
+
+
+@torch.compiler.disable
+def _shard_head(hidden, weight, bias, ids, pos, opts, entropy, vocab):
+    return _ShardHead.apply(hidden, weight, bias, ids, pos, opts, entropy, vocab)
 
 
 def linear_logps(
@@ -503,6 +604,9 @@ def linear_logps(
     mask: Optional[Tensor] = None,
     tile_tokens: Optional[int] = None,
     tile_vocab: Optional[int] = None,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
 ):
     """Log-probs of ``ids`` under the LM head ``hidden @ weight.T (+ bias)``, fused.
 
@@ -525,6 +629,19 @@ def linear_logps(
         mask: optional, hidden's token shape: only tokens with mask != 0 are
             projected (padding costs no GEMM); the others get 0.
         tile_tokens, tile_vocab: the tile, default :func:`default_tiles`.
+        vocab_group: a torch.distributed process group over which the head's
+            vocabulary is sharded (Megatron's column-parallel output layer):
+            this rank's ``weight`` (and ``bias``) hold the rows
+            [vocab_start, vocab_start + V) of a vocabulary of ``vocab_size``
+            (default V times the group's size); hidden, ids and mask are the
+            same on every rank of the group. Each token's fold is merged over
+            the group (two all-reduces of O(tokens) values); every rank gets
+            the whole vocabulary's logp and entropy; the weight and bias
+            gradients are this shard's, the hidden gradient is summed over the
+            group in backward (one all-reduce per token tile). ids are in
+            [0, vocab_size). tile_tokens, when given, must be the same on
+            every rank.
+        vocab_start, vocab_size: this rank's shard, with vocab_group.
 
     Returns:
         logps in ids' shape (float32; float64 for float64 inputs), or
@@ -534,7 +651,8 @@ def linear_logps(
     temperature, logit_scale, softcap = _head_opts(temperature, logit_scale,
                                                    final_logit_softcapping)
     logp, ent = _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap,
-                        return_entropy, tile_tokens, tile_vocab, "ids")
+                        return_entropy, tile_tokens, tile_vocab, "ids", vocab_group,
+                        vocab_start, vocab_size)
     return (logp, ent) if return_entropy else logp
 
 
@@ -569,7 +687,7 @@ def _pad(x, idx):
 def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
                  temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps,
                  is_weights, return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
-                 loss_kwargs, rows_budget=None):
+                 loss_kwargs, rows_budget=None, vocab=(None, 0, None)):
     temperature, logit_scale, softcap = _head_opts(temperature, logit_scale,
                                                    final_logit_softcapping)
     if mask is None:
@@ -592,9 +710,10 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         raise TypeError("old_logps must be a torch.Tensor, got None")
     budget = 2 * TILE_BUDGET_BYTES if rows_budget is None else int(rows_budget)
     if mode == "rows" and (loss_kwargs.get("group") is not None
-                           or loss_kwargs.get("num_rows") is not None):
-        raise ValueError("mode='rows' finishes each block of rows on its own: group= and "
-                         "num_rows= need mode='tiles' (the default)")
+                           or loss_kwargs.get("num_rows") is not None
+                           or vocab[0] is not None):
+        raise ValueError("mode='rows' finishes each block of rows on its own: group=, "
+                         "num_rows= and vocab_group= need mode='tiles' (the default)")
     if mode == "rows" and (algo_loss is not gmpo_loss or return_entropy or
                            not _rows_fit(hidden, weight, mask, budget)):
         raise ValueError("mode='rows' needs gmpo_loss_from_hidden, padded (B, T, H) hidden, "
@@ -618,7 +737,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         return loss, metrics
     logps, ent = _scored(hidden, weight, completion_ids, mask, bias, temperature, logit_scale,
                          softcap, return_entropy or return_metrics, tile_tokens, tile_vocab,
-                         "completion_ids")
+                         "completion_ids", *vocab)
     m, old, ref, isw, lp = mask, old_logps, ref_logps, is_weights, logps
     if packed:
         idx, _ = _packed_index(cu_seqlens, hidden.shape[0], hidden.device)
@@ -789,6 +908,9 @@ def gmpo_loss_from_hidden(
     mode: str = "auto",
     num_rows: Optional[int] = None,
     group=None,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
 ):
     """GMPO's loss (arXiv 2507.20673) from the policy's last hidden states, the LM head fused.
 
@@ -818,6 +940,11 @@ def gmpo_loss_from_hidden(
         num_rows, group: as in :func:`gmpo_ext.gmpo_loss` (the whole batch's
             row count; rows split over the ranks of a process group, one
             all-reduce of the row statistics). Tiles mode only.
+        vocab_group, vocab_start, vocab_size: the head's vocabulary sharded
+            over the ranks of a process group, as in :func:`linear_logps`
+            (weight (V, H) and bias (V,) are this rank's rows; every rank
+            gets the whole vocabulary's loss). With ``group`` too: rows split
+            over one group, the vocabulary over another. Tiles mode only.
         mode: "tiles" (token tiles, backward recomputes: 4 GEMMs, one tile of
             memory; the default, "auto") or "rows" (whole rows held: each
             block of rows' T x V logits projected once, its G_t finished, dH
@@ -837,7 +964,8 @@ def gmpo_loss_from_hidden(
         dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
              convention=convention, log_ratio_clamp=log_ratio_clamp, normalizer=normalizer,
              **({} if num_rows is None else dict(num_rows=num_rows)),
-             **({} if group is None else dict(group=group))))
+             **({} if group is None else dict(group=group))),
+        vocab=(vocab_group, vocab_start, vocab_size))
 
 
 def grpo_loss_from_hidden(
@@ -867,14 +995,23 @@ def grpo_loss_from_hidden(
     tile_tokens: Optional[int] = None,
     tile_vocab: Optional[int] = None,
     mode: str = "auto",
+    num_rows: Optional[int] = None,
+    group=None,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
 ):
     """GRPO's clipped surrogate (:func:`gmpo_ext.grpo_loss`) from hidden states,
     the LM head fused, for A/B runs against :func:`gmpo_loss_from_hidden`
-    (same layouts, head options and returns)."""
+    (same layouts, head options, returns, ``group``, ``num_rows`` and
+    ``vocab_group``)."""
     return _from_hidden(
         grpo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
         temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
         return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
         dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
              loss_type=loss_type, max_completion_length=max_completion_length,
-             num_items_in_batch=num_items_in_batch, normalizer=normalizer))
+             num_items_in_batch=num_items_in_batch, normalizer=normalizer,
+             **({} if num_rows is None else dict(num_rows=num_rows)),
+             **({} if group is None else dict(group=group))),
+        vocab=(vocab_group, vocab_start, vocab_size))

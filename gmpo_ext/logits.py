@@ -406,8 +406,8 @@ def selective_logps(
     _check_logits(logits, ids, mask, "ids")
     if vocab_group is not None:
         from . import distributed
-        vocab_start, vocab_size = distributed.check_vocab(logits, vocab_group, vocab_start,
-                                                          vocab_size)
+        vocab_start, vocab_size = distributed.check_vocab(logits.shape[-1], vocab_group,
+                                                          vocab_start, vocab_size)
         if validate:
             _validate(ids, mask, vocab_size, "ids")
         logp, ent, _ = distributed.shard_logits(logits, ids, mask, temperature,
@@ -506,7 +506,7 @@ def gmpo_loss_from_logits(
     V = logits.shape[2]
     if vocab_group is not None:
         from . import distributed
-        vocab_start, V = distributed.check_vocab(logits, vocab_group, vocab_start, vocab_size)
+        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size)
     if validate:
         _validate(completion_ids, mask, V, "completion_ids")
     try:

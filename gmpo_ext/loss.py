@@ -225,6 +225,7 @@ def grpo_loss(
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     normalizer: float = 1.0,
+    num_rows: Optional[int] = None,
     group=None,
     return_metrics: bool = False,
 ):
@@ -243,6 +244,13 @@ def grpo_loss(
     ``group``: rows split over the ranks of a process group, as in
     :func:`gmpo_loss` (the per-row sums, token counts included, are
     all-reduced once, so every loss type sees whole rows and the whole mask).
+    ``num_rows``: the whole batch's row count (as in :func:`gmpo_loss`), for
+    the loss types that average over rows: "grpo" sums the row means and
+    "dr_grpo" the rows' sums, each divided by num_rows (times
+    max_completion_length for dr_grpo) instead of the B rows at hand, so
+    micro-batches of any sizes add up to the whole batch. "bnpo" and "dapo"
+    divide by tokens, not rows: for those pass the whole batch's token count
+    as ``num_items_in_batch`` with loss_type="dapo" (TRL's own fix of bnpo).
     """
     _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
     el, eh = _epsilons(epsilon_low, epsilon_high)
@@ -273,10 +281,18 @@ def grpo_loss(
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
     if group is not None:
         _distributed().check_group("group", group)
+    norm = float(normalizer)
+    if num_rows is not None:
+        if loss_type not in ("grpo", "dr_grpo"):
+            raise ValueError(f"num_rows applies to the loss types that average over rows "
+                             f"('grpo', 'dr_grpo'); loss_type={loss_type!r} divides by "
+                             "tokens: pass the whole batch's token count as "
+                             "num_items_in_batch with loss_type='dapo'")
+        norm = _distributed().rows_normalizer("num_rows", num_rows, logps.shape[0], norm)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
                          is_weights=is_weights)
     opts = (_backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
-            float(normalizer), denom)
+            norm, denom)
     ref = ref_logps if beta != 0 else None
     if group is None:
         loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, ref, is_weights, *opts)
@@ -334,10 +350,11 @@ class GRPOLoss(torch.nn.Module):
                            normalizer=normalizer, return_metrics=return_metrics)
 
     def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None,
-                num_items_in_batch=None):
+                num_items_in_batch=None, num_rows=None):
+        """num_items_in_batch, num_rows: this call's (see grpo_loss)."""
         return grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
                          is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-                         **self.kwargs)
+                         num_rows=num_rows, **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

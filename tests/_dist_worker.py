@@ -292,6 +292,138 @@ def vocab_split(rank, world, group):
             raise AssertionError("vocab: an invalid id's logp is not NaN alone")
 
 
+def _head_batch(seed, B, T, H, V, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    bias = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[1] = False                                   # an empty row
+    with torch.no_grad():
+        lp = torch.log_softmax((hid @ W.t() + bias) / 0.9, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[0] = 0.0
+    isw = torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5
+    c = lambda t: t.to(dtype)   # noqa: E731
+    return dict(hidden=c(hid), weight=c(W), bias=c(bias), ids=ids, mask=mask, old=c(old),
+                ref=c(ref), adv=c(adv), isw=c(isw))
+
+
+def _head_grads(fn, hid, W, bias):
+    """fn(h, w, b) -> (scalar, outputs dict); returns (scalar, outputs, dh, dw, db)."""
+    h, w, b = (t.detach().clone().requires_grad_(True) for t in (hid, W, bias))
+    out, extra = fn(h, w, b)
+    dh, dw, db = torch.autograd.grad(out, (h, w, b))
+    return out.detach(), extra, dh, dw, db
+
+
+def head_split(rank, world, group):
+    """The LM head's vocabulary sharded over the ranks (vocab_group= on
+    linear_logps, gmpo_loss_from_hidden, grpo_loss_from_hidden): every rank
+    gets the whole vocabulary's logp, entropy, loss and metrics; the weight
+    and bias gradients are the shard's rows of the single process's, the
+    hidden gradient the whole one (summed over the shards in backward)."""
+    import gmpo_ext
+
+    B, T, H, V = 4, 21, 16, 75           # 75 rows: unequal shards with vocab_size
+    P = world
+    lo, hi = V * rank // P, V * (rank + 1) // P
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        d = _head_batch(600, B, T, H, V, dtype)
+        sh = dict(vocab_group=group, vocab_start=lo, vocab_size=V)
+        w1 = torch.randn(B, T, generator=torch.Generator().manual_seed(1)).to(dtype)
+        w2 = torch.randn(B, T, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+        def sel(h, w, b, **kw):
+            lp, ent = gmpo_ext.linear_logps(h, w, d["ids"], bias=b, temperature=0.9,
+                                            return_entropy=True, mask=d["mask"],
+                                            tile_tokens=16, tile_vocab=8, **kw)
+            return (lp * w1).sum() + (ent * w2).sum(), {"lp": lp.detach(), "ent": ent.detach()}
+
+        ref = _head_grads(sel, d["hidden"], d["weight"], d["bias"])
+        got = _head_grads(lambda h, w, b: sel(h, w, b, **sh), d["hidden"], d["weight"][lo:hi],
+                          d["bias"][lo:hi])
+        name = f"head {dtype} linear_logps"
+        _close(f"{name} logp", got[1]["lp"], ref[1]["lp"], 1e-6 if dtype == torch.float32 else tol)
+        _close(f"{name} entropy", got[1]["ent"], ref[1]["ent"],
+               2e-6 if dtype == torch.float32 else tol)
+        # the gradients pass through fp32 GEMMs of other tiles than the single
+        # process's (another summation order): 1e-5, normwise where the
+        # entropy's p (x - lse + H) cancels elementwise
+        _close(f"{name} grad hidden", got[2], ref[2], tol, floor=1.0)
+        _close(f"{name} grad weight", got[3], ref[3][lo:hi], tol, floor=1.0)
+        _close(f"{name} grad bias", got[4], ref[4][lo:hi], tol, floor=1.0)
+
+        for conv, beta in (("trl", 0.04), ("verl", 0.0)):
+            def f(h, w, b, **kw):
+                loss, m = gmpo_ext.gmpo_loss_from_hidden(
+                    h, w, d["ids"], d["old"], d["adv"], d["mask"], bias=b, temperature=0.9,
+                    convention=conv, beta=beta, ref_logps=d["ref"], is_weights=d["isw"],
+                    return_metrics=True, tile_tokens=32, **kw)
+                return loss, m
+
+            ref = _head_grads(f, d["hidden"], d["weight"], d["bias"])
+            got = _head_grads(lambda h, w, b: f(h, w, b, **sh), d["hidden"],
+                              d["weight"][lo:hi], d["bias"][lo:hi])
+            name = f"head {dtype} gmpo {conv}"
+            _close(f"{name} loss", got[0], ref[0], 1e-6 if dtype == torch.float32 else tol)
+            _metrics_close(name, got[1], ref[1], 2e-6 if dtype == torch.float32 else tol)
+            _close(f"{name} grad hidden", got[2], ref[2], tol, floor=1.0)
+            _close(f"{name} grad weight", got[3], ref[3][lo:hi], tol, floor=1.0)
+            _close(f"{name} grad bias", got[4], ref[4][lo:hi], tol, floor=1.0)
+
+    # GRPO from hidden states, with the default tiles and vocab_size inferred
+    # (equal shards). fp32 with advantages of one sign: with mixed signs the
+    # token terms (each about |A|) cancel to a loss below fp32's resolution of
+    # them, where any two summation orders differ by more than 1e-6 of it;
+    # fp64 with mixed signs
+    for dtype, tol, gtol in ((torch.float32, 1e-6, 1e-5), (torch.float64, 1e-12, 1e-12)):
+        d = _head_batch(601, B, T, H, 64, dtype)
+        if dtype == torch.float32:
+            d["adv"] = d["adv"].abs() + 0.5
+        lo, hi = 64 * rank // P, 64 * (rank + 1) // P
+
+        def gr(h, w, b, **kw):
+            return gmpo_ext.grpo_loss_from_hidden(h, w, d["ids"], d["old"], d["adv"], d["mask"],
+                                                  bias=b, loss_type="grpo", beta=0.04,
+                                                  ref_logps=d["ref"], return_metrics=True,
+                                                  **kw)
+
+        ref = _head_grads(gr, d["hidden"], d["weight"], d["bias"])
+        got = _head_grads(lambda h, w, b: gr(h, w, b, vocab_group=group, vocab_start=lo),
+                          d["hidden"], d["weight"][lo:hi], d["bias"][lo:hi])
+        _close(f"head grpo {dtype} loss", got[0], ref[0], tol)
+        _metrics_close(f"head grpo {dtype}", got[1], ref[1],
+                       2e-6 if dtype == torch.float32 else tol)
+        _close(f"head grpo {dtype} grad hidden", got[2], ref[2], gtol, floor=1.0)
+        _close(f"head grpo {dtype} grad weight", got[3], ref[3][lo:hi], gtol, floor=1.0)
+
+    d = _head_batch(601, B, T, H, 64)   # fp32: the kernels (float64 folds in torch)
+    # an id outside the whole vocabulary is an error naming the argument (the
+    # C core checks each id against vocab_size, not against the shard)
+    bad = d["ids"].clone()
+    bad[0, 0] = 64
+    m2 = d["mask"].clone()
+    m2[0, 0] = True
+    if BACKEND == "c":
+        try:
+            gmpo_ext.linear_logps(d["hidden"], d["weight"][lo:hi], bad, mask=m2,
+                                  vocab_group=group, vocab_start=lo)
+        except IndexError as e:
+            if "ids" not in str(e):
+                raise AssertionError(f"head: the IndexError does not name ids: {e}")
+        else:
+            raise AssertionError("head: an id outside [0, vocab_size) did not raise")
+    else:   # the CUDA kernels: NaN for that token alone, on every rank
+        lp = gmpo_ext.linear_logps(d["hidden"], d["weight"][lo:hi], bad, mask=m2,
+                                   vocab_group=group, vocab_start=lo)
+        if not (torch.isnan(lp[0, 0]) and not torch.isnan(lp[m2].view(-1)[1:]).any()):
+            raise AssertionError("head: an invalid id's logp is not NaN alone")
+
+
 def both(rank, world, group_seq, group_vocab, seq_rank, vocab_rank, P_seq, P_vocab):
     import gmpo_ext
 
@@ -318,6 +450,36 @@ def both(rank, world, group_seq, group_vocab, seq_rank, vocab_rank, P_seq, P_voc
         _close(f"both {conv} loss", loss, ref_loss)
         _metrics_close(f"both {conv}", m, ref_m, 2e-6)
         _close(f"both {conv} grad", g, ref_g[:, pos][:, :, lo:hi], floor=1.0)
+
+    # from hidden states: rows split over group_seq, the head's vocabulary over
+    # group_vocab (the weight and bias gradients: this rank's tokens and rows,
+    # summed over group_seq they are the whole batch's rows of the shard)
+    Vh = 48
+    d = _head_batch(402, B, T, 16, Vh)
+    lo, hi = Vh * vocab_rank // P_vocab, Vh * (vocab_rank + 1) // P_vocab
+    for conv in ("trl", "verl"):
+        def fh(h, w, b, ids_, old_, mask_, ref_, isw_, **kw):
+            return gmpo_ext.gmpo_loss_from_hidden(
+                h, w, ids_, old_, d["adv"], mask_, bias=b, temperature=0.9, convention=conv,
+                beta=0.04, ref_logps=ref_, is_weights=isw_, return_metrics=True,
+                tile_tokens=16, tile_vocab=16, **kw)
+
+        keys = ("ids", "old", "mask", "ref", "isw")
+        ref = _head_grads(lambda h, w, b: fh(h, w, b, *(d[k] for k in keys)), d["hidden"],
+                          d["weight"], d["bias"])
+        cut = lambda t: t[:, idx].contiguous()   # noqa: E731
+        got = _head_grads(lambda h, w, b: fh(h, w, b, *(cut(d[k]) for k in keys),
+                                             group=group_seq, vocab_group=group_vocab,
+                                             vocab_start=lo),
+                          cut(d["hidden"]), d["weight"][lo:hi], d["bias"][lo:hi])
+        _close(f"both hidden {conv} loss", got[0], ref[0])
+        _metrics_close(f"both hidden {conv}", got[1], ref[1], 2e-6)
+        _close(f"both hidden {conv} grad hidden", got[2], ref[2][:, idx], 1e-5, floor=1.0)
+        gw, gb = got[3].clone(), got[4].clone()
+        dist.all_reduce(gw, group=group_seq)
+        dist.all_reduce(gb, group=group_seq)
+        _close(f"both hidden {conv} grad weight", gw, ref[3][lo:hi], 1e-5, floor=1.0)
+        _close(f"both hidden {conv} grad bias", gb, ref[4][lo:hi], 1e-5, floor=1.0)
 
 
 def data_parallel(rank, world, group):
@@ -373,6 +535,8 @@ def run(rank, world, port, backend_name, scenarios):
                 seq_split(rank, world, world_group)
             elif s == "vocab":
                 vocab_split(rank, world, world_group)
+            elif s == "head":
+                head_split(rank, world, world_group)
             elif s == "dp":
                 data_parallel(rank, world, world_group)
             elif s == "both":

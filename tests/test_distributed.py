@@ -12,7 +12,12 @@ log-sum-exps):
   vocab  vocabulary-sharded logits (vocab_group=, vocab_start=):
          selective_logps (logp, entropy and their gradient) and
          gmpo_loss_from_logits with its metrics
-  both   4 ranks, 2 sequence x 2 vocabulary shards
+  head   the LM head's vocabulary sharded (vocab_group= on linear_logps,
+         gmpo_loss_from_hidden and grpo_loss_from_hidden): logp, entropy,
+         loss, metrics; hidden, weight and bias gradients; fp32 and fp64;
+         unequal shards
+  both   4 ranks, 2 sequence x 2 vocabulary shards, of the logits and of the
+         head
   dp     data parallel, unequal micro-batches over ranks and accumulation
          steps, num_rows: summed losses and gradients equal the whole batch's
 
@@ -59,8 +64,8 @@ def _spawn(world, backend, scenarios):
 
 
 def test_two_ranks(backend):
-    """Rows split, vocabulary split and data parallel over 2 ranks."""
-    _spawn(2, backend, ["seq", "vocab", "dp"])
+    """Rows split, vocabulary split (logits and head) and data parallel over 2 ranks."""
+    _spawn(2, backend, ["seq", "vocab", "head", "dp"])
 
 
 def test_four_ranks(backend):
@@ -127,6 +132,92 @@ def test_num_rows_is_a_sum_over_the_whole_batch():
     assert not torch.allclose((gmpo_ext.gmpo_loss(lp[:2], old[:2], adv[:2], mask[:2])
                                + gmpo_ext.gmpo_loss(lp[2:], old[2:], adv[2:], mask[2:])) / 2,
                               full, rtol=1e-4)
+
+
+def test_grpo_num_rows_is_a_sum_over_the_whole_batch():
+    """grpo_loss's num_rows ("grpo", "dr_grpo"): micro-batches of unequal sizes
+    add up to the whole batch's loss and gradient; token-normalised loss
+    types refuse it, naming the alternative."""
+    lp, old, adv, mask = _inputs(B=7, T=9)
+    mask[2] = False
+    for lt in ("grpo", "dr_grpo"):
+        x = lp.clone().requires_grad_(True)
+        full = gmpo_ext.grpo_loss(x, old, adv, mask, loss_type=lt, beta=0.1, ref_logps=old)
+        (g_full,) = torch.autograd.grad(full, x)
+        total, grads = 0.0, []
+        for sl in (slice(0, 1), slice(1, 5), slice(5, 7)):
+            y = lp[sl].clone().requires_grad_(True)
+            part = gmpo_ext.grpo_loss(y, old[sl], adv[sl], mask[sl], loss_type=lt, beta=0.1,
+                                      ref_logps=old[sl], num_rows=7)
+            grads.append(torch.autograd.grad(part, y)[0])
+            total = total + part.detach()
+        torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.cat(grads), g_full, rtol=1e-6, atol=1e-9)
+        mod = gmpo_ext.GRPOLoss(loss_type=lt)
+        torch.testing.assert_close(mod(lp[:3], old[:3], adv[:3], mask[:3], num_rows=7),
+                                   gmpo_ext.grpo_loss(lp[:3], old[:3], adv[:3], mask[:3],
+                                                      loss_type=lt) * 3 / 7,
+                                   rtol=1e-6, atol=0)
+    for lt in ("bnpo", "dapo"):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type=lt, num_rows=7)
+    with pytest.raises(ValueError, match="num_rows"):
+        gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="grpo", num_rows=3)
+
+
+def test_head_shard_of_one_rank_equals_whole_head(one_rank):
+    """vocab_group of one rank on the fused head: the same logp, entropy,
+    loss and gradients as without it (the merge of one state is exact up to
+    one rounding)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, V = 3, 11, 8, 29
+    hid = torch.randn(B, T, H, generator=g)
+    W = torch.randn(V, H, generator=g) * 0.4
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    old = -torch.rand(B, T, generator=g) * 3
+    adv = torch.randn(B, generator=g)
+    outs = []
+    for kw in ({}, dict(vocab_group=one_rank)):
+        h, w = hid.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        lp, ent = gmpo_ext.linear_logps(h, w, ids, mask=mask, return_entropy=True, **kw)
+        loss = gmpo_ext.gmpo_loss_from_hidden(h, w, ids, old, adv, mask, **kw)
+        outs.append((lp, ent, loss) + torch.autograd.grad(loss + (ent * 0.1).sum(), (h, w)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=2e-6, atol=1e-6)
+
+
+def test_head_shard_bad_arguments(one_rank, backend):
+    g = torch.Generator().manual_seed(3)
+    hid = torch.randn(2, 5, 4, generator=g)
+    W = torch.randn(6, 4, generator=g)
+    ids = torch.randint(0, 6, (2, 5), generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(TypeError, match="vocab_group"):
+        gmpo_ext.linear_logps(hid, W, ids, vocab_group="world")
+    with pytest.raises(ValueError, match="vocab_start"):
+        gmpo_ext.linear_logps(hid, W, ids, vocab_group=one_rank, vocab_start=1)
+    with pytest.raises(ValueError, match="vocab_start"):
+        gmpo_ext.linear_logps(hid, W, ids, vocab_group=one_rank, vocab_start=3, vocab_size=8)
+    with pytest.raises(TypeError, match="vocab_size"):
+        gmpo_ext.linear_logps(hid, W, ids, vocab_group=one_rank, vocab_size=6.0)
+    # an id outside the vocabulary: IndexError naming it (C core), NaN (the
+    # CUDA kernels, here emulated: no host sync)
+    if backend == "c":
+        with pytest.raises(IndexError, match="completion_ids"):
+            gmpo_ext.gmpo_loss_from_hidden(hid, W, ids + 6, -torch.rand(2, 5), torch.randn(2),
+                                           mask, vocab_group=one_rank)
+    else:
+        bad = ids.clone()
+        bad[0, 0] = 6
+        lp = gmpo_ext.linear_logps(hid, W, bad, vocab_group=one_rank)
+        assert torch.isnan(lp[0, 0]) and torch.isfinite(lp.view(-1)[1:]).all()
+    with pytest.raises(ValueError, match="vocab_group"):
+        gmpo_ext.gmpo_loss_from_hidden(hid, W, ids, -torch.rand(2, 5), torch.randn(2), mask,
+                                       vocab_group=one_rank, mode="rows")
+    with pytest.raises(ValueError, match="meta"):
+        gmpo_ext.linear_logps(hid.to("meta"), W.to("meta"), ids.to("meta"),
+                              vocab_group=one_rank)
 
 
 def test_bad_arguments(one_rank):

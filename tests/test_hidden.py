@@ -364,6 +364,24 @@ def test_bad_inputs_name_the_argument(case, exc, name):
         gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, **kw)
 
 
+@pytest.mark.parametrize("bad_id", [30, -1])
+def test_float64_ids_are_checked(bad_id):
+    """float64 (gradcheck's dtype) folds in torch, not in the C core: its ids
+    are checked all the same (an id outside [0, V) once gave the logp of a
+    target logit of 0, silently)."""
+    h, W, b, ids, mask, old, adv = make(2, 4, 8, 30, torch.float64, bias=True)
+    ids = ids.clone()
+    ids[1, 2] = bad_id
+    with pytest.raises(IndexError, match=f"ids: token id {bad_id} at"):
+        gmpo_ext.linear_logps(h, W, ids, bias=b)
+    mask = mask.clone()
+    mask[1, 2] = True
+    with pytest.raises(IndexError, match="completion_ids"):
+        gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
+    mask[1, 2] = False   # a token the mask does not count is never scored
+    gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
+
+
 def test_ops_validate_in_their_implementation():
     """The registered ops check what they are given, not only the public wrappers,
     and the C kernels check extents and ids before any read."""
