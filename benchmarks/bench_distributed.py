@@ -8,6 +8,10 @@ For each world size P (processes on this machine) and shape, one call of:
   vocab     selective_logps(vocab_group=, return_entropy=True): logits
             (B, T, V/P); an all-reduce MAX of B*T float32, then an all-reduce
             SUM of 3 * B*T float64 (2 * B*T without the entropy)
+  head      linear_logps(vocab_group=, return_entropy=True): the LM head's
+            weight (V/P, H) sharded, hidden (N, H) on every rank; forward as
+            vocab (MAX of N float32, SUM of 3 N float64), backward one SUM of
+            the fp32 (tile, H) hidden gradient per token tile
   local     the same loss with group=None on the rank's tokens (no collective),
             for the compute it adds to
 
@@ -39,6 +43,7 @@ import torch.multiprocessing as mp
 
 SHAPES_ROWS = [(8, 4096), (64, 1024), (256, 512)]          # (B, T)
 SHAPES_VOCAB = [(1, 1024, 32768), (4, 512, 16384)]         # (B, T, V)
+SHAPES_HEAD = [(1024, 512, 32768)]                         # (N, H, V)
 
 
 def _median_time(fn, reps):
@@ -108,6 +113,41 @@ def _worker(rank, world, port, reps, out_rows):
         rows.append(dict(path="vocab", world=world, shape=f"{B}x{T}x{V}", collectives=2,
                          bytes_per_rank=n * (4 + 3 * 8), call_ms=t_call * 1e3,
                          local_ms=t_local * 1e3, collective_ms=t_coll * 1e3))
+    for N, H, V in SHAPES_HEAD:
+        v = V // world
+        hid = torch.randn(N, H, generator=g)
+        W = torch.randn(v, H, generator=g) / H ** 0.5
+        ids = torch.randint(0, V, (N,), generator=g)
+
+        def step_h(grp):
+            h, w = hid.clone().requires_grad_(True), W.clone().requires_grad_(True)
+            if grp is None:
+                lp, ent = gmpo_ext.linear_logps(h, w, ids.clamp(max=v - 1),
+                                                return_entropy=True)
+            else:
+                lp, ent = gmpo_ext.linear_logps(h, w, ids, return_entropy=True,
+                                                vocab_group=grp, vocab_start=rank * v)
+            (lp.sum() + ent.sum()).backward()
+
+        from gmpo_ext.hidden import default_tiles
+        tile_n = default_tiles(N, H, v, torch.float32)[0]
+        pieces = [torch.zeros(min(tile_n, N - lo), H) for lo in range(0, N, tile_n)]
+        m = torch.zeros(N)
+        s3 = torch.zeros(3, N, dtype=torch.float64)
+
+        def coll_h():
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+            dist.all_reduce(s3, group=group)
+            for p in pieces:
+                dist.all_reduce(p, group=group)
+
+        t_call = _median_time(lambda: step_h(group), reps)
+        t_local = _median_time(lambda: step_h(None), reps)
+        t_coll = _median_time(coll_h, reps)
+        rows.append(dict(path="head", world=world, shape=f"{N}x{H}x{V}",
+                         collectives=2 + len(pieces), bytes_per_rank=N * (4 + 3 * 8 + 4 * H),
+                         call_ms=t_call * 1e3, local_ms=t_local * 1e3,
+                         collective_ms=t_coll * 1e3))
     if rank == 0:
         out_rows.extend(rows)
         with open(os.environ["GMPO_BENCH_OUT"] + f".{world}", "w", newline="") as f:

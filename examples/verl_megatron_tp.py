@@ -4,7 +4,8 @@ parallelism) and data parallelism with unequal micro-batches.
 
 Runs on CPU with gloo, 4 processes = 2 data-parallel x 2 tensor-parallel ranks:
 
-    python examples/verl_megatron_tp.py
+    python examples/verl_megatron_tp.py              # logits (B, T, V/2) per rank
+    python examples/verl_megatron_tp.py --fused-head # the head fused: no logits held
 
 Tensor parallelism. Megatron's ColumnParallelLinear LM head gives each tensor-
 parallel rank the logits of its slice of the vocabulary, (B, T, V/2).
@@ -17,6 +18,13 @@ verl's Megatron actor, verl computes these log-probs itself with Megatron's
 vocab-parallel cross-entropy; this is the fused equivalent.) The hidden
 states' gradient is summed over the tensor-parallel ranks, as Megatron's
 ColumnParallelLinear backward does.
+
+With ``--fused-head`` the head is fused into the log-probs:
+``gmpo_ext.linear_logps(hidden, weight_shard, ids, vocab_group=tp_group,
+vocab_start=...)`` folds the shard's (tokens x vocabulary) tiles into the
+same mergeable state, never holding the (B, T, V/2) logits, and sums the
+hidden states' gradient over the tensor-parallel ranks itself (one
+all-reduce per token tile in backward), so the caller does not.
 
 Data parallelism. verl cuts each data-parallel rank's share of a mini-batch
 into micro-batches (``use_dynamic_bsz``: of unequal sizes). verl's own
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -71,7 +80,7 @@ def weights():
     return torch.nn.Embedding(V, H), torch.nn.Linear(H, V, bias=False)
 
 
-def worker(rank, port):
+def worker(rank, port, fused_head):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -90,14 +99,20 @@ def worker(rank, port):
     for rows in MICRO[dp_rank]:
         r = torch.tensor(rows)
         h = torch.tanh(embed(prev[r]))
-        logits = h @ head_shard.t()                                    # (b, T, V/TP)
-        logp = gmpo_ext.selective_logps(logits, ids[r], mask=mask[r], vocab_group=tp_group,
-                                        vocab_start=lo)
+        if fused_head:                                                 # no logits held
+            logp = gmpo_ext.linear_logps(h, head_shard, ids[r], mask=mask[r],
+                                         vocab_group=tp_group, vocab_start=lo)
+        else:
+            logits = h @ head_shard.t()                                # (b, T, V/TP)
+            logp = gmpo_ext.selective_logps(logits, ids[r], mask=mask[r],
+                                            vocab_group=tp_group, vocab_start=lo)
         loss, metrics = compute_policy_loss_gmpo_fused(
             old[r], logp, adv[r], mask[r], config=dict(CONFIG, global_batch_info=info))
         loss.backward()                                                # accumulates
-    # the hidden states' gradient sums over the tensor-parallel ranks
-    dist.all_reduce(embed.weight.grad, group=tp_group)
+    # the hidden states' gradient sums over the tensor-parallel ranks (the
+    # fused head has summed it in its backward)
+    if not fused_head:
+        dist.all_reduce(embed.weight.grad, group=tp_group)
     # data parallelism averages (DDP / FSDP / Megatron's DDP)
     for p in (embed.weight, head_shard):
         dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=dp_group)
@@ -115,6 +130,9 @@ def worker(rank, port):
     print(f"rank {rank} (dp {dp_rank}, tp {tp_rank}): largest gradient differences, relative "
           f"to the largest element: embedding {float(d_embed):.2e}, head shard "
           f"{float(d_head):.2e}")
+    if max(d_embed, d_head) > 1e-5:
+        raise AssertionError(f"rank {rank}: the split run's gradients differ from one "
+                             "process's by more than 1e-5")
     dist.destroy_process_group()
 
 
@@ -122,7 +140,7 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(port,), nprocs=DP * TP, join=True)
+    mp.spawn(worker, args=(port, "--fused-head" in sys.argv[1:]), nprocs=DP * TP, join=True)
 
 
 if __name__ == "__main__":

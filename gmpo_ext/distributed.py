@@ -37,6 +37,16 @@ the single-process kernel's do: 20 bytes per token, 28 with the entropy)
 The backward needs only the global lse (and H): each rank writes the
 gradient of its own shard, with the one-hot term where the id falls in it.
 
+The LM head's vocabulary split over ranks (``vocab_group=`` on
+linear_logps / gmpo_loss_from_hidden / grpo_loss_from_hidden: weight
+(V/P, H) and bias (V/P,) of this rank's rows, hidden the same on every rank).
+Each rank folds its rows' (tokens x vocabulary) tiles into the same state
+(gmpo_ext/hidden.py) and merge_states merges it exactly as above. In
+backward each rank recomputes its tiles, writes their dL/dy from the merged
+lse and H, and accumulates its own dW and db; dH = sum_r dy_r W_r sums over
+the ranks: one all-reduce (sum) of the fp32 (tile, H) block per token tile,
+what the backward of Megatron's column-parallel head does for its input.
+
 Gradients of parameters shared by the ranks of ``group`` (the whole model,
 in context parallelism) are each rank's partial gradient: they must be SUMMED
 over the group. Frameworks that AVERAGE gradients over a mesh including the

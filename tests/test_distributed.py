@@ -77,6 +77,21 @@ def test_four_ranks(backend):
     _spawn(4, backend, ["both", "dp"])
 
 
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_example_verl_megatron_tp(backend, head):
+    """examples/verl_megatron_tp.py (2 data x 2 tensor-parallel ranks) runs and
+    its gradients match one process (it raises otherwise)."""
+    if backend != "c":
+        pytest.skip("the example runs the C core; the SIMT emulation runs its paths in "
+                    "test_two_ranks")
+    import subprocess
+    script = os.path.join(HERE, os.pardir, "examples", "verl_megatron_tp.py")
+    args = [sys.executable, script] + (["--fused-head"] if head == "fused" else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("largest gradient differences") == 4
+
+
 # ----------------------------------------------------------------------------
 # one process: argument checks and the single-process equivalences
 
