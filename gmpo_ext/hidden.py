@@ -437,17 +437,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
 
 
-def _hidden_backward(ctx, grad_logp, grad_entropy, grad_lse):
+def _head_backward(ctx, grad_logp, grad_entropy, n_inputs, vocab=None):
+    """The gradients of hidden_fwd's (or the shard's) inputs: hidden_bwd, or
+    _backward_impl over a vocabulary shard; None for the other n_inputs - 3."""
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-        return (None,) * 11
+        return (None,) * n_inputs
     hidden, weight, bias, ids, pos, lse, entropy = ctx.saved_tensors
     scale, softcap, temperature, tile_n, tile_v = ctx.opts
-    dh, dw, db = hidden_bwd(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
-                            entropy, scale, softcap, temperature, tile_n, tile_v,
-                            bool(need_h), bool(need_w), bool(need_b))
+    args = (grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, scale,
+            softcap, temperature, tile_n, tile_v, bool(need_h), bool(need_w), bool(need_b))
+    dh, dw, db = hidden_bwd(*args) if vocab is None else _backward_impl(*args, vocab)
     return ((dh if need_h else None), (dw if need_w else None),
-            (db if need_b and bias is not None else None)) + (None,) * 8
+            (db if need_b and bias is not None else None)) + (None,) * (n_inputs - 3)
+
+
+def _hidden_backward(ctx, grad_logp, grad_entropy, grad_lse):
+    return _head_backward(ctx, grad_logp, grad_entropy, 11)
 
 
 hidden_fwd.register_autograd(_hidden_backward, setup_context=_setup_context)
@@ -533,16 +539,7 @@ class _ShardHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return (None,) * 8
-        hidden, weight, bias, ids, pos, lse, ent = ctx.saved_tensors
-        scale, softcap, temperature, tile_n, tile_v = ctx.opts
-        dh, dw, db = _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
-                                    lse, ent, scale, softcap, temperature, tile_n, tile_v,
-                                    bool(need_h), bool(need_w), bool(need_b), ctx.vocab)
-        return ((dh if need_h else None), (dw if need_w else None),
-                (db if need_b and bias is not None else None)) + (None,) * 5
+        return _head_backward(ctx, grad_logp, grad_entropy, 8, ctx.vocab)
 
 
 def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, entropy,
