@@ -32,24 +32,11 @@
 #include <stdio.h>
 #include <string.h>
 #include "../gmpo_hidden.h"
+#include "chunk_loops.h"   // the chunk loops shared with logits_cpu.c
 
-#define HD_CHUNK 2048   // fp32 elements per chunk: 8 KiB, in L1
-#define HD_LANES 16     // independent accumulators: one AVX-512 vector, two AVX2
-
-#if defined(__GNUC__)
-#define HD_ALIGN __attribute__((aligned(64)))
-#else
-#define HD_ALIGN
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && \
-    !defined(GMPO_NO_TARGET_CLONES)
-#define HD_LOOP static __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__)
-#define HD_LOOP static __attribute__((noinline))
-#else
-#define HD_LOOP static
-#endif
+#define HD_CHUNK GMPO_CL_CHUNK
+#define HD_ALIGN GMPO_CL_ALIGN
+#define HD_LOOP GMPO_CL_LOOP
 
 // the transform's constants, computed once per call
 typedef struct {
@@ -103,75 +90,6 @@ HD_LOOP void hd_load(const void *row, int32_t dt, int64_t off, int64_t n, hd_xf 
     }
 }
 
-// n gradient values from x into a tile row of dtype dt from element off
-HD_LOOP void hd_store(void *row, int32_t dt, int64_t off, int64_t n, const float *restrict x) {
-    int64_t k;
-    if (dt == GMPO_DT_F32) {
-        float *p = (float *)row + off;
-        for (k = 0; k < n; k++) p[k] = x[k];
-    } else if (dt == GMPO_DT_BF16) {
-        uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16(x[k]);
-    } else {
-        uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16(x[k]);
-    }
-}
-
-// keys that order as the floats do, so an integer max (which gcc vectorises)
-// finds the float max; NaN with the sign bit clear sorts above inf
-static inline int32_t hd_key(int32_t s) { return s ^ (int32_t)((uint32_t)(s >> 31) >> 1); }
-
-HD_LOOP float hd_max(const float *restrict x, int64_t n) {
-    gmpo_f32_bits b;
-    b.f = -INFINITY;
-    int32_t m = hd_key((int32_t)b.u);
-    for (int64_t k = 0; k < n; k++) {
-        b.f = x[k];
-        int32_t v = hd_key((int32_t)b.u);
-        m = v > m ? v : m;
-    }
-    b.u = (uint32_t)hd_key(m);
-    return b.f;
-}
-
-static int hd_any_nan(const float *x, int64_t n) {
-    int any = 0;
-    for (int64_t k = 0; k < n; k++) any |= x[k] != x[k];
-    return any;
-}
-
-// sum of exp(x - M) into *s and, with ent, of exp(x - M) (x - M) into *w
-HD_LOOP void hd_sums(const float *restrict x, int64_t n, float M, int ent, float *s, float *w) {
-    float sv[HD_LANES] HD_ALIGN, wv[HD_LANES] HD_ALIGN;
-    int64_t j = 0;
-    int l;
-    for (l = 0; l < HD_LANES; l++) sv[l] = wv[l] = 0.0f;
-    if (ent) {
-        for (; j + HD_LANES <= n; j += HD_LANES)
-            for (l = 0; l < HD_LANES; l++) {
-                float d = x[j + l] - M;
-                float e = gmpo_exp_f(d);
-                float ed = e * d;
-                sv[l] += e;
-                wv[l] += e == 0.0f ? 0.0f : ed;   // e = 0 where d = -inf
-            }
-    } else {
-        for (; j + HD_LANES <= n; j += HD_LANES)
-            for (l = 0; l < HD_LANES; l++) sv[l] += gmpo_exp_f(x[j + l] - M);
-    }
-    for (; j < n; j++) {
-        float d = x[j] - M;
-        float e = gmpo_exp_f(d);
-        sv[0] += e;
-        wv[0] += e == 0.0f ? 0.0f : e * d;
-    }
-    for (int h = HD_LANES / 2; h > 0; h /= 2)   // pairwise: fixed order, deterministic
-        for (l = 0; l < h; l++) { sv[l] += sv[l + h]; wv[l] += wv[l + h]; }
-    *s = sv[0];
-    *w = ent ? wv[0] : 0.0f;
-}
-
 // x <- (-g p - gh p (x - lse + H)) * k with p = exp(x - lse), in place
 // (k: the chain factor per element, kf, or the constant kc when kf is NULL)
 HD_LOOP void hd_grad(float *restrict x, const float *restrict kf, float kc, int64_t n,
@@ -213,11 +131,11 @@ static void hd_row_fold(const gmpo_tile_args *a, hd_xf f, const void *row, int64
         hd_load(row, dt, off, n, f, buf, NULL);
         float ch[GMPO_LSE_STATE];
         gmpo_lse_init(ch);
-        float cm = hd_max(buf, n);
-        if (cm != cm || (cm == -INFINITY && hd_any_nan(buf, n))) {
+        float cm = gmpo_cl_max(buf, n);
+        if (cm != cm || (cm == -INFINITY && gmpo_cl_any_nan(buf, n))) {
             ch[0] = NAN;                         // a NaN logit: the token's values are NaN
         } else if (cm != -INFINITY) {            // all -inf adds nothing
-            hd_sums(buf, n, cm, a->entropy, &ch[1], &ch[2]);
+            gmpo_cl_sums(buf, n, cm, a->entropy, &ch[1], &ch[2]);
             ch[0] = cm;
         }
         int64_t local = id - a->v0 - off;
@@ -237,7 +155,7 @@ static void hd_row_grad(const gmpo_tile_args *a, hd_xf f, void *row, int64_t id,
         hd_grad(buf, f.softcap ? kbuf : NULL, kc, n, lse, G, Gh, H);  // in place is safe
         int64_t local = id - a->v0 - off;
         if (local >= 0 && local < n) buf[local] += G * (f.softcap ? kbuf[local] : kc);
-        hd_store(row, dt, off, n, buf);
+        gmpo_cl_store(row, dt, off, n, buf);
     }
 }
 

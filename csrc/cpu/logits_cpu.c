@@ -35,28 +35,15 @@
 #include <string.h>
 #include "../gmpo_logits.h"
 #include "../gmpo_math.h"
+#include "chunk_loops.h"   // the chunk loops shared with hidden_cpu.c
 
-#define LG_CHUNK 2048   // fp32 elements per chunk: 8 KiB, in L1
-#define LG_LANES 16     // independent accumulators: one AVX-512 vector, two AVX2
-
+#define LG_CHUNK GMPO_CL_CHUNK
+#define LG_ALIGN GMPO_CL_ALIGN
+#define LG_LOOP GMPO_CL_LOOP   // out of line, target clones: see chunk_loops.h
 #if defined(__GNUC__)
 #define LG_INLINE static inline __attribute__((always_inline))
-#define LG_ALIGN __attribute__((aligned(64)))
 #else
 #define LG_INLINE static inline
-#define LG_ALIGN
-#endif
-
-// The chunk loops are kept out of line (inlined into the row loop, gcc stops
-// if-converting some of them) and, on x86-64 gcc, compiled for AVX-512, AVX2
-// and the baseline, picked once at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__) && \
-    !defined(GMPO_NO_TARGET_CLONES)
-#define LG_LOOP static __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__)
-#define LG_LOOP static __attribute__((noinline))
-#else
-#define LG_LOOP static
 #endif
 
 // ----------------------------------------------------------------------------
@@ -87,81 +74,6 @@ LG_LOOP void lg_load(const void *row, int32_t dt, int64_t off, int64_t n, float 
     }
 }
 
-// n gradient values from x into a row of dtype dt from element off
-LG_LOOP void lg_store(void *row, int32_t dt, int64_t off, int64_t n, const float *restrict x) {
-    int64_t k;
-    if (dt == GMPO_DT_F32) {
-        float *p = (float *)row + off;
-        for (k = 0; k < n; k++) p[k] = x[k];
-    } else if (dt == GMPO_DT_BF16) {
-        uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16(x[k]);
-    } else {
-        uint16_t *p = (uint16_t *)row + off;
-        for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16(x[k]);
-    }
-}
-
-// the int32 key of a float: keys order as the floats do (-inf < ... < -0 < 0 <
-// ... < inf), so an integer max, which gcc vectorises, finds the float max (a
-// float max reduction it does not vectorise without fast-math). NaN with the
-// sign bit clear sorts above inf, with it set below -inf. The map is its own
-// inverse.
-LG_INLINE int32_t lg_key(int32_t s) { return s ^ (int32_t)((uint32_t)(s >> 31) >> 1); }
-
-// the largest of x[0..n): -inf when nothing is larger; a NaN may or may not be
-// returned (the sums see every NaN through exp anyway)
-LG_LOOP float lg_max(const float *restrict x, int64_t n) {
-    gmpo_f32_bits b;
-    b.f = -INFINITY;
-    int32_t m = lg_key((int32_t)b.u);
-    for (int64_t k = 0; k < n; k++) {
-        b.f = x[k];
-        int32_t v = lg_key((int32_t)b.u);
-        m = v > m ? v : m;
-    }
-    b.u = (uint32_t)lg_key(m);
-    return b.f;
-}
-
-// 1 if any of x[0..n) is NaN (only asked when a chunk's max is -inf)
-static int lg_any_nan(const float *x, int64_t n) {
-    int any = 0;
-    for (int64_t k = 0; k < n; k++) any |= x[k] != x[k];
-    return any;
-}
-
-// sum of exp(x - M) into *s and, with ent, of exp(x - M) (x - M) into *w
-LG_LOOP void lg_sums(const float *restrict x, int64_t n, float M, int ent, float *s, float *w) {
-    float sv[LG_LANES] LG_ALIGN, wv[LG_LANES] LG_ALIGN;
-    int64_t j = 0;
-    int l;
-    for (l = 0; l < LG_LANES; l++) sv[l] = wv[l] = 0.0f;
-    if (ent) {
-        for (; j + LG_LANES <= n; j += LG_LANES)
-            for (l = 0; l < LG_LANES; l++) {
-                float d = x[j + l] - M;
-                float e = lg_exp(d);
-                float ed = e * d;
-                sv[l] += e;
-                wv[l] += e == 0.0f ? 0.0f : ed;      // e = 0 where d = -inf
-            }
-    } else {
-        for (; j + LG_LANES <= n; j += LG_LANES)
-            for (l = 0; l < LG_LANES; l++) sv[l] += lg_exp(x[j + l] - M);
-    }
-    for (; j < n; j++) {
-        float d = x[j] - M;
-        float e = lg_exp(d);
-        sv[0] += e;
-        wv[0] += e == 0.0f ? 0.0f : e * d;
-    }
-    for (int h = LG_LANES / 2; h > 0; h /= 2)   // pairwise: fixed order, deterministic
-        for (l = 0; l < h; l++) { sv[l] += sv[l + h]; wv[l] += wv[l + h]; }
-    *s = sv[0];
-    *w = ent ? wv[0] : 0.0f;
-}
-
 // x <- -g p - gh p (x - lse + H) with p = exp(x - lse), in place
 LG_LOOP void lg_grad(float *restrict x, int64_t n, float lse, float g, float gh, float H) {
     int64_t k;
@@ -189,10 +101,10 @@ static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int 
     for (int64_t off = 0; off < V; off += LG_CHUNK) {
         int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
         lg_load(row, dt, off, n, s, buf);
-        float cm = lg_max(buf, n);
+        float cm = gmpo_cl_max(buf, n);
         if (cm != cm) { M = NAN; S = W = NAN; break; }
         if (cm == -INFINITY) {                   // all -inf (contributes exp(-inf) = 0) or NaN
-            if (lg_any_nan(buf, n)) { M = NAN; S = W = NAN; break; }
+            if (gmpo_cl_any_nan(buf, n)) { M = NAN; S = W = NAN; break; }
             continue;
         }
         if (cm > M) {                            // rescale what we have to the new max
@@ -205,7 +117,7 @@ static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int 
             M = cm;
         }
         float cs, cw;
-        lg_sums(buf, n, M, ent, &cs, &cw);
+        gmpo_cl_sums(buf, n, M, ent, &cs, &cw);
         S += cs;
         W += cw;
     }
@@ -225,7 +137,7 @@ static void lg_row_backward(const void *row, int32_t dt, void *grow, int64_t V, 
         lg_load(row, dt, off, n, s, buf);        // the whole chunk is read before it is
         lg_grad(buf, n, lse, g, gh, H);          // written: in place is safe
         if (id >= off && id < off + n) buf[id - off] += g;
-        lg_store(grow, dt, off, n, buf);
+        gmpo_cl_store(grow, dt, off, n, buf);
     }
 }
 
