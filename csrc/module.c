@@ -345,6 +345,51 @@ PyDoc_STRVAR(logits_forward_doc,
 "(data_ptr, extent) buffers of (B, T) contiguous float32 outputs. An id\n"
 "outside [0, V) raises IndexError on CPU.");
 
+// the forward and backward calls of a parsed logits_call (plain, or a
+// vocabulary shard: vocab_total >= 1 then)
+static PyObject *logits_run_forward(logits_call *c, int shard, unsigned long long logp,
+                                    unsigned long long entropy, unsigned long long lse) {
+    if (logits_prepare(c)) return NULL;
+    if (shard && c->a.vocab_total < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
+        return NULL;
+    }
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c->device == DEV_CPU)
+        st = gmpo_logits_cpu_forward(&c->a, (float *)(uintptr_t)logp,
+                                     (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
+    else
+        st = gmpo_logits_cuda_forward(&c->a, (float *)(uintptr_t)logp,
+                                      (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c->a);
+    Py_RETURN_NONE;
+}
+
+static PyObject *logits_run_backward(logits_call *c, int shard, unsigned long long lse,
+                                     unsigned long long entropy, gmpo_view grad_logp,
+                                     gmpo_view grad_entropy, gmpo_view grad) {
+    if (logits_prepare(c)) return NULL;
+    if (shard && c->a.vocab_total < 1) {
+        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
+        return NULL;
+    }
+    gmpo_status st;
+    Py_BEGIN_ALLOW_THREADS
+    if (c->device == DEV_CPU)
+        st = gmpo_logits_cpu_backward(&c->a, (const float *)(uintptr_t)lse,
+                                      (const float *)(uintptr_t)entropy, grad_logp,
+                                      grad_entropy, grad);
+    else
+        st = gmpo_logits_cuda_backward(&c->a, (const float *)(uintptr_t)lse,
+                                       (const float *)(uintptr_t)entropy, grad_logp,
+                                       grad_entropy, grad);
+    Py_END_ALLOW_THREADS
+    if (st != GMPO_OK) return fail_logits(st, &c->a);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_logits_forward(PyObject *self, PyObject *args) {
     (void)self;
     logits_call c;
@@ -354,18 +399,7 @@ static PyObject *py_logits_forward(PyObject *self, PyObject *args) {
                           LOGITS_ARGS(c), &logp, &c.a.logp_extent, &entropy,
                           &c.a.entropy_extent, &lse, &c.a.lse_extent))
         return NULL;
-    if (logits_prepare(&c)) return NULL;
-    gmpo_status st;
-    Py_BEGIN_ALLOW_THREADS
-    if (c.device == DEV_CPU)
-        st = gmpo_logits_cpu_forward(&c.a, (float *)(uintptr_t)logp, (float *)(uintptr_t)entropy,
-                                     (float *)(uintptr_t)lse);
-    else
-        st = gmpo_logits_cuda_forward(&c.a, (float *)(uintptr_t)logp,
-                                      (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
-    Py_END_ALLOW_THREADS
-    if (st != GMPO_OK) return fail_logits(st, &c.a);
-    Py_RETURN_NONE;
+    return logits_run_forward(&c, 0, logp, entropy, lse);
 }
 
 PyDoc_STRVAR(logits_backward_doc,
@@ -388,20 +422,7 @@ static PyObject *py_logits_backward(PyObject *self, PyObject *args) {
                           &c.a.entropy_extent, VIEW_ARGS(grad_logp), VIEW_ARGS(grad_entropy),
                           VIEW_ARGS(grad)))
         return NULL;
-    if (logits_prepare(&c)) return NULL;
-    gmpo_status st;
-    Py_BEGIN_ALLOW_THREADS
-    if (c.device == DEV_CPU)
-        st = gmpo_logits_cpu_backward(&c.a, (const float *)(uintptr_t)lse,
-                                      (const float *)(uintptr_t)entropy, grad_logp,
-                                      grad_entropy, grad);
-    else
-        st = gmpo_logits_cuda_backward(&c.a, (const float *)(uintptr_t)lse,
-                                       (const float *)(uintptr_t)entropy, grad_logp,
-                                       grad_entropy, grad);
-    Py_END_ALLOW_THREADS
-    if (st != GMPO_OK) return fail_logits(st, &c.a);
-    Py_RETURN_NONE;
+    return logits_run_backward(&c, 0, lse, entropy, grad_logp, grad_entropy, grad);
 }
 
 PyDoc_STRVAR(logits_forward_shard_doc,
@@ -424,22 +445,7 @@ static PyObject *py_logits_forward_shard(PyObject *self, PyObject *args) {
                           &c.a.entropy_extent, &lse, &c.a.lse_extent, &c.a.vocab_start,
                           &c.a.vocab_total))
         return NULL;
-    if (logits_prepare(&c)) return NULL;
-    if (c.a.vocab_total < 1) {
-        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
-        return NULL;
-    }
-    gmpo_status st;
-    Py_BEGIN_ALLOW_THREADS
-    if (c.device == DEV_CPU)
-        st = gmpo_logits_cpu_forward(&c.a, (float *)(uintptr_t)logp, (float *)(uintptr_t)entropy,
-                                     (float *)(uintptr_t)lse);
-    else
-        st = gmpo_logits_cuda_forward(&c.a, (float *)(uintptr_t)logp,
-                                      (float *)(uintptr_t)entropy, (float *)(uintptr_t)lse);
-    Py_END_ALLOW_THREADS
-    if (st != GMPO_OK) return fail_logits(st, &c.a);
-    Py_RETURN_NONE;
+    return logits_run_forward(&c, 1, logp, entropy, lse);
 }
 
 PyDoc_STRVAR(logits_backward_shard_doc,
@@ -462,24 +468,7 @@ static PyObject *py_logits_backward_shard(PyObject *self, PyObject *args) {
                           VIEW_ARGS(grad_entropy), VIEW_ARGS(grad), &c.a.vocab_start,
                           &c.a.vocab_total))
         return NULL;
-    if (logits_prepare(&c)) return NULL;
-    if (c.a.vocab_total < 1) {
-        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
-        return NULL;
-    }
-    gmpo_status st;
-    Py_BEGIN_ALLOW_THREADS
-    if (c.device == DEV_CPU)
-        st = gmpo_logits_cpu_backward(&c.a, (const float *)(uintptr_t)lse,
-                                      (const float *)(uintptr_t)entropy, grad_logp,
-                                      grad_entropy, grad);
-    else
-        st = gmpo_logits_cuda_backward(&c.a, (const float *)(uintptr_t)lse,
-                                       (const float *)(uintptr_t)entropy, grad_logp,
-                                       grad_entropy, grad);
-    Py_END_ALLOW_THREADS
-    if (st != GMPO_OK) return fail_logits(st, &c.a);
-    Py_RETURN_NONE;
+    return logits_run_backward(&c, 1, lse, entropy, grad_logp, grad_entropy, grad);
 }
 
 PyDoc_STRVAR(cuda_versions_doc,
