@@ -742,7 +742,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         if isw is not None and isw.dim() == 1 and isw.shape[0] == hidden.shape[0] and \
                 isw.shape[0] != idx.shape[0]:
             isw = _pad(isw, idx)   # per token (N,) -> (B, T_max)
-    if return_metrics and loss_kwargs.get("group") is not None:
+    if return_metrics and loss_kwargs.get("group") is not None and algo_loss is gmpo_loss:
         # rows split over ranks: the entropy metric's two sums ride on the row
         # statistics' all-reduce (one collective in all), as in the logits path
         from . import loss as _loss
@@ -768,8 +768,13 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
             with torch.no_grad():
                 mf = mask.to(torch.float32)
                 e = ent.detach().to(torch.float32)
-                res[1][ENTROPY] = torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum() / \
-                    mf.sum().clamp(min=1.0)
+                sums = torch.stack([torch.where(mf != 0, e * mf, torch.zeros_like(e)).sum(),
+                                    mf.sum()])
+                if loss_kwargs.get("group") is not None:   # GRPO's rows split: the
+                    import torch.distributed as dist     # metric over every rank's tokens
+                    sums = sums.to(torch.float64)
+                    dist.all_reduce(sums, group=loss_kwargs["group"])
+                res[1][ENTROPY] = (sums[0] / sums[1].clamp(min=1.0)).to(torch.float32)
     if return_entropy:
         res.append(ent)
     return res[0] if len(res) == 1 else tuple(res)

@@ -204,6 +204,21 @@ def seq_split(rank, world, group):
     _close("hidden grad weight (summed over ranks)", gw, ref[3], tol=1e-5)
     _close("hidden grad bias (summed over ranks)", gb, ref[4], tol=1e-5)
 
+    # GRPO from hidden states with the rows split: its entropy metric too is
+    # over every rank's tokens
+    def fg(h_, w_, b_, ids_, old_, mask_, **kw):
+        h_, w_, b_ = (t.clone().requires_grad_(True) for t in (h_, w_, b_))
+        loss_, m_ = gmpo_ext.grpo_loss_from_hidden(h_, w_, ids_, old_, advh.abs() + 0.5, mask_,
+                                                   bias=b_, loss_type="grpo",
+                                                   return_metrics=True, tile_tokens=16, **kw)
+        return (loss_.detach(), m_) + torch.autograd.grad(loss_, (h_, w_, b_))
+
+    ref = fg(hid, W, bias, ids, oldh, maskh)
+    got = fg(hid[:, idx], W, bias, ids[:, idx], oldh[:, idx], maskh[:, idx], group=group)
+    _close("hidden grpo loss", got[0], ref[0])
+    _metrics_close("hidden grpo", got[1], ref[1], 2e-6)
+    _close("hidden grpo grad hidden", got[2], ref[2][:, idx], tol=1e-5)
+
     # every rank holds the same loss, bit for bit
     for t in (loss.reshape(1).to(torch.float64),):
         gathered = [torch.empty_like(t) for _ in range(world)]
