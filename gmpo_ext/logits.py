@@ -22,7 +22,9 @@ lse, entropy = lse - sum softmax(x) * x; d/dx = G (onehot(id) - p) - Gh p
 (log p + H), divided by the temperature for d/dlogits.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers
+# the schema from the annotation objects themselves and rejects strings
+# ('Tensor'), so the op signatures' annotations must be evaluated.
 
 import math
 import numbers
