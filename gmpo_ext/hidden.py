@@ -41,7 +41,9 @@ length within one tile of memory, and the tiled path already beats TRL's by
 the margins in results/bench_hidden_cpu.md.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers
+# the schema from the annotation objects themselves and rejects strings
+# ('Tensor'), so the op signatures' annotations must be evaluated.
 
 import math
 import numbers

@@ -22,10 +22,13 @@ lse, entropy = lse - sum softmax(x) * x; d/dx = G (onehot(id) - p) - Gh p
 (log p + H), divided by the temperature for d/dlogits.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers
+# the schema from the annotation objects themselves and rejects strings
+# ('Tensor'), so the op signatures' annotations must be evaluated.
 
 import math
 import numbers
+import re
 from typing import Optional
 
 import torch
@@ -42,6 +45,18 @@ ID_DTYPES = (torch.int64, torch.int32)
 _MASK_DTYPES = tuple(_backend.DTYPE_CODES)
 INVALID_IDS = "gmpo/invalid_ids"
 ENTROPY = "entropy"
+
+# torch 2.4's AOTAutograd (torch.compile's training graphs) rejects a backward
+# that writes into a graph input which requires grad ("Found a graph input that
+# requires_grad and was mutated in the backward"); torch 2.5 traces it (pytorch
+# PR 128409; 2.4.0 and 2.13.0 tested here). On older torch, inplace_backward
+# under functionalization (the tensors are FunctionalTensors) takes the out of
+# place backward instead: the same values in a new buffer, as for unsafe logits.
+_TORCH_MINOR = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+if _TORCH_MINOR < (2, 5):
+    from torch._subclasses.functional_tensor import FunctionalTensor as _FunctionalTensor
+else:
+    _FunctionalTensor = ()   # isinstance(x, ()) is False: nothing to avoid
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +286,8 @@ def _logits_backward(ctx, grad_logp, grad_entropy, grad_lse):
     logits, ids, mask, lse, entropy = ctx.saved_tensors
     # in place only where it is safe (see _inplace_ok); otherwise out of place,
     # the same values in a new buffer
-    if ctx.inplace_backward and _inplace_ok(logits, grad_logp, grad_entropy, ids, mask):
+    if (ctx.inplace_backward and not isinstance(logits, _FunctionalTensor)
+            and _inplace_ok(logits, grad_logp, grad_entropy, ids, mask)):
         logits_bwd_(logits, grad_logp, grad_entropy, ids, mask, lse, entropy, ctx.temperature)
         grad = logits
     else:

@@ -26,7 +26,9 @@ registered ops. torch.func transforms that differentiate (grad, jacrev) and
 double backward are not supported and raise.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers
+# the schema from the annotation objects themselves and rejects strings
+# ('Tensor'), so the op signatures' annotations must be evaluated.
 
 from typing import Optional
 

@@ -59,9 +59,41 @@ LOSS_FWD_BAD = {
 }
 
 
+_probe = {}
+
+
+def _torch_reads_storages_first():
+    """Whether torch's custom_op wrapper takes every input's untyped_storage()
+    before the kernel runs (torch 2.4: a sparse input then raises torch's
+    NotImplementedError before the op's own checks; 2.13 checks aliasing after
+    the kernel). Found out once with a throwaway op whose kernel raises."""
+    if "first" not in _probe:
+        # the schema spelled out: this module's annotations are strings, which
+        # torch 2.4's schema inference rejects
+        @torch.library.custom_op("gmpo_ext_tests::storage_probe", mutates_args=(),
+                                 schema="(Tensor x) -> Tensor")
+        def probe(x):
+            raise ValueError("reached the kernel")
+
+        try:
+            probe(torch.zeros(2, 2).to_sparse())
+        except ValueError:
+            _probe["first"] = False
+        except NotImplementedError:
+            _probe["first"] = True
+    return _probe["first"]
+
+
 @pytest.mark.parametrize("case", list(LOSS_FWD_BAD))
 def test_loss_fwd_op_checks_its_tensors(case):
     name, make = LOSS_FWD_BAD[case]
+    if case.endswith("-sparse") and _torch_reads_storages_first():
+        # still an error before any pointer reaches C, but torch's, not naming the argument
+        with pytest.raises(NotImplementedError, match="storage"):
+            ops.loss_fwd(*make(*_loss_inputs()), *OPTS)
+        pytest.skip(f"torch {torch.__version__}: custom_op reads the inputs' storages before the "
+                    "kernel, so a sparse tensor raises torch's NotImplementedError, not the op's "
+                    "own error naming the argument")
     _raises_naming(name, ops.loss_fwd, *make(*_loss_inputs()), *OPTS)
 
 

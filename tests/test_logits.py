@@ -578,7 +578,19 @@ def _step(z, ids, old, adv, mask, inplace):
     return loss, metrics["entropy"]
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+# torch 2.4's AOTAutograd cannot trace a backward that writes into an input
+# requiring grad (2.5 can); gmpo_ext then computes the gradient out of place
+TORCH_MINOR = tuple(int(v) for v in torch.__version__.split(".")[:2])
+OLD_AOT = TORCH_MINOR < (2, 5)
+
+
+@pytest.mark.parametrize("inplace", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(
+        OLD_AOT, reason=f"torch {torch.__version__} < 2.5: AOTAutograd rejects a backward that "
+        "mutates an input requiring grad, so the compiled gradient is out of place (checked by "
+        "test_torch_compile_inplace_backward_out_of_place_before_2_5)")),
+], ids=["out_of_place", "inplace"])
 def test_torch_compile_fullgraph(inplace, device, kernels):
     B, T, V = 3, 9, 257
     z, ids = make_logits(B, T, V, torch.float32, "tplus1", seed=73, device=device)
@@ -598,6 +610,33 @@ def test_torch_compile_fullgraph(inplace, device, kernels):
     assert torch.allclose(l0, l1, rtol=1e-6, atol=0)
     assert torch.allclose(e0, e1, rtol=1e-6, atol=0)
     assert torch.allclose(g0, g1, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not OLD_AOT, reason="torch >= 2.5 compiles the in-place backward "
+                    "(test_torch_compile_fullgraph[inplace])")
+def test_torch_compile_inplace_backward_out_of_place_before_2_5(device, kernels):
+    """torch 2.4: inplace_backward=True under torch.compile(fullgraph=True)
+    compiles, and its backward goes out of place: the logits keep their values
+    and .grad holds eager's in-place gradient."""
+    B, T, V = 3, 9, 257
+    z, ids = make_logits(B, T, V, torch.float32, "tplus1", seed=73, device=device)
+    rlogp, _ = ref_logps(z.cpu(), ids.cpu(), 0.7)
+    old, adv, mask = make_loss_inputs(rlogp, seed=9)
+    old, adv, mask = old.to(device), adv.to(device), mask.to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True)
+    leaf = z.detach().clone().requires_grad_(True)
+    l0, e0 = _step(leaf, ids, old, adv, mask, True)
+    l0.backward()
+    g0 = leaf.detach().clone()          # eager: the gradient is in the logits' buffer
+    assert not torch.equal(g0, z)
+    leaf = z.detach().clone().requires_grad_(True)
+    l1, e1 = compiled(leaf, ids, old, adv, mask, True)
+    l1.backward()
+    assert torch.equal(leaf.detach(), z), "the compiled backward wrote into the logits"
+    assert torch.allclose(l0, l1, rtol=1e-6, atol=0)
+    assert torch.allclose(e0, e1, rtol=1e-6, atol=0)
+    assert torch.allclose(g0, leaf.grad, rtol=1e-6, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------
