@@ -192,3 +192,16 @@ def test_constant_inputs_that_require_grad_are_reported():
     L._warned_constant_grads = False
     with pytest.warns(UserWarning, match="old_logps"):
         gmpo_ext.gmpo_loss(lp, old.clone().requires_grad_(), adv, m)
+
+
+def test_op_modules_keep_real_annotations():
+    """The modules that define custom ops must not use `from __future__ import
+    annotations`: torch 2.4's custom_op (the floor) cannot infer a schema from
+    string annotations, and `import gmpo_ext` failed there (2.13 accepts them,
+    so only this check would notice it here)."""
+    import __future__
+
+    from gmpo_ext import hidden, logits, ops
+    for mod in (ops, logits, hidden):
+        assert not isinstance(getattr(mod, "annotations", None), __future__._Feature), \
+            f"{mod.__name__} imports annotations from __future__"
