@@ -114,8 +114,10 @@ def worker(rank, port, fused_head):
     if not fused_head:
         dist.all_reduce(embed.weight.grad, group=tp_group)
     # data parallelism averages (DDP / FSDP / Megatron's DDP)
+    # (a sum, then / DP: torch 2.4's gloo has no ReduceOp.AVG)
     for p in (embed.weight, head_shard):
-        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, group=dp_group)
+        dist.all_reduce(p.grad, group=dp_group)
+        p.grad /= DP
 
     # one process, whole mini-batch, whole head
     ref_embed, ref_head = weights()

@@ -92,6 +92,21 @@ def test_example_verl_megatron_tp(backend, head):
     assert r.stdout.count("largest gradient differences") == 4
 
 
+@pytest.mark.parametrize("grads", ["average", "sum"])
+def test_example_trl_context_parallel(backend, grads):
+    """examples/trl_context_parallel.py (2 context-parallel ranks) runs and its
+    loss and gradients match one process (it raises otherwise)."""
+    if backend != "c":
+        pytest.skip("the example runs the C core; the SIMT emulation runs its paths in "
+                    "test_two_ranks")
+    import subprocess
+    script = os.path.join(HERE, os.pardir, "examples", "trl_context_parallel.py")
+    args = [sys.executable, script] + (["--sum-grads"] if grads == "sum" else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "largest gradient difference" in r.stdout
+
+
 # ----------------------------------------------------------------------------
 # one process: argument checks and the single-process equivalences
 
