@@ -355,10 +355,11 @@ ext = Extension(
     # that editing a .cu/.cuh file relinks the module
     depends=_sources("csrc/**/*.h", "csrc/**/*.inc", "csrc/**/*.cu", "csrc/**/*.cuh"),
     extra_compile_args=list(C_FLAGS),
-    # the C kernels call libm (expf, logf): say so, rather than rely on the
-    # process having loaded it (python and torch do, but the module's
-    # NEEDED entries and symbol versions should be its own)
-    libraries=["m"] if sys.platform.startswith("linux") else [],
+    # no -lm: the C kernels' libm calls (exp, log, expf, logf) stay unversioned
+    # and bind to the libm that python has loaded. Linked against this host's
+    # libm they would take exp@GLIBC_2.29 and the CPU wheel manylinux_2_31
+    # (tools/build_wheels.sh's CUDA flavours, linked by tools/glibc_link.sh, do
+    # get libm, with glibc 2.28's versions)
     define_macros=[] if FREE_THREADED else [("Py_LIMITED_API", LIMITED_API)],
     py_limited_api=not FREE_THREADED,
 )

@@ -33,8 +33,8 @@
 # Environment:
 #   OUT=dist            where the wheels go (OUT/<flavour>/, one index directory each)
 #   PLAT=manylinux_2_28_x86_64   the platform tag sought (torch's own since 2.6). The CPU
-#                       module needs GLIBC_2.27 at most (libm's expf/logf), so it gets it
-#                       anywhere. The CUDA flavours link cudart_static, whose pthread/sem/dl
+#                       module needs GLIBC_2.14 at most (its libm calls stay unversioned:
+#                       setup.py does not link libm), so it gets it anywhere. The CUDA flavours link cudart_static, whose pthread/sem/dl
 #                       calls bind to the glibc they are linked against: GLIBC_2.34 with the
 #                       host's gcc on a glibc >= 2.34 host (Debian 12, Ubuntu 22.04); see
 #                       GLIBC_LINK. When the symbols still do not allow PLAT, the script
