@@ -6,10 +6,15 @@ CPython C API. Environment switches:
   GMPO_EXT_CUDA=auto|0|1   build the CUDA kernels: when nvcc is found (auto,
                            the default), never (0), or fail without nvcc (1)
   GMPO_EXT_CUDA_ARCHS      e.g. "80;90": the SM architectures (default
-                           80;86;89;90;100;120, plus PTX for the newest)
+                           DEFAULT_ARCHS, 80;86;89;90;100;120), plus PTX for the
+                           newest of them
   GMPO_EXT_NVCC            the nvcc to use (default: $CUDA_HOME/bin/nvcc or PATH)
   GMPO_EXT_CUDA_STRICT_ARCHS=1  fail if that nvcc lacks one of the architectures
-                           (by default those are skipped with a warning)
+                           asked for (by default those are skipped with a
+                           warning). tools/build_wheels.sh always sets it; for a
+                           toolkit older than DEFAULT_ARCHS (the cu12 flavour with
+                           CUDA 12.4: no sm_100/sm_120) it asks for the subset that
+                           nvcc has, so the wheel holds exactly what it says
   GMPO_EXT_OPENMP=0        build the CPU kernels without OpenMP
   GMPO_EXT_LOCAL_VERSION   a local version label for the wheel's flavour, e.g.
                            cu12 -> 0.1.0+cu12 (tools/build_wheels.sh sets it)
@@ -350,6 +355,11 @@ ext = Extension(
     # that editing a .cu/.cuh file relinks the module
     depends=_sources("csrc/**/*.h", "csrc/**/*.inc", "csrc/**/*.cu", "csrc/**/*.cuh"),
     extra_compile_args=list(C_FLAGS),
+    # no -lm: the C kernels' libm calls (exp, log, expf, logf) stay unversioned
+    # and bind to the libm that python has loaded. Linked against this host's
+    # libm they would take exp@GLIBC_2.29 and the CPU wheel manylinux_2_31
+    # (tools/build_wheels.sh's CUDA flavours, linked by tools/glibc_link.sh, do
+    # get libm, with glibc 2.28's versions)
     define_macros=[] if FREE_THREADED else [("Py_LIMITED_API", LIMITED_API)],
     py_limited_api=not FREE_THREADED,
 )
