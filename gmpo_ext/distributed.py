@@ -21,7 +21,7 @@ tensor parallelism, vocab-sharded logits (B, T, V/P)). Each rank folds its
 shard of every token's logits into a mergeable state (the shard's max m_r of
 x = z / tau and ls_r = log sum exp(x - m_r), the entropy H_r of the shard's
 softmax, the target's x where the id falls in the shard), and two
-all-reduces of O(B*T) float32 values merge them:
+all-reduces of O(B*T) values (float32, then float64) merge them:
 
     all_reduce MAX  (vocab_group)  m_r                          B*T float32
     all_reduce SUM  (vocab_group)  e_r = exp(m_r - M + ls_r),   B*T*2 float64
@@ -271,17 +271,63 @@ def shard_logits(logits, ids, mask, temperature, entropy, inplace_backward, voca
                               vocab_start, vocab_size, group, ids_name)
 
 
-def check_vocab(V, vocab_group, vocab_start, vocab_size, what="the logits"):
+def check_vocab(V, vocab_group, vocab_start, vocab_size, what="the logits", device=None):
     """Validates a shard of V vocabulary entries (the logits' last axis, or the
-    head's weight rows); returns (vocab_start, vocab_size)."""
+    head's weight rows) across the group; returns (vocab_start, vocab_size).
+
+    One all_gather of three integers per rank (on ``device``) and a host read
+    of them, before anything is raised, so that every rank raises the same
+    error: every rank must come to the same vocab_size (the default is V times
+    the group's size: equal shards) and the shards must tile [0, vocab_size)
+    exactly, each id in one rank's shard. Unequal shards with the default
+    vocab_size, overlapping or missing ranges would otherwise give wrong
+    log-probs silently, or collectives of mismatched sizes. It runs on every
+    call: a per-rank cache of checked layouts could let one rank skip the
+    collective that another, whose layout is new, enters. Meta tensors (shapes
+    only) check this rank's bounds without a collective."""
     check_group("vocab_group", vocab_group)
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
         raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
-    if vocab_size is None:
-        vocab_size = V * dist.get_world_size(vocab_group)   # equal shards (Megatron's layout)
-    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+    if vocab_size is not None and (isinstance(vocab_size, bool) or
+                                   not isinstance(vocab_size, numbers.Integral)):
         raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
-    if not (0 <= vocab_start and vocab_start + V <= vocab_size):
-        raise ValueError(f"vocab_start: the shard [{vocab_start}, {vocab_start + V}) of "
-                         f"{what} must lie in the vocabulary [0, {vocab_size}) (vocab_size)")
-    return int(vocab_start), int(vocab_size)
+    P = dist.get_world_size(vocab_group)
+    size = int(vocab_size) if vocab_size is not None else V * P   # None: equal shards
+    layout = (int(vocab_start), int(V), size)
+    if device is not None and device.type == "meta":
+        _check_layout([layout], what, tiling=False)
+        return layout[0], size
+    mine = torch.tensor(layout, dtype=torch.int64, device=device or "cpu")
+    everyone = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(everyone, mine, group=vocab_group)
+    _check_layout([tuple(int(v) for v in t.tolist()) for t in everyone], what)
+    return layout[0], size
+
+
+def _check_layout(shards, what, tiling=True):
+    """shards: every rank's (vocab_start, V, vocab_size), by rank (the same list
+    on every rank: the same verdict); tiling=False: this rank's alone (meta
+    tensors: no collective), its bounds only."""
+    sizes = sorted({s[2] for s in shards})
+    if len(sizes) > 1:
+        raise ValueError(f"vocab_size: the ranks of vocab_group come to different vocabulary "
+                         f"sizes {sizes} (the default, V times the group's size, holds for "
+                         "equal shards only: with unequal ones pass the whole vocabulary's "
+                         "size as vocab_size on every rank)")
+    S = sizes[0]
+    ranges = [(a, a + n) for a, n, _ in shards]
+    for a, b in ranges:
+        if not (0 <= a and b <= S):
+            raise ValueError(f"vocab_start: the shard [{a}, {b}) of {what} must lie in the "
+                             f"vocabulary [0, {S}) (vocab_size)")
+    if not tiling:
+        return
+    end = 0
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if a != end:
+            break
+        end = b
+    if end != S or sum(b - a for a, b in ranges) != S:
+        raise ValueError(f"vocab_start: the shards of {what} over the ranks of vocab_group, "
+                         f"{ranges} by rank, do not tile the vocabulary [0, {S}) exactly: "
+                         "each id must lie in exactly one rank's shard")

@@ -27,7 +27,8 @@ a slice of the backbone's output is read where it lies, one tile at a time).
 
 Memory beyond inputs, outputs and parameter gradients: one (tile_n, tile_v)
 tile in the input dtype, the gathered (tile_n, H) hidden tile, a (tile_n, H)
-fp32 dH accumulator, and O(M) per-token statistics. For bf16/fp16 weights the
+fp32 dH accumulator (two with a vocabulary-sharded head: the previous one's
+all-reduce in flight), and O(M) per-token statistics. For bf16/fp16 weights the
 fp32 dW accumulator is (V, H) (cast to the weight's dtype at the end), as in
 TRL. FLOPs: forward 1 GEMM, backward 3 (recompute, dH, dW).
 
@@ -250,8 +251,10 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
     """(grad_hidden, grad_weight, grad_bias). With ``vocab`` (a shard, as in
     _forward_impl) the weight and bias gradients are the shard's own, and each
     token tile's hidden gradient, a partial sum over the shard's columns, is
-    summed over the group (one all-reduce of the fp32 (tile_n, H) block per
-    token tile, as the backward of Megatron's column-parallel head does)."""
+    summed over the group (one all-reduce of the fp32, fp64 for fp64 inputs,
+    (tile_n, H) block per token tile, as the backward of Megatron's
+    column-parallel head does; issued asynchronously, it is waited for after
+    the next token tile's GEMMs)."""
     M = pos.shape[0]
     V, H = weight.shape
     v_base, V_all = (0, V) if vocab is None else vocab[:2]
@@ -266,6 +269,7 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
     gent = grad_entropy.to(sd).contiguous() if grad_entropy is not None else None
     if M > 0 and (g is not None or gent is not None) and (need_h or need_w or gb is not None):
         buf = _tile_buffer(tile_n, tile_v, M, V, hidden.dtype, dev)
+        pending = None   # (all-reduce in flight, positions, dh) of the previous token tile
         for lo in range(0, M, tile_n):
             hi = min(lo + tile_n, M)
             p = pos[lo:hi]
@@ -288,17 +292,31 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
                 if gb is not None:
                     gb[v0:v1] += tile.sum(0, dtype=acc)
             if dh is not None:
-                if vocab is not None:
+                if vocab is None:
+                    _put_rows(gh_out, p, dh)
+                else:   # the sum over the shards, overlapping the next tile's GEMMs
+                    if pending is not None:
+                        _put_rows(gh_out, *pending[1:], work=pending[0])
                     import torch.distributed as dist
-                    dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=vocab[2])
-                if hidden.dim() == 3:
-                    T = hidden.shape[1]
-                    gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(hidden.dtype)
-                else:
-                    gh_out.index_copy_(0, p, dh.to(hidden.dtype))
+                    pending = (dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=vocab[2],
+                                               async_op=True), p, dh)
+        if pending is not None:
+            _put_rows(gh_out, *pending[1:], work=pending[0])
     return (gh_out if need_h else hidden.new_empty(0),
             gw.to(weight.dtype) if need_w else hidden.new_empty(0),
             gb.to(bias.dtype) if gb is not None else hidden.new_empty(0))
+
+
+def _put_rows(gh_out, p, dh, work=None):
+    """hidden's gradient at flat token positions p <- dh (after ``work``, an
+    all-reduce of dh in flight, completes)."""
+    if work is not None:
+        work.wait()
+    if gh_out.dim() == 3:
+        T = gh_out.shape[1]
+        gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(gh_out.dtype)
+    else:
+        gh_out.index_copy_(0, p, dh.to(gh_out.dtype))
 
 
 def _acc_mm(acc, a, b):
@@ -541,6 +559,10 @@ class _ShardHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_lse):
+        if torch.is_grad_enabled():   # create_graph=True: say so, on every rank
+            raise RuntimeError("gmpo_ext: the fused LM head supports one backward pass; "
+                               "double backward (create_graph=True, Hessians) is not "
+                               "implemented")
         return _head_backward(ctx, grad_logp, grad_entropy, 8, ctx.vocab)
 
 
@@ -560,7 +582,8 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     if vocab_group is not None and weight.dim() == 2:   # else hidden_fwd names weight
         from . import distributed
         vocab_start, vocab_size = distributed.check_vocab(V, vocab_group, vocab_start,
-                                                          vocab_size, "the weight's rows")
+                                                          vocab_size, "the weight's rows",
+                                                          hidden.device)
         vocab = (vocab_start, vocab_size, vocab_group)
         # the token tile must be the same on every rank (the backward's hidden
         # gradient is all-reduced tile by tile): sized for an equal shard
@@ -581,7 +604,20 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
                                        bool(entropy), vocab)
     except IndexError as e:
         msg = str(e)
-        raise IndexError(ids_name + msg[3:] if msg.startswith("ids:") else msg) from None
+        if not msg.startswith("ids:"):
+            raise
+        # the kernels name the id's index among the scored tokens: say where it
+        # is in the caller's ids instead (the error path only: a host read)
+        V_all = vocab[1] if vocab is not None else V
+        bad = torch.nonzero((ids_sel < 0) | (ids_sel >= V_all)).reshape(-1)
+        if bad.numel() == 0:
+            raise IndexError(ids_name + msg[3:]) from None
+        r = int(bad[0])
+        flat = int(pos[r])
+        where = list(divmod(flat, shape[1])) if len(shape) == 2 else [flat]
+        raise IndexError(f"{ids_name}: token id {int(ids_sel[r])} at {where} is outside "
+                         f"[0, {V_all}), the vocabulary of the "
+                         f"{'head (vocab_size)' if vocab is not None else 'weight'}") from None
     return _scatter(logp, pos, shape), (_scatter(ent, pos, shape) if entropy else None)
 
 

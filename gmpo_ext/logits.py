@@ -423,7 +423,8 @@ def selective_logps(
     if vocab_group is not None:
         from . import distributed
         vocab_start, vocab_size = distributed.check_vocab(logits.shape[-1], vocab_group,
-                                                          vocab_start, vocab_size)
+                                                          vocab_start, vocab_size,
+                                                          device=logits.device)
         if validate:
             _validate(ids, mask, vocab_size, "ids")
         logp, ent, _ = distributed.shard_logits(logits, ids, mask, temperature,
@@ -522,7 +523,8 @@ def gmpo_loss_from_logits(
     V = logits.shape[2]
     if vocab_group is not None:
         from . import distributed
-        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size)
+        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size,
+                                                 device=logits.device)
     if validate:
         _validate(completion_ids, mask, V, "completion_ids")
     try:

@@ -247,8 +247,9 @@ def grpo_loss(
     ``num_rows``: the whole batch's row count (as in :func:`gmpo_loss`), for
     the loss types that average over rows: "grpo" sums the row means and
     "dr_grpo" the rows' sums, each divided by num_rows (times
-    max_completion_length for dr_grpo) instead of the B rows at hand, so
-    micro-batches of any sizes add up to the whole batch. "bnpo" and "dapo"
+    max_completion_length for dr_grpo, which must then be given) instead of
+    the B rows at hand, so micro-batches of any sizes add up to the whole
+    batch. "bnpo" and "dapo"
     divide by tokens, not rows: for those pass the whole batch's token count
     as ``num_items_in_batch`` with loss_type="dapo" (TRL's own fix of bnpo).
     """
@@ -288,6 +289,10 @@ def grpo_loss(
                              f"('grpo', 'dr_grpo'); loss_type={loss_type!r} divides by "
                              "tokens: pass the whole batch's token count as "
                              "num_items_in_batch with loss_type='dapo'")
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("num_rows with loss_type='dr_grpo' needs max_completion_length: "
+                             "its default, this call's padded width T, differs between "
+                             "micro-batches padded to their own lengths")
         norm = _distributed().rows_normalizer("num_rows", num_rows, logps.shape[0], norm)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
                          is_weights=is_weights)

@@ -416,7 +416,31 @@ def head_split(rank, world, group):
         _close(f"head grpo {dtype} grad hidden", got[2], ref[2], gtol, floor=1.0)
         _close(f"head grpo {dtype} grad weight", got[3], ref[3][lo:hi], gtol, floor=1.0)
 
+    # shard layouts that do not tile the vocabulary: every rank raises the same
+    # error (none waits in a collective, none computes a wrong log-prob)
+    d = _head_batch(602, B, T, H, 75)
+    lo, hi = 75 * rank // P, 75 * (rank + 1) // P
+    bad_layouts = [
+        ("vocab_size", dict(vocab_start=lo), d["weight"][lo:hi]),      # unequal, default size
+        ("tile", dict(vocab_start=0, vocab_size=75), d["weight"][lo:hi]),   # overlap + gap
+        ("tile", dict(vocab_start=lo, vocab_size=76), d["weight"][lo:hi]),  # id 75 unowned
+    ]
+    for match, kw, w in bad_layouts:
+        for fn in ("linear_logps", "selective_logps"):
+            try:
+                if fn == "linear_logps":
+                    gmpo_ext.linear_logps(d["hidden"], w, d["ids"], vocab_group=group, **kw)
+                else:
+                    gmpo_ext.selective_logps(d["hidden"] @ w.t(), d["ids"], vocab_group=group,
+                                             **kw)
+            except ValueError as e:
+                if match not in str(e):
+                    raise AssertionError(f"head layout {kw} ({fn}): {e}")
+            else:
+                raise AssertionError(f"head layout {kw} ({fn}) did not raise")
+
     d = _head_batch(601, B, T, H, 64)   # fp32: the kernels (float64 folds in torch)
+    lo, hi = 64 * rank // P, 64 * (rank + 1) // P
     # an id outside the whole vocabulary is an error naming the argument (the
     # C core checks each id against vocab_size, not against the shard)
     bad = d["ids"].clone()

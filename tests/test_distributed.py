@@ -165,32 +165,40 @@ def test_num_rows_is_a_sum_over_the_whole_batch():
 
 
 def test_grpo_num_rows_is_a_sum_over_the_whole_batch():
-    """grpo_loss's num_rows ("grpo", "dr_grpo"): micro-batches of unequal sizes
-    add up to the whole batch's loss and gradient; token-normalised loss
-    types refuse it, naming the alternative."""
+    """grpo_loss's num_rows ("grpo", "dr_grpo"): micro-batches of unequal sizes,
+    each padded to its own width, add up to the whole batch's loss and
+    gradient; token-normalised loss types refuse it, naming the alternative,
+    and dr_grpo asks for max_completion_length (its default is the width)."""
     lp, old, adv, mask = _inputs(B=7, T=9)
     mask[2] = False
+    mask[:2, 6:] = False                         # rows 0 and 1: 6 tokens
+    cuts = ((slice(0, 2), 6), (slice(2, 5), 9), (slice(5, 7), 9))   # (rows, own width)
     for lt in ("grpo", "dr_grpo"):
+        kw = dict(loss_type=lt, beta=0.1, max_completion_length=9)
         x = lp.clone().requires_grad_(True)
-        full = gmpo_ext.grpo_loss(x, old, adv, mask, loss_type=lt, beta=0.1, ref_logps=old)
+        full = gmpo_ext.grpo_loss(x, old, adv, mask, ref_logps=old, **kw)
         (g_full,) = torch.autograd.grad(full, x)
         total, grads = 0.0, []
-        for sl in (slice(0, 1), slice(1, 5), slice(5, 7)):
-            y = lp[sl].clone().requires_grad_(True)
-            part = gmpo_ext.grpo_loss(y, old[sl], adv[sl], mask[sl], loss_type=lt, beta=0.1,
-                                      ref_logps=old[sl], num_rows=7)
-            grads.append(torch.autograd.grad(part, y)[0])
+        for sl, w in cuts:
+            y = lp[sl, :w].clone().requires_grad_(True)
+            part = gmpo_ext.grpo_loss(y, old[sl, :w], adv[sl], mask[sl, :w],
+                                      ref_logps=old[sl, :w], num_rows=7, **kw)
+            g = torch.zeros(y.shape[0], 9, dtype=y.dtype)
+            g[:, :w] = torch.autograd.grad(part, y)[0]
+            grads.append(g)
             total = total + part.detach()
         torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(torch.cat(grads), g_full, rtol=1e-6, atol=1e-9)
-        mod = gmpo_ext.GRPOLoss(loss_type=lt)
+        mod = gmpo_ext.GRPOLoss(loss_type=lt, max_completion_length=9)
         torch.testing.assert_close(mod(lp[:3], old[:3], adv[:3], mask[:3], num_rows=7),
                                    gmpo_ext.grpo_loss(lp[:3], old[:3], adv[:3], mask[:3],
-                                                      loss_type=lt) * 3 / 7,
-                                   rtol=1e-6, atol=0)
+                                                      loss_type=lt, max_completion_length=9)
+                                   * 3 / 7, rtol=1e-6, atol=0)
     for lt in ("bnpo", "dapo"):
         with pytest.raises(ValueError, match="num_items_in_batch"):
             gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type=lt, num_rows=7)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo", num_rows=7)
     with pytest.raises(ValueError, match="num_rows"):
         gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="grpo", num_rows=3)
 
@@ -248,6 +256,12 @@ def test_head_shard_bad_arguments(one_rank, backend):
     with pytest.raises(ValueError, match="meta"):
         gmpo_ext.linear_logps(hid.to("meta"), W.to("meta"), ids.to("meta"),
                               vocab_group=one_rank)
+    with pytest.raises(ValueError, match="tile the vocabulary"):   # id 6 in no shard
+        gmpo_ext.linear_logps(hid, W, ids, vocab_group=one_rank, vocab_size=7)
+    h = hid.clone().requires_grad_(True)
+    lp = gmpo_ext.linear_logps(h, W, ids, vocab_group=one_rank)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(lp.sum(), h, create_graph=True)
 
 
 def test_bad_arguments(one_rank):

@@ -372,7 +372,7 @@ def test_float64_ids_are_checked(bad_id):
     h, W, b, ids, mask, old, adv = make(2, 4, 8, 30, torch.float64, bias=True)
     ids = ids.clone()
     ids[1, 2] = bad_id
-    with pytest.raises(IndexError, match=f"ids: token id {bad_id} at"):
+    with pytest.raises(IndexError, match=rf"ids: token id {bad_id} at \[1, 2\]"):
         gmpo_ext.linear_logps(h, W, ids, bias=b)
     mask = mask.clone()
     mask[1, 2] = True
@@ -380,6 +380,21 @@ def test_float64_ids_are_checked(bad_id):
         gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
     mask[1, 2] = False   # a token the mask does not count is never scored
     gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_invalid_id_error_names_its_position(dtype):
+    """The kernels see only the scored tokens: the error names the id's place
+    in the caller's ids ((b, t), or n when packed), not its index among them."""
+    h, W, _, ids, _, _, _ = make(7, 9, 8, 20, dtype)
+    ids = ids.clone()
+    ids[5, 6] = 20
+    m = torch.zeros(7, 9, dtype=torch.bool)
+    m[3, 4] = m[5, 6] = True
+    with pytest.raises(IndexError, match=r"ids: token id 20 at \[5, 6\] is outside \[0, 20\)"):
+        gmpo_ext.linear_logps(h, W, ids, mask=m)
+    with pytest.raises(IndexError, match=r"ids: token id 20 at \[51\]"):
+        gmpo_ext.linear_logps(h.reshape(63, 8), W, ids.reshape(63), mask=m.reshape(63))
 
 
 def test_ops_validate_in_their_implementation():
