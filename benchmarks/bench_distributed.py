@@ -6,12 +6,13 @@ For each world size P (processes on this machine) and shape, one call of:
   rows      gmpo_loss(group=): rows split over the P ranks (T/P tokens each);
             one all-reduce of B * 8 float64 row sums
   vocab     selective_logps(vocab_group=, return_entropy=True): logits
-            (B, T, V/P); an all-reduce MAX of B*T float32, then an all-reduce
-            SUM of 3 * B*T float64 (2 * B*T without the entropy)
+            (B, T, V/P); an all_gather of the shard layout (3 int64 per rank),
+            an all-reduce MAX of B*T float32, then an all-reduce SUM of
+            3 * B*T float64 (2 * B*T without the entropy)
   head      linear_logps(vocab_group=, return_entropy=True): the LM head's
             weight (V/P, H) sharded, hidden (N, H) on every rank; forward as
-            vocab (MAX of N float32, SUM of 3 N float64), backward one SUM of
-            the fp32 (tile, H) hidden gradient per token tile
+            vocab (the layout, MAX of N float32, SUM of 3 N float64), backward
+            one SUM of the fp32 (tile, H) hidden gradient per token tile
   local     the same loss with group=None on the rank's tokens (no collective),
             for the compute it adds to
 
@@ -103,15 +104,19 @@ def _worker(rank, world, port, reps, out_rows):
         m = torch.zeros(n)
         s3 = torch.zeros(3, n, dtype=torch.float64)
 
+        lay = torch.zeros(3, dtype=torch.int64)
+        lays = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+
         def coll():
+            dist.all_gather(lays, lay, group=group)
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(s3, group=group)
 
         t_call = _median_time(lambda: step_v(group), reps)
         t_local = _median_time(lambda: step_v(None), reps)
         t_coll = _median_time(coll, reps)
-        rows.append(dict(path="vocab", world=world, shape=f"{B}x{T}x{V}", collectives=2,
-                         bytes_per_rank=n * (4 + 3 * 8), call_ms=t_call * 1e3,
+        rows.append(dict(path="vocab", world=world, shape=f"{B}x{T}x{V}", collectives=3,
+                         bytes_per_rank=24 + n * (4 + 3 * 8), call_ms=t_call * 1e3,
                          local_ms=t_local * 1e3, collective_ms=t_coll * 1e3))
     for N, H, V in SHAPES_HEAD:
         v = V // world
@@ -135,7 +140,11 @@ def _worker(rank, world, port, reps, out_rows):
         m = torch.zeros(N)
         s3 = torch.zeros(3, N, dtype=torch.float64)
 
+        lay = torch.zeros(3, dtype=torch.int64)
+        lays = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+
         def coll_h():
+            dist.all_gather(lays, lay, group=group)
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(s3, group=group)
             for p in pieces:
@@ -145,7 +154,8 @@ def _worker(rank, world, port, reps, out_rows):
         t_local = _median_time(lambda: step_h(None), reps)
         t_coll = _median_time(coll_h, reps)
         rows.append(dict(path="head", world=world, shape=f"{N}x{H}x{V}",
-                         collectives=2 + len(pieces), bytes_per_rank=N * (4 + 3 * 8 + 4 * H),
+                         collectives=3 + len(pieces),
+                         bytes_per_rank=24 + N * (4 + 3 * 8 + 4 * H),
                          call_ms=t_call * 1e3, local_ms=t_local * 1e3,
                          collective_ms=t_coll * 1e3))
     if rank == 0:
