@@ -29,7 +29,10 @@ all-reduces of O(B*T) values (float32, then float64) merge them:
                                    (+ e_r (H_r - log e_r)       + B*T with entropy)
 
 (the merge runs in float64 so that each result carries one fp32 rounding, as
-the single-process kernel's do: 20 bytes per token, 28 with the entropy)
+the single-process kernel's do: 20 bytes per token, 28 with the entropy).
+Before them, check_vocab all-gathers each rank's (vocab_start, V, vocab_size)
+and checks that the shards tile the vocabulary (24 bytes per rank, a host
+read).
 
     S = sum_r e_r,  lse = M + log S,  logp = (x_id - M) - log S,
     H = log S + sum_r e_r (H_r - log e_r) / S
