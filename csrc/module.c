@@ -347,13 +347,18 @@ PyDoc_STRVAR(logits_forward_doc,
 
 // the forward and backward calls of a parsed logits_call (plain, or a
 // vocabulary shard: vocab_total >= 1 then)
-static PyObject *logits_run_forward(logits_call *c, int shard, unsigned long long logp,
-                                    unsigned long long entropy, unsigned long long lse) {
-    if (logits_prepare(c)) return NULL;
+static int logits_prepare_shard(logits_call *c, int shard) {
+    if (logits_prepare(c)) return -1;
     if (shard && c->a.vocab_total < 1) {
         PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
-        return NULL;
+        return -1;
     }
+    return 0;
+}
+
+static PyObject *logits_run_forward(logits_call *c, int shard, unsigned long long logp,
+                                    unsigned long long entropy, unsigned long long lse) {
+    if (logits_prepare_shard(c, shard)) return NULL;
     gmpo_status st;
     Py_BEGIN_ALLOW_THREADS
     if (c->device == DEV_CPU)
@@ -370,11 +375,7 @@ static PyObject *logits_run_forward(logits_call *c, int shard, unsigned long lon
 static PyObject *logits_run_backward(logits_call *c, int shard, unsigned long long lse,
                                      unsigned long long entropy, gmpo_view grad_logp,
                                      gmpo_view grad_entropy, gmpo_view grad) {
-    if (logits_prepare(c)) return NULL;
-    if (shard && c->a.vocab_total < 1) {
-        PyErr_SetString(PyExc_ValueError, "vocab_total: must be >= 1 for a vocabulary shard");
-        return NULL;
-    }
+    if (logits_prepare_shard(c, shard)) return NULL;
     gmpo_status st;
     Py_BEGIN_ALLOW_THREADS
     if (c->device == DEV_CPU)

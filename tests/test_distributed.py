@@ -77,34 +77,36 @@ def test_four_ranks(backend):
     _spawn(4, backend, ["both", "dp"])
 
 
-@pytest.mark.parametrize("head", ["logits", "fused"])
-def test_example_verl_megatron_tp(backend, head):
-    """examples/verl_megatron_tp.py (2 data x 2 tensor-parallel ranks) runs and
-    its gradients match one process (it raises otherwise)."""
+def _run_example(backend, name, args):
+    """Runs examples/<name> in a subprocess (it raises when its split run differs
+    from one process); returns its stdout."""
     if backend != "c":
         pytest.skip("the example runs the C core; the SIMT emulation runs its paths in "
                     "test_two_ranks")
     import subprocess
-    script = os.path.join(HERE, os.pardir, "examples", "verl_megatron_tp.py")
-    args = [sys.executable, script] + (["--fused-head"] if head == "fused" else [])
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    script = os.path.join(HERE, os.pardir, "examples", name)
+    r = subprocess.run([sys.executable, script] + args, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("largest gradient differences") == 4
+    return r.stdout
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_example_verl_megatron_tp(backend, head):
+    """examples/verl_megatron_tp.py (2 data x 2 tensor-parallel ranks) runs and
+    its gradients match one process."""
+    out = _run_example(backend, "verl_megatron_tp.py",
+                       ["--fused-head"] if head == "fused" else [])
+    assert out.count("largest gradient differences") == 4
 
 
 @pytest.mark.parametrize("grads", ["average", "sum"])
 def test_example_trl_context_parallel(backend, grads):
     """examples/trl_context_parallel.py (2 context-parallel ranks) runs and its
-    loss and gradients match one process (it raises otherwise)."""
-    if backend != "c":
-        pytest.skip("the example runs the C core; the SIMT emulation runs its paths in "
-                    "test_two_ranks")
-    import subprocess
-    script = os.path.join(HERE, os.pardir, "examples", "trl_context_parallel.py")
-    args = [sys.executable, script] + (["--sum-grads"] if grads == "sum" else [])
-    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "largest gradient difference" in r.stdout
+    loss and gradients match one process."""
+    out = _run_example(backend, "trl_context_parallel.py",
+                       ["--sum-grads"] if grads == "sum" else [])
+    assert "largest gradient difference" in out
 
 
 # ----------------------------------------------------------------------------
