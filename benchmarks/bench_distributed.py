@@ -58,6 +58,22 @@ def _median_time(fn, reps):
     return statistics.median(ts)
 
 
+def _merge_collectives(n, world, group):
+    """The forward's collectives of a vocabulary split over n tokens, on tensors
+    of their sizes: the shard layout's all_gather (3 int64 per rank), the MAX of
+    n float32, the SUM of 3 n float64 (with the entropy)."""
+    lay = torch.zeros(3, dtype=torch.int64)
+    lays = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+    m = torch.zeros(n)
+    s3 = torch.zeros(3, n, dtype=torch.float64)
+
+    def run():
+        dist.all_gather(lays, lay, group=group)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(s3, group=group)
+    return run
+
+
 def _worker(rank, world, port, reps, out_rows):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -101,17 +117,7 @@ def _worker(rank, world, port, reps, out_rows):
             (lp.sum() + ent.sum()).backward()
 
         n = B * T
-        m = torch.zeros(n)
-        s3 = torch.zeros(3, n, dtype=torch.float64)
-
-        lay = torch.zeros(3, dtype=torch.int64)
-        lays = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
-
-        def coll():
-            dist.all_gather(lays, lay, group=group)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            dist.all_reduce(s3, group=group)
-
+        coll = _merge_collectives(n, world, group)
         t_call = _median_time(lambda: step_v(group), reps)
         t_local = _median_time(lambda: step_v(None), reps)
         t_coll = _median_time(coll, reps)
@@ -137,16 +143,10 @@ def _worker(rank, world, port, reps, out_rows):
         from gmpo_ext.hidden import default_tiles
         tile_n = default_tiles(N, H, v, torch.float32)[0]
         pieces = [torch.zeros(min(tile_n, N - lo), H) for lo in range(0, N, tile_n)]
-        m = torch.zeros(N)
-        s3 = torch.zeros(3, N, dtype=torch.float64)
-
-        lay = torch.zeros(3, dtype=torch.int64)
-        lays = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+        merge = _merge_collectives(N, world, group)
 
         def coll_h():
-            dist.all_gather(lays, lay, group=group)
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-            dist.all_reduce(s3, group=group)
+            merge()
             for p in pieces:
                 dist.all_reduce(p, group=group)
 

@@ -180,19 +180,25 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_ids_f64(ids, V):
-    """The float64 path folds in torch, not in the C core: its ids are checked
-    here, as the C core checks the others (CPU: IndexError naming ids; CUDA: no
-    host sync, the invalid tokens' logp becomes NaN, as the CUDA kernels do).
-    Returns the (M,) bool tensor of invalid ids on CUDA, None on CPU."""
+def _bad_ids_mask(ids, V, f64, shard):
+    """The (M,) bool mask of ids outside [0, V), where it is needed: None, or
+    the mask that _forward_impl turns into NaN logps (no host sync).
+    float64 folds in torch, not in the C core, so its ids are checked here as
+    the C core checks the others: on CPU an IndexError naming ids (then None),
+    on CUDA NaN, as the CUDA kernels give. A vocabulary shard needs the mask on
+    every backend: the CUDA kernels mark an invalid id's target NaN only in the
+    tile at v0 = 0, and the merge reads a target from the shard holding the id
+    alone (the C core has raised on such an id already: then none is set)."""
+    if not (f64 or shard):
+        return None
     bad = (ids < 0) | (ids >= V)
-    if ids.device.type != "cpu":
-        return bad
-    if ids.numel() and bool(bad.any()):
-        r = int(torch.nonzero(bad)[0, 0])
-        raise IndexError(f"ids: token id {int(ids[r])} at {r} is outside [0, {V}), the "
-                         "vocabulary of the weight")
-    return None
+    if f64 and ids.device.type == "cpu":
+        if ids.numel() and bool(bad.any()):
+            r = int(torch.nonzero(bad)[0, 0])
+            raise IndexError(f"ids: token id {int(ids[r])} at {r} is outside [0, {V}), the "
+                             "vocabulary of the weight")
+        return None
+    return bad
 
 
 def _forward_impl(hidden, weight, bias, ids, pos, scale, softcap, temperature, entropy,
@@ -207,12 +213,7 @@ def _forward_impl(hidden, weight, bias, ids, pos, scale, softcap, temperature, e
     v_base, V_all = (0, V) if vocab is None else vocab[:2]
     sd = _stat_dtype(hidden.dtype)
     dev = hidden.device
-    bad = _check_ids_f64(ids, V_all) if hidden.dtype == torch.float64 else None
-    if bad is None and vocab is not None:
-        # the CUDA kernels mark an invalid id's target NaN in the tile at v0 = 0,
-        # but the merge reads a target only from the shard holding the id: mark
-        # it here (the C core has raised on it already: then none is set)
-        bad = (ids < 0) | (ids >= V_all)
+    bad = _bad_ids_mask(ids, V_all, hidden.dtype == torch.float64, vocab is not None)
     if M == 0:
         return (torch.empty(M, dtype=sd, device=dev), torch.zeros(M, dtype=sd, device=dev),
                 torch.empty(M, dtype=sd, device=dev))

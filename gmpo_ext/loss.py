@@ -249,9 +249,9 @@ def grpo_loss(
     "dr_grpo" the rows' sums, each divided by num_rows (times
     max_completion_length for dr_grpo, which must then be given) instead of
     the B rows at hand, so micro-batches of any sizes add up to the whole
-    batch. "bnpo" and "dapo"
-    divide by tokens, not rows: for those pass the whole batch's token count
-    as ``num_items_in_batch`` with loss_type="dapo" (TRL's own fix of bnpo).
+    batch. "bnpo" and "dapo" divide by tokens, not rows: for those pass the
+    whole batch's token count as ``num_items_in_batch`` with loss_type="dapo"
+    (TRL's own fix of bnpo).
     """
     _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
     el, eh = _epsilons(epsilon_low, epsilon_high)

@@ -584,6 +584,17 @@ TORCH_MINOR = tuple(int(v) for v in torch.__version__.split(".")[:2])
 OLD_AOT = TORCH_MINOR < (2, 5)
 
 
+def _compile_case(device):
+    """The inputs of the torch.compile tests and _step compiled with fullgraph."""
+    B, T, V = 3, 9, 257
+    z, ids = make_logits(B, T, V, torch.float32, "tplus1", seed=73, device=device)
+    rlogp, _ = ref_logps(z.cpu(), ids.cpu(), 0.7)
+    old, adv, mask = make_loss_inputs(rlogp, seed=9)
+    old, adv, mask = old.to(device), adv.to(device), mask.to(device)
+    torch._dynamo.reset()
+    return z, ids, old, adv, mask, torch.compile(_step, fullgraph=True)
+
+
 @pytest.mark.parametrize("inplace", [
     False,
     pytest.param(True, marks=pytest.mark.skipif(
@@ -592,13 +603,7 @@ OLD_AOT = TORCH_MINOR < (2, 5)
         "test_torch_compile_inplace_backward_out_of_place_before_2_5)")),
 ], ids=["out_of_place", "inplace"])
 def test_torch_compile_fullgraph(inplace, device, kernels):
-    B, T, V = 3, 9, 257
-    z, ids = make_logits(B, T, V, torch.float32, "tplus1", seed=73, device=device)
-    rlogp, _ = ref_logps(z.cpu(), ids.cpu(), 0.7)
-    old, adv, mask = make_loss_inputs(rlogp, seed=9)
-    old, adv, mask = old.to(device), adv.to(device), mask.to(device)
-    torch._dynamo.reset()
-    compiled = torch.compile(_step, fullgraph=True)
+    z, ids, old, adv, mask, compiled = _compile_case(device)
     out = []
     for fn in (_step, compiled):
         leaf = z.detach().clone().requires_grad_(True)
@@ -618,13 +623,7 @@ def test_torch_compile_inplace_backward_out_of_place_before_2_5(device, kernels)
     """torch 2.4: inplace_backward=True under torch.compile(fullgraph=True)
     compiles, and its backward goes out of place: the logits keep their values
     and .grad holds eager's in-place gradient."""
-    B, T, V = 3, 9, 257
-    z, ids = make_logits(B, T, V, torch.float32, "tplus1", seed=73, device=device)
-    rlogp, _ = ref_logps(z.cpu(), ids.cpu(), 0.7)
-    old, adv, mask = make_loss_inputs(rlogp, seed=9)
-    old, adv, mask = old.to(device), adv.to(device), mask.to(device)
-    torch._dynamo.reset()
-    compiled = torch.compile(_step, fullgraph=True)
+    z, ids, old, adv, mask, compiled = _compile_case(device)
     leaf = z.detach().clone().requires_grad_(True)
     l0, e0 = _step(leaf, ids, old, adv, mask, True)
     l0.backward()
