@@ -337,7 +337,12 @@ def _acc_mm(acc, a, b):
 # validation: the public functions and the ops' implementations both call it
 
 def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature, tile_n,
-                     tile_v):
+                     tile_v, fake=False):
+    """The ops' arguments. ``fake``: the fake kernels' part (tensors' dtypes,
+    shapes and devices; no data read, no scalar: they may be symbolic). The
+    dispatcher picks the fake (meta) kernel when any tensor is on meta, so a
+    meta weight beside CPU hidden reaches the fake kernel: it must raise there,
+    not hand back uninitialised outputs."""
     _check_tensor("hidden", hidden, HIDDEN_DTYPES)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
@@ -361,14 +366,13 @@ def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature
         raise ValueError(f"ids and pos must be (M,) vectors of one length, got "
                          f"{tuple(ids.shape)} and {tuple(pos.shape)}")
     dev = hidden.device
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in (("cpu", "cuda", "meta") if fake else ("cpu", "cuda")):
         raise ValueError(f"hidden is on {dev}; gmpo_ext runs on cpu and cuda tensors")
-    for name, t in (("weight", weight), ("bias", bias), ("ids", ids), ("pos", pos)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {dev}; all inputs "
-                             "must be on the same device")
+    _check_devices(dev, (("weight", weight), ("bias", bias), ("ids", ids), ("pos", pos)))
     if not ids.is_contiguous():
         raise ValueError("ids must be contiguous (an (M,) vector)")
+    if fake:
+        return
     ntok = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
     if pos.numel() and dev.type == "cpu":
         lo, hi = int(pos.min()), int(pos.max())
@@ -384,6 +388,24 @@ def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature
     for name, v in (("tile_tokens", tile_n), ("tile_vocab", tile_v)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def _check_devices(dev, named):
+    """Every (name, tensor) of ``named`` (None: absent) on ``dev`` (hidden's)."""
+    for name, t in named:
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {dev}; all inputs "
+                             "must be on the same device")
+
+
+def _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, M):
+    sd = (_stat_dtype(hidden.dtype),)
+    _check_floats("grad_logp", grad_logp, M)
+    _check_floats("grad_entropy", grad_entropy, M)
+    _check_floats("lse", lse, M, sd)
+    _check_floats("entropy", entropy, M, sd)
+    _check_devices(hidden.device, (("grad_logp", grad_logp), ("grad_entropy", grad_entropy),
+                                   ("lse", lse), ("entropy", entropy)))
 
 
 def _check_floats(name, t, M, dtypes=_backend.FLOAT_DTYPES):
@@ -412,6 +434,8 @@ def hidden_fwd(
 @hidden_fwd.register_fake
 def _(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature, entropy, tile_n,
       tile_v):
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v, fake=True)
     sd = _stat_dtype(hidden.dtype)
     M = pos.shape[0]
     return tuple(hidden.new_empty((M,), dtype=sd) for _ in range(3))
@@ -426,16 +450,7 @@ def hidden_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
                      tile_n, tile_v)
-    M = pos.shape[0]
-    sd = (_stat_dtype(hidden.dtype),)
-    _check_floats("grad_logp", grad_logp, M)
-    _check_floats("grad_entropy", grad_entropy, M)
-    _check_floats("lse", lse, M, sd)
-    _check_floats("entropy", entropy, M, sd)
-    for name, t in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy), ("lse", lse),
-                    ("entropy", entropy)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, pos.shape[0])
     return _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
                           lse.contiguous(), entropy.contiguous(), logit_scale, softcap,
                           temperature, tile_n, tile_v, need_hidden, need_weight, need_bias)
@@ -444,6 +459,9 @@ def hidden_bwd(
 @hidden_bwd.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, logit_scale,
       softcap, temperature, tile_n, tile_v, need_hidden, need_weight, need_bias):
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v, fake=True)
+    _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, pos.shape[0])
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             hidden.new_empty(bias.shape if (need_bias and bias is not None) else (0,)))

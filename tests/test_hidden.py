@@ -569,3 +569,52 @@ def test_c_tile_kernels_under_asan(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True,
                          env={"ASAN_OPTIONS": "detect_leaks=1", "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr
+
+
+# ----------------------------------------------------------------------------
+# mixed devices, autograd edges, layouts (review findings)
+
+_META_ARGS = ["weight", "bias", "ids"]
+
+
+@pytest.mark.parametrize("entry", ["linear_logps", "gmpo_tiles", "gmpo_rows", "grpo"])
+@pytest.mark.parametrize("bad", _META_ARGS)
+def test_meta_tensor_beside_cpu_hidden_raises(entry, bad):
+    """A meta weight, bias or ids beside CPU hidden: the dispatcher picks the
+    ops' fake kernel for a call with any meta tensor, which once handed back
+    uninitialised CPU memory as log-probs; it must raise, naming the argument."""
+    h, W, b, ids, mask, old, adv = make(2, 4, 8, 30, torch.float32, bias=True)
+    args = dict(weight=W, bias=b, ids=ids)
+    args[bad] = args[bad].to("meta")
+    W, b, ids = args["weight"], args["bias"], args["ids"]
+    with pytest.raises(ValueError, match=rf"{bad} is on meta but hidden is on cpu"):
+        if entry == "linear_logps":
+            gmpo_ext.linear_logps(h, W, ids, bias=b, mask=mask)
+        elif entry == "grpo":
+            gmpo_ext.grpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
+        else:
+            gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b,
+                                           mode=entry.split("_")[1])
+
+
+@pytest.mark.parametrize("bad", _META_ARGS + ["pos", "hidden"])
+def test_meta_tensor_in_raw_hidden_ops_raises(bad):
+    """The raw ops too (torch.ops.gmpo_ext.hidden_fwd / hidden_bwd): their fake
+    kernels check devices, not only shapes. All-meta inputs still give shapes."""
+    h, W, b, ids, *_ = make(2, 3, 8, 30, torch.float32, bias=True)
+    args = dict(hidden=h, weight=W, bias=b, ids=ids.reshape(-1), pos=torch.arange(6))
+    lp, ent, lse = torch.ops.gmpo_ext.hidden_fwd(*args.values(), 1.0, 0.0, 1.0, True, 4, 16)
+    good = dict(args)
+    args[bad] = args[bad].to("meta")
+    name = "weight" if bad == "hidden" else bad   # hidden on meta: the others are "wrong"
+    with pytest.raises(ValueError, match=rf"{name} is on (meta|cpu) but hidden"):
+        torch.ops.gmpo_ext.hidden_fwd(*args.values(), 1.0, 0.0, 1.0, True, 4, 16)
+    with pytest.raises(ValueError, match=rf"{name} is on (meta|cpu) but hidden"):
+        torch.ops.gmpo_ext.hidden_bwd(torch.ones(6), None, *args.values(), lse, ent, 1.0, 0.0,
+                                      1.0, 4, 16, True, True, True)
+    with pytest.raises(ValueError, match="lse is on meta but hidden is on cpu"):
+        torch.ops.gmpo_ext.hidden_bwd(torch.ones(6), None, *good.values(), lse.to("meta"), ent,
+                                      1.0, 0.0, 1.0, 4, 16, True, True, True)
+    meta = [t.to("meta") for t in good.values()]
+    out = torch.ops.gmpo_ext.hidden_fwd(*meta, 1.0, 0.0, 1.0, True, 4, 16)
+    assert all(t.device.type == "meta" and t.shape == (6,) for t in out)
