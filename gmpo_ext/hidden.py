@@ -780,7 +780,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         loss, logp_all, ent = _RowsGMPO.apply(
             hidden, weight, bias, completion_ids, old_logps, advantages, mask, ref_logps,
             is_weights, (temperature, logit_scale, softcap), loss_kwargs, budget,
-            bool(return_metrics))
+            bool(return_metrics), torch.is_grad_enabled())
         if not return_metrics:
             return loss
         with torch.no_grad():
@@ -848,20 +848,29 @@ class _RowsGMPO(torch.autograd.Function):
     only, and the batch mean scales it by rows / B), turn the held logits into
     dL/dy in place, then dH and dW (2 GEMMs). Forward does all of it; backward
     scales the stored gradients by the upstream one. The loss and metrics come
-    from the whole batch's log-probs."""
+    from the whole batch's log-probs.
+
+    ``grad``: whether grad mode was on at the call (inside forward it is off,
+    and needs_input_grad ignores it): under torch.no_grad() no gradient GEMM
+    runs and no (V, H) accumulator is allocated. The gradients are saved with
+    save_for_backward: a second backward (retain_graph=True) reads them again,
+    and autograd frees them after a backward that does not retain the graph
+    (not when the loss tensor dies). Double backward raises."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, old, adv, mask, ref, isw, head, kw, budget,
-                entropy):
+                entropy, grad):
         temperature, scale, softcap = head
         B, T, H = hidden.shape
         V = weight.shape[0]
         dev = hidden.device
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3] if grad else (False,) * 3
+        need_b = need_b and bias is not None
+        need_g = need_h or need_w or need_b
         gH = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
         gW = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
-        gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
+        gb = torch.zeros((V,), dtype=acc, device=dev) if need_b else None
         sd = _stat_dtype(hidden.dtype)
         logp_all = torch.zeros((B, T), dtype=sd, device=dev)
         ent_all = torch.zeros((B, T), dtype=sd, device=dev)
@@ -893,6 +902,9 @@ class _RowsGMPO(torch.autograd.Function):
                 ent = ls - st[:, 2] / st[:, 1]
                 if entropy:
                     ent_all.view(-1)[pos] = ent
+                if not need_g:
+                    r0 = r1
+                    continue
                 # the rows' dL/dlogp from the loss on those rows alone
                 lp = logp_all[r0:r1].detach().requires_grad_()
                 sl = slice(r0, r1)
@@ -918,17 +930,23 @@ class _RowsGMPO(torch.autograd.Function):
             r0 = r1
         with torch.no_grad():
             loss = gmpo_loss(logp_all, old, adv, mask, ref_logps=ref, is_weights=isw, **kw)
-        ctx.grads = (gH, None if gW is None else gW.to(weight.dtype),
-                     None if gb is None else gb.to(bias.dtype))
+        ctx.save_for_backward(gH, None if gW is None else gW.to(weight.dtype),
+                              None if gb is None else gb.to(bias.dtype))
         ctx.mark_non_differentiable(logp_all, ent_all)
         return loss, logp_all, ent_all
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_ent):
-        # in place: the stored gradients are this backward's alone (no second (V, H) copy)
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        return (*out,) + (None,) * 10
+        if torch.is_grad_enabled():   # create_graph=True: say so (as _ShardHead)
+            raise RuntimeError("gmpo_ext: mode='rows' supports one backward pass; double "
+                               "backward (create_graph=True, Hessians) is not implemented")
+        grads = ctx.saved_tensors
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            # loss.backward(): the saved gradients themselves, no second (V, H)
+            # copy (autograd takes them over once it has freed the saved ones)
+            return (*grads,) + (None,) * 11
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads) \
+            + (None,) * 11
 
 
 def _rows_fit(hidden, weight, mask, budget):

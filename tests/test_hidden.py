@@ -618,3 +618,76 @@ def test_meta_tensor_in_raw_hidden_ops_raises(bad):
     meta = [t.to("meta") for t in good.values()]
     out = torch.ops.gmpo_ext.hidden_fwd(*meta, 1.0, 0.0, 1.0, True, 4, 16)
     assert all(t.device.type == "meta" and t.shape == (6,) for t in out)
+
+
+def _near_old(h, W, b, ids, mask, seed=1):
+    """old_logps within the clip range of the current ones (gradients not all 0)."""
+    g = torch.Generator().manual_seed(seed)
+    lp = gmpo_ext.linear_logps(h.detach(), W.detach(), ids,
+                               bias=None if b is None else b.detach(), mask=mask)
+    return lp + 0.1 * torch.randn(lp.shape, generator=g)
+
+
+def _rows_loss(h, W, b, ids, mask, old, adv, **kw):
+    return gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b, mode="rows", **kw)
+
+
+def test_rows_mode_second_backward_and_upstream_scale():
+    """mode="rows" computes its gradients in forward: a second backward
+    (retain_graph=True) once raised TypeError (the stored gradients were
+    dropped by the first); an upstream gradient other than 1 scales them; the
+    gradients handed out are not the saved ones (zeroing .grad in place
+    between the two backwards leaves the second one right)."""
+    h, W, b, ids, mask, old, adv = make(3, 6, 8, 40, torch.float32, bias=True)
+    old = _near_old(h, W, b, ids, mask)
+    hl, Wl, bl = leaves(h, W, b)
+    loss = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hl, Wl, bl)]
+    assert all(g.abs().sum() > 0 for g in first)
+    for t in (hl, Wl, bl):
+        t.grad.zero_()
+    loss.backward(retain_graph=True)
+    assert all(torch.equal(t.grad, g) for t, g in zip((hl, Wl, bl), first))
+    (loss * -2.5).backward()
+    assert all(torch.allclose(t.grad, -1.5 * g) for t, g in zip((hl, Wl, bl), first))
+    # without retain_graph the saved gradients are freed: torch's own error
+    loss = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_rows_mode_double_backward_raises():
+    """create_graph=True once returned a gradient without a graph, silently;
+    it raises as the tiles path's vocabulary shard does."""
+    h, W, b, ids, mask, old, adv = make(2, 5, 8, 30, torch.float32)
+    hl, Wl = leaves(h, W)
+    loss = _rows_loss(hl, Wl, None, ids, mask, old, adv)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, (hl, Wl), create_graph=True)
+
+
+def test_rows_mode_under_no_grad_runs_no_gradient_gemm(monkeypatch):
+    """Under torch.no_grad() mode="rows" ran the dH / dW GEMMs and allocated
+    the (V, H) accumulator all the same; now only the forward GEMM runs, and
+    the loss is the same."""
+    h, W, b, ids, mask, old, adv = make(2, 5, 8, 30, torch.float32, bias=True)
+    old = _near_old(h, W, b, ids, mask)
+    hl, Wl, bl = leaves(h, W, b)
+    want = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    calls, zeros = [], []
+    monkeypatch.setattr(hd, "_acc_mm", lambda *a: calls.append(a))
+    real_zeros = torch.zeros
+
+    def spy_zeros(*a, **k):
+        zeros.append(tuple(a[0]) if a and isinstance(a[0], (tuple, list, torch.Size)) else a)
+        return real_zeros(*a, **k)
+
+    monkeypatch.setattr(torch, "zeros", spy_zeros)
+    with torch.no_grad():
+        got = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    monkeypatch.undo()
+    assert not calls
+    assert tuple(W.shape) not in zeros and tuple(h.shape) not in zeros
+    assert not got.requires_grad and torch.equal(got, want.detach())
