@@ -738,6 +738,25 @@ def _pad(x, idx):
     return ext[idx]
 
 
+def _packed_is_weights(isw, idx, N):
+    """Packed is_weights: (N,) per token -> (B, T_max); (B, 1) per row as it is.
+    A (B,) vector is refused: it once read as per row, except when N == B, where
+    the same shape read as per token; one shape, one meaning."""
+    if isw is None:
+        return None
+    _check_tensor("is_weights", isw, _backend.FLOAT_DTYPES)
+    B = idx.shape[0]
+    if tuple(isw.shape) == (N,):
+        return _pad(isw, idx)
+    if tuple(isw.shape) == (B, 1):
+        return isw
+    raise ValueError(f"is_weights: with packed inputs (cu_seqlens) pass per-token weights as "
+                     f"(N,) = ({N},) or per-row weights as (B, 1) = ({B}, 1), got "
+                     f"{tuple(isw.shape)}" + (" (a per-row (B,) vector is ambiguous with "
+                                              "per-token (N,): reshape it to (B, 1))"
+                                              if tuple(isw.shape) == (B,) else ""))
+
+
 def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
                  temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps,
                  is_weights, return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
@@ -796,9 +815,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
     if packed:
         idx, _ = _packed_index(cu_seqlens, hidden.shape[0], hidden.device)
         m, old, ref, lp = _pad(mask, idx), _pad(old_logps, idx), _pad(ref_logps, idx), _pad(logps, idx)
-        if isw is not None and isw.dim() == 1 and isw.shape[0] == hidden.shape[0] and \
-                isw.shape[0] != idx.shape[0]:
-            isw = _pad(isw, idx)   # per token (N,) -> (B, T_max)
+        isw = _packed_is_weights(isw, idx, hidden.shape[0])
     if return_metrics and loss_kwargs.get("group") is not None and algo_loss is gmpo_loss:
         # rows split over ranks: the entropy metric's two sums ride on the row
         # statistics' all-reduce (one collective in all), as in the logits path
@@ -1006,7 +1023,9 @@ def gmpo_loss_from_hidden(
         old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps,
             is_weights, convention, log_ratio_clamp, normalizer: as in
             :func:`gmpo_ext.gmpo_loss` (packed: per-token tensors (N,),
-            per-row ones (B,)).
+            advantages (B,); is_weights per token as (N,) or per row as
+            (B, 1) only: a (B,) is_weights raises, since it would read per
+            token whenever N == B).
         temperature, logit_scale, final_logit_softcapping: TRL's transform of
             the logits: z = s (h W^T + b); z = c tanh(z / c); z / temperature.
         return_metrics: also return gmpo_loss's metrics plus ``entropy`` (the

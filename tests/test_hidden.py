@@ -691,3 +691,33 @@ def test_rows_mode_under_no_grad_runs_no_gradient_gemm(monkeypatch):
     assert not calls
     assert tuple(W.shape) not in zeros and tuple(h.shape) not in zeros
     assert not got.requires_grad and torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("algo", ["gmpo", "grpo"])
+def test_packed_is_weights_shapes_have_one_meaning(algo):
+    """Packed input: per-token is_weights (N,) were read as per-row when N == B
+    (rows of lengths 2, 0, 1: N = B = 3); now (N,) is per token always, (B, 1)
+    per row, and a (B,) vector with N != B raises (it read as per row)."""
+    fn = gmpo_ext.gmpo_loss_from_hidden if algo == "gmpo" else gmpo_ext.grpo_loss_from_hidden
+    h, W, _, ids, _, _, adv = make(3, 2, 8, 30, torch.float32)
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0]], dtype=torch.bool)
+    old = _near_old(h, W, None, ids, mask)
+    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32)
+    hp, idp, oldp = h[mask], ids[mask], old[mask]
+    mp = torch.ones(3)
+    w_tok = torch.tensor([0.5, 2.0, 1.5])
+    padded_w = torch.zeros(3, 2)
+    padded_w[mask] = w_tok
+    got = fn(hp, W, idp, oldp, adv, mp, cu_seqlens=cu, is_weights=w_tok)
+    want = fn(h, W, ids, old, adv, mask, is_weights=padded_w)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    per_row = fn(h, W, ids, old, adv, mask, is_weights=w_tok[:, None])
+    assert not torch.allclose(per_row, want, atol=1e-4)   # the two readings differ here
+    got_row = fn(hp, W, idp, oldp, adv, mp, cu_seqlens=cu, is_weights=w_tok[:, None])
+    assert torch.allclose(got_row, per_row, atol=1e-6)
+    # N != B: a (B,) vector is refused, naming is_weights and the (B, 1) form
+    cu2 = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"is_weights.*\(B, 1\)"):
+        fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=w_tok[:2])
+    with pytest.raises(ValueError, match="is_weights"):
+        fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=torch.ones(3, 1))
