@@ -22,8 +22,15 @@ Two custom ops (validated in their implementations, not only here):
 
 ``pos`` (M,) int64 lists the tokens to score as flat positions of hidden's
 token axes (b * T + t for (B, T, H), n for (N, H)): the tokens the mask counts,
-so padding costs no GEMM. Each token tile is gathered from hidden (any strides:
-a slice of the backbone's output is read where it lies, one tile at a time).
+so padding costs no GEMM (a position listed twice is scored twice, and its
+hidden gradient is the sum of both entries'). Each token tile is gathered
+from hidden (any strides: a slice of the backbone's output is read where it
+lies, one tile at a time).
+
+With ``entropy=False`` the entropy output is zeros and takes no gradient.
+The int arguments pass the dispatcher, which hands a Python bool to the
+implementation as an int (True as 1): the public functions reject bools as
+tile sizes before the call; the raw ops cannot tell.
 
 Memory beyond inputs, outputs and parameter gradients: one (tile_n, tile_v)
 tile in the input dtype, the gathered (tile_n, H) hidden tile, a (tile_n, H)
@@ -309,15 +316,14 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
 
 
 def _put_rows(gh_out, p, dh, work=None):
-    """hidden's gradient at flat token positions p <- dh (after ``work``, an
+    """hidden's gradient at flat token positions p += dh (after ``work``, an
     all-reduce of dh in flight, completes)."""
     if work is not None:
         work.wait()
-    if gh_out.dim() == 3:
-        T = gh_out.shape[1]
-        gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(gh_out.dtype)
-    else:
-        gh_out.index_copy_(0, p, dh.to(gh_out.dtype))
+    # added, not written: a position listed twice in pos (the raw ops allow
+    # it) gets the sum of its entries' gradients. gh_out is the backward's own
+    # contiguous zeros; index_add_ is deterministic on CUDA in deterministic mode
+    gh_out.view(-1, gh_out.shape[-1]).index_add_(0, p, dh.to(gh_out.dtype))
 
 
 def _acc_mm(acc, a, b):
@@ -408,6 +414,16 @@ def _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, M):
                                    ("lse", lse), ("entropy", entropy)))
 
 
+def _check_tiles(tile_tokens, tile_vocab):
+    """The public tile options, None or an int >= 1, checked before the op:
+    the dispatcher hands the op's implementation a bool as an int (True as 1),
+    so its own check cannot see one."""
+    for name, v in (("tile_tokens", tile_tokens), ("tile_vocab", tile_vocab)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                              or v < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+
+
 def _check_floats(name, t, M, dtypes=_backend.FLOAT_DTYPES):
     if t is None:
         return
@@ -468,11 +484,13 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, log
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, pos, scale, softcap, temperature, _, tile_n, tile_v = inputs
+    hidden, weight, bias, ids, pos, scale, softcap, temperature, want_ent, tile_n, tile_v = \
+        inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, ids, pos, lse, entropy)
     ctx.opts = (scale, softcap, temperature, tile_n, tile_v)
-    ctx.mark_non_differentiable(lse)
+    # entropy=False: the entropy output is zeros, not the entropy: no gradient
+    ctx.mark_non_differentiable(*((lse,) if want_ent else (lse, entropy)))
     ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
 
 
@@ -591,6 +609,7 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     """(logps, entropy) in the token shape, the heads' fused op underneath (the
     shard's autograd.Function with ``vocab_group``)."""
     shape = _token_shape(hidden, ids, mask, None)
+    _check_tiles(tile_tokens, tile_vocab)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
     pos = _positions(mask, shape, hidden.device)

@@ -721,3 +721,57 @@ def test_packed_is_weights_shapes_have_one_meaning(algo):
         fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=w_tok[:2])
     with pytest.raises(ValueError, match="is_weights"):
         fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_raw_op_duplicate_positions_add_their_gradients(flat):
+    """pos listing a token twice: its hidden gradient is the sum of both
+    entries' (it was overwritten by the last one)."""
+    h, W, b, ids, *_ = make(2, 3, 8, 30, torch.float64, bias=True)
+    if flat:
+        h = h.reshape(6, 8)
+    pos = torch.tensor([0, 4, 4, 5, 4, 0])
+    idp = ids.reshape(-1)[torch.tensor([0, 4, 4, 5, 4, 0])].contiguous()
+    idp[2] = (idp[2] + 1) % 30   # one of the repeats scores another id
+    hl, Wl, bl = leaves(h, W, b)
+    lp, _, _ = torch.ops.gmpo_ext.hidden_fwd(hl, Wl, bl, idp, pos, 1.0, 0.0, 1.0, False, 4, 16)
+    g = torch.randn(6, dtype=torch.float64)
+    (lp * g).sum().backward()
+    hr, Wr, br = leaves(h, W, b)
+    rows = hr.reshape(6, 8)[pos]
+    rl = torch.log_softmax(rows @ Wr.t() + br, -1).gather(1, idp[:, None])[:, 0]
+    assert torch.allclose(lp, rl, atol=1e-10)
+    (rl * g).sum().backward()
+    check_grads((hl, Wl, bl), (hr, Wr, br), 1e-9)
+
+
+def test_raw_op_without_entropy_gives_it_no_gradient():
+    """entropy=False: the entropy output is zeros, not the entropy; a loss that
+    reads it once got a wrong hidden / weight gradient (the entropy's chain
+    applied to a zero entropy). It is non-differentiable now."""
+    h, W, _, ids, *_ = make(2, 3, 8, 30, torch.float32)
+    pos = torch.arange(6)
+    ids = ids.reshape(-1).contiguous()
+    hl, Wl = leaves(h, W)
+    lp, ent, _ = torch.ops.gmpo_ext.hidden_fwd(hl, Wl, None, ids, pos, 1.0, 0.0, 1.0, False, 4,
+                                               16)
+    (lp.sum() + ent.sum()).backward()
+    hr, Wr = leaves(h, W)
+    lp2, _, _ = torch.ops.gmpo_ext.hidden_fwd(hr, Wr, None, ids, pos, 1.0, 0.0, 1.0, False, 4,
+                                              16)
+    lp2.sum().backward()
+    assert torch.equal(hl.grad, hr.grad) and torch.equal(Wl.grad, Wr.grad)
+    assert (ent == 0).all() and not ent.requires_grad
+
+
+@pytest.mark.parametrize("name", ["tile_tokens", "tile_vocab"])
+def test_bool_tile_sizes_are_refused(name):
+    """The dispatcher turns a bool into an int before the op's own check runs
+    (tile_vocab=True became a 1-column tile): the public functions refuse it."""
+    h, W, _, ids, mask, old, adv = make(2, 3, 8, 30, torch.float32)
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.linear_logps(h, W, ids, **{name: True})
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: False})
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.grpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: 2.0})
