@@ -326,14 +326,29 @@ def _put_rows(gh_out, p, dh, work=None):
     gh_out.view(-1, gh_out.shape[-1]).index_add_(0, p, dh.to(gh_out.dtype))
 
 
+def _addmm_has_out_dtype():
+    """Whether this torch has addmm's out_dtype (aten::addmm.dtype_out, torch
+    >= 2.8): asked of the op registry, not of the version string."""
+    try:
+        return "dtype_out" in torch.ops.aten.addmm.overloads()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ADDMM_OUT_DTYPE = _addmm_has_out_dtype()
+_OUT_DTYPE_DEVICES = ("cuda",)   # where addmm.dtype_out has a kernel (CPU has none)
+
+
 def _acc_mm(acc, a, b):
     """acc += a @ b with acc in fp32 (fp64): the GEMM in the inputs' dtype with
-    fp32 accumulation inside; for bf16/fp16 its product is rounded once per
-    (token tile, vocabulary tile) before it is added in fp32 (CPU torch has no
-    fp32-out bf16 GEMM; on CUDA addmm's out_dtype keeps it fp32 throughout)."""
+    fp32 accumulation inside. bf16/fp16: on CUDA with torch >= 2.8 addmm's
+    out_dtype keeps it fp32 throughout; elsewhere (CPU: no fp32-out bf16 GEMM;
+    CUDA on torch 2.4-2.7: no out_dtype) the product is rounded to the inputs'
+    dtype once per (token tile, vocabulary tile) before it is added in fp32
+    (no fp32 copy of the tile or of the weight, the GEMM stays a bf16 one)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
+    elif _ADDMM_OUT_DTYPE and acc.device.type in _OUT_DTYPE_DEVICES:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += torch.mm(a, b)

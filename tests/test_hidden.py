@@ -775,3 +775,40 @@ def test_bool_tile_sizes_are_refused(name):
         gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: False})
     with pytest.raises(ValueError, match=name):
         gmpo_ext.grpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: 2.0})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_acc_mm_without_addmm_out_dtype(monkeypatch, dtype):
+    """addmm's out_dtype (the fp32-out bf16 GEMM of the fused head's backward
+    on CUDA) exists from torch 2.8 on; on 2.4-2.7 the CUDA bf16/fp16 backward
+    failed with TypeError. Which GEMM runs is chosen by feature
+    (_ADDMM_OUT_DTYPE, from the op registry) and device (_OUT_DTYPE_DEVICES):
+    here CPU stands in for CUDA and torch.addmm answers out_dtype as torch
+    2.7 does; the backward still runs and is right."""
+    real = torch.addmm
+
+    def addmm_2_7(*a, **k):
+        if "out_dtype" in k:
+            raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+        return real(*a, **k)
+
+    assert hd._ADDMM_OUT_DTYPE == ("dtype_out" in torch.ops.aten.addmm.overloads())
+    monkeypatch.setattr(hd, "_OUT_DTYPE_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "addmm", addmm_2_7)
+    h, W, b, ids, mask, *_ = make(2, 9, 16, 300, dtype, bias=True)
+
+    def run():
+        hl, Wl, bl = leaves(h, W, b)
+        lp = gmpo_ext.linear_logps(hl, Wl, ids, bias=bl, mask=mask, tile_tokens=4,
+                                   tile_vocab=128)
+        lp.sum().backward()
+        return hl, Wl, bl
+
+    monkeypatch.setattr(hd, "_ADDMM_OUT_DTYPE", True)   # the emulation is reached
+    with pytest.raises(TypeError, match="out_dtype"):
+        run()
+    monkeypatch.setattr(hd, "_ADDMM_OUT_DTYPE", False)  # torch 2.4-2.7: the fallback
+    ours = run()
+    hr, Wr, br = leaves(h.double(), W.double(), b.double())
+    ref_head(hr, Wr, ids, br)[0].mul(mask).sum().backward()
+    check_grads(ours, (hr, Wr, br), TOL[dtype][1])
