@@ -636,7 +636,9 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
         from . import distributed
         vocab_start, vocab_size = distributed.check_vocab(V, vocab_group, vocab_start,
                                                           vocab_size, "the weight's rows",
-                                                          hidden.device)
+                                                          hidden.device,
+                                                          _shard_agree(hidden, pos, ids_sel,
+                                                                       entropy, tile_tokens))
         vocab = (vocab_start, vocab_size, vocab_group)
         # the token tile must be the same on every rank (the backward's hidden
         # gradient is all-reduced tile by tile): sized for an equal shard
@@ -672,6 +674,25 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
                          f"[0, {V_all}), the vocabulary of the "
                          f"{'head (vocab_size)' if vocab is not None else 'weight'}") from None
     return _scatter(logp, pos, shape), (_scatter(ent, pos, shape) if entropy else None)
+
+
+def _shard_agree(hidden, pos, ids_sel, entropy, tile_tokens):
+    """What every rank of vocab_group must hold equal for the head's
+    collectives (checked in the layout gather): their sizes (the scored
+    tokens, the token tile, H, the statistics' dtype, the entropy's extra
+    row) and whether the backward all-reduces the hidden gradient at all;
+    and sums of the scored positions and ids (computed on the device), which
+    catch a mask or ids that differ with the same count (wrong log-probs)."""
+    return (("the number of scored tokens (mask != 0)", pos.numel()),
+            ("mask (the sum of the scored positions)", pos.sum()),
+            ("ids (the sum of the scored ids)", ids_sel.sum(dtype=torch.int64)),
+            ("tile_tokens (0: the default)", 0 if tile_tokens is None else tile_tokens),
+            ("hidden's size H", hidden.shape[-1]),
+            ("hidden's dtype (0 fp32, 1 bf16, 2 fp16, 3 fp64)",
+             HIDDEN_DTYPES.index(hidden.dtype)),
+            ("return_entropy", int(bool(entropy))),
+            ("hidden.requires_grad (with grad mode)",
+             int(hidden.requires_grad and torch.is_grad_enabled())))
 
 
 @torch.compiler.disable
@@ -721,8 +742,11 @@ def linear_logps(
             vocabulary is sharded (Megatron's column-parallel output layer):
             this rank's ``weight`` (and ``bias``) hold the rows
             [vocab_start, vocab_start + V) of a vocabulary of ``vocab_size``
-            (default V times the group's size); hidden, ids and mask are the
-            same on every rank of the group. Each token's fold is merged over
+            (default: the sum of the shards' sizes, equal or not, gathered
+            from the ranks); hidden, ids and mask are the same on every rank
+            of the group (the number of scored tokens, H, the dtype,
+            tile_tokens, return_entropy and whether hidden requires grad are
+            checked to agree: ValueError on every rank otherwise). Each token's fold is merged over
             the group (two all-reduces of O(tokens) values); every rank gets
             the whole vocabulary's logp and entropy; the weight and bias
             gradients are this shard's, the hidden gradient is summed over the
