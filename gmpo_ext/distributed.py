@@ -32,7 +32,10 @@ all-reduces of O(B*T) values (float32, then float64) merge them:
 the single-process kernel's do: 20 bytes per token, 28 with the entropy).
 Before them, check_vocab all-gathers each rank's (vocab_start, V, vocab_size)
 and checks that the shards tile the vocabulary (24 bytes per rank, a host
-read).
+read; vocab_size=None is the sum of the shards' sizes, equal or not); the
+head's path adds to that gather what its collectives' sizes and participation
+depend on (scored tokens, token tile, H, dtype, entropy, whether hidden
+gets a gradient), so that ranks that differ all raise the same ValueError.
 
     S = sum_r e_r,  lse = M + log S,  logp = (x_id - M) - log S,
     H = log S + sum_r e_r (H_r - log e_r) / S
@@ -274,37 +277,68 @@ def shard_logits(logits, ids, mask, temperature, entropy, inplace_backward, voca
                               vocab_start, vocab_size, group, ids_name)
 
 
-def check_vocab(V, vocab_group, vocab_start, vocab_size, what="the logits", device=None):
+def check_vocab(V, vocab_group, vocab_start, vocab_size, what="the logits", device=None,
+                agree=()):
     """Validates a shard of V vocabulary entries (the logits' last axis, or the
     head's weight rows) across the group; returns (vocab_start, vocab_size).
 
-    One all_gather of three integers per rank (on ``device``) and a host read
-    of them, before anything is raised, so that every rank raises the same
-    error: every rank must come to the same vocab_size (the default is V times
-    the group's size: equal shards) and the shards must tile [0, vocab_size)
-    exactly, each id in one rank's shard. Unequal shards with the default
-    vocab_size, overlapping or missing ranges would otherwise give wrong
-    log-probs silently, or collectives of mismatched sizes. It runs on every
-    call: a per-rank cache of checked layouts could let one rank skip the
-    collective that another, whose layout is new, enters. Meta tensors (shapes
-    only) check this rank's bounds without a collective."""
+    One all_gather of 3 + len(agree) integers per rank (on ``device``) and a
+    host read of them, before anything is raised, so that every rank raises
+    the same error: every rank must come to the same vocab_size and the
+    shards must tile [0, vocab_size) exactly, each id in one rank's shard.
+    vocab_size=None (on any rank) is the sum of the shards' sizes, which the
+    gather knows: equal or unequal shards need no vocab_size as long as they
+    tile [0, sum) exactly. Overlapping or missing ranges, or ranks that name
+    different sizes, would otherwise give wrong log-probs silently, or
+    collectives of mismatched sizes.
+
+    ``agree``: (name, value) pairs, an int or a 0-d integer tensor on
+    ``device``, that every rank must hold equal, checked in the same gather: what sizes the collectives that follow (the number of
+    scored tokens, the token tile, H, the dtype, the entropy) or decides
+    whether a rank enters them at all (the hidden gradient's all-reduce in
+    backward). A rank that differs would abort gloo or hang NCCL; now every
+    rank raises the same ValueError naming it.
+
+    It runs on every call: a per-rank cache of checked layouts could let one
+    rank skip the collective that another, whose layout is new, enters. Meta
+    tensors (shapes only) check this rank's bounds without a collective
+    (vocab_size=None: V times the group's size)."""
     check_group("vocab_group", vocab_group)
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, numbers.Integral):
         raise TypeError(f"vocab_start must be an int, got {type(vocab_start).__name__}")
     if vocab_size is not None and (isinstance(vocab_size, bool) or
                                    not isinstance(vocab_size, numbers.Integral)):
         raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1 or None, got {vocab_size}")
     P = dist.get_world_size(vocab_group)
-    size = int(vocab_size) if vocab_size is not None else V * P   # None: equal shards
-    layout = (int(vocab_start), int(V), size)
     if device is not None and device.type == "meta":
-        _check_layout([layout], what, tiling=False)
-        return layout[0], size
-    mine = torch.tensor(layout, dtype=torch.int64, device=device or "cpu")
+        size = int(vocab_size) if vocab_size is not None else V * P
+        _check_layout([(int(vocab_start), int(V), size)], what, tiling=False)
+        return int(vocab_start), size
+    # Python ints in one host-to-device copy, then the 0-d tensors (sums
+    # computed on the device: no extra host sync before the gather)
+    order = ([k for k, (_, v) in enumerate(agree) if not isinstance(v, torch.Tensor)]
+             + [k for k, (_, v) in enumerate(agree) if isinstance(v, torch.Tensor)])
+    n_int = sum(not isinstance(v, torch.Tensor) for _, v in agree)
+    mine = torch.tensor([int(vocab_start), int(V), -1 if vocab_size is None else int(vocab_size)]
+                        + [int(agree[k][1]) for k in order[:n_int]], dtype=torch.int64,
+                        device=device or "cpu")
+    if n_int < len(agree):
+        mine = torch.cat([mine] + [agree[k][1].reshape(1).to(mine) for k in order[n_int:]])
     everyone = [torch.empty_like(mine) for _ in range(P)]
     dist.all_gather(everyone, mine, group=vocab_group)
-    _check_layout([tuple(int(v) for v in t.tolist()) for t in everyone], what)
-    return layout[0], size
+    rows = [[int(v) for v in t.tolist()] for t in everyone]
+    for j, k in sorted(enumerate(order), key=lambda jk: jk[1]):
+        name = agree[k][0]
+        vals = [r[3 + j] for r in rows]
+        if len(set(vals)) > 1:
+            raise ValueError(f"{name} must be the same on every rank of vocab_group (its "
+                             f"collectives depend on it), got {vals} by rank")
+    total = sum(r[1] for r in rows)   # vocab_size=None: the shards' sum
+    shards = [(a, n, total if size < 0 else size) for a, n, size, *_ in rows]
+    _check_layout(shards, what)
+    return int(vocab_start), shards[dist.get_rank(vocab_group)][2]
 
 
 def _check_layout(shards, what, tiling=True):
@@ -314,9 +348,9 @@ def _check_layout(shards, what, tiling=True):
     sizes = sorted({s[2] for s in shards})
     if len(sizes) > 1:
         raise ValueError(f"vocab_size: the ranks of vocab_group come to different vocabulary "
-                         f"sizes {sizes} (the default, V times the group's size, holds for "
-                         "equal shards only: with unequal ones pass the whole vocabulary's "
-                         "size as vocab_size on every rank)")
+                         f"sizes {sizes} (None stands for the sum of the shards' sizes, "
+                         f"{sum(s[1] for s in shards)}: pass the same vocab_size on every "
+                         "rank, or None on every rank)")
     S = sizes[0]
     ranges = [(a, a + n) for a, n, _ in shards]
     for a, b in ranges:

@@ -22,8 +22,15 @@ Two custom ops (validated in their implementations, not only here):
 
 ``pos`` (M,) int64 lists the tokens to score as flat positions of hidden's
 token axes (b * T + t for (B, T, H), n for (N, H)): the tokens the mask counts,
-so padding costs no GEMM. Each token tile is gathered from hidden (any strides:
-a slice of the backbone's output is read where it lies, one tile at a time).
+so padding costs no GEMM (a position listed twice is scored twice, and its
+hidden gradient is the sum of both entries'). Each token tile is gathered
+from hidden (any strides: a slice of the backbone's output is read where it
+lies, one tile at a time).
+
+With ``entropy=False`` the entropy output is zeros and takes no gradient.
+The int arguments pass the dispatcher, which hands a Python bool to the
+implementation as an int (True as 1): the public functions reject bools as
+tile sizes before the call; the raw ops cannot tell.
 
 Memory beyond inputs, outputs and parameter gradients: one (tile_n, tile_v)
 tile in the input dtype, the gathered (tile_n, H) hidden tile, a (tile_n, H)
@@ -309,25 +316,39 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
 
 
 def _put_rows(gh_out, p, dh, work=None):
-    """hidden's gradient at flat token positions p <- dh (after ``work``, an
+    """hidden's gradient at flat token positions p += dh (after ``work``, an
     all-reduce of dh in flight, completes)."""
     if work is not None:
         work.wait()
-    if gh_out.dim() == 3:
-        T = gh_out.shape[1]
-        gh_out[torch.div(p, T, rounding_mode="floor"), p % T] = dh.to(gh_out.dtype)
-    else:
-        gh_out.index_copy_(0, p, dh.to(gh_out.dtype))
+    # added, not written: a position listed twice in pos (the raw ops allow
+    # it) gets the sum of its entries' gradients. gh_out is the backward's own
+    # contiguous zeros; index_add_ is deterministic on CUDA in deterministic mode
+    gh_out.view(-1, gh_out.shape[-1]).index_add_(0, p, dh.to(gh_out.dtype))
+
+
+def _addmm_has_out_dtype():
+    """Whether this torch has addmm's out_dtype (aten::addmm.dtype_out, torch
+    >= 2.8): asked of the op registry, not of the version string."""
+    try:
+        return "dtype_out" in torch.ops.aten.addmm.overloads()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ADDMM_OUT_DTYPE = _addmm_has_out_dtype()
+_OUT_DTYPE_DEVICES = ("cuda",)   # where addmm.dtype_out has a kernel (CPU has none)
 
 
 def _acc_mm(acc, a, b):
     """acc += a @ b with acc in fp32 (fp64): the GEMM in the inputs' dtype with
-    fp32 accumulation inside; for bf16/fp16 its product is rounded once per
-    (token tile, vocabulary tile) before it is added in fp32 (CPU torch has no
-    fp32-out bf16 GEMM; on CUDA addmm's out_dtype keeps it fp32 throughout)."""
+    fp32 accumulation inside. bf16/fp16: on CUDA with torch >= 2.8 addmm's
+    out_dtype keeps it fp32 throughout; elsewhere (CPU: no fp32-out bf16 GEMM;
+    CUDA on torch 2.4-2.7: no out_dtype) the product is rounded to the inputs'
+    dtype once per (token tile, vocabulary tile) before it is added in fp32
+    (no fp32 copy of the tile or of the weight, the GEMM stays a bf16 one)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif acc.device.type == "cuda":
+    elif _ADDMM_OUT_DTYPE and acc.device.type in _OUT_DTYPE_DEVICES:
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc += torch.mm(a, b)
@@ -337,7 +358,12 @@ def _acc_mm(acc, a, b):
 # validation: the public functions and the ops' implementations both call it
 
 def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature, tile_n,
-                     tile_v):
+                     tile_v, fake=False):
+    """The ops' arguments. ``fake``: the fake kernels' part (tensors' dtypes,
+    shapes and devices; no data read, no scalar: they may be symbolic). The
+    dispatcher picks the fake (meta) kernel when any tensor is on meta, so a
+    meta weight beside CPU hidden reaches the fake kernel: it must raise there,
+    not hand back uninitialised outputs."""
     _check_tensor("hidden", hidden, HIDDEN_DTYPES)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
@@ -361,14 +387,13 @@ def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature
         raise ValueError(f"ids and pos must be (M,) vectors of one length, got "
                          f"{tuple(ids.shape)} and {tuple(pos.shape)}")
     dev = hidden.device
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in (("cpu", "cuda", "meta") if fake else ("cpu", "cuda")):
         raise ValueError(f"hidden is on {dev}; gmpo_ext runs on cpu and cuda tensors")
-    for name, t in (("weight", weight), ("bias", bias), ("ids", ids), ("pos", pos)):
-        if t is not None and t.device != dev:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {dev}; all inputs "
-                             "must be on the same device")
+    _check_devices(dev, (("weight", weight), ("bias", bias), ("ids", ids), ("pos", pos)))
     if not ids.is_contiguous():
         raise ValueError("ids must be contiguous (an (M,) vector)")
+    if fake:
+        return
     ntok = hidden.shape[0] * hidden.shape[1] if hidden.dim() == 3 else hidden.shape[0]
     if pos.numel() and dev.type == "cpu":
         lo, hi = int(pos.min()), int(pos.max())
@@ -384,6 +409,34 @@ def _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature
     for name, v in (("tile_tokens", tile_n), ("tile_vocab", tile_v)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def _check_devices(dev, named):
+    """Every (name, tensor) of ``named`` (None: absent) on ``dev`` (hidden's)."""
+    for name, t in named:
+        if t is not None and t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {dev}; all inputs "
+                             "must be on the same device")
+
+
+def _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, M):
+    sd = (_stat_dtype(hidden.dtype),)
+    _check_floats("grad_logp", grad_logp, M)
+    _check_floats("grad_entropy", grad_entropy, M)
+    _check_floats("lse", lse, M, sd)
+    _check_floats("entropy", entropy, M, sd)
+    _check_devices(hidden.device, (("grad_logp", grad_logp), ("grad_entropy", grad_entropy),
+                                   ("lse", lse), ("entropy", entropy)))
+
+
+def _check_tiles(tile_tokens, tile_vocab):
+    """The public tile options, None or an int >= 1, checked before the op:
+    the dispatcher hands the op's implementation a bool as an int (True as 1),
+    so its own check cannot see one."""
+    for name, v in (("tile_tokens", tile_tokens), ("tile_vocab", tile_vocab)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                              or v < 1):
+            raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
 
 
 def _check_floats(name, t, M, dtypes=_backend.FLOAT_DTYPES):
@@ -412,6 +465,8 @@ def hidden_fwd(
 @hidden_fwd.register_fake
 def _(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature, entropy, tile_n,
       tile_v):
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v, fake=True)
     sd = _stat_dtype(hidden.dtype)
     M = pos.shape[0]
     return tuple(hidden.new_empty((M,), dtype=sd) for _ in range(3))
@@ -426,16 +481,7 @@ def hidden_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
                      tile_n, tile_v)
-    M = pos.shape[0]
-    sd = (_stat_dtype(hidden.dtype),)
-    _check_floats("grad_logp", grad_logp, M)
-    _check_floats("grad_entropy", grad_entropy, M)
-    _check_floats("lse", lse, M, sd)
-    _check_floats("entropy", entropy, M, sd)
-    for name, t in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy), ("lse", lse),
-                    ("entropy", entropy)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, pos.shape[0])
     return _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos,
                           lse.contiguous(), entropy.contiguous(), logit_scale, softcap,
                           temperature, tile_n, tile_v, need_hidden, need_weight, need_bias)
@@ -444,17 +490,22 @@ def hidden_bwd(
 @hidden_bwd.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, logit_scale,
       softcap, temperature, tile_n, tile_v, need_hidden, need_weight, need_bias):
+    _check_hidden_op(hidden, weight, bias, ids, pos, logit_scale, softcap, temperature,
+                     tile_n, tile_v, fake=True)
+    _check_bwd_tensors(grad_logp, grad_entropy, hidden, lse, entropy, pos.shape[0])
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
             hidden.new_empty(bias.shape if (need_bias and bias is not None) else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, pos, scale, softcap, temperature, _, tile_n, tile_v = inputs
+    hidden, weight, bias, ids, pos, scale, softcap, temperature, want_ent, tile_n, tile_v = \
+        inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, ids, pos, lse, entropy)
     ctx.opts = (scale, softcap, temperature, tile_n, tile_v)
-    ctx.mark_non_differentiable(lse)
+    # entropy=False: the entropy output is zeros, not the entropy: no gradient
+    ctx.mark_non_differentiable(*((lse,) if want_ent else (lse, entropy)))
     ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
 
 
@@ -573,6 +624,7 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     """(logps, entropy) in the token shape, the heads' fused op underneath (the
     shard's autograd.Function with ``vocab_group``)."""
     shape = _token_shape(hidden, ids, mask, None)
+    _check_tiles(tile_tokens, tile_vocab)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
     pos = _positions(mask, shape, hidden.device)
@@ -584,7 +636,9 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
         from . import distributed
         vocab_start, vocab_size = distributed.check_vocab(V, vocab_group, vocab_start,
                                                           vocab_size, "the weight's rows",
-                                                          hidden.device)
+                                                          hidden.device,
+                                                          _shard_agree(hidden, pos, ids_sel,
+                                                                       entropy, tile_tokens))
         vocab = (vocab_start, vocab_size, vocab_group)
         # the token tile must be the same on every rank (the backward's hidden
         # gradient is all-reduced tile by tile): sized for an equal shard
@@ -620,6 +674,25 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
                          f"[0, {V_all}), the vocabulary of the "
                          f"{'head (vocab_size)' if vocab is not None else 'weight'}") from None
     return _scatter(logp, pos, shape), (_scatter(ent, pos, shape) if entropy else None)
+
+
+def _shard_agree(hidden, pos, ids_sel, entropy, tile_tokens):
+    """What every rank of vocab_group must hold equal for the head's
+    collectives (checked in the layout gather): their sizes (the scored
+    tokens, the token tile, H, the statistics' dtype, the entropy's extra
+    row) and whether the backward all-reduces the hidden gradient at all;
+    and sums of the scored positions and ids (computed on the device), which
+    catch a mask or ids that differ with the same count (wrong log-probs)."""
+    return (("the number of scored tokens (mask != 0)", pos.numel()),
+            ("mask (the sum of the scored positions)", pos.sum()),
+            ("ids (the sum of the scored ids)", ids_sel.sum(dtype=torch.int64)),
+            ("tile_tokens (0: the default)", 0 if tile_tokens is None else tile_tokens),
+            ("hidden's size H", hidden.shape[-1]),
+            ("hidden's dtype (0 fp32, 1 bf16, 2 fp16, 3 fp64)",
+             HIDDEN_DTYPES.index(hidden.dtype)),
+            ("return_entropy", int(bool(entropy))),
+            ("hidden.requires_grad (with grad mode)",
+             int(hidden.requires_grad and torch.is_grad_enabled())))
 
 
 @torch.compiler.disable
@@ -669,8 +742,11 @@ def linear_logps(
             vocabulary is sharded (Megatron's column-parallel output layer):
             this rank's ``weight`` (and ``bias``) hold the rows
             [vocab_start, vocab_start + V) of a vocabulary of ``vocab_size``
-            (default V times the group's size); hidden, ids and mask are the
-            same on every rank of the group. Each token's fold is merged over
+            (default: the sum of the shards' sizes, equal or not, gathered
+            from the ranks); hidden, ids and mask are the same on every rank
+            of the group (the number of scored tokens, H, the dtype,
+            tile_tokens, return_entropy and whether hidden requires grad are
+            checked to agree: ValueError on every rank otherwise). Each token's fold is merged over
             the group (two all-reduces of O(tokens) values); every rank gets
             the whole vocabulary's logp and entropy; the weight and bias
             gradients are this shard's, the hidden gradient is summed over the
@@ -720,6 +796,25 @@ def _pad(x, idx):
     return ext[idx]
 
 
+def _packed_is_weights(isw, idx, N):
+    """Packed is_weights: (N,) per token -> (B, T_max); (B, 1) per row as it is.
+    A (B,) vector is refused: it once read as per row, except when N == B, where
+    the same shape read as per token; one shape, one meaning."""
+    if isw is None:
+        return None
+    _check_tensor("is_weights", isw, _backend.FLOAT_DTYPES)
+    B = idx.shape[0]
+    if tuple(isw.shape) == (N,):
+        return _pad(isw, idx)
+    if tuple(isw.shape) == (B, 1):
+        return isw
+    raise ValueError(f"is_weights: with packed inputs (cu_seqlens) pass per-token weights as "
+                     f"(N,) = ({N},) or per-row weights as (B, 1) = ({B}, 1), got "
+                     f"{tuple(isw.shape)}" + (" (a per-row (B,) vector is ambiguous with "
+                                              "per-token (N,): reshape it to (B, 1))"
+                                              if tuple(isw.shape) == (B,) else ""))
+
+
 def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
                  temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps,
                  is_weights, return_metrics, return_entropy, tile_tokens, tile_vocab, mode,
@@ -762,7 +857,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         loss, logp_all, ent = _RowsGMPO.apply(
             hidden, weight, bias, completion_ids, old_logps, advantages, mask, ref_logps,
             is_weights, (temperature, logit_scale, softcap), loss_kwargs, budget,
-            bool(return_metrics))
+            bool(return_metrics), torch.is_grad_enabled())
         if not return_metrics:
             return loss
         with torch.no_grad():
@@ -778,9 +873,7 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
     if packed:
         idx, _ = _packed_index(cu_seqlens, hidden.shape[0], hidden.device)
         m, old, ref, lp = _pad(mask, idx), _pad(old_logps, idx), _pad(ref_logps, idx), _pad(logps, idx)
-        if isw is not None and isw.dim() == 1 and isw.shape[0] == hidden.shape[0] and \
-                isw.shape[0] != idx.shape[0]:
-            isw = _pad(isw, idx)   # per token (N,) -> (B, T_max)
+        isw = _packed_is_weights(isw, idx, hidden.shape[0])
     if return_metrics and loss_kwargs.get("group") is not None and algo_loss is gmpo_loss:
         # rows split over ranks: the entropy metric's two sums ride on the row
         # statistics' all-reduce (one collective in all), as in the logits path
@@ -830,20 +923,29 @@ class _RowsGMPO(torch.autograd.Function):
     only, and the batch mean scales it by rows / B), turn the held logits into
     dL/dy in place, then dH and dW (2 GEMMs). Forward does all of it; backward
     scales the stored gradients by the upstream one. The loss and metrics come
-    from the whole batch's log-probs."""
+    from the whole batch's log-probs.
+
+    ``grad``: whether grad mode was on at the call (inside forward it is off,
+    and needs_input_grad ignores it): under torch.no_grad() no gradient GEMM
+    runs and no (V, H) accumulator is allocated. The gradients are saved with
+    save_for_backward: a second backward (retain_graph=True) reads them again,
+    and autograd frees them after a backward that does not retain the graph
+    (not when the loss tensor dies). Double backward raises."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, old, adv, mask, ref, isw, head, kw, budget,
-                entropy):
+                entropy, grad):
         temperature, scale, softcap = head
         B, T, H = hidden.shape
         V = weight.shape[0]
         dev = hidden.device
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3] if grad else (False,) * 3
+        need_b = need_b and bias is not None
+        need_g = need_h or need_w or need_b
         gH = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
         gW = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
-        gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
+        gb = torch.zeros((V,), dtype=acc, device=dev) if need_b else None
         sd = _stat_dtype(hidden.dtype)
         logp_all = torch.zeros((B, T), dtype=sd, device=dev)
         ent_all = torch.zeros((B, T), dtype=sd, device=dev)
@@ -875,6 +977,9 @@ class _RowsGMPO(torch.autograd.Function):
                 ent = ls - st[:, 2] / st[:, 1]
                 if entropy:
                     ent_all.view(-1)[pos] = ent
+                if not need_g:
+                    r0 = r1
+                    continue
                 # the rows' dL/dlogp from the loss on those rows alone
                 lp = logp_all[r0:r1].detach().requires_grad_()
                 sl = slice(r0, r1)
@@ -900,17 +1005,23 @@ class _RowsGMPO(torch.autograd.Function):
             r0 = r1
         with torch.no_grad():
             loss = gmpo_loss(logp_all, old, adv, mask, ref_logps=ref, is_weights=isw, **kw)
-        ctx.grads = (gH, None if gW is None else gW.to(weight.dtype),
-                     None if gb is None else gb.to(bias.dtype))
+        ctx.save_for_backward(gH, None if gW is None else gW.to(weight.dtype),
+                              None if gb is None else gb.to(bias.dtype))
         ctx.mark_non_differentiable(logp_all, ent_all)
         return loss, logp_all, ent_all
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logp, grad_ent):
-        # in place: the stored gradients are this backward's alone (no second (V, H) copy)
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        return (*out,) + (None,) * 10
+        if torch.is_grad_enabled():   # create_graph=True: say so (as _ShardHead)
+            raise RuntimeError("gmpo_ext: mode='rows' supports one backward pass; double "
+                               "backward (create_graph=True, Hessians) is not implemented")
+        grads = ctx.saved_tensors
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            # loss.backward(): the saved gradients themselves, no second (V, H)
+            # copy (autograd takes them over once it has freed the saved ones)
+            return (*grads,) + (None,) * 11
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads) \
+            + (None,) * 11
 
 
 def _rows_fit(hidden, weight, mask, budget):
@@ -970,7 +1081,9 @@ def gmpo_loss_from_hidden(
         old_logps, advantages, mask, epsilon_low, epsilon_high, beta, ref_logps,
             is_weights, convention, log_ratio_clamp, normalizer: as in
             :func:`gmpo_ext.gmpo_loss` (packed: per-token tensors (N,),
-            per-row ones (B,)).
+            advantages (B,); is_weights per token as (N,) or per row as
+            (B, 1) only: a (B,) is_weights raises, since it would read per
+            token whenever N == B).
         temperature, logit_scale, final_logit_softcapping: TRL's transform of
             the logits: z = s (h W^T + b); z = c tanh(z / c); z / temperature.
         return_metrics: also return gmpo_loss's metrics plus ``entropy`` (the

@@ -400,7 +400,8 @@ def selective_logps(
         vocab_group: a torch.distributed process group over which the
             vocabulary is split (tensor parallelism): ``logits`` (B, T, V/P)
             hold the entries [vocab_start, vocab_start + V/P) of a vocabulary
-            of ``vocab_size`` (default V/P times the group's size); ids are
+            of ``vocab_size`` (default: the sum of the shards' sizes, equal
+            or not, gathered from the ranks); ids are
             global. Every rank gets the full log-probs (and entropy) after
             two all-reduces of O(B*T) float32 values, and the gradient of its
             own shard (see gmpo_ext.distributed).

@@ -421,8 +421,9 @@ def head_split(rank, world, group):
     d = _head_batch(602, B, T, H, 75)
     lo, hi = 75 * rank // P, 75 * (rank + 1) // P
     bad_layouts = [
-        ("vocab_size", dict(vocab_start=lo), d["weight"][lo:hi]),      # unequal, default size
+        ("vocab_size", dict(vocab_start=lo, vocab_size=75 + rank), d["weight"][lo:hi]),
         ("tile", dict(vocab_start=0, vocab_size=75), d["weight"][lo:hi]),   # overlap + gap
+        ("tile", dict(vocab_start=0), d["weight"][lo:hi]),   # default size: the same gap
         ("tile", dict(vocab_start=lo, vocab_size=76), d["weight"][lo:hi]),  # id 75 unowned
     ]
     for match, kw, w in bad_layouts:
@@ -461,6 +462,93 @@ def head_split(rank, world, group):
                                    vocab_group=group, vocab_start=lo)
         if not (torch.isnan(lp[0, 0]) and not torch.isnan(lp[m2].view(-1)[1:]).any()):
             raise AssertionError("head: an invalid id's logp is not NaN alone")
+
+
+def _all_raise(what, fn, match):
+    """fn() must raise ValueError naming ``match`` (on every rank: the caller
+    runs it on each; a rank that did not raise would leave the others in a
+    collective, so the next one fails loudly)."""
+    try:
+        fn()
+    except ValueError as e:
+        if match not in str(e):
+            raise AssertionError(f"{what}: the ValueError does not name {match!r}: {e}")
+    else:
+        raise AssertionError(f"{what}: ranks that disagree did not raise")
+
+
+def head_agree(rank, world, group):
+    """The fused head's vocabulary shard: ranks that disagree on what sizes
+    the collectives (the mask's count, the token tile, H, the dtype, the
+    entropy) or on whether the backward all-reduces (hidden's requires_grad)
+    raise the same ValueError from the layout all_gather (gloo aborted, NCCL
+    would hang); unequal shards without vocab_size get it from that gather."""
+    import gmpo_ext
+
+    B, T, H, V = 3, 7, 8, 45             # 45 rows over 2 ranks: 22 + 23
+    P = world
+    lo, hi = V * rank // P, V * (rank + 1) // P
+    d = _head_batch(700, B, T, H, V)
+    w = d["weight"][lo:hi]
+
+    def lp(**kw):
+        args = dict(hidden=d["hidden"], mask=d["mask"], ids=d["ids"], weight=w)
+        args.update(kw)
+        return gmpo_ext.linear_logps(args["hidden"], args["weight"], args["ids"],
+                                     mask=args["mask"], vocab_group=group, vocab_start=lo,
+                                     tile_tokens=args.get("tile_tokens"),
+                                     return_entropy=args.get("return_entropy", False))
+
+    # vocab_size inferred (unequal shards tiling [0, 45)) == given == one process's
+    want = gmpo_ext.linear_logps(d["hidden"], d["weight"], d["ids"], mask=d["mask"])
+    for kw in ({}, dict(vocab_size=V), dict(vocab_size=V if rank else None)):
+        got = gmpo_ext.linear_logps(d["hidden"], w, d["ids"], mask=d["mask"],
+                                    vocab_group=group, vocab_start=lo, **kw)
+        _close(f"head inferred vocab_size {kw}", got, want, 1e-6)
+    loss_kw = dict(vocab_group=group, vocab_start=lo)
+    got = gmpo_ext.gmpo_loss_from_hidden(d["hidden"], w, d["ids"], d["old"], d["adv"],
+                                         d["mask"], **loss_kw)
+    ref = gmpo_ext.gmpo_loss_from_hidden(d["hidden"], d["weight"], d["ids"], d["old"],
+                                         d["adv"], d["mask"])
+    _close("head inferred vocab_size gmpo", got, ref, 1e-6)
+
+    m_fewer = d["mask"].clone()
+    if rank == 0:
+        m_fewer[0, m_fewer[0].nonzero()[0, 0]] = False
+    m_moved = d["mask"].clone()
+    if rank == 0:   # the same count, another token
+        flat = m_moved.view(-1)
+        i, j = flat.nonzero()[0, 0], (~flat).nonzero()[0, 0]
+        flat[i], flat[j] = False, True
+    ids_other = d["ids"].clone()
+    if rank == 0:
+        ids_other[0, d["mask"][0].nonzero()[0, 0]] += 1
+    cases = [
+        ("mask count", dict(mask=m_fewer), "number of scored tokens"),
+        ("mask moved", dict(mask=m_moved), "mask"),
+        ("ids", dict(ids=ids_other), "ids"),
+        ("tile_tokens", dict(tile_tokens=8 + 8 * rank), "tile_tokens"),
+        ("tile_tokens on one rank", dict(tile_tokens=16 if rank else None), "tile_tokens"),
+        ("dtype", dict(hidden=d["hidden"].double() if rank else d["hidden"],
+                       weight=w.double() if rank else w), "dtype"),
+        ("H", dict(hidden=d["hidden"][..., :H - rank], weight=w[:, :H - rank]), "H"),
+        ("return_entropy", dict(return_entropy=bool(rank)), "return_entropy"),
+        ("requires_grad", dict(hidden=d["hidden"].clone().requires_grad_(rank == 0)),
+         "requires_grad"),
+    ]
+    for what, kw, match in cases:
+        _all_raise(f"head agree {what}", lambda: lp(**kw), match)
+    with torch.no_grad():   # grad mode off on one rank: the backward all-reduces on one only
+        h1 = d["hidden"].clone().requires_grad_(True)
+        if rank == 0:
+            torch.set_grad_enabled(True)
+        _all_raise("head agree grad mode", lambda: lp(hidden=h1), "requires_grad")
+    _all_raise("head agree (gmpo_loss_from_hidden)",
+               lambda: gmpo_ext.gmpo_loss_from_hidden(d["hidden"], w, d["ids"], d["old"],
+                                                      d["adv"], m_fewer, **loss_kw),
+               "number of scored tokens")
+    # still in step: a good call after the errors
+    _close("head agree after the errors", lp(), want, 1e-6)
 
 
 def both(rank, world, group_seq, group_vocab, seq_rank, vocab_rank, P_seq, P_vocab):
@@ -576,6 +664,8 @@ def run(rank, world, port, backend_name, scenarios):
                 vocab_split(rank, world, world_group)
             elif s == "head":
                 head_split(rank, world, world_group)
+            elif s == "head_agree":
+                head_agree(rank, world, world_group)
             elif s == "dp":
                 data_parallel(rank, world, world_group)
             elif s == "both":

@@ -16,6 +16,9 @@ log-sum-exps):
          gmpo_loss_from_hidden and grpo_loss_from_hidden): logp, entropy,
          loss, metrics; hidden, weight and bias gradients; fp32 and fp64;
          unequal shards
+  head_agree  ranks that disagree on the fused head's collectives (mask,
+         ids, token tile, H, dtype, entropy, requires_grad) all raise the
+         same ValueError; unequal shards get vocab_size from the layout gather
   both   4 ranks, 2 sequence x 2 vocabulary shards, of the logits and of the
          head
   dp     data parallel, unequal micro-batches over ranks and accumulation
@@ -65,7 +68,7 @@ def _spawn(world, backend, scenarios):
 
 def test_two_ranks(backend):
     """Rows split, vocabulary split (logits and head) and data parallel over 2 ranks."""
-    _spawn(2, backend, ["seq", "vocab", "head", "dp"])
+    _spawn(2, backend, ["seq", "vocab", "head", "head_agree", "dp"])
 
 
 def test_four_ranks(backend):

@@ -569,3 +569,246 @@ def test_c_tile_kernels_under_asan(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True,
                          env={"ASAN_OPTIONS": "detect_leaks=1", "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0 and "OK" in run.stdout, run.stdout + run.stderr
+
+
+# ----------------------------------------------------------------------------
+# mixed devices, autograd edges, layouts (review findings)
+
+_META_ARGS = ["weight", "bias", "ids"]
+
+
+@pytest.mark.parametrize("entry", ["linear_logps", "gmpo_tiles", "gmpo_rows", "grpo"])
+@pytest.mark.parametrize("bad", _META_ARGS)
+def test_meta_tensor_beside_cpu_hidden_raises(entry, bad):
+    """A meta weight, bias or ids beside CPU hidden: the dispatcher picks the
+    ops' fake kernel for a call with any meta tensor, which once handed back
+    uninitialised CPU memory as log-probs; it must raise, naming the argument."""
+    h, W, b, ids, mask, old, adv = make(2, 4, 8, 30, torch.float32, bias=True)
+    args = dict(weight=W, bias=b, ids=ids)
+    args[bad] = args[bad].to("meta")
+    W, b, ids = args["weight"], args["bias"], args["ids"]
+    with pytest.raises(ValueError, match=rf"{bad} is on meta but hidden is on cpu"):
+        if entry == "linear_logps":
+            gmpo_ext.linear_logps(h, W, ids, bias=b, mask=mask)
+        elif entry == "grpo":
+            gmpo_ext.grpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b)
+        else:
+            gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b,
+                                           mode=entry.split("_")[1])
+
+
+@pytest.mark.parametrize("bad", _META_ARGS + ["pos", "hidden"])
+def test_meta_tensor_in_raw_hidden_ops_raises(bad):
+    """The raw ops too (torch.ops.gmpo_ext.hidden_fwd / hidden_bwd): their fake
+    kernels check devices, not only shapes. All-meta inputs still give shapes."""
+    h, W, b, ids, *_ = make(2, 3, 8, 30, torch.float32, bias=True)
+    args = dict(hidden=h, weight=W, bias=b, ids=ids.reshape(-1), pos=torch.arange(6))
+    lp, ent, lse = torch.ops.gmpo_ext.hidden_fwd(*args.values(), 1.0, 0.0, 1.0, True, 4, 16)
+    good = dict(args)
+    args[bad] = args[bad].to("meta")
+    name = "weight" if bad == "hidden" else bad   # hidden on meta: the others are "wrong"
+    with pytest.raises(ValueError, match=rf"{name} is on (meta|cpu) but hidden"):
+        torch.ops.gmpo_ext.hidden_fwd(*args.values(), 1.0, 0.0, 1.0, True, 4, 16)
+    with pytest.raises(ValueError, match=rf"{name} is on (meta|cpu) but hidden"):
+        torch.ops.gmpo_ext.hidden_bwd(torch.ones(6), None, *args.values(), lse, ent, 1.0, 0.0,
+                                      1.0, 4, 16, True, True, True)
+    with pytest.raises(ValueError, match="lse is on meta but hidden is on cpu"):
+        torch.ops.gmpo_ext.hidden_bwd(torch.ones(6), None, *good.values(), lse.to("meta"), ent,
+                                      1.0, 0.0, 1.0, 4, 16, True, True, True)
+    meta = [t.to("meta") for t in good.values()]
+    out = torch.ops.gmpo_ext.hidden_fwd(*meta, 1.0, 0.0, 1.0, True, 4, 16)
+    assert all(t.device.type == "meta" and t.shape == (6,) for t in out)
+
+
+def _near_old(h, W, b, ids, mask, seed=1):
+    """old_logps within the clip range of the current ones (gradients not all 0)."""
+    g = torch.Generator().manual_seed(seed)
+    lp = gmpo_ext.linear_logps(h.detach(), W.detach(), ids,
+                               bias=None if b is None else b.detach(), mask=mask)
+    return lp + 0.1 * torch.randn(lp.shape, generator=g)
+
+
+def _rows_loss(h, W, b, ids, mask, old, adv, **kw):
+    return gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, bias=b, mode="rows", **kw)
+
+
+def test_rows_mode_second_backward_and_upstream_scale():
+    """mode="rows" computes its gradients in forward: a second backward
+    (retain_graph=True) once raised TypeError (the stored gradients were
+    dropped by the first); an upstream gradient other than 1 scales them; the
+    gradients handed out are not the saved ones (zeroing .grad in place
+    between the two backwards leaves the second one right)."""
+    h, W, b, ids, mask, old, adv = make(3, 6, 8, 40, torch.float32, bias=True)
+    old = _near_old(h, W, b, ids, mask)
+    hl, Wl, bl = leaves(h, W, b)
+    loss = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (hl, Wl, bl)]
+    assert all(g.abs().sum() > 0 for g in first)
+    for t in (hl, Wl, bl):
+        t.grad.zero_()
+    loss.backward(retain_graph=True)
+    assert all(torch.equal(t.grad, g) for t, g in zip((hl, Wl, bl), first))
+    (loss * -2.5).backward()
+    assert all(torch.allclose(t.grad, -1.5 * g) for t, g in zip((hl, Wl, bl), first))
+    # without retain_graph the saved gradients are freed: torch's own error
+    loss = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+
+def test_rows_mode_double_backward_raises():
+    """create_graph=True once returned a gradient without a graph, silently;
+    it raises as the tiles path's vocabulary shard does."""
+    h, W, b, ids, mask, old, adv = make(2, 5, 8, 30, torch.float32)
+    hl, Wl = leaves(h, W)
+    loss = _rows_loss(hl, Wl, None, ids, mask, old, adv)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, (hl, Wl), create_graph=True)
+
+
+def test_rows_mode_under_no_grad_runs_no_gradient_gemm(monkeypatch):
+    """Under torch.no_grad() mode="rows" ran the dH / dW GEMMs and allocated
+    the (V, H) accumulator all the same; now only the forward GEMM runs, and
+    the loss is the same."""
+    h, W, b, ids, mask, old, adv = make(2, 5, 8, 30, torch.float32, bias=True)
+    old = _near_old(h, W, b, ids, mask)
+    hl, Wl, bl = leaves(h, W, b)
+    want = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    calls, zeros = [], []
+    monkeypatch.setattr(hd, "_acc_mm", lambda *a: calls.append(a))
+    real_zeros = torch.zeros
+
+    def spy_zeros(*a, **k):
+        zeros.append(tuple(a[0]) if a and isinstance(a[0], (tuple, list, torch.Size)) else a)
+        return real_zeros(*a, **k)
+
+    monkeypatch.setattr(torch, "zeros", spy_zeros)
+    with torch.no_grad():
+        got = _rows_loss(hl, Wl, bl, ids, mask, old, adv)
+    monkeypatch.undo()
+    assert not calls
+    assert tuple(W.shape) not in zeros and tuple(h.shape) not in zeros
+    assert not got.requires_grad and torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("algo", ["gmpo", "grpo"])
+def test_packed_is_weights_shapes_have_one_meaning(algo):
+    """Packed input: per-token is_weights (N,) were read as per-row when N == B
+    (rows of lengths 2, 0, 1: N = B = 3); now (N,) is per token always, (B, 1)
+    per row, and a (B,) vector with N != B raises (it read as per row)."""
+    fn = gmpo_ext.gmpo_loss_from_hidden if algo == "gmpo" else gmpo_ext.grpo_loss_from_hidden
+    h, W, _, ids, _, _, adv = make(3, 2, 8, 30, torch.float32)
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0]], dtype=torch.bool)
+    old = _near_old(h, W, None, ids, mask)
+    cu = torch.tensor([0, 2, 2, 3], dtype=torch.int32)
+    hp, idp, oldp = h[mask], ids[mask], old[mask]
+    mp = torch.ones(3)
+    w_tok = torch.tensor([0.5, 2.0, 1.5])
+    padded_w = torch.zeros(3, 2)
+    padded_w[mask] = w_tok
+    got = fn(hp, W, idp, oldp, adv, mp, cu_seqlens=cu, is_weights=w_tok)
+    want = fn(h, W, ids, old, adv, mask, is_weights=padded_w)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    per_row = fn(h, W, ids, old, adv, mask, is_weights=w_tok[:, None])
+    assert not torch.allclose(per_row, want, atol=1e-4)   # the two readings differ here
+    got_row = fn(hp, W, idp, oldp, adv, mp, cu_seqlens=cu, is_weights=w_tok[:, None])
+    assert torch.allclose(got_row, per_row, atol=1e-6)
+    # N != B: a (B,) vector is refused, naming is_weights and the (B, 1) form
+    cu2 = torch.tensor([0, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"is_weights.*\(B, 1\)"):
+        fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=w_tok[:2])
+    with pytest.raises(ValueError, match="is_weights"):
+        fn(hp, W, idp, oldp, adv[:2], mp, cu_seqlens=cu2, is_weights=torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_raw_op_duplicate_positions_add_their_gradients(flat):
+    """pos listing a token twice: its hidden gradient is the sum of both
+    entries' (it was overwritten by the last one)."""
+    h, W, b, ids, *_ = make(2, 3, 8, 30, torch.float64, bias=True)
+    if flat:
+        h = h.reshape(6, 8)
+    pos = torch.tensor([0, 4, 4, 5, 4, 0])
+    idp = ids.reshape(-1)[torch.tensor([0, 4, 4, 5, 4, 0])].contiguous()
+    idp[2] = (idp[2] + 1) % 30   # one of the repeats scores another id
+    hl, Wl, bl = leaves(h, W, b)
+    lp, _, _ = torch.ops.gmpo_ext.hidden_fwd(hl, Wl, bl, idp, pos, 1.0, 0.0, 1.0, False, 4, 16)
+    g = torch.randn(6, dtype=torch.float64)
+    (lp * g).sum().backward()
+    hr, Wr, br = leaves(h, W, b)
+    rows = hr.reshape(6, 8)[pos]
+    rl = torch.log_softmax(rows @ Wr.t() + br, -1).gather(1, idp[:, None])[:, 0]
+    assert torch.allclose(lp, rl, atol=1e-10)
+    (rl * g).sum().backward()
+    check_grads((hl, Wl, bl), (hr, Wr, br), 1e-9)
+
+
+def test_raw_op_without_entropy_gives_it_no_gradient():
+    """entropy=False: the entropy output is zeros, not the entropy; a loss that
+    reads it once got a wrong hidden / weight gradient (the entropy's chain
+    applied to a zero entropy). It is non-differentiable now."""
+    h, W, _, ids, *_ = make(2, 3, 8, 30, torch.float32)
+    pos = torch.arange(6)
+    ids = ids.reshape(-1).contiguous()
+    hl, Wl = leaves(h, W)
+    lp, ent, _ = torch.ops.gmpo_ext.hidden_fwd(hl, Wl, None, ids, pos, 1.0, 0.0, 1.0, False, 4,
+                                               16)
+    (lp.sum() + ent.sum()).backward()
+    hr, Wr = leaves(h, W)
+    lp2, _, _ = torch.ops.gmpo_ext.hidden_fwd(hr, Wr, None, ids, pos, 1.0, 0.0, 1.0, False, 4,
+                                              16)
+    lp2.sum().backward()
+    assert torch.equal(hl.grad, hr.grad) and torch.equal(Wl.grad, Wr.grad)
+    assert (ent == 0).all() and not ent.requires_grad
+
+
+@pytest.mark.parametrize("name", ["tile_tokens", "tile_vocab"])
+def test_bool_tile_sizes_are_refused(name):
+    """The dispatcher turns a bool into an int before the op's own check runs
+    (tile_vocab=True became a 1-column tile): the public functions refuse it."""
+    h, W, _, ids, mask, old, adv = make(2, 3, 8, 30, torch.float32)
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.linear_logps(h, W, ids, **{name: True})
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.gmpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: False})
+    with pytest.raises(ValueError, match=name):
+        gmpo_ext.grpo_loss_from_hidden(h, W, ids, old, adv, mask, **{name: 2.0})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_acc_mm_without_addmm_out_dtype(monkeypatch, dtype):
+    """addmm's out_dtype (the fp32-out bf16 GEMM of the fused head's backward
+    on CUDA) exists from torch 2.8 on; on 2.4-2.7 the CUDA bf16/fp16 backward
+    failed with TypeError. Which GEMM runs is chosen by feature
+    (_ADDMM_OUT_DTYPE, from the op registry) and device (_OUT_DTYPE_DEVICES):
+    here CPU stands in for CUDA and torch.addmm answers out_dtype as torch
+    2.7 does; the backward still runs and is right."""
+    real = torch.addmm
+
+    def addmm_2_7(*a, **k):
+        if "out_dtype" in k:
+            raise TypeError("addmm() got an unexpected keyword argument 'out_dtype'")
+        return real(*a, **k)
+
+    assert hd._ADDMM_OUT_DTYPE == ("dtype_out" in torch.ops.aten.addmm.overloads())
+    monkeypatch.setattr(hd, "_OUT_DTYPE_DEVICES", ("cpu",))
+    monkeypatch.setattr(torch, "addmm", addmm_2_7)
+    h, W, b, ids, mask, *_ = make(2, 9, 16, 300, dtype, bias=True)
+
+    def run():
+        hl, Wl, bl = leaves(h, W, b)
+        lp = gmpo_ext.linear_logps(hl, Wl, ids, bias=bl, mask=mask, tile_tokens=4,
+                                   tile_vocab=128)
+        lp.sum().backward()
+        return hl, Wl, bl
+
+    monkeypatch.setattr(hd, "_ADDMM_OUT_DTYPE", True)   # the emulation is reached
+    with pytest.raises(TypeError, match="out_dtype"):
+        run()
+    monkeypatch.setattr(hd, "_ADDMM_OUT_DTYPE", False)  # torch 2.4-2.7: the fallback
+    ours = run()
+    hr, Wr, br = leaves(h.double(), W.double(), b.double())
+    ref_head(hr, Wr, ids, br)[0].mul(mask).sum().backward()
+    check_grads(ours, (hr, Wr, br), TOL[dtype][1])
