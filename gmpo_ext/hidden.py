@@ -53,6 +53,7 @@ the margins in results/bench_hidden_cpu.md.
 # the schema from the annotation objects themselves and rejects strings
 # ('Tensor'), so the op signatures' annotations must be evaluated.
 
+import contextlib
 import math
 import numbers
 from typing import Optional
@@ -255,7 +256,7 @@ def _forward_impl(hidden, weight, bias, ids, pos, scale, softcap, temperature, e
 
 def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy,
                    scale, softcap, temperature, tile_n, tile_v, need_h, need_w, need_b,
-                   vocab=None):
+                   vocab=None, grad_dtypes=None):
     """(grad_hidden, grad_weight, grad_bias). With ``vocab`` (a shard, as in
     _forward_impl) the weight and bias gradients are the shard's own, and each
     token tile's hidden gradient, a partial sum over the shard's columns, is
@@ -268,7 +269,12 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
     v_base, V_all = (0, V) if vocab is None else vocab[:2]
     dev = hidden.device
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    gh_out = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_h else None
+    # grad_dtypes: the gradients' dtypes when the GEMMs ran on cast copies
+    # (autocast: an fp32 master weight gets its fp32 accumulator, not a bf16
+    # rounding of it); default the inputs' own
+    dt_h, dt_w, dt_b = grad_dtypes or (hidden.dtype, weight.dtype,
+                                       bias.dtype if bias is not None else None)
+    gh_out = torch.zeros(hidden.shape, dtype=dt_h, device=dev) if need_h else None
     # fp32 accumulators: the parameter gradient itself for fp32, a (V, H) fp32 one else
     gw = torch.zeros((V, H), dtype=acc, device=dev) if need_w else None
     gb = torch.zeros((V,), dtype=acc, device=dev) if (need_b and bias is not None) else None
@@ -311,8 +317,8 @@ def _backward_impl(grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse,
         if pending is not None:
             _put_rows(gh_out, *pending[1:], work=pending[0])
     return (gh_out if need_h else hidden.new_empty(0),
-            gw.to(weight.dtype) if need_w else hidden.new_empty(0),
-            gb.to(bias.dtype) if gb is not None else hidden.new_empty(0))
+            gw.to(dt_w) if need_w else hidden.new_empty(0),
+            gb.to(dt_b) if gb is not None else hidden.new_empty(0))
 
 
 def _put_rows(gh_out, p, dh, work=None):
@@ -591,20 +597,31 @@ def _scatter(vals, pos, shape):
     return out.index_put((pos,), vals).view(shape)
 
 
-class _ShardHead(torch.autograd.Function):
-    """linear_logps with the head's vocabulary sharded over a process group:
-    _forward_impl / _backward_impl with ``vocab`` (the fold, merge and tile
-    gradient of the single-process ops, plus the collectives)."""
+class _Head(torch.autograd.Function):
+    """linear_logps where the custom op does not fit: _forward_impl /
+    _backward_impl with any of
+      ``vocab``   the head's vocabulary sharded over a process group (the
+                  fold, merge and tile gradient of the single-process ops,
+                  plus the collectives);
+      ``cd``      a compute dtype (autocast): the GEMMs run on copies of
+                  hidden, weight and bias cast to it, made in forward and
+                  again in backward (none is kept), the fold and every
+                  accumulation in fp32, each gradient returned in its own
+                  input's dtype (an fp32 master weight gets its fp32
+                  accumulator);
+      ``zero3``   a DeepSpeed ZeRO-3 head, gathered by the caller for the
+                  forward: the backward gathers it again while it runs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, pos, opts, entropy, vocab):
+    def forward(ctx, hidden, weight, bias, ids, pos, opts, entropy, vocab, cd, zero3):
         scale, softcap, temperature, tile_n, tile_v = opts
-        _check_hidden_op(hidden, weight, bias, ids, pos, scale, softcap, temperature, tile_n,
-                         tile_v)
-        logp, ent, lse = _forward_impl(hidden, weight, bias, ids, pos, scale, softcap,
-                                       temperature, entropy, tile_n, tile_v, vocab)
+        h, w, b = (_cast(t, cd) for t in (hidden, weight, bias))
+        _check_hidden_op(h, w, b, ids, pos, scale, softcap, temperature, tile_n, tile_v)
+        logp, ent, lse = _forward_impl(h, w, b, ids, pos, scale, softcap, temperature,
+                                       entropy, tile_n, tile_v, vocab)
+        del h, w, b
         ctx.save_for_backward(hidden, weight, bias, ids, pos, lse, ent)
-        ctx.opts, ctx.vocab = opts, vocab
+        ctx.opts, ctx.vocab, ctx.cd, ctx.zero3 = opts, vocab, cd, zero3
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
         return logp, ent, lse
@@ -615,7 +632,112 @@ class _ShardHead(torch.autograd.Function):
             raise RuntimeError("gmpo_ext: the fused LM head supports one backward pass; "
                                "double backward (create_graph=True, Hessians) is not "
                                "implemented")
-        return _head_backward(ctx, grad_logp, grad_entropy, 8, ctx.vocab)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 7
+        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return (None,) * 3 + none
+        hidden, weight, bias, ids, pos, lse, ent = ctx.saved_tensors
+        dts = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        with _zero3_gathered(weight, bias) if ctx.zero3 else contextlib.nullcontext():
+            h, w, b = (_cast(t, ctx.cd) for t in (hidden, weight, bias))
+            dh, dw, db = _backward_impl(grad_logp, grad_entropy, h, w, b, ids, pos, lse, ent,
+                                        *ctx.opts, bool(need_h), bool(need_w), bool(need_b),
+                                        ctx.vocab, dts)
+        return ((dh if need_h else None), (dw if need_w else None),
+                (db if need_b and bias is not None else None)) + none
+
+
+def _cast(t, dtype):
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+# ----------------------------------------------------------------------------
+# the head's weight as the training engines leave it (DESIGN 2e)
+
+def _autocast_dtype(hidden, weight, bias):
+    """The dtype the head's GEMMs run in under autocast, as torch.nn.Linear's
+    would (None: no autocast, or nothing to cast): autocast casts fp32, bf16
+    and fp16 operands of a matmul to its dtype and leaves fp64 alone."""
+    dev = hidden.device.type
+    if dev not in ("cpu", "cuda"):
+        return None
+    try:
+        on = torch.is_autocast_enabled(dev)
+        cd = torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError):   # before the device-type forms
+        on = torch.is_autocast_cpu_enabled() if dev == "cpu" else torch.is_autocast_enabled()
+        cd = torch.get_autocast_cpu_dtype() if dev == "cpu" else torch.get_autocast_gpu_dtype()
+    if not on:
+        return None
+    ts = [t for t in (hidden, weight, bias) if t is not None]
+    if any(t.dtype == torch.float64 for t in ts) or all(t.dtype == cd for t in ts):
+        return None
+    return cd
+
+
+def _is_dtensor(t):
+    for mod in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            cls = getattr(__import__(mod, fromlist=["DTensor"]), "DTensor")
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(t, cls):
+            return True
+    return False
+
+
+def _is_zero3(t):
+    """A DeepSpeed ZeRO-3 parameter (partitioned outside its module's forward)."""
+    return t is not None and hasattr(t, "ds_id") and hasattr(t, "ds_status")
+
+
+def _zero3_available(t):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    return t.ds_status == ZeroParamStatus.AVAILABLE
+
+
+def _zero3_gathered(*params):
+    """Gather the ZeRO-3 parameters of ``params`` that are partitioned now
+    (each once: a tied head may be passed twice) for the with-block."""
+    todo = {id(p): p for p in params if _is_zero3(p) and not _zero3_available(p)}
+    if not todo:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(todo.values()))
+
+
+_WHOLE_HEAD = ("linear_logps needs the whole (V, H) head on this rank (or a vocabulary "
+               "shard with vocab_group=)")
+
+
+def _check_head_weight(weight, bias):
+    """Refuse a head weight a training engine has sharded, saying what to do
+    (it would be read as a wrong-shaped weight); returns whether the head is
+    a gathered ZeRO-3 one (its backward must gather it again)."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if _is_dtensor(t):
+            raise TypeError(
+                f"{name} is a DTensor (an FSDP2 shard or a tensor-parallel placement), "
+                f"local shape {tuple(t.to_local().shape)} of {tuple(t.shape)}; "
+                f"{_WHOLE_HEAD}. Call it inside the FSDP-wrapped model's forward, where "
+                "fully_shard has unsharded the head's parameters into plain tensors (as "
+                "gmpo_ext.trl does), or pass weight.full_tensor(); for a vocabulary-parallel "
+                "head pass weight.to_local() with vocab_group=.")
+        if _is_zero3(t) and not _zero3_available(t):
+            raise ValueError(
+                f"{name} is a DeepSpeed ZeRO-3 partition (local shape {tuple(t.shape)}, full "
+                f"shape {tuple(t.ds_shape)}); {_WHOLE_HEAD}. Gather it for the call inside the "
+                "engine's forward, where ZeRO-3's hooks reduce its gradient: "
+                "`with deepspeed.zero.GatheredParameters([weight, bias]): linear_logps(...)` "
+                "(the backward gathers it again by itself), as gmpo_ext.trl does.")
+        if getattr(t, "_fsdp_flattened", False) and t.dim() != (2 if name == "weight" else 1):
+            raise ValueError(
+                f"{name} is this rank's FSDP1 flat-parameter shard (shape {tuple(t.shape)}), not "
+                f"the head; {_WHOLE_HEAD}. Call it inside the FSDP-wrapped model's forward "
+                "(the head's unit unsharded) or within FSDP.summon_full_params(model).")
+    return _is_zero3(weight) or _is_zero3(bias)
 
 
 def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, entropy,
@@ -627,10 +749,12 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     _check_tiles(tile_tokens, tile_vocab)
     _check_tensor("weight", weight, HIDDEN_DTYPES)
     _check_tensor("bias", bias, HIDDEN_DTYPES, optional=True)
+    zero3 = _check_head_weight(weight, bias)
+    cd = _autocast_dtype(hidden, weight, bias)
     pos = _positions(mask, shape, hidden.device)
     ids_sel = ids.reshape(-1).index_select(0, pos).contiguous()
     V, H = weight.shape if weight.dim() == 2 else (1, 1)
-    tn, tv = default_tiles(max(pos.numel(), 1), H, V, hidden.dtype)
+    tn, tv = default_tiles(max(pos.numel(), 1), H, V, cd or hidden.dtype)
     vocab = None
     if vocab_group is not None and weight.dim() == 2:   # else hidden_fwd names weight
         from . import distributed
@@ -647,16 +771,16 @@ def _scored(hidden, weight, ids, mask, bias, temperature, logit_scale, softcap, 
     tn = tile_tokens if tile_tokens is not None else tn
     tv = tile_vocab if tile_vocab is not None else tv
     try:
-        if vocab is None:
+        if vocab is None and cd is None and not zero3:   # the custom op (compile, opcheck)
             logp, ent, _ = hidden_fwd(hidden, weight, bias, ids_sel, pos, logit_scale, softcap,
                                       temperature, bool(entropy), tn, tv)
         else:
             if hidden.device.type == "meta":
-                raise ValueError("hidden: vocab_group= needs real tensors (meta tensors "
-                                 "cannot be all-reduced)")
-            logp, ent, _ = _shard_head(hidden, weight, bias, ids_sel, pos,
-                                       (logit_scale, softcap, temperature, tn, tv),
-                                       bool(entropy), vocab)
+                raise ValueError("hidden: vocab_group=, autocast and ZeRO-3 heads need real "
+                                 "tensors (meta tensors cannot be folded)")
+            logp, ent, _ = _head(hidden, weight, bias, ids_sel, pos,
+                                 (logit_scale, softcap, temperature, tn, tv), bool(entropy),
+                                 vocab, cd, zero3)
     except IndexError as e:
         msg = str(e)
         if not msg.startswith("ids:"):
@@ -696,8 +820,8 @@ def _shard_agree(hidden, pos, ids_sel, entropy, tile_tokens):
 
 
 @torch.compiler.disable
-def _shard_head(hidden, weight, bias, ids, pos, opts, entropy, vocab):
-    return _ShardHead.apply(hidden, weight, bias, ids, pos, opts, entropy, vocab)
+def _head(hidden, weight, bias, ids, pos, opts, entropy, vocab, cd, zero3):
+    return _Head.apply(hidden, weight, bias, ids, pos, opts, entropy, vocab, cd, zero3)
 
 
 def linear_logps(
@@ -730,7 +854,16 @@ def linear_logps(
         hidden: (B, T, H) aligned with ids (position t predicts ids[:, t]; any
             strides, e.g. ``last_hidden_state[:, P - 1:-1]``: read in place) or
             (N, H) with ids (N,). float32, bfloat16, float16 or float64.
-        weight: (V, H) the LM head (tied embeddings too), hidden's dtype.
+        weight: (V, H) the LM head (tied embeddings too), hidden's dtype. Under
+            autocast (cpu or cuda) hidden, weight and bias may differ in dtype:
+            the GEMMs then run in the autocast dtype, as torch.nn.Linear's
+            would, on copies cast per call (the fold and every accumulation in
+            fp32; each gradient in its input's dtype, an fp32 master weight's
+            unrounded). A head a training engine has sharded (an FSDP2
+            DTensor, an FSDP1 flat shard, a partitioned ZeRO-3 parameter)
+            raises, saying what to do; a ZeRO-3 head gathered by the caller
+            (``deepspeed.zero.GatheredParameters``) is gathered again for
+            the backward.
         ids: (B, T) or (N,) int64 / int32 token ids in [0, V).
         bias: optional (V,).
         temperature, logit_scale, final_logit_softcapping: the transform above.
@@ -850,6 +983,10 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
         raise ValueError("mode='rows' needs gmpo_loss_from_hidden, padded (B, T, H) hidden, "
                          "return_entropy=False and every row's tokens x V within rows_budget")
     if mode == "rows":
+        if _check_head_weight(weight, bias) or _autocast_dtype(hidden, weight, bias):
+            raise ValueError("mode='rows' runs the head in its inputs' dtype on plain tensors: "
+                             "under autocast or with a ZeRO-3 head use mode='tiles' (the "
+                             "default)")
         _check_hidden_op(hidden, weight, bias, completion_ids.reshape(-1),
                          torch.arange(completion_ids.numel(), device=hidden.device),
                          logit_scale, softcap, temperature, 1, 1)

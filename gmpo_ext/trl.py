@@ -67,8 +67,11 @@ trainer). Importing this module with another TRL release raises ImportError;
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 import os
+import types
 import warnings
 
 import torch
@@ -105,6 +108,7 @@ except ImportError as _e:  # pragma: no cover - a supported release always has t
 
 from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss  # noqa: E402
 from .logits import selective_logps  # noqa: E402
+from . import hidden as _hidden  # noqa: E402
 from .hidden import linear_logps  # noqa: E402
 
 __all__ = ["GMPOTrainer", "GMPOConfig", "TRL_SUPPORTED", "TRL_VERSION"]
@@ -126,6 +130,89 @@ def _accepts(module, name):
     except (TypeError, ValueError):
         return False
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _unit_roundoff(dtype):
+    return torch.finfo(dtype).eps / 2
+
+
+class _HeadCall:
+    """What the patched forward does with ``gmpo_ext_head=``: inside the wrapped
+    model's forward, run the model's own forward for one position's logits and
+    the hidden states, then the fused head on the completion's hidden states.
+
+    On the first batch (``check``) the head is first checked against the
+    model's own last-position logits; ``why`` then says why it cannot be fused
+    (the forward returns None and the trainer uses the logits path)."""
+
+    def __init__(self, trainer, T, completion_ids, mask, softcap, check):
+        self.trainer, self.T, self.ids, self.mask = trainer, T, completion_ids, mask
+        self.softcap, self.check, self.why = softcap, check, None
+
+    def __call__(self, module, forward, kwargs):
+        T = self.T
+        kwargs.update(logits_to_keep=1, use_cache=False, output_hidden_states=True)
+        out = forward(**kwargs)
+        hs = getattr(out, "hidden_states", None)
+        if not hs or hs[-1].dim() != 3 or hs[-1].shape[1] < T + 1:
+            self.why = "the model returns no (B, L, H) last hidden states"
+            return None
+        hs = hs[-1]
+        head = module.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        with _hidden._zero3_gathered(weight, bias):
+            if self.check:
+                self.why = _head_mismatch(hs[:, -1], weight, bias, self.softcap,
+                                          out.logits[:, -1])
+                if self.why is not None:
+                    return None
+            return linear_logps(hs[:, -(T + 1):-1], weight, self.ids, bias=bias,
+                                temperature=self.trainer.temperature,
+                                final_logit_softcapping=self.softcap, return_entropy=True,
+                                mask=self.mask)
+
+
+@torch.no_grad()
+def _head_mismatch(h, weight, bias, softcap, ref):
+    """None when the LM head reproduces the model's logits ``ref`` (B, V) from its
+    last hidden states ``h`` (B, H), else why not.
+
+    The projection is computed as the fused head computes it: in the autocast
+    dtype when autocast is on (the model's own head ran in it too), the tile
+    rounded to it, the transform in fp32. Both then differ only by rounding:
+    of the product to its dtype and of the logits to theirs (a few units in
+    the last place of |z|, whatever |z| is: trained models reach |z| ~ 50),
+    and fp32 accumulation in another order (bounded by
+    sqrt(H) u32 sum_k |h_k w_vk|). A missing scale, a different hidden state
+    or another head is off by a fraction of |z| itself."""
+    cd = _hidden._autocast_dtype(h, weight, bias) or h.dtype
+    hc, wc = h.to(cd), weight.to(cd)
+    y = hc @ wc.t()
+    if bias is not None:
+        y = y + bias.to(cd)
+    y = y.float()
+    z = softcap * torch.tanh(y / softcap) if softcap else y
+    rd, ref = ref.dtype, ref.float()
+    H = h.shape[-1]
+    absdot = hc.float().abs() @ wc.float().abs().t()
+    if bias is not None:
+        absdot = absdot + bias.float().abs()
+    u = _unit_roundoff(cd) + _unit_roundoff(rd)
+    tol = 8 * u * torch.maximum(y.abs(), ref.abs()) + \
+        4 * math.sqrt(H) * _unit_roundoff(torch.float32) * absdot
+    err = (z - ref).abs()
+    bad = ~(err <= tol)        # NaN in either counts as a mismatch
+    if bool(bad.any()):
+        i = int(torch.argmax(torch.where(bad, err / tol.clamp(min=1e-30),
+                                         torch.zeros((), device=err.device)).flatten()))
+        r, v = divmod(i, ref.shape[-1])
+        return (f"its last hidden states do not reproduce the model's logits through the LM "
+                f"head (at row {r}, vocabulary id {v}: {float(z[r, v]):.6g} against the "
+                f"model's {float(ref[r, v]):.6g}, tolerance {float(tol[r, v]):.3g} for "
+                f"{str(cd).replace('torch.', '')} products and "
+                f"{str(ref.dtype).replace('torch.', '')} logits): the model's forward does more "
+                "than a linear head (+ final_logit_softcapping)")
+    return None
 
 
 class GMPOTrainer(TRLGMPOTrainer):
@@ -156,6 +243,8 @@ class GMPOTrainer(TRLGMPOTrainer):
         self._gmpo_head_checked = False
         self._gmpo_fallback_warned = set()
         super().__init__(*args, **kwargs)
+        if self.fused_lm_head:
+            self._install_fused_forward()
 
     def _warn_once(self, why, what):
         if why not in self._gmpo_fallback_warned:
@@ -163,46 +252,56 @@ class GMPOTrainer(TRLGMPOTrainer):
             warnings.warn(f"gmpo_ext.trl.GMPOTrainer: {why}; {what}", stacklevel=4)
 
     def _head(self, base, text_config):
-        """(weight, bias, softcap) of a plain linear LM head, or a reason why not."""
+        """None when the LM head can be fused, else the reason why not."""
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if not isinstance(head, torch.nn.Linear):
             return f"the LM head is {type(head).__name__}, not a torch.nn.Linear"
         for name in self._LOGIT_SCALES:
             if getattr(text_config, name, None) not in (None, 1, 1.0):
                 return f"the config rescales the logits ({name})"
-        return head.weight, head.bias, getattr(text_config, "final_logit_softcapping", None)
+        return None
 
-    def _policy_logps_hidden(self, model, input_ids, attention_mask, T, inputs, mask, head):
+    def _install_fused_forward(self):
+        """Patch the model's forward (the PEFT base model's: PEFT calls it) so that
+        ``model(..., gmpo_ext_head=call)`` runs the backbone and the fused head
+        inside the forward of whatever wraps the model. There DDP, FSDP1, FSDP2
+        and DeepSpeed ZeRO-3 have done what they do for every parameter: FSDP
+        has unsharded the head's unit (its pre-backward hooks will unshard it
+        again for our backward), ZeRO-3's hooks are armed to reduce the head's
+        gradient. Without ``gmpo_ext_head`` the forward is the one it replaces
+        (generation, TRL's own head). The head is looked up on every call:
+        FSDP and PEFT replace modules after this runs."""
+        model = self.model
+        target = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(target, "_gmpo_ext_fused_forward", False):
+            return
+        inner = target.forward
+
+        @functools.wraps(type(target).forward)   # generate() validates kwargs against it
+        def forward(module, *args, gmpo_ext_head=None, **kwargs):
+            if gmpo_ext_head is None:
+                return inner(*args, **kwargs)
+            return gmpo_ext_head(module, inner, kwargs)
+
+        target.forward = types.MethodType(forward, target)
+        target._gmpo_ext_fused_forward = True
+
+    def _policy_logps_hidden(self, model, input_ids, attention_mask, T, inputs, mask, softcap):
         """Per-token log-probs and entropies from the last hidden states, the head
-        fused; None when the hidden states do not reproduce the model's logits."""
-        weight, bias, softcap = head
-        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                        "logits_to_keep": 1, "use_cache": False, "output_hidden_states": True}
+        fused, computed inside the wrapped model's forward; a str (why not) when
+        the model's hidden states do not reproduce its logits (checked on the
+        first batch)."""
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if inputs.get("token_type_ids") is not None:
             model_inputs["token_type_ids"] = inputs["token_type_ids"]
+        call = _HeadCall(self, T, inputs["completion_ids"], mask, softcap,
+                         check=not self._gmpo_head_checked)
         with self.accelerator.autocast():
-            out = model(**model_inputs)
-        hs = getattr(out, "hidden_states", None)
-        if not hs or hs[-1].dim() != 3 or hs[-1].shape[1] < T + 1:
-            return None
-        hs = hs[-1]
-        if hs.dtype != weight.dtype:
-            hs = hs.to(weight.dtype)
-        if not self._gmpo_head_checked:     # once: the head reproduces the model's logits
-            with torch.no_grad():
-                z = hs[:, -1].float() @ weight.float().t()
-                if bias is not None:
-                    z = z + bias.float()
-                if softcap:
-                    z = softcap * torch.tanh(z / softcap)
-                ref = out.logits[:, -1].float()
-                tol = 1e-3 if weight.dtype == torch.float32 else 5e-2
-                if not ((z - ref).abs().max() <= tol * ref.abs().max().clamp(min=1.0)):
-                    return None
-            self._gmpo_head_checked = True
-        return linear_logps(hs[:, -(T + 1):-1], weight, inputs["completion_ids"], bias=bias,
-                            temperature=self.temperature, final_logit_softcapping=softcap,
-                            return_entropy=True, mask=mask)
+            out = model(**model_inputs, gmpo_ext_head=call)
+        if call.why is not None:
+            return call.why
+        self._gmpo_head_checked = True
+        return out
 
     # TRL's compute_loss may route to Liger's GRPO loss (use_liger_kernel); GMPO
     # always goes through _compute_loss here.
@@ -252,17 +351,18 @@ class GMPOTrainer(TRLGMPOTrainer):
             else base.config
         scored = None
         if self.fused_lm_head:
-            head = self._head(base, text_config)
-            if isinstance(head, str):
-                self._warn_once(f"fused LM head unavailable: {head}", "using the logits path")
+            why = self._head(base, text_config)
+            if why is not None:
+                self._warn_once(f"fused LM head unavailable: {why}", "using the logits path")
             else:
-                scored = self._policy_logps_hidden(model, input_ids, attention_mask, T, inputs,
-                                                   mask, head)
-                if scored is None:
+                scored = self._policy_logps_hidden(
+                    model, input_ids, attention_mask, T, inputs, mask,
+                    getattr(text_config, "final_logit_softcapping", None))
+                if isinstance(scored, str):
                     self.fused_lm_head = False
-                    self._warn_once("fused LM head: the model's last hidden states do not "
-                                    "reproduce its logits through the LM head",
-                                    "using the logits path from now on")
+                    self._warn_once(f"fused LM head: {scored}", "using the logits path from "
+                                    "now on")
+                    scored = None
         if scored is None:
             logits, exact = self._policy_logits(model, input_ids, attention_mask, T, inputs)
             # The gradient may overwrite the logits when nothing else needs them for
