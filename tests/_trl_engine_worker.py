@@ -1,22 +1,31 @@
 """One rank of tests/test_trl_engines.py: the TRL drop-in under a training engine.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_trl_engine_worker.py \
-        SCENARIO OUT_DIR
+        ENGINE OUT_DIR VARIANT [VARIANT ...]
 
-Every rank builds the same tiny Qwen2-style model and the same fixed batch
-(B = 8 rows: rank r takes rows [r * 4, r * 4 + 4)), wraps the model with the
-engine named by SCENARIO (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-3, PEFT LoRA), runs
-the real trainer step (``trainer.compute_loss`` + backward, ``grad_accum``
-micro-batches per rank) and gathers every parameter's full gradient the
-engine's way (FSDP2: DTensor.full_tensor(); FSDP1: summon_full_params with
-grads; ZeRO-3: safe_get_full_grad). Rank 0 writes them to OUT_DIR/result.pt
-with what the fused path did (the LM head module's largest input, the number
-of linear_logps calls); tests/test_trl_engines.py compares them with TRL's own
-GMPOTrainer on the whole batch in one process (``reference`` below).
+ENGINE: ddp, fsdp1 (use_orig_params), fsdp2 or zero3. A VARIANT is a
+"+"-joined set of options (or "plain"): tied (tied embeddings), lora (PEFT
+LoRA on q/v, the head frozen), ga (2 micro-batches per rank), gc (gradient
+checkpointing), train (one ``trainer.train()`` step with generation instead
+of the fixed batch: it must run fused, not match).
+
+For each variant every rank builds the same tiny Qwen2-style model and the
+same fixed batch (B = 8 rows: rank r takes rows [4 r, 4 r + 4)), wraps the
+model with the engine (accelerate's own FSDP preparation; deepspeed.initialize
+for ZeRO-3), runs the real trainer step (``trainer.compute_loss`` on the
+wrapped model + the engine's backward) and gathers every parameter's full
+gradient the engine's way (FSDP2: DTensor.full_tensor(); FSDP1:
+summon_full_params with grads; ZeRO-3: safe_get_full_grad). Rank 0 writes
+them to OUT_DIR/<variant>.pt with what the fused path did (the LM head
+module's largest input length, the linear_logps calls);
+tests/test_trl_engines.py compares them with TRL's own GMPOTrainer on the
+whole batch in one process (``reference`` below).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import sys
 import warnings
@@ -40,22 +49,43 @@ def _tok():
     return build_tokenizer("0123456789+-=abc ")
 
 
-def _model(V, tie, scale=1.0, path=None):
-    """The tiny model; saved to ``path`` (TRL loads the reference model from
-    config._name_or_path when beta != 0)."""
+def _model(V, opts, path=None):
+    """The tiny model for a variant's options; saved to ``path`` (TRL loads the
+    reference model from config._name_or_path when beta != 0)."""
     from gmpo_ext.demo import build_model
-    model = build_model(V, seed=0, hidden=H, tie_word_embeddings=tie)
-    if scale != 1.0:   # logits of a trained model's size
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(scale)
+    model = build_model(V, seed=0, hidden=H, tie_word_embeddings="tied" in opts)
     if path is not None:
         if not os.path.exists(os.path.join(path, "config.json")):
             model.save_pretrained(path)
         model.config._name_or_path = path
+    if "gc" in opts:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "lora" in opts:
+        from peft import LoraConfig, get_peft_model
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():   # B = 0 at init: make the adapters count
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
     return model
 
 
-def _batch(model, V, temperature=1.0):
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def canonical(name):
+    """A parameter's name without the engines' and PEFT's wrapper prefixes."""
+    for junk in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "base_model.model.",
+                 "module."):
+        name = name.replace(junk, "")
+    return name
+
+
+def batch(model, V, temperature=1.0):
     """TRL's _compute_loss input for the whole batch: left-padded prompts,
     right-padded completions (one empty), old log-probs off-policy by noise."""
     g = torch.Generator().manual_seed(1)
@@ -77,10 +107,6 @@ def _batch(model, V, temperature=1.0):
                 ref_per_token_logps=lp + 0.3 * torch.randn(B, T, generator=g))
 
 
-def _rows(inputs, lo, hi):
-    return {k: v[lo:hi] for k, v in inputs.items()}
-
-
 def _trainer(cls, model, tok, out, bf16=False, **kw):
     from datasets import Dataset
     from trl.experimental.gmpo import GMPOConfig
@@ -94,25 +120,13 @@ def _trainer(cls, model, tok, out, bf16=False, **kw):
                args=args, train_dataset=ds, processing_class=tok)
 
 
-def reference(tok, tie, scale, gc, path):
-    """TRL's own GMPOTrainer, one process, the whole batch, fp32."""
-    from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
-    model = _model(len(tok), tie, scale, path)
-    tr = _trainer(TRLGMPOTrainer, model, tok, "/tmp/_gmpo_ref_unused", gradient_checkpointing=gc)
-    tr.model.train()
-    tr.current_gradient_accumulation_steps = 1
-    inputs = _batch(model, len(tok))
-    loss = tr.compute_loss(model, inputs)
-    loss.backward()
-    return float(loss), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-
-
 # ----------------------------------------------------------------------------
 # engines
 
-def _accelerate_fsdp(trainer, version):
+def _accelerate_fsdp(trainer, version, prepare=True):
     """Switch accelerate's state to FSDP (a CPU run does not turn it on by
-    itself) so that its own FSDP preparation wraps the model."""
+    itself) so that its own FSDP preparation wraps the model (here, or in
+    trainer.train() with ``prepare=False``)."""
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=version, auto_wrap_policy="transformer_based_wrap",
@@ -121,6 +135,9 @@ def _accelerate_fsdp(trainer, version):
     acc = trainer.accelerator
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+    if not prepare:
+        return None
     if version == 1:
         # accelerate passes device_id=cpu:0 on a CPU run, which FSDP1 compares
         # with its compute device "cpu" and refuses: the indexless device
@@ -131,9 +148,9 @@ def _accelerate_fsdp(trainer, version):
     return wrapped
 
 
-def _deepspeed_zero3(trainer):
+def _deepspeed_zero3(trainer, ga):
     import deepspeed
-    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+    cfg = {"train_micro_batch_size_per_gpu": B // 2 // ga, "gradient_accumulation_steps": ga,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
            "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=trainer.model, model_parameters=trainer.model.parameters(),
@@ -141,46 +158,100 @@ def _deepspeed_zero3(trainer):
     return engine
 
 
-def _full_grads(engine_name, wrapped, model):
-    """{name: full gradient} (the engine's reduction: averaged over ranks)."""
+def reference(tok, opts, path):
+    """TRL's own GMPOTrainer, one process, the whole batch, fp32: (loss,
+    {canonical name: gradient})."""
+    from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
+    model = _model(len(tok), opts, path)
+    tr = _trainer(TRLGMPOTrainer, model, tok, os.path.join(path, "ref_run"))
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 1
+    loss = tr.compute_loss(model, batch(model, len(tok)))
+    loss.backward()
+    return float(loss), {canonical(n): p.grad.detach().clone()
+                         for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grads(engine, wrapped, model):
+    """{canonical name: full gradient} as the engine reduced it (averaged over
+    ranks); frozen parameters left out."""
     out = {}
-    if engine_name == "zero3":
+    if engine == "zero3":
         from deepspeed.utils import safe_get_full_grad
-        for n, p in model.named_parameters():
-            g = safe_get_full_grad(p)
-            out[n] = None if g is None else g.detach().clone()
+        for n, p in wrapped.module.named_parameters():
+            g = safe_get_full_grad(p) if p.requires_grad else None
+            if g is not None:
+                out[canonical(n)] = g.detach().clone()
         return out
-    if engine_name == "fsdp1":
+    if engine == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         with FSDP.summon_full_params(wrapped, with_grads=True):
             for n, p in wrapped.named_parameters():
-                out[n.replace("_fsdp_wrapped_module.", "")] = None if p.grad is None else p.grad.detach().clone()
+                if p.grad is not None:
+                    out[canonical(n)] = p.grad.detach().clone()
         return out
     for n, p in model.named_parameters():
         g = p.grad
-        if g is not None and hasattr(g, "full_tensor"):
-            g = g.full_tensor()
-        out[n] = None if g is None else g.detach().clone()
+        if g is not None:
+            out[canonical(n)] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
     return out
 
 
-def main():
-    scenario, out_dir = sys.argv[1], sys.argv[2]
-    engine, *opts = scenario.split("+")
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    tok = _tok()
-    tie = "tied" in opts
-    scale = 30.0 if "big" in opts else 1.0
-    gc = "gc" in opts
-    ga = 2 if "ga" in opts else 1
+def _engine_name(wrapped):
+    """The engine the model ran under, as the test names it (None: none seen)."""
+    name = type(wrapped).__name__
+    if name == "DistributedDataParallel":
+        return "ddp"
+    if name == "FullyShardedDataParallel":
+        return "fsdp1"
+    if name == "DeepSpeedEngine":
+        return "zero3" if wrapped.zero_optimization_stage() == 3 else None
+    if name.startswith("FSDP"):   # fully_shard's dynamic class of the model
+        return "fsdp2"
+    return None
 
-    path = os.path.join(out_dir, "model")
+
+def _wrap(engine, trainer, ga):
+    if engine == "ddp":
+        return trainer.accelerator.prepare_model(trainer.model)
+    if engine in ("fsdp1", "fsdp2"):
+        return _accelerate_fsdp(trainer, int(engine[-1]))
+    if engine == "zero3":
+        return _deepspeed_zero3(trainer, ga)
+    raise SystemExit(f"unknown engine {engine}")
+
+
+def _step(engine, trainer, wrapped, inputs, rank, world, ga):
+    """This rank's rows in ga micro-batches through compute_loss and the
+    engine's backward; the loss summed over micro-batches, averaged over ranks."""
+    per = B // world
+    step = per // ga
+    total = torch.zeros(())
+    for k in range(ga):
+        lo = rank * per + k * step
+        mb = {key: v[lo:lo + step] for key, v in inputs.items()}
+        sync = k == ga - 1
+        ctx = wrapped.no_sync() if engine == "ddp" and not sync else contextlib.nullcontext()
+        with ctx:
+            loss = trainer.compute_loss(wrapped, mb)
+            if engine == "zero3":
+                wrapped.backward(loss, scale_wrt_gas=False)
+            else:
+                loss.backward()
+        total += loss.detach().float()
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def run_variant(engine, variant, out_dir, tok, rank, world):
+    from gmpo_ext import trl as gtrl
+    opts = set(variant.split("+"))
+    ga = 2 if "ga" in opts else 1
+    path = os.path.join(out_dir, f"model_{variant}")
     if rank == 0:
-        _model(len(tok), tie, scale, path)
+        _model(len(tok), opts, path)
     dist.barrier()
 
-    from gmpo_ext import trl as gtrl
     calls = {"linear_logps": 0, "head_in": 0}
     real = gtrl.linear_logps
 
@@ -188,62 +259,48 @@ def main():
         calls["linear_logps"] += 1
         return real(*a, **k)
     gtrl.linear_logps = counted
-
-    model = _model(len(tok), tie, scale, path)
-    inputs = _batch(model, len(tok))
-    if "lora" in opts:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 lora_dropout=0.0))
-    head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
-    head.register_forward_hook(
+    model = _model(len(tok), opts, path)
+    inputs = batch(model, len(tok))      # (the full logits, before the head is watched)
+    _base(model).get_output_embeddings().register_forward_hook(
         lambda m, a, o: calls.__setitem__("head_in", max(calls["head_in"], a[0].shape[-2])))
-
-    trainer = _trainer(gtrl.GMPOTrainer, model, tok, os.path.join(out_dir, f"r{rank}"),
-                       gradient_checkpointing=gc)
-    if engine == "ddp":
-        wrapped = trainer.accelerator.prepare_model(trainer.model)
-    elif engine in ("fsdp1", "fsdp2"):
-        wrapped = _accelerate_fsdp(trainer, int(engine[-1]))
-    elif engine == "zero3":
-        wrapped = _deepspeed_zero3(trainer)
-    else:
-        raise SystemExit(f"unknown engine {engine}")
-    trainer.model_wrapped = wrapped
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = ga
-
-    per = B // world
-    lo = rank * per
-    losses = []
-    step = per // ga
-    for k in range(ga):
-        mb = _rows(inputs, lo + k * step, lo + (k + 1) * step)
-        if engine == "ddp" and k < ga - 1:
-            with wrapped.no_sync():
-                loss = trainer.compute_loss(wrapped, mb)
-                loss.backward()
+    trainer = _trainer(gtrl.GMPOTrainer, model, tok, os.path.join(out_dir, f"run_{variant}_{rank}"),
+                       gradient_accumulation_steps=ga,
+                       **({"logging_steps": 1} if "train" in opts else {}))
+    try:
+        if "train" in opts:   # generation, GA micro-batches: the trainer's own loop
+            _accelerate_fsdp(trainer, int(engine[-1]), prepare=False)
+            trainer.train()
+            logs = [h for h in trainer.state.log_history if "loss" in h]
+            result = dict(loss=logs[-1]["loss"], grads={}, steps=trainer.state.global_step,
+                          wrapped=_engine_name(trainer.model_wrapped))
         else:
-            loss = trainer.compute_loss(wrapped, mb)
-            if engine == "zero3":
-                wrapped.backward(loss, scale_wrt_gas=False)
-            else:
-                loss.backward()
-        losses.append(loss.detach().float())
-    local = torch.stack(losses).sum()
-    dist.all_reduce(local)
-    got_loss = float(local) / world
-    module = wrapped.module if engine == "zero3" else model
-    grads = _full_grads(engine, wrapped, module)
+            wrapped = _wrap(engine, trainer, ga)
+            trainer.model_wrapped = wrapped
+            trainer.model.train()
+            trainer.current_gradient_accumulation_steps = ga
+            loss = _step(engine, trainer, wrapped, inputs, rank, world, ga)
+            result = dict(loss=loss, grads=_grads(engine, wrapped, model),
+                          wrapped=_engine_name(wrapped))
+            del wrapped
+    finally:
+        gtrl.linear_logps = real
+    result.update(calls=calls, fused=trainer.fused_lm_head,
+                  warned=sorted(trainer._gmpo_fallback_warned))
     if rank == 0:
-        torch.save(dict(loss=got_loss, grads=grads,
-                        calls=calls, fused=trainer.fused_lm_head,
-                        warned=sorted(trainer._gmpo_fallback_warned)),
-                   os.path.join(out_dir, "result.pt"))
+        torch.save(result, os.path.join(out_dir, f"{variant}.pt"))
+    del trainer, model
+    gc.collect()
     dist.barrier()
-    # the engines' objects hold the process group's threads: drop them first
-    del wrapped, trainer, model
-    import gc
+
+
+def main():
+    engine, out_dir, *variants = sys.argv[1:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok = _tok()
+    for variant in variants:
+        run_variant(engine, variant, out_dir, tok, rank, world)
+    # the engines' objects hold the process group's threads: dropped above
     gc.collect()
     dist.destroy_process_group()
 

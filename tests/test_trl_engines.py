@@ -1,0 +1,103 @@
+"""gmpo_ext.trl.GMPOTrainer under the training engines, 2 processes on CPU (gloo).
+
+Each test launches tests/_trl_engine_worker.py with ``torch.distributed.run``
+once per engine and runs several variants in it: the real TRL trainer step
+(``compute_loss`` on the engine-wrapped model, the engine's backward) on a
+fixed batch of 8 rows split over the 2 ranks. For every variant it asserts
+
+* the fused head ran: linear_logps was called and the LM head module itself
+  never projected more than one position (the model's last-position logits
+  of the head check), i.e. the (B, T, V) logits were never formed;
+* the loss (averaged over ranks) and every trainable parameter's full
+  gradient, reduced by the engine as it reduces every other parameter's,
+  equal TRL's own GMPOTrainer in one process on the whole batch (fp32, 1e-5
+  relative to the tensor's largest entry);
+
+and, for ``train``, that one ``trainer.train()`` step with generation and 2
+gradient-accumulation micro-batches runs fused under FSDP2 (the second
+micro-batch crashed before the head moved into the model's forward).
+
+accelerate does not turn FSDP or DeepSpeed on for a CPU run by itself: the
+worker switches accelerate's state to FSDP (its own FSDP preparation then
+runs) and calls deepspeed.initialize directly for ZeRO-3
+(stage3_param_persistence_threshold=0, so the tiny head is partitioned like a
+real one).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed (pip install -e '.[test]' installs it)")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import _trl_engine_worker as worker  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
+
+RTOL = 1e-5
+
+ENGINES = {
+    "ddp": ["plain", "tied", "lora", "ga", "gc"],
+    "fsdp1": ["plain", "tied", "ga"],
+    "fsdp2": ["plain", "tied", "lora", "ga", "train"],
+    "zero3": ["plain", "tied", "ga"],
+}
+
+
+def _launch(engine, variants, out):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                   if p]),
+        OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    # --standalone: a free port for the rendezvous (a fixed one collides, port 0 hangs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "_trl_engine_worker.py"), engine, str(out), *variants]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        pytest.fail(f"{engine} workers failed (exit {proc.returncode}):\n{tail}")
+
+
+def _max_rel(ref, got):
+    scale = ref.abs().max()
+    return float((ref - got).abs().max() / scale) if scale > 0 else float(got.abs().max())
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_matches_trl_single_process(engine, tmp_path):
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="deepspeed is not installed (the test extra has it)")
+    if engine != "ddp" or "lora" in ENGINES[engine]:
+        pytest.importorskip("peft", reason="peft is not installed (the test extra has it)")
+    variants = ENGINES[engine]
+    _launch(engine, variants, tmp_path)
+    tok = worker._tok()
+    for variant in variants:
+        got = torch.load(tmp_path / f"{variant}.pt", weights_only=False)
+        what = f"{engine}/{variant}"
+        assert got["wrapped"] == engine, (what, got["wrapped"])
+        assert got["fused"] and not got["warned"], (what, got["warned"])
+        assert got["calls"]["linear_logps"] >= 1, what
+        assert got["calls"]["head_in"] == 1, (what, got["calls"])   # never the completion
+        if variant == "train":
+            assert got["steps"] == 1 and torch.isfinite(torch.tensor(got["loss"])), what
+            continue
+        ref_loss, ref_grads = worker.reference(tok, set(variant.split("+")),
+                                               str(tmp_path / f"model_{variant}"))
+        assert abs(got["loss"] - ref_loss) <= RTOL * abs(ref_loss), (what, got["loss"], ref_loss)
+        assert set(got["grads"]) == set(ref_grads), (what, set(got["grads"]) ^ set(ref_grads))
+        for name, g in ref_grads.items():
+            assert _max_rel(g, got["grads"][name]) <= RTOL, (what, name,
+                                                             _max_rel(g, got["grads"][name]))
+        assert sum(bool(g.abs().max() > 0) for g in ref_grads.values()) >= len(ref_grads) - 1
+        if "lora" in variant:   # the head frozen: the fused head computed no weight gradient
+            assert not any("lm_head" in n for n in ref_grads), what
