@@ -438,14 +438,14 @@ def test_cuda_kernels_never_read_out_of_bounds_ids(backend):
     gives NaN as that token's logp and is never used as an address."""
     if backend != "simt":
         pytest.skip("the CPU kernels raise instead (test_bad_inputs_name_the_argument)")
-    n, V = 3, 50
+    n, V = 4, 50
     y = torch.randn(n, V)
-    ids = torch.tensor([0, V, 7])
+    ids = torch.tensor([0, V, 7, -1])   # invalid on both sides of [0, V)
     st = torch.zeros(n, 4)
     st[:, 0] = -math.inf
     hd._fold(y, ids, st, 0, V, 1.0, 0.0, 1.0, False)
     lp = st[:, 3] - (st[:, 0] + torch.log(st[:, 1]))
-    assert torch.isnan(lp[1]) and torch.isfinite(lp[[0, 2]]).all()
+    assert torch.isnan(lp[[1, 3]]).all() and torch.isfinite(lp[[0, 2]]).all()
     ref = torch.log_softmax(y.double(), -1)
     assert (lp[[0, 2]].double() - ref[[0, 2], ids[[0, 2]]]).abs().max() < 1e-5
 

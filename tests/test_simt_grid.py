@@ -12,7 +12,10 @@ never changes a value) and match the C core / a float64 reference.
 
 Every kernel and dtype: loss forward + backward (fp32, bf16, fp16, fp64; GMPO
 and GRPO), logits forward + backward (fp32, bf16, fp16; entropy on and off;
-T + 1 positions with the ignored last one; masked tokens).
+T + 1 positions with the ignored last one; masked tokens), the LM-head tile
+kernels' fold and grad (fp32, bf16, fp16; strided tiles through the module's
+entry points; in the driver: ids at every tile boundary and outside [0, V),
+NaN and +-inf, also under TSan and ASan).
 
 The whole suite runs against the tiny-grid build with SIMT_MAX_GRID=3,2
 GMPO_TEST_BACKENDS=simt (slow: a developer run, not CI).
@@ -20,6 +23,7 @@ GMPO_TEST_BACKENDS=simt (slow: a developer run, not CI).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -173,8 +177,74 @@ def test_logits_tiny_grid(default_mod, tiny_mod, dtype, entropy):
 
 
 # ----------------------------------------------------------------------------
-# a standalone driver (tests/simt/kernel_driver.c): TSan over tiny grids, and
-# the loss backward's row offset past 2^32 elements
+# the LM-head tile kernels (hidden_cuda.cu) through the module's entry points
+# (hidden_fold / hidden_grad): strided tiles, ld > vn, which the Python layer
+# never passes (its tiles are contiguous)
+
+
+def _tiles_run(mod, device, y, ids, cuts, pad, softcap, g, gh):
+    """Fold y (n, V) in the column tiles [cuts[j], cuts[j + 1]) of one (n, V + pad)
+    buffer (each tile a view with row stride ld = V + pad > vn, its extent
+    (n - 1) * ld + vn), then overwrite each tile with its gradient; the state
+    and the buffer. mod: the C core (device 0) or a SIMT module (device 1)."""
+    n, V = y.shape
+    buf = torch.full((n, V + pad), float("nan"), dtype=y.dtype)
+    buf[:, :V] = y
+    ld, es = buf.stride(0), buf.element_size()
+    st = torch.zeros(n, 4)
+    st[:, 0] = -math.inf
+    ids_spec = (ids.data_ptr(), ids.numel(), _backend.DTYPE_CODES[ids.dtype])
+
+    def spec(lo, hi):
+        return (buf.data_ptr() + lo * es, (n - 1) * ld + hi - lo, _backend.DTYPE_CODES[buf.dtype], n, hi - lo,
+                lo, V, ld)
+
+    for lo, hi in zip(cuts, cuts[1:]):
+        mod.hidden_fold(device, 0, spec(lo, hi), ids_spec, 1.25, softcap, 0.7, 1, 1, (st.data_ptr(), st.numel()))
+    lse = st[:, 0] + torch.log(st[:, 1])
+    ent = torch.log(st[:, 1]) - st[:, 2] / st[:, 1]
+    for lo, hi in zip(cuts, cuts[1:]):
+        mod.hidden_grad(device, 0, spec(lo, hi), ids_spec, 1.25, softcap, 0.7, 0, 1, lse.data_ptr(),
+                        ent.data_ptr(), g.data_ptr(), gh.data_ptr(), n)
+    return st, buf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_tiles_tiny_grid_strided(default_mod, tiny_mod, dtype):
+    # 7 tokens on 3 blocks (each block folds 2-3 tokens, reusing its shared
+    # partials); tiles of 700 (3 warps), 1 and 299 columns of V = 1000 in a
+    # (7, 1013) buffer; ids at 0, v0 - 1, v0, v0 + vn - 1, v0 + vn, V - 1 of the
+    # 700-column tile [1, 701)
+    n, V, cuts, pad = 7, 1000, [0, 1, 701, 1000], 13
+    gen = torch.Generator().manual_seed(19)
+    y = (torch.randn(n, V, generator=gen) * 3).to(dtype)
+    ids = torch.tensor([0, 1, 700, 701, 999, 0, 350])
+    g = torch.randn(n, generator=gen)
+    gh = torch.randn(n, generator=gen)
+    softcap = 5.0 if dtype == torch.bfloat16 else 0.0
+    st, buf = _tiles_run(tiny_mod, 1, y, ids, cuts, pad, softcap, g, gh)
+    st_d, buf_d = _tiles_run(default_mod, 1, y, ids, cuts, pad, softcap, g, gh)
+    assert_same_bits(st, st_d, "state")
+    assert_same_bits(buf, buf_d, "grad")
+    st_c, buf_c = _tiles_run(_backend._C, 0, y, ids, cuts, pad, softcap, g, gh)
+    torch.testing.assert_close(st, st_c, rtol=2e-5, atol=2e-5)
+    # the padding untouched (NaN), every tile's columns the C gradient
+    assert bool(torch.isnan(buf[:, V:]).all()), "the grad wrote into the padding between rows"
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    scale = float(buf_c[:, :V].double().abs().max())
+    torch.testing.assert_close(buf[:, :V].double(), buf_c[:, :V].double(), atol=tol * scale, rtol=tol)
+    # and right: logp against float64 log_softmax of the transformed logits
+    u = y.double() * 1.25
+    x = (softcap * torch.tanh(u / softcap) if softcap else u) / 0.7
+    ref = torch.log_softmax(x, -1).gather(1, ids[:, None])[:, 0]
+    logp = st[:, 3] - (st[:, 0] + torch.log(st[:, 1]))
+    torch.testing.assert_close(logp.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# a standalone driver (tests/simt/kernel_driver.c): the logits, loss and tile
+# kernels over tiny grids, plain and under TSan; the tile kernels under ASan;
+# row offsets past 2^32 elements in every kernel
 
 DRIVER = simt_backend.HERE / "simt" / "kernel_driver.c"
 DRIVER_DEFINES = ["GMPO_WITH_CUDA", "GMPO_SIMT", "GMPO_NO_CLONES", "GMPO_NO_TARGET_CLONES"]
@@ -215,20 +285,30 @@ def _assert_clean(proc):
         assert marker not in out, out[-6000:]
 
 
-@pytest.mark.parametrize("what", ["logits", "loss"])
+@pytest.mark.parametrize("what", ["logits", "loss", "tiles"])
 def test_driver_tiny_grid_matches_c(what):
     _assert_clean(run_kernel_driver(build_kernel_driver(), None, what))
 
 
-@pytest.mark.parametrize("what", ["logits", "loss"])
+@pytest.mark.parametrize("what", ["logits", "loss", "tiles"])
 def test_tsan_tiny_grid_runs_clean(what):
     # blocks loop over rows: a missing barrier before the next row's reuse of
     # shared memory is a data race TSan names
     _assert_clean(run_kernel_driver(build_kernel_driver("tsan"), "tsan", what))
 
 
-def test_loss_backward_row_offset_past_2_32():
+def test_asan_tiles_run_clean():
+    # the tile kernels on buffers of exactly their extents: a read or write one
+    # past a tile (an id at v0 + vn taken as a column) is a heap-buffer-overflow.
+    # CUDA's grid caps: the .cu and C objects are the ASan driver's of
+    # test_simt_kernels.py (same flags), only this driver is compiled
+    _assert_clean(run_kernel_driver(build_kernel_driver("asan", max_grid=None), "asan", "tiles"))
+
+
+def test_row_offsets_past_2_32():
+    # the loss, logits and tile kernels with element offsets past 2^32 (inputs
+    # and outputs) on reserved, mostly untouched mappings
     proc = run_kernel_driver(build_kernel_driver(max_grid=None), None, "offset")
     if proc.returncode == 77:
-        pytest.skip(f"no room to reserve the 18 GB gradient mapping: {proc.stdout.strip()}")
+        pytest.skip(f"no room to reserve the mappings: {proc.stdout.strip()}")
     _assert_clean(proc)

@@ -32,7 +32,6 @@
 #define HD_THREADS 256
 #define HD_WARPS (HD_THREADS / 32)
 #define HD_FULL_MASK 0xffffffffu
-#define HD_MAX_GRID 2147483647LL
 
 struct hd_kargs {
     int64_t n, vn, v0, V, ld;
@@ -196,7 +195,9 @@ static hd_kargs hd_make(const gmpo_tile_args *a) {
     return k;
 }
 
-static unsigned hd_grid(int64_t n) { return (unsigned)(n < HD_MAX_GRID ? n : HD_MAX_GRID); }
+// blocks for n tokens: the kernels grid-stride over tokens, so the grid obeys
+// launch.cuh's cap (a tiny-grid build makes every block take several tokens)
+static unsigned hd_grid(int64_t n) { return (unsigned)(n < GMPO_MAX_GRID_X ? n : GMPO_MAX_GRID_X); }
 
 // threads per block: a warp per 256 columns, 32 to HD_THREADS
 static unsigned hd_block(int64_t vn) {

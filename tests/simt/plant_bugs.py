@@ -8,7 +8,12 @@ bug's pytest selection. A bug is caught when that run fails; the table names the
 tests that failed. The C core and the module are the clean ones (only the .cu
 objects are rebuilt; the build cache keeps them between runs).
 
-    python tests/simt/plant_bugs.py [--only NAME ...] [--list] [--check]
+    python tests/simt/plant_bugs.py [--only NAME ...] [--list] [--check] [--whole] [-x]
+
+--whole runs the whole `pytest -m simt tests` selection against each bug instead
+of its own list (what a catch must survive: no hand-picked tests); -x stops a
+run at its first failing test. The kernels other than the planted one are
+links to the clean sources, so their cached objects serve every copy.
 
 --check: only verify that every pattern still applies to the current sources
 (what tests/test_simt_harness.py runs in CI). Developer tool: a full run builds
@@ -71,7 +76,7 @@ BUGS = [
         "gmpo_loss.cu",
         "char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);",
         "char *gr = (char *)grad + (int32_t)(i * T) * gmpo_dtype_size(gdt);",
-        [f"{GRID}::test_loss_backward_row_offset_past_2_32"]),
+        [f"{GRID}::test_row_offsets_past_2_32"]),
     Bug("logits_misaligned_vector", "misaligned 16-byte vector access",
         "logits_cuda.cu",
         "int64_t h = mis ? (16 - mis) / lg_dt<DT>::size : 0;",
@@ -92,6 +97,49 @@ BUGS = [
         "for (int w = 1; w < nwarps; w++) gmpo_totals_merge(tot, part[w]);",
         "for (int w = 1; w < 32 + 0 * nwarps; w++) gmpo_totals_merge(tot, part[w]);",
         [f"{GRID}::test_loss_tiny_grid", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    # the LM-head tile kernels (issue 19: each class of bug the suite could not see)
+    Bug("hidden_fold_no_stride", "grid-stride loop: stride removed (tile tokens)",
+        "hidden_cuda.cu",
+        "    for (int64_t r = blockIdx.x; r < a.n; r += gridDim.x) {\n        const char *row",
+        "    for (int64_t r = blockIdx.x; r < a.n; r += a.n) {\n        const char *row",
+        [f"{GRID}::test_tiles_tiny_grid_strided", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("hidden_fold_no_reuse_barrier", "barrier guarding shared-memory reuse removed (tiles)",
+        "hidden_cuda.cu",
+        "            __syncthreads();                     // part is reused by the next row\n",
+        "",
+        [f"{GRID}::test_tsan_tiny_grid_runs_clean"]),
+    Bug("hidden_grad_row_offset_32bit", "32-bit truncation of the tile's row offset (grad)",
+        "hidden_cuda.cu",
+        "        char *row = a.tile + r * a.ld * (DT == GMPO_DT_F32 ? 4 : 2);\n        const float G",
+        "        char *row = a.tile + (int32_t)(r * a.ld) * (DT == GMPO_DT_F32 ? 4 : 2);\n        const float G",
+        [f"{GRID}::test_row_offsets_past_2_32"]),
+    Bug("hidden_fold_row_stride_vn", "row address from vn instead of the row stride ld",
+        "hidden_cuda.cu",
+        "const char *row = a.tile + r * a.ld *",
+        "const char *row = a.tile + r * a.vn *",
+        [f"{GRID}::test_tiles_tiny_grid_strided", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("hidden_fold_drops_nan", "the fold's NaN flag dropped",
+        "hidden_cuda.cu",
+        "float st[GMPO_LSE_STATE] = {nan ? NAN : m, s, w, 0.0f};",
+        "float st[GMPO_LSE_STATE] = {((void)nan, m), s, w, 0.0f};",
+        [f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("hidden_fold_negative_id", "an id < 0 not marked invalid (only id >= V)",
+        "hidden_cuda.cu",
+        "(id < 0 || id >= a.V)",
+        "(id >= a.V)",
+        ["tests/test_hidden.py::test_cuda_kernels_never_read_out_of_bounds_ids",
+         f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    Bug("loss_input_row_offset_32bit", "32-bit truncation of an input's row offset",
+        "gmpo_loss.cu",
+        "    return (const char *)v.data + i * v.stride_b * gmpo_dtype_size(v.dtype);",
+        "    return (const char *)v.data + (int32_t)(i * v.stride_b) * gmpo_dtype_size(v.dtype);",
+        [f"{GRID}::test_row_offsets_past_2_32"]),
+    # caught before issue 19 only by the luck of a random id on a tile boundary
+    Bug("hidden_fold_target_past_tile", "the target read one past the tile's last column",
+        "hidden_cuda.cu",
+        "if (local >= 0 && local < a.vn) st[3]",
+        "if (local >= 0 && local <= a.vn) st[3]",
+        [f"{GRID}::test_asan_tiles_run_clean", f"{GRID}::test_driver_tiny_grid_matches_c"]),
 ]
 
 
@@ -113,15 +161,27 @@ def plant(bug: Bug) -> pathlib.Path:
     text = path.read_text()
     assert text.count(bug.old) == 1, bug.name
     path.write_text(text.replace(bug.old, bug.new))
+    # the other kernels: links to the clean ones, so that their cached objects
+    # (keyed by the resolved path) serve every plant and only the planted file
+    # is compiled in each build
+    for src in dst.glob("*.cu"):
+        if src.name != bug.file:
+            src.unlink()
+            src.symlink_to(CUDA / src.name)
     # the copy includes ../gmpo.h etc.: headers of csrc next to it
     for h in (REPO / "csrc").glob("*.h"):
         shutil.copy2(h, dst.parent / h.name)
     return dst
 
 
-def run_tests(bug: Bug, cuda_dir: pathlib.Path, timeout: float) -> tuple[bool, list[str], str]:
+WHOLE = ["-m", "simt", "tests"]   # --whole: every SIMT test instead of a bug's own list
+
+
+def run_tests(bug: Bug, cuda_dir: pathlib.Path, timeout: float, whole: bool = False,
+              first: bool = False) -> tuple[bool, list[str], str]:
     env = dict(os.environ, SIMT_CUDA_DIR=str(cuda_dir), SIMT_QUIET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *bug.tests]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE",
+           *(["-x"] if first else []), *(WHOLE if whole else bug.tests)]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -143,6 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="only check that every pattern applies")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per bug's test run")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the test output of missed bugs")
+    ap.add_argument("--whole", action="store_true",
+                    help="run the whole `-m simt` selection against each bug, not its own tests")
+    ap.add_argument("-x", "--first", action="store_true", help="stop each run at its first failing test")
     args = ap.parse_args(argv)
     bugs = [b for b in BUGS if not args.only or b.name in args.only]
     if args.list:
@@ -156,7 +219,7 @@ def main(argv=None) -> int:
     rows, missed = [], 0
     for b in bugs:
         t0 = time.time()
-        caught, failed, out = run_tests(b, plant(b), args.timeout)
+        caught, failed, out = run_tests(b, plant(b), args.timeout, args.whole, args.first)
         missed += not caught
         rows.append((b.name, b.kind, "caught" if caught else "MISSED", f"{time.time() - t0:.0f}s",
                      ", ".join(f.split("::")[-1] for f in failed) or "-"))
