@@ -4,7 +4,8 @@
  * converted to fp32 (and scaled or transformed) into a buffer of GMPO_CL_CHUNK
  * floats that stays in L1, then these loops run over it.
  *
- *   gmpo_cl_max    the largest float of the chunk (an integer max over keys)
+ *   gmpo_cl_max    the largest float of the chunk (an integer max over keys;
+ *                  blind to a NaN with its sign bit set, see there)
  *   gmpo_cl_any_nan
  *   gmpo_cl_sums   sum of exp(x - M) and of exp(x - M) (x - M), in
  *                  GMPO_CL_LANES fp32 lanes folded pairwise (a fixed order)
@@ -53,8 +54,11 @@ static inline int32_t gmpo_cl_key(int32_t s) {
     return s ^ (int32_t)((uint32_t)(s >> 31) >> 1);
 }
 
-// the largest of x[0..n): -inf when nothing is larger; a NaN may or may not be
-// returned (callers check gmpo_cl_any_nan where the max is -inf)
+// the largest of x[0..n): -inf when nothing is larger. A NaN with its sign bit
+// clear is returned (it sorts above inf); one with it set (0/0 and inf - inf on
+// x86) sorts below -inf and is NOT seen: callers find it in the sums (NaN:
+// exp(NaN - M) is NaN) or, where the max is -inf, with gmpo_cl_any_nan. The
+// rule set these serve is gmpo_hidden.h's (gmpo_lse_merge).
 GMPO_CL_LOOP float gmpo_cl_max(const float *restrict x, int64_t n) {
     gmpo_f32_bits b;
     b.f = -INFINITY;

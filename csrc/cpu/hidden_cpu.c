@@ -131,12 +131,16 @@ static void hd_row_fold(const gmpo_tile_args *a, hd_xf f, const void *row, int64
         hd_load(row, dt, off, n, f, buf, NULL);
         float ch[GMPO_LSE_STATE];
         gmpo_lse_init(ch);
+        // the chunk's partial state; gmpo_lse_merge applies the rule set of
+        // gmpo_hidden.h (NaN of either sign or +inf: NaN; -inf: probability 0)
         float cm = gmpo_cl_max(buf, n);
-        if (cm != cm || (cm == -INFINITY && gmpo_cl_any_nan(buf, n))) {
-            ch[0] = NAN;                         // a NaN logit: the token's values are NaN
-        } else if (cm != -INFINITY) {            // all -inf adds nothing
+        if (cm == -INFINITY) {                   // all -inf adds nothing; a NaN the max
+            if (gmpo_cl_any_nan(buf, n)) ch[0] = NAN;   // missed (sign bit set) poisons
+        } else if (cm < INFINITY) {              // a NaN the max missed makes the sums NaN
             gmpo_cl_sums(buf, n, cm, a->entropy, &ch[1], &ch[2]);
             ch[0] = cm;
+        } else {
+            ch[0] = cm;                          // NaN or +inf: poisoned, no sums needed
         }
         int64_t local = id - a->v0 - off;
         if (local >= 0 && local < n) ch[3] = buf[local];
