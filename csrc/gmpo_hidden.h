@@ -122,27 +122,68 @@ GMPO_HD void gmpo_lse_init(float *st) {
     st[3] = 0.0f;
 }
 
+/* NaN AND INFINITY: THE RULE SET. Every fold of logits into states follows it
+ * (the C tile and logits kernels, the CUDA tile kernel, hidden.py's float64
+ * torch fold); it is decided here, in the merge, which every fold's partial
+ * states (a chunk, a thread, a tile, a rank) go through. The reference is
+ * torch.log_softmax of the full logits, per token over x (the transformed
+ * logits of the whole vocabulary):
+ *   a NaN of either sign anywhere -> lse, logp and entropy NaN (log_softmax: NaN
+ *                                    everywhere). A NaN with its sign bit set is
+ *                                    what 0/0 and inf - inf give on x86.
+ *   +inf anywhere                 -> lse, logp and entropy NaN (log_softmax: x -
+ *                                    max is inf - inf = NaN for the whole row)
+ *   a -inf logit                  -> probability 0: adds nothing to lse or to
+ *                                    the entropy (p log p = 0), its gradient is 0
+ *                                    (the gradient kernels give p = 0 a zero, never
+ *                                    0 * -inf); logp = -inf where it is the target
+ *   every logit -inf              -> lse -inf, logp and entropy NaN (-inf - -inf)
+ * A softcap maps +-inf to +-c first (tanh): those tokens are finite.
+ * In the state: m is NaN for a poisoned token (s = w = NaN too); m = -inf with
+ * s = w = 0 for nothing but -inf seen; else m finite, at least the largest x
+ * folded (a fold may sum at a larger m it already holds), and s >= 0. A fold may
+ * hand the merge a partial state with m = +inf, or with a NaN sum s or w and a
+ * finite m (a NaN the fold's max did not see: the C chunk max orders a sign-bit
+ * NaN below -inf); the merge turns each into the poisoned state, on either side.
+ * The target logit (tgt) is summed regardless: it only decides logp where the
+ * rest is finite. */
+
+/* 1 if a partial state carries a NaN or +inf logit (see the rule set above) */
+GMPO_HD int gmpo_lse_poisoned(const float *st) {
+    return !(st[0] < INFINITY) || st[1] != st[1] || st[2] != st[2];
+}
+
 /* merge state b into a (commutative up to rounding; exact in the max) */
 GMPO_HD void gmpo_lse_merge(float *a, const float *b) {
-    float ma = a[0], mb = b[0];
-    if (mb != mb || ma != ma) {                  // NaN anywhere poisons the token
+    if (gmpo_lse_poisoned(a) || gmpo_lse_poisoned(b)) {   // the rule set: NaN or +inf
         a[0] = a[1] = a[2] = NAN;
         a[3] += b[3];
         return;
     }
+    float ma = a[0], mb = b[0];
     float M = ma > mb ? ma : mb;
     float sa = a[1], wa = a[2], sb = b[1], wb = b[2];
     float s = 0.0f, w = 0.0f;
     if (M != -INFINITY) {                        // rescale each side to M; an empty side adds 0
-        if (sa > 0.0f) {
-            float d = ma - M, c = expf(d);
-            s += c * sa;
-            w += c * (wa + d * sa);
+        if (sa > 0.0f) {                         // the side at M as it is: what exp(0) = 1
+            if (ma == M) {                       // would give, without an exp per merge
+                s += sa;
+                w += wa;
+            } else {
+                float d = ma - M, c = expf(d);
+                s += c * sa;
+                w += c * (wa + d * sa);
+            }
         }
         if (sb > 0.0f) {
-            float d = mb - M, c = expf(d);
-            s += c * sb;
-            w += c * (wb + d * sb);
+            if (mb == M) {
+                s += sb;
+                w += wb;
+            } else {
+                float d = mb - M, c = expf(d);
+                s += c * sb;
+                w += c * (wb + d * sb);
+            }
         }
     }
     a[0] = M;

@@ -114,7 +114,9 @@ def _xf_torch(y, scale, softcap, temperature):
 def _fold(tile, ids, state, v0, V, scale, softcap, temperature, entropy):
     if tile.dtype == torch.float64:    # the same fold in torch, for float64 (gradcheck)
         x, _ = _xf_torch(tile, scale, softcap, temperature)
-        m = torch.maximum(state[:, 0], x.amax(1))
+        m = torch.maximum(state[:, 0], x.amax(1))   # NaN of either sign propagates
+        # the rule set of csrc/gmpo_hidden.h (gmpo_lse_merge): NaN or +inf -> NaN
+        poisoned = ~(m < math.inf) | torch.isnan(state[:, 1])
         mf = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(x - mf[:, None])
         c = torch.exp(state[:, 0] - mf)
@@ -122,6 +124,7 @@ def _fold(tile, ids, state, v0, V, scale, softcap, temperature, entropy):
             + torch.where(e > 0, e * (x - mf[:, None]), torch.zeros_like(e)).sum(1)
         state[:, 1] = c * state[:, 1] + e.sum(1)
         state[:, 0] = m
+        state[:, :3] = torch.where(poisoned[:, None], math.nan, state[:, :3])
         local = ids - v0
         inr = (local >= 0) & (local < tile.shape[1])
         state[:, 3] += torch.where(inr, x.gather(1, local.clamp(0, tile.shape[1] - 1)[:, None])[:, 0],
@@ -145,8 +148,9 @@ def _grad(tile, ids, v0, V, scale, softcap, temperature, lse, entropy, g, gh):
             inr = (local >= 0) & (local < tile.shape[1])
             d.scatter_add_(1, local.clamp(0, tile.shape[1] - 1)[:, None],
                            torch.where(inr, g, torch.zeros_like(g))[:, None])
-        if gh is not None:
-            d -= gh[:, None] * p * (x - lse[:, None] + entropy[:, None])
+        if gh is not None:   # p = 0 (a -inf logit): no gradient, not 0 * -inf
+            d -= torch.where(p == 0, torch.zeros_like(p),
+                             gh[:, None] * p * (x - lse[:, None] + entropy[:, None]))
         tile.copy_(d * (k if k is not None else scale / temperature))
         return
     n = tile.shape[0]

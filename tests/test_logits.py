@@ -43,7 +43,7 @@ class Tol:
 
 # Why: the kernels read bf16/fp16 logits exactly and compute in fp32 for every
 # dtype, so logp, lse and entropy carry fp32 error only: sums of up to ~50 000
-# terms in fp32 lanes within chunks of 2048 and fp64 across chunks, and an exp
+# terms in fp32 lanes within chunks of 2048 and fp32 across chunks, and an exp
 # within 1 ulp: ~1e-7 relative measured, 2e-6 leaves margin (1e-5 for the
 # loss, which also carries the loss kernel's tolerance). The gradient is
 # written in the logits' dtype: half an ulp of it per element (2^-8 bf16,

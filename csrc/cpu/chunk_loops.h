@@ -1,10 +1,20 @@
 /*
- * chunk_loops.h -- the fp32 chunk loops that the logits kernels (logits_cpu.c)
- * and the hidden-state tile kernels (hidden_cpu.c) share: a chunk of a row is
- * converted to fp32 (and scaled or transformed) into a buffer of GMPO_CL_CHUNK
- * floats that stays in L1, then these loops run over it.
+ * chunk_loops.h -- the fp32 row and chunk loops of the CPU kernels: the
+ * hidden-state tile kernels (hidden_cpu.c) and the logits kernels
+ * (logits_cpu.c), which are the same loops over a whole row with scale 1 and
+ * no softcap (x = z / tau). A row is processed in chunks: each is converted to
+ * fp32 and transformed into a buffer of GMPO_CL_CHUNK floats that stays in L1,
+ * then the vector loops run over it.
  *
- *   gmpo_cl_max    the largest float of the chunk (an integer max over keys)
+ *   gmpo_cl_row_fold  a row's columns folded into a gmpo_hidden.h state: each
+ *                  chunk's own state merged with gmpo_lse_merge, so chunks,
+ *                  tiles, rows of logits and vocab-parallel ranks combine one
+ *                  way, under the one NaN / infinity rule set (gmpo_hidden.h)
+ *   gmpo_cl_row_grad  a row's gradient dL/dy from the finished lse and entropy
+ *   gmpo_cl_load   a chunk into fp32, transformed (and the softcap's chain factor)
+ *   gmpo_cl_grad   the gradient of a chunk, in place
+ *   gmpo_cl_max    the largest float of the chunk (an integer max over keys;
+ *                  blind to a NaN with its sign bit set, see there)
  *   gmpo_cl_any_nan
  *   gmpo_cl_sums   sum of exp(x - M) and of exp(x - M) (x - M), in
  *                  GMPO_CL_LANES fp32 lanes folded pairwise (a fixed order)
@@ -24,6 +34,7 @@
 #include <math.h>
 #include <stdint.h>
 #include "../gmpo.h"
+#include "../gmpo_hidden.h"   // the state, its merge (the rule set), the softcap's tanh
 #include "../gmpo_math.h"
 
 #define GMPO_CL_CHUNK 2048   // fp32 elements per chunk: 8 KiB, in L1
@@ -53,8 +64,11 @@ static inline int32_t gmpo_cl_key(int32_t s) {
     return s ^ (int32_t)((uint32_t)(s >> 31) >> 1);
 }
 
-// the largest of x[0..n): -inf when nothing is larger; a NaN may or may not be
-// returned (callers check gmpo_cl_any_nan where the max is -inf)
+// the largest of x[0..n): -inf when nothing is larger. A NaN with its sign bit
+// clear is returned (it sorts above inf); one with it set (0/0 and inf - inf on
+// x86) sorts below -inf and is NOT seen: callers find it in the sums (NaN:
+// exp(NaN - M) is NaN) or, where the max is -inf, with gmpo_cl_any_nan. The
+// rule set these serve is gmpo_hidden.h's (gmpo_lse_merge).
 GMPO_CL_LOOP float gmpo_cl_max(const float *restrict x, int64_t n) {
     gmpo_f32_bits b;
     b.f = -INFINITY;
@@ -120,6 +134,142 @@ GMPO_CL_LOOP void gmpo_cl_store(void *row, int32_t dt, int64_t off, int64_t n,
     } else {
         uint16_t *p = (uint16_t *)row + off;
         for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16(x[k]);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the transform and the row loops (shared by the tile and the logits kernels)
+
+// the transform's constants (gmpo_hidden.h: u = s y; z = c tanh(u / c) with a
+// softcap; x = z / tau), computed once per call. The logits kernels use s = 1,
+// no softcap: x = y * (1 / tau), as float(1 / tau) (the fused path's scale).
+typedef struct {
+    float s, c, inv_c, inv_t;
+    int softcap;
+} gmpo_cl_xf;
+
+static inline gmpo_cl_xf gmpo_cl_transform(double scale, double softcap, double temperature) {
+    gmpo_cl_xf f;
+    f.s = (float)scale;
+    f.softcap = softcap > 0.0;
+    f.c = f.softcap ? (float)softcap : 1.0f;
+    f.inv_c = 1.0f / f.c;
+    f.inv_t = (float)(1.0 / temperature);
+    return f;
+}
+
+// n values of a row from element off into x, transformed: x = f(y); with
+// softcap also the chain factor k = s / tau (1 - t^2) into kf (kf may be NULL)
+GMPO_CL_LOOP void gmpo_cl_load(const void *row, int32_t dt, int64_t off, int64_t n,
+                               gmpo_cl_xf f, float *restrict x, float *restrict kf) {
+    int64_t k;
+    if (!f.softcap) {   // one pass: converted and scaled (s / tau) in the same loop
+        float m = f.s * f.inv_t;
+        if (dt == GMPO_DT_F32) {
+            const float *p = (const float *)row + off;
+            for (k = 0; k < n; k++) x[k] = p[k] * m;
+        } else if (dt == GMPO_DT_BF16) {
+            const uint16_t *p = (const uint16_t *)row + off;
+            for (k = 0; k < n; k++) x[k] = gmpo_bf16_to_f32(p[k]) * m;
+        } else {
+            const uint16_t *p = (const uint16_t *)row + off;
+            for (k = 0; k < n; k++) x[k] = gmpo_f16_to_f32(p[k]) * m;
+        }
+        return;
+    }
+    float y[GMPO_CL_CHUNK] GMPO_CL_ALIGN;
+    if (dt == GMPO_DT_F32) {
+        const float *p = (const float *)row + off;
+        for (k = 0; k < n; k++) y[k] = p[k];
+    } else if (dt == GMPO_DT_BF16) {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) y[k] = gmpo_bf16_to_f32(p[k]);
+    } else {
+        const uint16_t *p = (const uint16_t *)row + off;
+        for (k = 0; k < n; k++) y[k] = gmpo_f16_to_f32(p[k]);
+    }
+    float ck = f.c * f.inv_t, dk = f.s * f.inv_t;
+    if (kf) {
+        for (k = 0; k < n; k++) {
+            float t = gmpo_tanh_f(y[k] * f.s * f.inv_c);
+            x[k] = ck * t;
+            kf[k] = dk * (1.0f - t * t);
+        }
+    } else {
+        for (k = 0; k < n; k++) x[k] = ck * gmpo_tanh_f(y[k] * f.s * f.inv_c);
+    }
+}
+
+// x <- (-g p - gh p (x - lse + H)) * k with p = exp(x - lse), in place
+// (k: the chain factor per element, kf, or the constant kc when kf is NULL).
+// p = 0 (a -inf logit, or one that underflows): 0, never 0 * -inf.
+GMPO_CL_LOOP void gmpo_cl_grad(float *restrict x, const float *restrict kf, float kc, int64_t n,
+                               float lse, float g, float gh, float H) {
+    int64_t k;
+    float c = H - lse;
+    if (kf) {
+        for (k = 0; k < n; k++) {
+            float p = gmpo_exp_f(x[k] - lse);
+            float d = -p * (g + gh * (x[k] + c));
+            x[k] = p == 0.0f ? 0.0f : d * kf[k];
+        }
+    } else if (gh == 0.0f) {
+        float gk = -g * kc;
+        for (k = 0; k < n; k++) x[k] = gk * gmpo_exp_f(x[k] - lse);
+    } else {
+        for (k = 0; k < n; k++) {
+            float p = gmpo_exp_f(x[k] - lse);
+            float d = -p * (g + gh * (x[k] + c));
+            x[k] = p == 0.0f ? 0.0f : d * kc;
+        }
+    }
+}
+
+// fold the vn columns of a row into st (GMPO_LSE_STATE floats, merged into what
+// is there); local: the target's column in this row (outside [0, vn): not
+// here, st[3] unchanged); ent: also the entropy term; buf: GMPO_CL_CHUNK floats
+static void gmpo_cl_row_fold(const void *row, int32_t dt, int64_t vn, gmpo_cl_xf f, int ent,
+                             int64_t local, float *buf, float *st) {
+    for (int64_t off = 0; off < vn; off += GMPO_CL_CHUNK) {
+        int64_t n = vn - off < GMPO_CL_CHUNK ? vn - off : GMPO_CL_CHUNK;
+        gmpo_cl_load(row, dt, off, n, f, buf, NULL);
+        // the chunk's partial state; gmpo_lse_merge applies the rule set of
+        // gmpo_hidden.h (NaN of either sign or +inf: NaN; -inf: probability 0)
+        float ch[GMPO_LSE_STATE];
+        gmpo_lse_init(ch);
+        float cm = gmpo_cl_max(buf, n);
+        if (cm == -INFINITY) {                   // all -inf adds nothing; a NaN the max
+            if (gmpo_cl_any_nan(buf, n)) ch[0] = NAN;   // missed (sign bit set) poisons
+        } else if (cm < INFINITY) {              // a NaN the max missed makes the sums NaN
+            // summed at the row's max where that is larger: the merge then needs
+            // no exp while the row's max stands (an exp per chunk is ~4% of the
+            // fold at V = 32768); a NaN row max compares false: summed at cm
+            float m = st[0] > cm ? st[0] : cm;
+            gmpo_cl_sums(buf, n, m, ent, &ch[1], &ch[2]);
+            ch[0] = m;
+        } else {
+            ch[0] = cm;                          // NaN or +inf: poisoned, no sums needed
+        }
+        if (local - off >= 0 && local - off < n) ch[3] = buf[local - off];
+        gmpo_lse_merge(st, ch);
+    }
+}
+
+// dst <- dL/dy of the vn columns of src (dst may be src: each chunk is read
+// before it is written), from the finished lse and entropy H and the upstream
+// G = dL/dlogp, Gh = dL/dH; local: the target's column (outside [0, vn): no
+// one-hot term); buf, kbuf: GMPO_CL_CHUNK floats each (kbuf: softcap only)
+static void gmpo_cl_row_grad(const void *src, void *dst, int32_t dt, int64_t vn, gmpo_cl_xf f,
+                             int64_t local, float lse, float G, float Gh, float H, float *buf,
+                             float *kbuf) {
+    const float kc = f.s * f.inv_t;
+    float *kf = f.softcap ? kbuf : NULL;
+    for (int64_t off = 0; off < vn; off += GMPO_CL_CHUNK) {
+        int64_t n = vn - off < GMPO_CL_CHUNK ? vn - off : GMPO_CL_CHUNK;
+        gmpo_cl_load(src, dt, off, n, f, buf, kf);
+        gmpo_cl_grad(buf, kf, kc, n, lse, G, Gh, H);
+        if (local - off >= 0 && local - off < n) buf[local - off] += G * (kf ? kf[local - off] : kc);
+        gmpo_cl_store(dst, dt, off, n, buf);
     }
 }
 

@@ -10,12 +10,14 @@
  *   grad: tile (n, vn), lse, entropy, G, Gh (n,) -> the tile overwritten with
  *         dL/dy, the gradient the dH = dy W and dW += dy^T h GEMMs take
  *
- * Each row of the tile is processed HD_CHUNK columns at a time: the chunk is
- * converted to fp32 and transformed (scale, softcap, 1/tau) into a buffer that
- * stays in L1, and the vector loops (max; exp and sums; or exp and gradient)
- * run over it. A chunk's sums are a state of their own, merged into the row's
- * with gmpo_lse_merge: tiles, chunks and (later) vocab-parallel ranks combine
- * the same way. Sums run in fp32 vector lanes within a chunk.
+ * The row loops are chunk_loops.h's (gmpo_cl_row_fold, gmpo_cl_row_grad), the
+ * same ones the logits kernels run: each row of the tile is processed
+ * GMPO_CL_CHUNK columns at a time, converted to fp32 and transformed (scale,
+ * softcap, 1/tau) into a buffer that stays in L1, and the vector loops (max;
+ * exp and sums; or exp and gradient) run over it. A chunk's sums are a state
+ * of their own, merged into the row's with gmpo_lse_merge (gmpo_hidden.h, the
+ * NaN / infinity rule set): chunks, tiles and vocab-parallel ranks combine the
+ * same way. Sums run in fp32 vector lanes within a chunk, fp32 across chunks.
  *
  * The exp is gmpo_math.h's branch-free polynomial (gmpo_exp_f), the tanh of
  * the softcap gmpo_hidden.h's; gcc vectorises both at -O3. No fast-math: NaN
@@ -32,86 +34,13 @@
 #include <stdio.h>
 #include <string.h>
 #include "../gmpo_hidden.h"
-#include "chunk_loops.h"   // the chunk loops shared with logits_cpu.c
+#include "chunk_loops.h"   // the row and chunk loops shared with logits_cpu.c
 
 #define HD_CHUNK GMPO_CL_CHUNK
 #define HD_ALIGN GMPO_CL_ALIGN
-#define HD_LOOP GMPO_CL_LOOP
 
-// the transform's constants, computed once per call
-typedef struct {
-    float s, c, inv_c, inv_t;
-    int softcap;
-} hd_xf;
-
-static hd_xf hd_transform(const gmpo_tile_args *a) {
-    hd_xf f;
-    f.s = (float)a->logit_scale;
-    f.softcap = a->softcap > 0.0;
-    f.c = f.softcap ? (float)a->softcap : 1.0f;
-    f.inv_c = 1.0f / f.c;
-    f.inv_t = (float)(1.0 / a->temperature);
-    return f;
-}
-
-// ----------------------------------------------------------------------------
-// chunk loops over the fp32 buffer
-
-// n values of a tile row from element off into x, transformed: x = f(y); with
-// softcap also the chain factor k = s / tau (1 - t^2) into kf (kf may be NULL)
-HD_LOOP void hd_load(const void *row, int32_t dt, int64_t off, int64_t n, hd_xf f,
-                     float *restrict x, float *restrict kf) {
-    int64_t k;
-    float y[HD_CHUNK] HD_ALIGN;
-    if (dt == GMPO_DT_F32) {
-        const float *p = (const float *)row + off;
-        for (k = 0; k < n; k++) y[k] = p[k];
-    } else if (dt == GMPO_DT_BF16) {
-        const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) y[k] = gmpo_bf16_to_f32(p[k]);
-    } else {
-        const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) y[k] = gmpo_f16_to_f32(p[k]);
-    }
-    if (!f.softcap) {
-        float m = f.s * f.inv_t;
-        for (k = 0; k < n; k++) x[k] = y[k] * m;
-        return;
-    }
-    float ck = f.c * f.inv_t, dk = f.s * f.inv_t;
-    if (kf) {
-        for (k = 0; k < n; k++) {
-            float t = gmpo_tanh_f(y[k] * f.s * f.inv_c);
-            x[k] = ck * t;
-            kf[k] = dk * (1.0f - t * t);
-        }
-    } else {
-        for (k = 0; k < n; k++) x[k] = ck * gmpo_tanh_f(y[k] * f.s * f.inv_c);
-    }
-}
-
-// x <- (-g p - gh p (x - lse + H)) * k with p = exp(x - lse), in place
-// (k: the chain factor per element, kf, or the constant kc when kf is NULL)
-HD_LOOP void hd_grad(float *restrict x, const float *restrict kf, float kc, int64_t n,
-                     float lse, float g, float gh, float H) {
-    int64_t k;
-    float c = H - lse;
-    if (kf) {
-        for (k = 0; k < n; k++) {
-            float p = gmpo_exp_f(x[k] - lse);
-            float d = -p * (g + gh * (x[k] + c));
-            x[k] = p == 0.0f ? 0.0f : d * kf[k];   // p = 0 where x = -inf
-        }
-    } else if (gh == 0.0f) {
-        float gk = -g * kc;
-        for (k = 0; k < n; k++) x[k] = gk * gmpo_exp_f(x[k] - lse);
-    } else {
-        for (k = 0; k < n; k++) {
-            float p = gmpo_exp_f(x[k] - lse);
-            float d = -p * (g + gh * (x[k] + c));
-            x[k] = p == 0.0f ? 0.0f : d * kc;
-        }
-    }
+static gmpo_cl_xf hd_transform(const gmpo_tile_args *a) {
+    return gmpo_cl_transform(a->logit_scale, a->softcap, a->temperature);
 }
 
 // ----------------------------------------------------------------------------
@@ -120,43 +49,6 @@ HD_LOOP void hd_grad(float *restrict x, const float *restrict kf, float kc, int6
 static int64_t hd_id(const gmpo_tile_args *a, int64_t r) {
     return a->ids_dtype == GMPO_DT_I64 ? ((const int64_t *)a->ids)[r]
                                        : (int64_t)((const int32_t *)a->ids)[r];
-}
-
-// fold one tile row into st (GMPO_LSE_STATE floats); buf: HD_CHUNK floats
-static void hd_row_fold(const gmpo_tile_args *a, hd_xf f, const void *row, int64_t id,
-                        float *buf, float *st) {
-    const int32_t dt = a->dtype;
-    for (int64_t off = 0; off < a->vn; off += HD_CHUNK) {
-        int64_t n = a->vn - off < HD_CHUNK ? a->vn - off : HD_CHUNK;
-        hd_load(row, dt, off, n, f, buf, NULL);
-        float ch[GMPO_LSE_STATE];
-        gmpo_lse_init(ch);
-        float cm = gmpo_cl_max(buf, n);
-        if (cm != cm || (cm == -INFINITY && gmpo_cl_any_nan(buf, n))) {
-            ch[0] = NAN;                         // a NaN logit: the token's values are NaN
-        } else if (cm != -INFINITY) {            // all -inf adds nothing
-            gmpo_cl_sums(buf, n, cm, a->entropy, &ch[1], &ch[2]);
-            ch[0] = cm;
-        }
-        int64_t local = id - a->v0 - off;
-        if (local >= 0 && local < n) ch[3] = buf[local];
-        gmpo_lse_merge(st, ch);
-    }
-}
-
-// overwrite one tile row with dL/dy
-static void hd_row_grad(const gmpo_tile_args *a, hd_xf f, void *row, int64_t id, float lse,
-                        float G, float Gh, float H, float *buf, float *kbuf) {
-    const int32_t dt = a->dtype;
-    const float kc = f.s * f.inv_t;
-    for (int64_t off = 0; off < a->vn; off += HD_CHUNK) {
-        int64_t n = a->vn - off < HD_CHUNK ? a->vn - off : HD_CHUNK;
-        hd_load(row, dt, off, n, f, buf, f.softcap ? kbuf : NULL);  // read before written:
-        hd_grad(buf, f.softcap ? kbuf : NULL, kc, n, lse, G, Gh, H);  // in place is safe
-        int64_t local = id - a->v0 - off;
-        if (local >= 0 && local < n) buf[local] += G * (f.softcap ? kbuf[local] : kc);
-        gmpo_cl_store(row, dt, off, n, buf);
-    }
 }
 
 // ----------------------------------------------------------------------------
@@ -222,7 +114,7 @@ gmpo_status gmpo_hidden_cpu_fold(gmpo_tile_args *a, float *state, int64_t state_
         return hd_fail(a, "state: its extent is smaller than n x 4 floats");
     if (a->vn == 0) return GMPO_OK;
     if ((st = hd_check_ids(a))) return st;
-    const hd_xf f = hd_transform(a);
+    const gmpo_cl_xf f = hd_transform(a);
     const size_t es = hd_esize(a->dtype);
     int nt = hd_threads(a);
 #ifdef _OPENMP
@@ -235,7 +127,8 @@ gmpo_status gmpo_hidden_cpu_fold(gmpo_tile_args *a, float *state, int64_t state_
 #endif
         for (int64_t r = 0; r < a->n; r++) {
             const char *row = (const char *)a->tile + (size_t)(r * a->ld) * es;
-            hd_row_fold(a, f, row, hd_id(a, r), buf, state + r * GMPO_LSE_STATE);
+            gmpo_cl_row_fold(row, a->dtype, a->vn, f, a->entropy, hd_id(a, r) - a->v0, buf,
+                             state + r * GMPO_LSE_STATE);
         }
     }
     (void)nt;
@@ -253,7 +146,7 @@ gmpo_status gmpo_hidden_cpu_grad(gmpo_tile_args *a, const float *lse, const floa
     if (grad_entropy && !entropy)
         return hd_fail(a, "entropy: needed (the forward's) when grad_entropy is given");
     if ((st = hd_check_ids(a))) return st;
-    const hd_xf f = hd_transform(a);
+    const gmpo_cl_xf f = hd_transform(a);
     const size_t es = hd_esize(a->dtype);
     int nt = hd_threads(a);
 #ifdef _OPENMP
@@ -272,8 +165,8 @@ gmpo_status gmpo_hidden_cpu_grad(gmpo_tile_args *a, const float *lse, const floa
                 memset(row, 0, (size_t)a->vn * es);
                 continue;
             }
-            hd_row_grad(a, f, row, hd_id(a, r), lse[r], G, Gh, grad_entropy ? entropy[r] : 0.0f,
-                        buf, kbuf);
+            gmpo_cl_row_grad(row, row, a->dtype, a->vn, f, hd_id(a, r) - a->v0, lse[r], G, Gh,
+                             grad_entropy ? entropy[r] : 0.0f, buf, kbuf);
         }
     }
     (void)nt;

@@ -9,18 +9,20 @@
  *   backward: logits, ids, mask, lse, entropy, G = dL/dlogp, Gh = dL/dH (B, T)
  *             -> grad (B, TL, V) in the logits' dtype (possibly the logits' buffer)
  *
- * A row of V logits is processed LG_CHUNK elements at a time: the chunk is
- * converted to fp32 and divided by the temperature into a small buffer that
- * stays in L1, then the vector loops (max, exp and sums; or exp and gradient)
- * run over that buffer. The running maximum and sums are combined across
- * chunks with the usual rescaling (online softmax), so each row is read from
- * memory once per pass. Sums run in fp32 vector lanes within a chunk and in
- * fp64 across chunks.
+ * A row of logits is the hidden-state path's tile row with scale 1 and no
+ * softcap (x = z / tau), and runs the same row loops (chunk_loops.h:
+ * gmpo_cl_row_fold, gmpo_cl_row_grad): the row is processed GMPO_CL_CHUNK
+ * elements at a time, converted to fp32 and divided by the temperature into a
+ * buffer that stays in L1, then the vector loops (max, exp and sums; or exp and
+ * gradient) run over it. Each chunk's state is merged into the row's with
+ * gmpo_lse_merge (gmpo_hidden.h), which holds the one NaN / infinity rule set
+ * of every fold; so each row is read from memory once per pass. Sums run in
+ * fp32 vector lanes within a chunk and fp32 across chunks.
  *
- * The exp is our own branchless polynomial (lg_exp) that gcc vectorises at -O3;
- * no fast-math: NaN propagates. On x86-64 gcc the row kernels are compiled for
- * x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and the baseline, picked at load
- * time (target_clones).
+ * The exp is gmpo_math.h's branchless polynomial (gmpo_exp_f) that gcc
+ * vectorises at -O3; no fast-math: NaN propagates. On x86-64 gcc the chunk
+ * loops are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA) and the
+ * baseline, picked at load time (target_clones).
  */
 #if defined(__GNUC__) && !defined(__clang__)
 // FP exceptions are never trapped here: without this gcc will not if-convert
@@ -33,112 +35,17 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
+#include "../gmpo_hidden.h"   // the fold state and its merge
 #include "../gmpo_logits.h"
 #include "../gmpo_math.h"
-#include "chunk_loops.h"   // the chunk loops shared with hidden_cpu.c
+#include "chunk_loops.h"   // the row and chunk loops shared with hidden_cpu.c
 
 #define LG_CHUNK GMPO_CL_CHUNK
 #define LG_ALIGN GMPO_CL_ALIGN
-#define LG_LOOP GMPO_CL_LOOP   // out of line, target clones: see chunk_loops.h
-#if defined(__GNUC__)
-#define LG_INLINE static inline __attribute__((always_inline))
-#else
-#define LG_INLINE static inline
-#endif
 
-// ----------------------------------------------------------------------------
-// scalar helpers, branchless so that the loops calling them vectorise
-
-// exp: the branchless polynomial of gmpo_math.h (gmpo_exp_f), shared with the
-// loss kernels; the loops calling it vectorise
-LG_INLINE float lg_exp(float x) { return gmpo_exp_f(x); }
-
-// fp16/bf16 <-> fp32: gmpo_math.h's branch-free converters
-
-// ----------------------------------------------------------------------------
-// chunk loops over the fp32 buffer
-
-// n elements of a logits row from element off, times s = 1/tau, into x
-LG_LOOP void lg_load(const void *row, int32_t dt, int64_t off, int64_t n, float s,
-                       float *restrict x) {
-    int64_t k;
-    if (dt == GMPO_DT_F32) {
-        const float *p = (const float *)row + off;
-        for (k = 0; k < n; k++) x[k] = p[k] * s;
-    } else if (dt == GMPO_DT_BF16) {
-        const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) x[k] = gmpo_bf16_to_f32(p[k]) * s;
-    } else {
-        const uint16_t *p = (const uint16_t *)row + off;
-        for (k = 0; k < n; k++) x[k] = gmpo_f16_to_f32(p[k]) * s;
-    }
-}
-
-// x <- -g p - gh p (x - lse + H) with p = exp(x - lse), in place
-LG_LOOP void lg_grad(float *restrict x, int64_t n, float lse, float g, float gh, float H) {
-    int64_t k;
-    if (gh == 0.0f) {
-        for (k = 0; k < n; k++) x[k] = -g * lg_exp(x[k] - lse);
-    } else {
-        float c = H - lse;
-        for (k = 0; k < n; k++) {
-            float p = lg_exp(x[k] - lse);
-            float d = -p * (g + gh * (x[k] + c));
-            x[k] = p == 0.0f ? 0.0f : d;         // p = 0 where x = -inf
-        }
-    }
-}
-
-// ----------------------------------------------------------------------------
-// row kernels
-
-// lse and entropy of one row of V logits (online over chunks); buf: LG_CHUNK floats
-// (mx, lsr: the row's max and log sum exp(x - max), of which lse is the sum)
-static void lg_row_forward(const void *row, int32_t dt, int64_t V, float s, int ent,
-                           float *buf, float *lse, float *entropy, float *mx, float *lsr) {
-    float M = -INFINITY;
-    double S = 0.0, W = 0.0;   // sum e^(x-M), sum e^(x-M) (x-M)
-    for (int64_t off = 0; off < V; off += LG_CHUNK) {
-        int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
-        lg_load(row, dt, off, n, s, buf);
-        float cm = gmpo_cl_max(buf, n);
-        if (cm != cm) { M = NAN; S = W = NAN; break; }
-        if (cm == -INFINITY) {                   // all -inf (contributes exp(-inf) = 0) or NaN
-            if (gmpo_cl_any_nan(buf, n)) { M = NAN; S = W = NAN; break; }
-            continue;
-        }
-        if (cm > M) {                            // rescale what we have to the new max
-            if (S > 0.0) {
-                double d = (double)M - (double)cm;
-                double c = exp(d);
-                W = c * (W + d * S);
-                S *= c;
-            }
-            M = cm;
-        }
-        float cs, cw;
-        gmpo_cl_sums(buf, n, M, ent, &cs, &cw);
-        S += cs;
-        W += cw;
-    }
-    double ls = log(S);                          // all -inf: log 0 = -inf, NaN below
-    *lse = (float)((double)M + ls);
-    if (ent) *entropy = (float)(ls - W / S);
-    *mx = M;
-    *lsr = (float)ls;
-}
-
-// gradient of one row: x = z/tau, p = exp(x - lse),
-// d = g (1[v == id] - p) - gh p (x - lse + H) with g = G/tau, gh = Gh/tau
-static void lg_row_backward(const void *row, int32_t dt, void *grow, int64_t V, float s,
-                            float lse, float g, float gh, float H, int64_t id, float *buf) {
-    for (int64_t off = 0; off < V; off += LG_CHUNK) {
-        int64_t n = V - off < LG_CHUNK ? V - off : LG_CHUNK;
-        lg_load(row, dt, off, n, s, buf);        // the whole chunk is read before it is
-        lg_grad(buf, n, lse, g, gh, H);          // written: in place is safe
-        if (id >= off && id < off + n) buf[id - off] += g;
-        gmpo_cl_store(grow, dt, off, n, buf);
-    }
+// the logits' transform: scale 1, no softcap, x = z * float(1 / tau)
+static gmpo_cl_xf lg_transform(const gmpo_logits_args *a) {
+    return gmpo_cl_transform(1.0, 0.0, a->temperature);
 }
 
 // ----------------------------------------------------------------------------
@@ -297,7 +204,7 @@ gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *ent
     const int64_t T = a->T, rows = a->B * a->T;
     if (rows == 0) return GMPO_OK;
     if ((st = lg_check_ids(a))) return st;
-    const float s = (float)(1.0 / a->temperature);
+    const gmpo_cl_xf f = lg_transform(a);
     const int32_t dt = a->logits.dtype;
     const size_t es = lg_esize(dt);
     const int ent = entropy != NULL;
@@ -319,19 +226,19 @@ gmpo_status gmpo_logits_cpu_forward(gmpo_logits_args *a, float *logp, float *ent
             }
             const char *row = (const char *)a->logits.data +
                               (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
-            float l, h = 0.0f, mx, lsr;
-            lg_row_forward(row, dt, a->V, s, ent, buf, &l, &h, &mx, &lsr);
+            float st[GMPO_LSE_STATE], l, lp, h;
+            gmpo_lse_init(st);
+            // a shard's target may lie on another rank: its column is then outside
+            // [0, V) and the state's target stays 0 (unused: logp is merged later)
+            gmpo_cl_row_fold(row, dt, a->V, f, ent, lg_id(a, b, t) - a->vocab_start, buf, st);
+            gmpo_lse_finish(st, &l, &lp, &h);
             if (ent) entropy[r] = h;
             if (a->vocab_total > 0) {   // a shard's state: its max and log-sum apart
-                lse[r] = mx;
-                logp[r] = lsr;
+                lse[r] = st[0];
+                logp[r] = logf(st[1]);   // log sum exp(x - max); all -inf: -inf
                 continue;
             }
-            int64_t id = lg_id(a, b, t);
-            float zid = dt == GMPO_DT_F32 ? ((const float *)row)[id]
-                        : dt == GMPO_DT_BF16 ? gmpo_bf16_to_f32(((const uint16_t *)row)[id])
-                                             : gmpo_f16_to_f32(((const uint16_t *)row)[id]);
-            logp[r] = zid * s - l;
+            logp[r] = lp;
             lse[r] = l;
         }
     }
@@ -346,7 +253,7 @@ gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
     if (st) return st;
     const int64_t T = a->T, TL = a->TL, rows = a->B * a->TL;
     if (rows == 0) return GMPO_OK;
-    const float s = (float)(1.0 / a->temperature);
+    const gmpo_cl_xf f = lg_transform(a);
     const int32_t dt = a->logits.dtype;
     const size_t es = lg_esize(dt);
     int nt = lg_threads(a, rows);
@@ -377,9 +284,9 @@ gmpo_status gmpo_logits_cpu_backward(gmpo_logits_args *a, const float *lse,
             const char *row = (const char *)a->logits.data +
                               (size_t)(b * a->logits.stride_b + t * a->logits.stride_t) * es;
             int64_t k = b * T + t;
-            lg_row_backward(row, dt, grow, a->V, s, lse[k], G * s, Gh * s,
-                            grad_entropy.data ? entropy[k] : 0.0f,
-                            lg_id(a, b, t) - a->vocab_start, buf);   // outside [0, V): no one-hot
+            gmpo_cl_row_grad(row, grow, dt, a->V, f, lg_id(a, b, t) - a->vocab_start, lse[k],
+                             G, Gh, grad_entropy.data ? entropy[k] : 0.0f, buf,
+                             NULL);   // an id outside the shard [0, V): no one-hot term
         }
     }
     (void)nt;
