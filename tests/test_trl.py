@@ -67,9 +67,9 @@ def _reward(completions, **kwargs):
 
 def _trainer(cls, model, tok, tmp_path, trainer_kw=None, **kw):
     args = GMPOConfig(output_dir=str(tmp_path / cls.__module__.replace(".", "_")), report_to="none",
-                      use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+                      use_cpu=True, gradient_checkpointing=False, save_strategy="no",
                       per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-                      max_steps=1, disable_tqdm=True, **kw)
+                      max_steps=1, disable_tqdm=True, **{"bf16": False, **kw})
     ds = Dataset.from_dict({"prompt": ["1+2=", "3+4="] * 4})
     return cls(model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=tok,
                **(trainer_kw or {}))
@@ -299,3 +299,88 @@ def test_fused_head_falls_back_with_one_warning(model_dir, tok, tmp_path):
         warnings.simplefilter("error")
         assert torch.isfinite(trainer.compute_loss(model, inputs))
     assert torch.isfinite(loss)
+
+
+def _scaled_model(model_dir, tok, zmax):
+    """The tiny model with its head scaled so that its logits reach |z| ~ zmax,
+    a trained model's size (a random tiny model's are ~0.3)."""
+    model = _model(model_dir, tok)
+    with torch.no_grad():
+        ids = torch.randint(2, len(tok), (B, P + T), generator=torch.Generator().manual_seed(2))
+        z = model(input_ids=ids).logits.abs().max()
+        model.lm_head.weight.mul_(zmax / float(z))
+    return model
+
+
+def _bf16_loss_and_grads(cls, model, tok, tmp_path, bf16, trainer_kw=None):
+    trainer = _trainer(cls, model, tok, tmp_path, trainer_kw, bf16=bf16)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.1, tool=False)
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+def test_bf16_autocast_keeps_the_fused_head_at_trained_magnitudes(model_dir, tok, tmp_path,
+                                                                  monkeypatch):
+    """bf16=True (fp32 master weights, CPU autocast) with logits of |z| ~ 30: the
+    head check passes (the tolerance follows the bf16 products and logits, not the
+    fp32 weight), the fused head runs its GEMMs in bf16 as the model's own head
+    does, and the result equals TRL's own trainer under bf16=True.
+
+    The tolerance, justified the way flash-attention accepts a kernel: against the
+    fp32 run of TRL's trainer (the truth), our bf16 run's error is at most twice
+    TRL's own bf16 error, per parameter, plus 1e-3 of the gradient's scale (a
+    tensor where TRL's bf16 error happens to be near 0); the loss within 2e-3
+    relative of TRL's bf16 loss (both round the same bf16 logits)."""
+    import gmpo_ext.trl as gtrl
+    from gmpo_ext.hidden import _autocast_dtype
+
+    dtypes = []
+    real = gtrl.linear_logps
+
+    def spy(hidden, weight, *a, **k):
+        # (Qwen2's RMSNorm returns fp32 from an fp32 norm weight: the GEMMs still run
+        # in bf16, on cast copies)
+        dtypes.append((_autocast_dtype(hidden, weight, k.get("bias")), weight.dtype))
+        return real(hidden, weight, *a, **k)
+
+    monkeypatch.setattr(gtrl, "linear_logps", spy)
+    zmax = 30.0
+    runs = {}
+    for name, cls, bf16 in (("trl32", TRLGMPOTrainer, False), ("trl16", TRLGMPOTrainer, True),
+                            ("ours16", GMPOTrainer, True)):
+        model = _scaled_model(model_dir, tok, zmax)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)   # no fallback warning
+            warnings.filterwarnings("ignore", message=".*(?<!gmpo_ext).*", category=UserWarning)
+            loss, grads, trainer = _bf16_loss_and_grads(cls, model, tok, tmp_path, bf16)
+        runs[name] = (loss, grads)
+        if cls is GMPOTrainer:
+            assert trainer.fused_lm_head and not trainer._gmpo_fallback_warned
+    assert dtypes and all(d == (torch.bfloat16, torch.float32) for d in dtypes), dtypes
+    (l32, g32), (lt, gt), (lo, go) = runs["trl32"], runs["trl16"], runs["ours16"]
+    assert abs(float(lo - lt)) <= 2e-3 * abs(float(lt)), (float(lo), float(lt))
+    for n in g32:
+        scale = float(g32[n].abs().max())
+        err_trl = float((gt[n] - g32[n]).abs().max())
+        err_ours = float((go[n] - g32[n]).abs().max())
+        assert err_ours <= 2 * err_trl + 1e-3 * scale, (n, err_ours, err_trl, scale)
+        assert go[n].dtype == torch.float32
+
+
+def test_head_check_catches_a_head_that_does_not_reproduce_the_logits(model_dir, tok, tmp_path):
+    """A model whose forward rescales the logits without saying so in its config
+    (1.02, a change of 2% of |z| ~ 30 under bf16) fails the first-batch check: the
+    logits path runs, with a warning that names the mismatch."""
+    model = _scaled_model(model_dir, tok, 30.0)
+    inner = model.lm_head.forward
+    model.lm_head.forward = lambda x: inner(x) * 1.02
+    trainer = _trainer(GMPOTrainer, model, tok, tmp_path, bf16=True)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    with pytest.warns(UserWarning, match="do not reproduce the model's logits"):
+        loss = trainer.compute_loss(model, inputs)
+    assert torch.isfinite(loss) and not trainer.fused_lm_head
