@@ -197,6 +197,19 @@ def _grads(engine, wrapped, model):
     return out
 
 
+def _direct_call(model):
+    """linear_logps given the head's weight as the engine leaves it outside the
+    forward (a DTensor shard, an FSDP1 flat shard, a ZeRO-3 partition): the
+    error's type and message, or None when it ran."""
+    weight = model.get_output_embeddings().weight
+    from gmpo_ext import linear_logps
+    try:
+        linear_logps(torch.zeros(2, H), weight, torch.zeros(2, dtype=torch.long))
+    except Exception as e:   # noqa: BLE001 - the test asserts which
+        return type(e).__name__, str(e)
+    return None
+
+
 def _engine_name(wrapped):
     """The engine the model ran under, as the test names it (None: none seen)."""
     name = type(wrapped).__name__
@@ -280,7 +293,7 @@ def run_variant(engine, variant, out_dir, tok, rank, world):
             trainer.current_gradient_accumulation_steps = ga
             loss = _step(engine, trainer, wrapped, inputs, rank, world, ga)
             result = dict(loss=loss, grads=_grads(engine, wrapped, model),
-                          wrapped=_engine_name(wrapped))
+                          wrapped=_engine_name(wrapped), direct=_direct_call(_base(model)))
             del wrapped
     finally:
         gtrl.linear_logps = real

@@ -812,3 +812,84 @@ def test_acc_mm_without_addmm_out_dtype(monkeypatch, dtype):
     hr, Wr, br = leaves(h.double(), W.double(), b.double())
     ref_head(hr, Wr, ids, br)[0].mul(mask).sum().backward()
     check_grads(ours, (hr, Wr, br), TOL[dtype][1])
+
+
+# ----------------------------------------------------------------------------
+# autocast: the head's GEMMs in the autocast dtype, as torch.nn.Linear's
+
+@pytest.mark.parametrize("cd", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_the_gemms_in_the_autocast_dtype(cd, hidden_dtype):
+    """Under torch.autocast (fp32 master weight and bias; hidden fp32, or already in
+    a low precision as an autocast backbone leaves it) linear_logps equals the call
+    on copies cast to the autocast dtype, bit for bit (the same GEMMs, the same
+    tiles); each gradient comes back in its own input's dtype, the fp32 weight's
+    and bias's from their fp32 accumulators (not a bf16 rounding of them), within
+    the low-precision tolerance of the fp64 reference; outside autocast mixed
+    dtypes still raise."""
+    B, T, H, V = 3, 9, 24, 301
+    h, W, b, ids, mask, *_ = make(B, T, H, V, torch.float32, seed=4, bias=True)
+    h = h.to(hidden_dtype)
+    leaves = [t.detach().clone().requires_grad_() for t in (h, W, b)]
+    with torch.autocast("cpu", dtype=cd):
+        lp, ent = gmpo_ext.linear_logps(leaves[0], leaves[1], ids, bias=leaves[2], mask=mask,
+                                        return_entropy=True, tile_vocab=128)
+    cast = [t.detach().to(cd).requires_grad_() for t in (h, W, b)]
+    lp_c, ent_c = gmpo_ext.linear_logps(cast[0], cast[1], ids, bias=cast[2], mask=mask,
+                                        return_entropy=True, tile_vocab=128)
+    assert torch.equal(lp, lp_c) and torch.equal(ent, ent_c)
+    g = torch.Generator().manual_seed(5)
+    up, up_e = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    ((lp * up).sum() + (ent * up_e).sum()).backward()
+    ((lp_c * up).sum() + (ent_c * up_e).sum()).backward()
+    for t, c in zip(leaves, cast):
+        assert t.grad.dtype == t.dtype
+        if t.dtype in (torch.float32, cd):   # the same fp32 sums, the cast call's rounded to cd
+            assert torch.equal(t.grad.to(cd), c.grad)
+    ref = [t.detach().double().requires_grad_() for t in (h, W, b)]
+    rl, re_ = ref_head(ref[0].to(cd).double(), ref[1].to(cd).double(), ids, ref[2].to(cd).double())
+    m = mask.double()
+    ((rl * m * up).sum() + (re_ * m * up_e).sum()).backward()
+    tol = TOL[cd][1]
+    for t, r in zip(leaves, ref):
+        assert _rel(t.grad.double(), r.grad) <= tol, _rel(t.grad.double(), r.grad)
+    with pytest.raises(TypeError, match="dtype"):
+        gmpo_ext.linear_logps(h.to(cd), W, ids)
+
+
+def _rel(a, b):
+    scale = b.double().abs().max()
+    return float((a.double() - b.double()).abs().max() / scale) if scale > 0 else \
+        float(a.double().abs().max())
+
+
+def test_autocast_leaves_float64_alone():
+    """fp64 operands are not cast by autocast (as torch's matmul): the custom op runs."""
+    h, W, b, ids, mask, *_ = make(2, 5, 8, 50, torch.float64, seed=6, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = gmpo_ext.linear_logps(h, W, ids, bias=b, mask=mask)
+    rl, _ = ref_head(h, W, ids, b)
+    assert lp.dtype == torch.float64
+    assert float((lp - rl * mask).abs().max()) <= TOL[torch.float64][0]
+
+
+def test_sharded_head_weights_are_refused_with_what_to_do():
+    """A head weight a training engine has sharded is refused before any pointer
+    reaches C (it read as a (0,)- or flat-shaped weight: a size mismatch or worse):
+    a partitioned ZeRO-3 parameter, an FSDP1 flat shard. (The real engines: the
+    ``errors`` checks of tests/_trl_engine_worker.py, DTensor included.)"""
+    h, W, b, ids, mask, *_ = make(2, 5, 8, 50, torch.float32, seed=7)
+    # a partitioned parameter as ZeRO-3 leaves it outside its module's forward
+    z3 = torch.nn.Parameter(torch.empty(0))
+    z3.ds_id, z3.ds_shape = 7, W.shape
+    ds = pytest.importorskip("deepspeed.runtime.zero.partition_parameters",
+                             reason="deepspeed is not installed (the test extra has it)")
+    z3.ds_status = ds.ZeroParamStatus.NOT_AVAILABLE
+    with pytest.raises(ValueError, match="ZeRO-3 partition.*GatheredParameters"):
+        gmpo_ext.linear_logps(h, z3, ids)
+    with pytest.raises(ValueError, match="ZeRO-3 partition"):
+        gmpo_ext.gmpo_loss_from_hidden(h, z3, ids, torch.zeros(2, 5), torch.ones(2), mask)
+    flat = torch.nn.Parameter(W.reshape(-1)[:100].clone())
+    flat._fsdp_flattened = True
+    with pytest.raises(ValueError, match="FSDP1 flat-parameter shard"):
+        gmpo_ext.linear_logps(h, flat, ids)

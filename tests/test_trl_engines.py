@@ -52,6 +52,14 @@ ENGINES = {
     "zero3": ["plain", "tied", "ga"],
 }
 
+# what linear_logps says of the head's weight outside the forward, per engine
+DIRECT = {
+    "ddp": None,
+    "fsdp1": ("ValueError", "FSDP1 flat-parameter shard"),
+    "fsdp2": ("TypeError", "is a DTensor"),
+    "zero3": ("ValueError", "ZeRO-3 partition"),
+}
+
 
 def _launch(engine, variants, out):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -91,6 +99,13 @@ def test_engine_matches_trl_single_process(engine, tmp_path):
         if variant == "train":
             assert got["steps"] == 1 and torch.isfinite(torch.tensor(got["loss"])), what
             continue
+        # the head's weight handed to linear_logps outside the forward: refused,
+        # saying what to do, where the engine shards it (DDP: a plain tensor)
+        if variant == "plain":
+            want = DIRECT[engine]
+            got_direct = got["direct"]
+            assert (got_direct is None) if want is None else \
+                (got_direct[0] == want[0] and want[1] in got_direct[1]), (what, got_direct)
         ref_loss, ref_grads = worker.reference(tok, set(variant.split("+")),
                                                str(tmp_path / f"model_{variant}"))
         assert abs(got["loss"] - ref_loss) <= RTOL * abs(ref_loss), (what, got["loss"], ref_loss)
