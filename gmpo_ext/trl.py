@@ -161,6 +161,12 @@ class _HeadCall:
         head = module.get_output_embeddings()
         weight, bias = head.weight, head.bias
         with _hidden._zero3_gathered(weight, bias):
+            try:    # still sharded inside the forward (an FSDP unit of its own): not fused
+                _hidden._check_head_weight(weight, bias)
+            except (TypeError, ValueError) as e:
+                self.why = "the LM head's weight is sharded inside the model's forward (" + \
+                    str(e).split(";")[0] + ")"
+                return None
             if self.check:
                 self.why = _head_mismatch(hs[:, -1], weight, bias, self.softcap,
                                           out.logits[:, -1])

@@ -384,3 +384,23 @@ def test_head_check_catches_a_head_that_does_not_reproduce_the_logits(model_dir,
     with pytest.warns(UserWarning, match="do not reproduce the model's logits"):
         loss = trainer.compute_loss(model, inputs)
     assert torch.isfinite(loss) and not trainer.fused_lm_head
+
+
+def test_head_sharded_inside_the_forward_falls_back(model_dir, tok, tmp_path, monkeypatch):
+    """A head whose weight is still a shard inside the model's forward (its own FSDP
+    unit) is not fused and does not crash: the logits path runs, with one warning
+    that names the reason, and still matches TRL's trainer."""
+    import gmpo_ext.hidden as hd
+
+    model = _model(model_dir, tok)
+    monkeypatch.setattr(hd, "_is_dtensor", lambda t: t is model.lm_head.weight)
+    monkeypatch.setattr(torch.Tensor, "to_local", lambda self: self[:1], raising=False)
+    trainer = _trainer(GMPOTrainer, model, tok, tmp_path)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    with pytest.warns(UserWarning, match="sharded inside the model's forward.*DTensor"):
+        loss = trainer.compute_loss(model, inputs)
+    assert not trainer.fused_lm_head
+    l_trl, _, _, _, _ = _loss_and_grads(TRLGMPOTrainer, model_dir, tok, tmp_path)
+    assert abs(float(loss - l_trl)) <= RTOL * abs(float(l_trl))

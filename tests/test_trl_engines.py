@@ -116,3 +116,63 @@ def test_engine_matches_trl_single_process(engine, tmp_path):
         assert sum(bool(g.abs().max() > 0) for g in ref_grads.values()) >= len(ref_grads) - 1
         if "lora" in variant:   # the head frozen: the fused head computed no weight gradient
             assert not any("lm_head" in n for n in ref_grads), what
+
+
+# ----------------------------------------------------------------------------
+# the README's engine table is written from ENGINES and DIRECT above
+
+_LABELS = {"ddp": "DDP", "fsdp1": "FSDP1 (`use_orig_params=True`)", "fsdp2": "FSDP2 (`fully_shard`)",
+           "zero3": "DeepSpeed ZeRO-3"}
+_VARIANTS = {"plain": "untied", "tied": "tied embeddings", "lora": "PEFT LoRA (head frozen)",
+             "ga": "grad. accumulation 2", "gc": "grad. checkpointing",
+             "train": "`train()` step with generation, GA 2"}
+
+
+def readme_table():
+    """The markdown table README.md shows (between its engine-table markers)."""
+    rows = ["| engine (2 ranks, gloo) | cases run | fused head | loss, every gradient vs TRL's "
+            "trainer in one process | `linear_logps(weight=head.weight)` outside the forward |",
+            "| :--- | :--- | :---: | :---: | :--- |"]
+    for engine, variants in ENGINES.items():
+        direct = DIRECT[engine]
+        rows.append(f"| {_LABELS[engine]} | {', '.join(_VARIANTS[v] for v in variants)} | yes | "
+                    f"equal (1e-5){' (`train()`: runs)' if 'train' in variants else ''} | "
+                    f"{'runs (a plain tensor)' if direct is None else direct[0] + ': ' + direct[1]} |")
+    return "\n".join(rows)
+
+
+def test_readme_engine_table_is_current():
+    """README.md's table lists exactly what this file runs and asserts."""
+    with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    begin, end = "<!-- engines:begin (tests/test_trl_engines.py) -->", "<!-- engines:end -->"
+    assert begin in text and end in text, "README.md lost its engine table markers"
+    shown = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert shown == readme_table(), ("README.md's engine table drifted; regenerate it with "
+                                     "python -c 'import sys; sys.path.insert(0, \"tests\"); "
+                                     "import test_trl_engines as t; print(t.readme_table())'")
+
+
+@pytest.mark.parametrize("variant", ["lora", "gc+tied"])
+def test_single_process_variants_match_trl(variant, tmp_path):
+    """The same cases without an engine: PEFT LoRA alone, gradient checkpointing
+    with a tied head; fused, and equal to TRL's own trainer."""
+    pytest.importorskip("peft", reason="peft is not installed (the test extra has it)")
+    from gmpo_ext.trl import GMPOTrainer
+    tok = worker._tok()
+    opts = set(variant.split("+"))
+    path = str(tmp_path / "model")
+    model = worker._model(len(tok), opts, path)
+    inputs = worker.batch(model, len(tok))
+    trainer = worker._trainer(GMPOTrainer, model, tok, str(tmp_path / "run"))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    assert trainer.fused_lm_head and not trainer._gmpo_fallback_warned
+    ref_loss, ref_grads = worker.reference(tok, opts, path)
+    assert abs(float(loss) - ref_loss) <= RTOL * abs(ref_loss)
+    grads = {worker.canonical(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert _max_rel(g, grads[name]) <= RTOL, (name, _max_rel(g, grads[name]))
