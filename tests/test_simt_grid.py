@@ -98,6 +98,34 @@ def test_loss_tiny_grid(default_mod, tiny_mod, algo, dtype, B, T):
     assert_matches_c(got, run(None, case, **opts), case, tol)
 
 
+def _finish(mod, case, **kw):
+    """(loss, metrics, rows) from the row sums, the split-row path's finish kernel."""
+    args = dict(algo=GMPO, logps=case.logps, old_logps=case.old_logps,
+                advantages=case.advantages, mask=case.mask, ref_logps=case.ref_logps,
+                is_weights=case.is_weights, convention=0, loss_type=0, eps_low=0.4,
+                eps_high=0.4, beta=0.04, log_ratio_clamp=0.0, normalizer=1.0, denom=0.0)
+    args.update(kw)
+    _backend.set_simt_module(mod)
+    try:
+        sums = _backend.row_sums(**args)
+        return _backend.finish_sums(sums, **args)
+    finally:
+        _backend.set_simt_module(None)
+
+
+def test_finish_sums_tiny_grid(default_mod, tiny_mod):
+    """The finish of split rows (group=) over more row blocks than the tiny grid
+    has (B = 520: 5 blocks of 128 against a cap of 3) takes a second grid-stride
+    pass and gives the same bits (it capped its grid with its own 65 535)."""
+    case = make_case(520, 3, dtype=torch.float32, seed=11, adv_shape="BT", ref=True,
+                     is_weights="BT", mask_kind="int", spread=0.4)
+    got, want = _finish(tiny_mod, case), _finish(default_mod, case)
+    for a, b, what in zip(got, want, ("loss", "metrics", "rows")):
+        assert_same_bits(a, b, what)
+    for a, b in zip(got, _finish(None, case)):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 # ----------------------------------------------------------------------------
 # logits
 

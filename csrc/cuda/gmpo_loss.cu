@@ -479,7 +479,7 @@ extern "C" gmpo_status gmpo_cuda_finish_sums(gmpo_args *a, const double *sums,
     if (a->B > 0) {
         const unsigned threads = 128;
         int64_t blocks = (a->B + threads - 1) / threads;
-        if (blocks > 65535) blocks = 65535;   // the grid-stride loop covers the rest
+        if (blocks > GMPO_MAX_GRID_X) blocks = GMPO_MAX_GRID_X;   // the grid-stride loop covers the rest
         if (a->logp.dtype == GMPO_DT_F64)
             GMPO_LAUNCH(gmpo_finish_sums_kernel<double>, (unsigned)blocks, threads, 0, stream, *a,
                         sums, rows);
