@@ -289,16 +289,22 @@ def test_fused_head_falls_back_with_one_warning(model_dir, tok, tmp_path):
     path runs, with one warning, and still matches TRL."""
     model = _model(model_dir, tok)
     model.config.logit_scale = 0.5
-    trainer = _trainer(GMPOTrainer, model, tok, tmp_path)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    trainer, inputs = _ready(GMPOTrainer, model, tok, tmp_path, beta=0.0)
     with pytest.warns(UserWarning, match="logit_scale"):
         loss = trainer.compute_loss(model, inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.isfinite(trainer.compute_loss(model, inputs))
     assert torch.isfinite(loss)
+
+
+def _ready(cls, model, tok, tmp_path, trainer_kw=None, beta=0.0, **cfg):
+    """A trainer in training mode, one accumulation step, and the fixed batch."""
+    trainer = _trainer(cls, model, tok, tmp_path, trainer_kw, **cfg)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=beta, tool=False)
+    return trainer, inputs
 
 
 def _scaled_model(model_dir, tok, zmax):
@@ -313,10 +319,7 @@ def _scaled_model(model_dir, tok, zmax):
 
 
 def _bf16_loss_and_grads(cls, model, tok, tmp_path, bf16, trainer_kw=None):
-    trainer = _trainer(cls, model, tok, tmp_path, trainer_kw, bf16=bf16)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.1, tool=False)
+    trainer, inputs = _ready(cls, model, tok, tmp_path, trainer_kw, bf16=bf16, beta=0.1)
     loss = trainer.compute_loss(model, inputs)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}, trainer
@@ -372,15 +375,12 @@ def test_bf16_autocast_keeps_the_fused_head_at_trained_magnitudes(model_dir, tok
 
 def test_head_check_catches_a_head_that_does_not_reproduce_the_logits(model_dir, tok, tmp_path):
     """A model whose forward rescales the logits without saying so in its config
-    (1.02, a change of 2% of |z| ~ 30 under bf16) fails the first-batch check: the
+    (by 1.05: 1.5 at |z| ~ 30, under bf16) fails the first-batch check: the
     logits path runs, with a warning that names the mismatch."""
     model = _scaled_model(model_dir, tok, 30.0)
     inner = model.lm_head.forward
-    model.lm_head.forward = lambda x: inner(x) * 1.02
-    trainer = _trainer(GMPOTrainer, model, tok, tmp_path, bf16=True)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    model.lm_head.forward = lambda x: inner(x) * 1.05
+    trainer, inputs = _ready(GMPOTrainer, model, tok, tmp_path, bf16=True, beta=0.0)
     with pytest.warns(UserWarning, match="do not reproduce the model's logits"):
         loss = trainer.compute_loss(model, inputs)
     assert torch.isfinite(loss) and not trainer.fused_lm_head
@@ -395,10 +395,7 @@ def test_head_sharded_inside_the_forward_falls_back(model_dir, tok, tmp_path, mo
     model = _model(model_dir, tok)
     monkeypatch.setattr(hd, "_is_dtensor", lambda t: t is model.lm_head.weight)
     monkeypatch.setattr(torch.Tensor, "to_local", lambda self: self[:1], raising=False)
-    trainer = _trainer(GMPOTrainer, model, tok, tmp_path)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs, _ = _batch(model, len(tok), trainer.temperature, beta=0.0, tool=False)
+    trainer, inputs = _ready(GMPOTrainer, model, tok, tmp_path, beta=0.0)
     with pytest.warns(UserWarning, match="sharded inside the model's forward.*DTensor"):
         loss = trainer.compute_loss(model, inputs)
     assert not trainer.fused_lm_head
