@@ -153,6 +153,22 @@ GMPO_HD int gmpo_lse_poisoned(const float *st) {
     return !(st[0] < INFINITY) || st[1] != st[1] || st[2] != st[2];
 }
 
+/* add a side's (max m, sum of exp sm, entropy term wm) rescaled to the max M >= m
+ * into (s, w); an empty side (sm = 0) adds 0. The side at M is added as it is:
+ * what exp(0) = 1 would give, without an exp per merge. */
+GMPO_HD void gmpo_lse_add_at(float m, float sm, float wm, float M, float *s, float *w) {
+    if (!(sm > 0.0f))
+        return;
+    if (m == M) {
+        *s += sm;
+        *w += wm;
+    } else {
+        float d = m - M, c = expf(d);
+        *s += c * sm;
+        *w += c * (wm + d * sm);
+    }
+}
+
 /* merge state b into a (commutative up to rounding; exact in the max) */
 GMPO_HD void gmpo_lse_merge(float *a, const float *b) {
     if (gmpo_lse_poisoned(a) || gmpo_lse_poisoned(b)) {   // the rule set: NaN or +inf
@@ -162,29 +178,10 @@ GMPO_HD void gmpo_lse_merge(float *a, const float *b) {
     }
     float ma = a[0], mb = b[0];
     float M = ma > mb ? ma : mb;
-    float sa = a[1], wa = a[2], sb = b[1], wb = b[2];
     float s = 0.0f, w = 0.0f;
     if (M != -INFINITY) {                        // rescale each side to M; an empty side adds 0
-        if (sa > 0.0f) {                         // the side at M as it is: what exp(0) = 1
-            if (ma == M) {                       // would give, without an exp per merge
-                s += sa;
-                w += wa;
-            } else {
-                float d = ma - M, c = expf(d);
-                s += c * sa;
-                w += c * (wa + d * sa);
-            }
-        }
-        if (sb > 0.0f) {
-            if (mb == M) {
-                s += sb;
-                w += wb;
-            } else {
-                float d = mb - M, c = expf(d);
-                s += c * sb;
-                w += c * (wb + d * sb);
-            }
-        }
+        gmpo_lse_add_at(ma, a[1], a[2], M, &s, &w);
+        gmpo_lse_add_at(mb, b[1], b[2], M, &s, &w);
     }
     a[0] = M;
     a[1] = s;

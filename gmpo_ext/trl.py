@@ -142,12 +142,17 @@ class _HeadCall:
     the hidden states, then the fused head on the completion's hidden states.
 
     On the first batch (``check``) the head is first checked against the
-    model's own last-position logits; ``why`` then says why it cannot be fused
-    (the forward returns None and the trainer uses the logits path)."""
+    model's own last-position logits, and the ranks agree on the outcome (one
+    all-reduce of two flags): if the check fails on any rank, or the head is
+    still sharded inside the forward, every rank sets ``why`` (the forward
+    returns None and the trainer uses the logits path), so that no rank runs a
+    second forward while another goes on to backward. ``conclusive`` is False
+    when no rank had a finite logit to check against (the check runs again
+    on the next batch)."""
 
     def __init__(self, trainer, T, completion_ids, mask, softcap, check):
         self.trainer, self.T, self.ids, self.mask = trainer, T, completion_ids, mask
-        self.softcap, self.check, self.why = softcap, check, None
+        self.softcap, self.check, self.why, self.conclusive = softcap, check, None, True
 
     def __call__(self, module, forward, kwargs):
         T = self.T
@@ -160,67 +165,109 @@ class _HeadCall:
         hs = hs[-1]
         head = module.get_output_embeddings()
         weight, bias = head.weight, head.bias
+        fp32_head = bool(getattr(self.trainer.args, "cast_lm_head_to_fp32", False))
         with _hidden._zero3_gathered(weight, bias):
             try:    # still sharded inside the forward (an FSDP unit of its own): not fused
                 _hidden._check_head_weight(weight, bias)
             except (TypeError, ValueError) as e:
                 self.why = "the LM head's weight is sharded inside the model's forward (" + \
                     str(e).split(";")[0] + ")"
-                return None
             if self.check:
-                self.why = _head_mismatch(hs[:, -1], weight, bias, self.softcap,
-                                          out.logits[:, -1])
-                if self.why is not None:
-                    return None
-            return linear_logps(hs[:, -(T + 1):-1], weight, self.ids, bias=bias,
-                                temperature=self.trainer.temperature,
-                                final_logit_softcapping=self.softcap, return_entropy=True,
-                                mask=self.mask)
+                if self.why is None:
+                    self.why, self.conclusive = _head_mismatch(hs[:, -1], weight, bias,
+                                                               self.softcap, out.logits[:, -1])
+                self._agree(hs.device)
+            if self.why is not None:
+                return None
+            h = hs[:, -(T + 1):-1]
+            kw = dict(bias=bias, temperature=self.trainer.temperature,
+                      final_logit_softcapping=self.softcap, return_entropy=True, mask=self.mask)
+            if fp32_head:   # TRL's cast_lm_head_to_fp32: the head in fp32, outside autocast
+                with torch.autocast(h.device.type, enabled=False):
+                    kw["bias"] = None if bias is None else bias.float()
+                    return linear_logps(h.float(), weight.float(), self.ids, **kw)
+            if _hidden._autocast_dtype(h, weight, bias) is None and h.dtype != weight.dtype:
+                h = h.to(weight.dtype)   # no autocast: the head's dtype, as its own forward
+            return linear_logps(h, weight, self.ids, **kw)
+
+    def _agree(self, device):
+        """Every rank takes the same path: the check failed anywhere -> all fall
+        back; inconclusive anywhere (and failed nowhere) -> all check again."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        flags = torch.tensor([float(self.why is not None), float(not self.conclusive)],
+                             dtype=torch.float32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        failed, inconclusive = (bool(x) for x in flags.tolist())
+        if failed and self.why is None:
+            self.why = ("the fused-head check failed on another rank (each rank checks its "
+                        "own first batch; see that rank's warning)")
+        self.conclusive = not inconclusive
+
+
+_CHECK_ROWS = 8192   # vocabulary rows per block of the head check (its memory: a few blocks)
 
 
 @torch.no_grad()
 def _head_mismatch(h, weight, bias, softcap, ref):
-    """None when the LM head reproduces the model's logits ``ref`` (B, V) from its
-    last hidden states ``h`` (B, H), else why not.
+    """(why, conclusive): why is None when the LM head reproduces the model's
+    logits ``ref`` (B, V) from its last hidden states ``h`` (B, H); conclusive
+    is False when ``ref`` has no finite logit to check against (a NaN or inf
+    logit says nothing about the head: such logits are left out).
 
-    The projection is computed as the fused head computes it: in the autocast
-    dtype when autocast is on (the model's own head ran in it too), the tile
-    rounded to it, the transform in fp32. Both then differ only by rounding:
-    of the product to its dtype and of the logits to theirs (a few units in
-    the last place of |z|, whatever |z| is: trained models reach |z| ~ 50; a
-    bf16 softcap adds two roundings on each side), and fp32 accumulation in
-    another order (bounded by sqrt(H) u32 sum_k |h_k w_vk|): the tolerance is
+    The projection is computed as the model's own head computed it: in the
+    autocast dtype when autocast is on, else in the promotion of the hidden
+    states' and the weight's dtypes, the product rounded to it, the transform
+    in fp32. Both then differ only by rounding: of the product to its dtype
+    and of the logits to theirs (a few units in the last place of |z|,
+    whatever |z| is: trained models reach |z| ~ 50; a bf16 softcap adds two
+    roundings on each side), and fp32 accumulation in another order (bounded
+    by sqrt(H) u32 sum_k |h_k w_vk|): the tolerance is
     2 (u_product + u_logits) max(|y|, |z|) + 4 sqrt(H) u32 sum_k |h_k w_vk|
-    per logit (bf16: 1.6% of |z|). A missing scale, a different hidden state or
-    another head is off by a fraction of |z| itself."""
-    cd = _hidden._autocast_dtype(h, weight, bias) or h.dtype
-    hc, wc = h.to(cd), weight.to(cd)
-    y = hc @ wc.t()
-    if bias is not None:
-        y = y + bias.to(cd)
-    y = y.float()
-    z = softcap * torch.tanh(y / softcap) if softcap else y
-    rd, ref = ref.dtype, ref.float()
-    H = h.shape[-1]
-    absdot = hc.float().abs() @ wc.float().abs().t()
-    if bias is not None:
-        absdot = absdot + bias.float().abs()
+    per logit (bf16: 1.6% of |z|). A missing scale, a different hidden state
+    or another head is off by a fraction of |z| itself. The vocabulary is
+    checked _CHECK_ROWS rows at a time: no (V, H) copy of the head."""
+    cd = _hidden._autocast_dtype(h, weight, bias) or torch.promote_types(h.dtype, weight.dtype)
+    rd = ref.dtype
     u = _unit_roundoff(cd) + _unit_roundoff(rd)
-    tol = 2 * u * torch.maximum(y.abs(), ref.abs()) + \
-        4 * math.sqrt(H) * _unit_roundoff(torch.float32) * absdot
-    err = (z - ref).abs()
-    bad = ~(err <= tol)        # NaN in either counts as a mismatch
-    if bool(bad.any()):
-        i = int(torch.argmax(torch.where(bad, err / tol.clamp(min=1e-30),
-                                         torch.zeros((), device=err.device)).flatten()))
-        r, v = divmod(i, ref.shape[-1])
+    acc = 4 * math.sqrt(h.shape[-1]) * _unit_roundoff(torch.float32)
+    hc = h.to(cd)
+    ha = hc.float().abs()
+    worst, finite_seen = None, False   # (err / tol, row, id, z, ref, tol)
+    for v0 in range(0, weight.shape[0], _CHECK_ROWS):
+        v1 = min(v0 + _CHECK_ROWS, weight.shape[0])
+        wc = weight[v0:v1].to(cd)
+        y = hc @ wc.t()
+        absdot = ha @ wc.float().abs().t()
+        if bias is not None:
+            y = y + bias[v0:v1].to(cd)
+            absdot = absdot + bias[v0:v1].float().abs()
+        y = y.float()
+        z = softcap * torch.tanh(y / softcap) if softcap else y
+        r = ref[:, v0:v1].float()
+        known = torch.isfinite(r)
+        finite_seen = finite_seen or bool(known.any())
+        tol = 2 * u * torch.maximum(y.abs(), r.abs()) + acc * absdot
+        err = (z - r).abs()
+        bad = known & ~(err <= tol)        # a NaN z against a finite logit is a mismatch
+        if bool(bad.any()):
+            score = torch.where(bad, err / tol.clamp(min=1e-30), torch.full_like(err, -1.0))
+            i = int(torch.argmax(torch.nan_to_num(score, nan=math.inf).flatten()))
+            row, col = divmod(i, v1 - v0)
+            cand = (float(score[row, col]), row, v0 + col, float(z[row, col]),
+                    float(r[row, col]), float(tol[row, col]))
+            if worst is None or not cand[0] <= worst[0]:
+                worst = cand
+    if worst is not None:
+        _, row, v, zz, rr, tt = worst
+        name = lambda d: str(d).replace("torch.", "")   # noqa: E731
         return (f"its last hidden states do not reproduce the model's logits through the LM "
-                f"head (at row {r}, vocabulary id {v}: {float(z[r, v]):.6g} against the "
-                f"model's {float(ref[r, v]):.6g}, tolerance {float(tol[r, v]):.3g} for "
-                f"{str(cd).replace('torch.', '')} products and "
-                f"{str(ref.dtype).replace('torch.', '')} logits): the model's forward does more "
-                "than a linear head (+ final_logit_softcapping)")
-    return None
+                f"head (at row {row}, vocabulary id {v}: {zz:.6g} against the model's "
+                f"{rr:.6g}, tolerance {tt:.3g} for {name(cd)} products and {name(rd)} logits): "
+                "the model's forward does more than a linear head (+ final_logit_softcapping)",
+                True)
+    return None, finite_seen
 
 
 class GMPOTrainer(TRLGMPOTrainer):
@@ -308,7 +355,7 @@ class GMPOTrainer(TRLGMPOTrainer):
             out = model(**model_inputs, gmpo_ext_head=call)
         if call.why is not None:
             return call.why
-        self._gmpo_head_checked = True
+        self._gmpo_head_checked = call.conclusive
         return out
 
     # TRL's compute_loss may route to Liger's GRPO loss (use_liger_kernel); GMPO

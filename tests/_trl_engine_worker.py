@@ -7,7 +7,8 @@ ENGINE: ddp, fsdp1 (use_orig_params), fsdp2 or zero3. A VARIANT is a
 "+"-joined set of options (or "plain"): tied (tied embeddings), lora (PEFT
 LoRA on q/v, the head frozen), ga (2 micro-batches per rank), gc (gradient
 checkpointing), train (one ``trainer.train()`` step with generation instead
-of the fixed batch: it must run fused, not match).
+of the fixed batch: it must run fused, not match), rank1fail (the first-batch
+head check fails on rank 1 only: every rank must take the logits path).
 
 For each variant every rank builds the same tiny Qwen2-style model and the
 same fixed batch (B = 8 rows: rank r takes rows [4 r, 4 r + 4)), wraps the
@@ -272,6 +273,9 @@ def run_variant(engine, variant, out_dir, tok, rank, world):
         calls["linear_logps"] += 1
         return real(*a, **k)
     gtrl.linear_logps = counted
+    real_check = gtrl._head_mismatch
+    if "rank1fail" in opts and rank == 1:   # the first-batch check fails on one rank only
+        gtrl._head_mismatch = lambda *a: ("a mismatch forced on rank 1", True)
     model = _model(len(tok), opts, path)
     inputs = batch(model, len(tok))      # (the full logits, before the head is watched)
     _base(model).get_output_embeddings().register_forward_hook(
@@ -296,7 +300,7 @@ def run_variant(engine, variant, out_dir, tok, rank, world):
                           wrapped=_engine_name(wrapped), direct=_direct_call(_base(model)))
             del wrapped
     finally:
-        gtrl.linear_logps = real
+        gtrl.linear_logps, gtrl._head_mismatch = real, real_check
     result.update(calls=calls, fused=trainer.fused_lm_head,
                   warned=sorted(trainer._gmpo_fallback_warned))
     if rank == 0:

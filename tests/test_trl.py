@@ -401,3 +401,39 @@ def test_head_sharded_inside_the_forward_falls_back(model_dir, tok, tmp_path, mo
     assert not trainer.fused_lm_head
     l_trl, _, _, _, _ = _loss_and_grads(TRLGMPOTrainer, model_dir, tok, tmp_path)
     assert abs(float(loss - l_trl)) <= RTOL * abs(float(l_trl))
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["bf16_model", "autocast"])
+def test_cast_lm_head_to_fp32(bf16, model_dir, tok, tmp_path):
+    """TRL's cast_lm_head_to_fp32=True (the head in fp32: a bf16 model without
+    autocast, or fp32 weights under bf16 autocast): the fused head stays on and
+    runs in fp32 outside autocast, as TRL's does, and the loss equals TRL's (the
+    two differ only in the bf16 backbone's own rounding). Before: a TypeError from
+    linear_logps (bf16 hidden states, fp32 head) and, under autocast, a bf16 head."""
+    import gmpo_ext.trl as gtrl
+
+    seen = []
+    real = gtrl.linear_logps
+
+    def spy(hidden, weight, *a, **k):
+        seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+        return real(hidden, weight, *a, **k)
+
+    losses = {}
+    for cls in (TRLGMPOTrainer, GMPOTrainer):
+        model = _model(model_dir, tok)
+        if not bf16:
+            model = model.to(torch.bfloat16)
+        trainer, inputs = _ready(cls, model, tok, tmp_path, bf16=bf16, cast_lm_head_to_fp32=True)
+        assert model.lm_head.weight.dtype == torch.float32
+        gtrl.linear_logps = spy
+        try:
+            loss = trainer.compute_loss(model, inputs)
+        finally:
+            gtrl.linear_logps = real
+        loss.backward()
+        losses[cls] = float(loss)
+        if cls is GMPOTrainer:
+            assert trainer.fused_lm_head and not trainer._gmpo_fallback_warned
+    assert seen == [(torch.float32, torch.float32, False)]
+    assert abs(losses[GMPOTrainer] - losses[TRLGMPOTrainer]) <= 1e-5 * abs(losses[TRLGMPOTrainer])
