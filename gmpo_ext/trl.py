@@ -7,15 +7,24 @@ Everything but the loss is TRL's own (generation, rewards, advantages, weight
 syncing, logging). The loss step:
 
 * by default (``fused_lm_head=True``) never holds the (B, T, V) logits, as
-  TRL's own fused head does: the model is called with ``logits_to_keep=1``
-  and ``output_hidden_states=True`` (through the wrapped model, so DDP / PEFT
-  hooks run as usual), and the per-token log-probs and entropies come from the
-  last hidden states and the LM head with :func:`gmpo_ext.linear_logps` (token
-  x vocabulary tiles; only the completion tokens the mask counts are
-  projected). On the first batch the hidden states are checked against the
-  model's own last-position logits; a model whose head is not a plain linear
-  layer (+ the config's ``final_logit_softcapping``), or that fails the check,
-  uses the logits path below instead, with one warning;
+  TRL's own fused head does: the trainer patches the model's ``forward`` (the
+  PEFT base model's) to take ``gmpo_ext_head=``; called so through the wrapped
+  model, the forward runs the model with ``logits_to_keep=1`` and
+  ``output_hidden_states=True`` and then, still inside the forward of whatever
+  wraps the model (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-3, PEFT), the per-token
+  log-probs and entropies from the last hidden states and the LM head with
+  :func:`gmpo_ext.linear_logps` (token x vocabulary tiles; only the completion
+  tokens the mask counts are projected). There the engines have unsharded the
+  head (a ZeRO-3 head is gathered for the projection and again for its
+  backward) and will reduce its gradient like every other parameter's. Under
+  autocast the head's GEMMs run in the autocast dtype, as the model's own
+  head does (fp32 with ``cast_lm_head_to_fp32``, as TRL). On the first batch
+  the hidden states are checked against the model's own last-position logits
+  (a tolerance from the rounding of the products and of the logits) and the
+  ranks agree on the outcome; a model whose head is not a plain linear layer
+  (+ the config's ``final_logit_softcapping``), that fails the check, or
+  whose head is still sharded inside its forward uses the logits path below
+  instead, with one warning naming the reason;
 * the logits path (``fused_lm_head=False``, or the fallback): calls the model
   the way TRL's logits path does (``logits_to_keep = T + 1``,
   ``use_cache=False``, under the accelerator's autocast) and keeps the model's
