@@ -6,7 +6,8 @@
 ENGINE: ddp, fsdp1 (use_orig_params), fsdp2 or zero3. A VARIANT is a
 "+"-joined set of options (or "plain"): tied (tied embeddings), lora (PEFT
 LoRA on q/v, the head frozen), ga (2 micro-batches per rank), gc (gradient
-checkpointing), train (one ``trainer.train()`` step with generation instead
+checkpointing), bf16 (bf16=True, fp32 master weights, the head scaled so the
+logits reach |z| = 30), train (one ``trainer.train()`` step with generation instead
 of the fixed batch: it must run fused, not match), rank1fail (the first-batch
 head check fails on rank 1 only: every rank must take the logits path).
 
@@ -55,6 +56,10 @@ def _model(V, opts, path=None):
     reference model from config._name_or_path when beta != 0)."""
     from gmpo_ext.demo import build_model
     model = build_model(V, seed=0, hidden=H, tie_word_embeddings="tied" in opts)
+    if "bf16" in opts:   # logits of a trained model's size: |z| up to 30
+        with torch.no_grad():
+            ids = torch.randint(2, V, (B, P + T), generator=torch.Generator().manual_seed(2))
+            model.lm_head.weight.mul_(30.0 / float(model(input_ids=ids).logits.abs().max()))
     if path is not None:
         if not os.path.exists(os.path.join(path, "config.json")):
             model.save_pretrained(path)
@@ -159,12 +164,12 @@ def _deepspeed_zero3(trainer, ga):
     return engine
 
 
-def reference(tok, opts, path):
-    """TRL's own GMPOTrainer, one process, the whole batch, fp32: (loss,
-    {canonical name: gradient})."""
+def reference(tok, opts, path, bf16=False):
+    """TRL's own GMPOTrainer, one process, the whole batch (fp32, or under bf16
+    autocast): (loss, {canonical name: gradient})."""
     from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
     model = _model(len(tok), opts, path)
-    tr = _trainer(TRLGMPOTrainer, model, tok, os.path.join(path, "ref_run"))
+    tr = _trainer(TRLGMPOTrainer, model, tok, os.path.join(path, "ref_run"), bf16=bf16)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     loss = tr.compute_loss(model, batch(model, len(tok)))
@@ -281,7 +286,7 @@ def run_variant(engine, variant, out_dir, tok, rank, world):
     _base(model).get_output_embeddings().register_forward_hook(
         lambda m, a, o: calls.__setitem__("head_in", max(calls["head_in"], a[0].shape[-2])))
     trainer = _trainer(gtrl.GMPOTrainer, model, tok, os.path.join(out_dir, f"run_{variant}_{rank}"),
-                       gradient_accumulation_steps=ga,
+                       gradient_accumulation_steps=ga, bf16="bf16" in opts,
                        **({"logging_steps": 1} if "train" in opts else {}))
     try:
         if "train" in opts:   # generation, GA micro-batches: the trainer's own loop

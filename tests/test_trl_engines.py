@@ -11,7 +11,9 @@ fixed batch of 8 rows split over the 2 ranks. For every variant it asserts
 * the loss (averaged over ranks) and every trainable parameter's full
   gradient, reduced by the engine as it reduces every other parameter's,
   equal TRL's own GMPOTrainer in one process on the whole batch (fp32, 1e-5
-  relative to the tensor's largest entry);
+  relative to the tensor's largest entry); under bf16 autocast (``bf16``,
+  logits of |z| = 30) the loss within 2e-3 of TRL's bf16 trainer and each
+  gradient's error against TRL's fp32 one at most twice TRL's own bf16 error;
 
 and, for ``train``, that one ``trainer.train()`` step with generation and 2
 gradient-accumulation micro-batches runs fused under FSDP2 (the second
@@ -46,9 +48,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 RTOL = 1e-5
 
 ENGINES = {
-    "ddp": ["plain", "tied", "lora", "ga", "gc"],
+    "ddp": ["plain", "tied", "lora", "ga", "gc", "bf16"],
     "fsdp1": ["plain", "tied", "ga"],
-    "fsdp2": ["plain", "tied", "lora", "ga", "train", "rank1fail"],
+    "fsdp2": ["plain", "tied", "lora", "ga", "train", "rank1fail", "bf16"],
     "zero3": ["plain", "tied", "ga", "rank1fail"],
 }
 
@@ -110,8 +112,12 @@ def test_engine_matches_trl_single_process(engine, tmp_path):
             got_direct = got["direct"]
             assert (got_direct is None) if want is None else \
                 (got_direct[0] == want[0] and want[1] in got_direct[1]), (what, got_direct)
-        ref_loss, ref_grads = worker.reference(tok, set(variant.split("+")),
-                                               str(tmp_path / f"model_{variant}"))
+        opts, path = set(variant.split("+")), str(tmp_path / f"model_{variant}")
+        if "bf16" in opts:
+            _assert_bf16_close(what, got, *worker.reference(tok, opts, path),
+                               *worker.reference(tok, opts, path, bf16=True))
+            continue
+        ref_loss, ref_grads = worker.reference(tok, opts, path)
         assert abs(got["loss"] - ref_loss) <= RTOL * abs(ref_loss), (what, got["loss"], ref_loss)
         assert set(got["grads"]) == set(ref_grads), (what, set(got["grads"]) ^ set(ref_grads))
         for name, g in ref_grads.items():
@@ -122,6 +128,20 @@ def test_engine_matches_trl_single_process(engine, tmp_path):
             assert not any("lm_head" in n for n in ref_grads), what
 
 
+def _assert_bf16_close(what, got, l32, g32, l16, g16):
+    """bf16 under the engine against TRL's trainer in one process: the loss within
+    2e-3 of TRL's bf16 loss; per parameter, the error against TRL's fp32 gradient
+    at most twice TRL's own bf16 error plus 1e-3 of the gradient's scale (the
+    tolerance of tests/test_trl.py's single-process bf16 test)."""
+    assert abs(got["loss"] - l16) <= 2e-3 * abs(l16), (what, got["loss"], l16, l32)
+    assert set(got["grads"]) == set(g32), what
+    for n, g in g32.items():
+        scale = float(g.abs().max())
+        err_trl = float((g16[n] - g).abs().max())
+        err = float((got["grads"][n].float() - g).abs().max())
+        assert err <= 2 * err_trl + 1e-3 * scale, (what, n, err, err_trl, scale)
+
+
 # ----------------------------------------------------------------------------
 # the README's engine table is written from ENGINES and DIRECT above
 
@@ -129,6 +149,7 @@ _LABELS = {"ddp": "DDP", "fsdp1": "FSDP1 (`use_orig_params=True`)", "fsdp2": "FS
            "zero3": "DeepSpeed ZeRO-3"}
 _VARIANTS = {"plain": "untied", "tied": "tied embeddings", "lora": "PEFT LoRA (head frozen)",
              "ga": "grad. accumulation 2", "gc": "grad. checkpointing",
+             "bf16": "bf16 autocast, logits |z| = 30 (2x TRL's bf16 error)",
              "train": "`train()` step with generation, GA 2",
              "rank1fail": "head check failing on one rank (all fall back)"}
 
