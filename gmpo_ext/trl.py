@@ -183,8 +183,11 @@ class _HeadCall:
                     str(e).split(";")[0] + ")"
             if self.check:
                 if self.why is None:
-                    self.why, self.conclusive = _head_mismatch(hs[:, -1], weight, bias,
-                                                               self.softcap, out.logits[:, -1])
+                    try:    # an error here must not leave the other ranks in _agree
+                        self.why, self.conclusive = _head_mismatch(
+                            hs[:, -1], weight, bias, self.softcap, out.logits[:, -1])
+                    except (RuntimeError, ValueError, TypeError) as e:   # e.g. out of memory
+                        self.why = f"the fused-head check raised {type(e).__name__}: {e}"
                 self._agree(hs.device)
             if self.why is not None:
                 return None
@@ -247,26 +250,31 @@ def _head_mismatch(h, weight, bias, softcap, ref):
     for v0 in range(0, weight.shape[0], _CHECK_ROWS):
         v1 = min(v0 + _CHECK_ROWS, weight.shape[0])
         wc = weight[v0:v1].to(cd)
-        y = hc @ wc.t()
-        absdot = ha @ wc.float().abs().t()
-        if bias is not None:
-            y = y + bias[v0:v1].to(cd)
-            absdot = absdot + bias[v0:v1].float().abs()
-        y = y.float()
+        bc = None if bias is None else bias[v0:v1].to(cd)
+        # the bias inside the GEMM, one rounding, as the model's F.linear (and the
+        # fused head's addmm) add it: rounding h.w first and adding b after it is
+        # off by u |h.w| where b cancels h.w
+        y = torch.nn.functional.linear(hc, wc, bc).float()
+        absdot = ha @ wc.float().abs_().t()
+        if bc is not None:
+            absdot += bc.float().abs()
         z = softcap * torch.tanh(y / softcap) if softcap else y
         r = ref[:, v0:v1].float()
         known = torch.isfinite(r)
         finite_seen = finite_seen or bool(known.any())
         tol = 2 * u * torch.maximum(y.abs(), r.abs()) + acc * absdot
         err = (z - r).abs()
-        bad = known & ~(err <= tol)        # a NaN z against a finite logit is a mismatch
+        # a non-finite z (NaN, or an overflow to inf: then err and tol are inf)
+        # against a finite logit is a mismatch
+        bad = known & (~torch.isfinite(z) | ~(err <= tol))
         if bool(bad.any()):
             score = torch.where(bad, err / tol.clamp(min=1e-30), torch.full_like(err, -1.0))
-            i = int(torch.argmax(torch.nan_to_num(score, nan=math.inf).flatten()))
+            score = torch.nan_to_num(score, nan=math.inf, posinf=math.inf)
+            i = int(torch.argmax(score.flatten()))
             row, col = divmod(i, v1 - v0)
             cand = (float(score[row, col]), row, v0 + col, float(z[row, col]),
                     float(r[row, col]), float(tol[row, col]))
-            if worst is None or not cand[0] <= worst[0]:
+            if worst is None or cand[0] > worst[0]:
                 worst = cand
     if worst is not None:
         _, row, v, zz, rr, tt = worst

@@ -437,3 +437,30 @@ def test_cast_lm_head_to_fp32(bf16, model_dir, tok, tmp_path):
             assert trainer.fused_lm_head and not trainer._gmpo_fallback_warned
     assert seen == [(torch.float32, torch.float32, False)]
     assert abs(losses[GMPOTrainer] - losses[TRLGMPOTrainer]) <= 1e-5 * abs(losses[TRLGMPOTrainer])
+
+
+@pytest.mark.parametrize("zmax", [1.0, 30.0, 80.0])
+def test_head_check_with_a_bias_under_autocast(zmax):
+    """A right head with a bias passes the check under bf16 autocast at any |z| (the
+    check adds the bias inside the GEMM, one rounding, as the model's F.linear;
+    rounding h.w first failed where b cancels h.w); the same head rescaled by 1.05,
+    or overflowing to inf against finite logits (fp16), fails it."""
+    from gmpo_ext.trl import _head_mismatch
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 256, generator=g)
+    w = torch.randn(300, 256, generator=g) / 16
+    b = torch.randn(300, generator=g) * 0.5
+    s = zmax / float((h @ w.t() + b).abs().max())
+    w, b = w * s, b * s
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(h, w, b)
+        assert ref.dtype == torch.bfloat16
+        assert _head_mismatch(h, w, b, None, ref) == (None, True)
+        why, conclusive = _head_mismatch(h, w * 1.05, b * 1.05, None, ref)
+        assert why is not None and "do not reproduce" in why and conclusive
+    big = torch.full((2, 8), 300.0)
+    with torch.autocast("cpu", dtype=torch.float16):   # 300 * 300 * 8 overflows fp16
+        why, _ = _head_mismatch(big, torch.full((5, 8), 300.0), None, None,
+                                torch.full((2, 5), 1000.0))
+    assert why is not None
