@@ -255,7 +255,7 @@ def _head_mismatch(h, weight, bias, softcap, ref):
         # fused head's addmm) add it: rounding h.w first and adding b after it is
         # off by u |h.w| where b cancels h.w
         y = torch.nn.functional.linear(hc, wc, bc).float()
-        absdot = ha @ wc.float().abs_().t()
+        absdot = ha @ wc.float().abs().t()   # (not abs_: wc may be the weight itself)
         if bc is not None:
             absdot += bc.float().abs()
         z = softcap * torch.tanh(y / softcap) if softcap else y

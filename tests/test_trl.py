@@ -464,3 +464,18 @@ def test_head_check_with_a_bias_under_autocast(zmax):
         why, _ = _head_mismatch(big, torch.full((5, 8), 300.0), None, None,
                                 torch.full((2, 5), 1000.0))
     assert why is not None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_head_check_leaves_the_head_alone(autocast):
+    """The check reads the head's parameters, never writes them (an in-place abs on
+    a block that was the fp32 weight itself turned the model's head positive)."""
+    from gmpo_ext.trl import _head_mismatch
+
+    g = torch.Generator().manual_seed(1)
+    h, w, b = torch.randn(3, 16, generator=g), torch.randn(40, 16, generator=g), \
+        torch.randn(40, generator=g)
+    w0, b0 = w.clone(), b.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert _head_mismatch(h, w, b, None, torch.nn.functional.linear(h, w, b))[0] is None
+    assert torch.equal(w, w0) and torch.equal(b, b0)
