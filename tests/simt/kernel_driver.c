@@ -86,6 +86,22 @@ static void result(const char *name, int rc, const char *why) {
 /* ------------------------------------------------------------------------- */
 /* logits */
 
+/* the arguments every logits run here shares: (B, TL, V) logits as given, ids
+ * (B, T) int64, temperature 0.7, one thread, no mask */
+static gmpo_logits_args logits_args(int64_t B, int64_t T, int64_t TL, int64_t V,
+                                    gmpo_view logits, int64_t *ids) {
+    gmpo_logits_args a;
+    memset(&a, 0, sizeof a);
+    a.B = B; a.T = T; a.TL = TL; a.V = V;
+    a.logits = logits;
+    a.ids = (gmpo_view){ids, GMPO_DT_I64, T, 1, B * T};
+    a.logp_extent = a.entropy_extent = a.lse_extent = B * T;
+    a.temperature = 0.7;
+    a.num_threads = 1;
+    snprintf(a.ids_name, sizeof a.ids_name, "ids");
+    return a;
+}
+
 static int logits_case(int32_t dt, int ent, int64_t B, int64_t T, int64_t V) {
     const int64_t TL = T + 1, n = B * TL * V;
     void *z = xalloc((size_t)n * dt_size(dt));
@@ -99,16 +115,8 @@ static int logits_case(int32_t dt, int ent, int64_t B, int64_t T, int64_t V) {
         g[k] = (float)nrand();
         gh[k] = (float)nrand();
     }
-    gmpo_logits_args a;
-    memset(&a, 0, sizeof a);
-    a.B = B; a.T = T; a.TL = TL; a.V = V;
-    a.logits = (gmpo_view){z, dt, TL * V, V, n};
-    a.ids = (gmpo_view){ids, GMPO_DT_I64, T, 1, B * T};
+    gmpo_logits_args a = logits_args(B, T, TL, V, (gmpo_view){z, dt, TL * V, V, n}, ids);
     a.mask = (gmpo_view){mask, GMPO_DT_BOOL, T, 1, B * T};
-    a.logp_extent = a.entropy_extent = a.lse_extent = B * T;
-    a.temperature = 0.7;
-    a.num_threads = 1;
-    snprintf(a.ids_name, sizeof a.ids_name, "ids");
     gmpo_logits_args a2 = a;
     float *out[2][3];
     void *grad[2];
@@ -582,15 +590,7 @@ static int logits_offset_case(void) {
     int64_t ids[4] = {3, 699, 0, 350};
     float g[4], gh[4], out[2][3][4];
     for (int k = 0; k < 4; k++) { g[k] = (float)nrand(); gh[k] = (float)nrand(); }
-    gmpo_logits_args a;
-    memset(&a, 0, sizeof a);
-    a.B = B; a.T = T; a.TL = TL; a.V = V;
-    a.logits = (gmpo_view){z, dt, sb, V, n};
-    a.ids = (gmpo_view){ids, GMPO_DT_I64, T, 1, B * T};
-    a.logp_extent = a.entropy_extent = a.lse_extent = B * T;
-    a.temperature = 0.7;
-    a.num_threads = 1;
-    snprintf(a.ids_name, sizeof a.ids_name, "ids");
+    gmpo_logits_args a = logits_args(B, T, TL, V, (gmpo_view){z, dt, sb, V, n}, ids);
     gmpo_logits_args a2 = a;
     gmpo_view gv = {g, GMPO_DT_F32, T, 1, B * T}, ghv = {gh, GMPO_DT_F32, T, 1, B * T};
     int rc = 0;
