@@ -519,17 +519,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # an unused entropy stays None: no zeros read
 
 
-def _head_backward(ctx, grad_logp, grad_entropy, n_inputs, vocab=None):
-    """The gradients of hidden_fwd's (or the shard's) inputs: hidden_bwd, or
-    _backward_impl over a vocabulary shard; None for the other n_inputs - 3."""
+def _head_backward(ctx, grad_logp, grad_entropy, n_inputs, run=None):
+    """The gradients of hidden_fwd's (or _Head's) inputs, None for the other
+    n_inputs - 3: ``run(args)`` (default the op hidden_bwd) computes them
+    from hidden_bwd's arguments."""
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
         return (None,) * n_inputs
     hidden, weight, bias, ids, pos, lse, entropy = ctx.saved_tensors
-    scale, softcap, temperature, tile_n, tile_v = ctx.opts
+    scale, softcap, temperature, tile_n, tile_v = ctx.opts[:5]
     args = (grad_logp, grad_entropy, hidden, weight, bias, ids, pos, lse, entropy, scale,
             softcap, temperature, tile_n, tile_v, bool(need_h), bool(need_w), bool(need_b))
-    dh, dw, db = hidden_bwd(*args) if vocab is None else _backward_impl(*args, vocab)
+    dh, dw, db = (run or (lambda a: hidden_bwd(*a)))(args)
     return ((dh if need_h else None), (dw if need_w else None),
             (db if need_b and bias is not None else None)) + (None,) * (n_inputs - 3)
 
@@ -636,19 +637,13 @@ class _Head(torch.autograd.Function):
             raise RuntimeError("gmpo_ext: the fused LM head supports one backward pass; "
                                "double backward (create_graph=True, Hessians) is not "
                                "implemented")
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        none = (None,) * 7
-        if (grad_logp is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return (None,) * 3 + none
-        hidden, weight, bias, ids, pos, lse, ent = ctx.saved_tensors
-        dts = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        with _zero3_gathered(weight, bias) if ctx.zero3 else contextlib.nullcontext():
-            h, w, b = (_cast(t, ctx.cd) for t in (hidden, weight, bias))
-            dh, dw, db = _backward_impl(grad_logp, grad_entropy, h, w, b, ids, pos, lse, ent,
-                                        *ctx.opts, bool(need_h), bool(need_w), bool(need_b),
-                                        ctx.vocab, dts)
-        return ((dh if need_h else None), (dw if need_w else None),
-                (db if need_b and bias is not None else None)) + none
+        def run(args):   # the GEMMs on cast copies of the (re-gathered) head
+            hidden, weight, bias = args[2:5]
+            dts = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            with _zero3_gathered(weight, bias) if ctx.zero3 else contextlib.nullcontext():
+                cast = tuple(_cast(t, ctx.cd) for t in (hidden, weight, bias))
+                return _backward_impl(*args[:2], *cast, *args[5:], ctx.vocab, dts)
+        return _head_backward(ctx, grad_logp, grad_entropy, 10, run)
 
 
 def _cast(t, dtype):
