@@ -264,6 +264,14 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def regenerate_docs() -> int:
+    """Rewrite the generated blocks of README.md and docs/*.md from the CSVs in
+    results/ (``python tools/gen_docs.py``); its exit status."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, str(root / "tools" / "gen_docs.py")], cwd=root).returncode
+
+
 def replace_between_markers(path: Path, start: str, end: str, body: str) -> bool:
     """Replace the text between the marker lines ``start`` and ``end`` of
     ``path`` with ``body``. Returns False (and changes nothing) when the file or

@@ -174,7 +174,7 @@ def _free_port():
 
 
 def readme_table(path):
-    """The README's markdown table of a results CSV."""
+    """The markdown table of a results CSV (docs/distributed.md, through tools/gen_docs.py)."""
     with open(path) as f:
         rows = list(csv.DictReader(f))
     out = ["| path | P | shape | collectives | bytes per rank | call (fwd+bwd) | same call, no "
@@ -193,7 +193,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "bench_distributed_cpu.csv"))
-    ap.add_argument("--from-csv", help="print the README table of a results CSV and exit")
+    ap.add_argument("--from-csv", help="print the docs' table of a results CSV and exit")
     args = ap.parse_args(argv)
     if args.from_csv:
         print(readme_table(args.from_csv))

@@ -42,8 +42,9 @@ over the logits (read; read + write) at the HBM bandwidth of an H200 (4.8 TB/s:
 6.2 ms for the reference workload) and an H100 (3.35 TB/s: 8.9 ms).
 
 Outputs: a table on stdout, benchmarks/results/bench_logits_<device>.csv;
---readme rewrites the table between the bench_logits markers of README.md
-(if they exist).
+README.md and docs/benchmarks.md show results/bench_logits_cpu.csv through
+tools/gen_docs.py (readme_markdown below); --readme runs it after the CSV is
+written.
 """
 
 from __future__ import annotations
@@ -62,9 +63,6 @@ import _common as C  # noqa: E402
 import gmpo_ext  # noqa: E402
 from gmpo_ext.reference import gmpo_eager  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-MARK_START, MARK_END = "<!-- bench_logits:start -->", "<!-- bench_logits:end -->"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("trl", "fused", "fused_inplace")
@@ -221,6 +219,16 @@ def table(rows):
     return title, header, body
 
 
+def readme_markdown(rows) -> str:
+    """The docs' table of a run (tools/gen_docs.py renders results/bench_logits_cpu.csv with it)."""
+    title, header, body = table(rows)
+    md = f"{title}\n\n" + C.markdown_table(header, body, align="llrrrr")
+    cmd = "python benchmarks/bench_logits.py" + (" --device cuda"
+                                                  if rows[0]["device"] == "cuda" else "")
+    return md + (f"\n\n`{cmd}` (git {rows[0]['git']}); peak memory measured with "
+                 "torch.profiler memory events (CPU) or max_memory_allocated (CUDA).")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -237,7 +245,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--from-csv", type=Path, default=None, help="print / --readme from a CSV")
     ap.add_argument("--readme", action="store_true",
-                    help="rewrite README.md between the bench_logits markers")
+                    help="then regenerate README.md and docs/ from the results CSVs "
+                         "(python tools/gen_docs.py)")
     args = ap.parse_args(argv)
     if args.from_csv:
         rows = C.read_csv(args.from_csv)
@@ -250,13 +259,9 @@ def main(argv=None):
     print(title)
     print(C.text_table(header, body))
     if args.readme:
-        md = f"{title}\n\n" + C.markdown_table(header, body, align="llrrrr")
-        cmd = "python benchmarks/bench_logits.py" + (" --device cuda"
-                                                      if rows[0]["device"] == "cuda" else "")
-        md += f"\n\n`{cmd}` (git {rows[0]['git']}); peak memory measured with torch.profiler " \
-              "memory events (CPU) or max_memory_allocated (CUDA)."
-        ok = C.replace_between_markers(README, MARK_START, MARK_END, md)
-        print("# README.md " + ("updated" if ok else "unchanged: no bench_logits markers"))
+        print("# regenerating README.md and docs/ from benchmarks/results (tools/gen_docs.py; "
+              "they show results/bench_logits_cpu.csv)")
+        C.regenerate_docs()
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ of that many bytes, counted as read + write (2 x bytes), the STREAM convention.
     python benchmarks/bench_loss.py --shapes 64x4096 --modes both
     python benchmarks/bench_loss.py --device cuda   # on a machine with a GPU
     python benchmarks/bench_loss.py --floor         # bytes per token, H100/H200 floor
-    python benchmarks/bench_loss.py --from-csv benchmarks/results/bench_loss_cpu.csv --readme
+    python benchmarks/bench_loss.py --from-csv benchmarks/results/bench_loss_cpu.csv
 
 Outputs: a table on stdout, benchmarks/results/bench_loss_<device>[_<dtype>][_quick].csv
-and a .png beside it (time per path vs tokens, one panel per mode); --readme
-rewrites the table between the bench_loss markers of README.md.
+and a .png beside it (time per path vs tokens, one panel per mode). README.md and
+docs/benchmarks.md show results/bench_loss_cpu.csv through tools/gen_docs.py
+(--readme runs it after the CSV is written).
 """
 
 from __future__ import annotations
@@ -61,10 +62,7 @@ import gmpo_ext  # noqa: E402
 from gmpo_ext import _backend  # noqa: E402
 from gmpo_ext.reference import gmpo_eager, grpo_loss_reference  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 BENCH_README = Path(__file__).resolve().parent / "README.md"
-MARK_START, MARK_END = "<!-- bench_loss:start -->", "<!-- bench_loss:end -->"
 FLOOR_START, FLOOR_END = "<!-- bench_loss_floor:start -->", "<!-- bench_loss_floor:end -->"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
@@ -461,7 +459,7 @@ def readme_table(rows) -> str | None:
             "(it moves 13 of the 22 B). Autograd no-op: an "
             "autograd.Function that computes nothing, under the same autograd.grad call: "
             "the floor of any loss called through autograd. "
-            "Regenerate: `python benchmarks/bench_loss.py --readme`.")
+            "Regenerate: `python benchmarks/bench_loss.py`, then `python tools/gen_docs.py`.")
     table = C.markdown_table(
         ["B x T", "fused ms", "eager ms", "compiled ms", "GRPO eager ms", "fused vs eager",
          "fused GB/s", "memcpy GB/s", "fused / memcpy", "kernel-only ms",
@@ -469,21 +467,12 @@ def readme_table(rows) -> str | None:
     return head + "\n\n" + table
 
 
-def update_readme(rows, readme: Path, device: torch.device):
-    text = readme_table(rows)
-    if text is None:
-        csv_path = C.RESULTS_DIR / f"bench_loss_{device.type}.csv"
-        if csv_path.exists():
-            text = readme_table(load_csv(csv_path))
-    if text is None:
-        print("WARNING: --readme needs fp32 'both' results (run with --dtype fp32 --modes both, "
-              "or --from-csv); README not changed", file=sys.stderr)
-        return
-    if C.replace_between_markers(readme, MARK_START, MARK_END, text):
-        print(f"# wrote the table into {readme}")
-    else:
-        print(f"WARNING: {readme} lacks the markers {MARK_START} ... {MARK_END}; README not "
-              "changed (the README's owner adds them)", file=sys.stderr)
+def update_docs():
+    """README.md and docs/ show results/bench_loss_cpu.csv (fp32): regenerate them."""
+    print("# regenerating README.md and docs/ from benchmarks/results (tools/gen_docs.py; "
+          "they show results/bench_loss_cpu.csv)")
+    if C.regenerate_docs() != 0:
+        print("WARNING: tools/gen_docs.py reported a problem (above)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------
@@ -523,9 +512,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="CSV path (the PNG goes beside it)")
     ap.add_argument("--from-csv", type=Path, default=None,
                     help="take the results from this CSV instead of measuring")
-    ap.add_argument("--readme", nargs="?", type=Path, const=README, default=None,
-                    help="rewrite the table between the bench_loss markers of README.md "
-                         "(or of the given file)")
+    ap.add_argument("--readme", action="store_true",
+                    help="then regenerate README.md and docs/ from the results CSVs "
+                         "(python tools/gen_docs.py)")
     ap.add_argument("--floor", action="store_true",
                     help="print the bytes per token and the H100/H200 bandwidth floor; with "
                          "--readme also write them into benchmarks/README.md; then exit")
@@ -540,7 +529,7 @@ def main(argv=None):
     if args.floor:
         text = floor_markdown()
         print(text)
-        if args.readme is not None:
+        if args.readme:
             if C.replace_between_markers(BENCH_README, FLOOR_START, FLOOR_END, text):
                 print(f"# wrote the floor tables into {BENCH_README}")
             else:
@@ -552,8 +541,8 @@ def main(argv=None):
     if args.from_csv is not None:
         rows = load_csv(args.from_csv)
         print(C.text_table(HEADER, [fmt_row(r) for r in rows]))
-        if args.readme is not None:
-            update_readme(rows, args.readme, device)
+        if args.readme:
+            update_docs()
         return 0
 
     threads = C.set_threads(args.threads)
@@ -575,8 +564,8 @@ def main(argv=None):
     C.write_csv(out, rows, FIELDS)
     plot(rows, out.with_suffix(".png"))
     print(f"# wrote {out} and {out.with_suffix('.png')}")
-    if args.readme is not None:
-        update_readme(rows, args.readme, device)
+    if args.readme:
+        update_docs()
     return 0
 
 

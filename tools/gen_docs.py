@@ -67,6 +67,8 @@ def _module(root: Path, rel: str):
     """Import the script or test module ``rel`` (its directory on sys.path, as when
     it runs), once per path."""
     path = (root / rel).resolve()
+    if str(root) not in sys.path:       # the checkout's gmpo_ext, as the tests import it
+        sys.path.append(str(root))
     if path not in _MODULES:
         sys.path.insert(0, str(path.parent))
         try:
@@ -177,13 +179,7 @@ def render_bench_loss(root: Path, loss: str) -> str:
 
 def render_bench_logits(root: Path, logits: str) -> str:
     """bench_logits.py's own table, from its CSV."""
-    bl = _module(root, "benchmarks/bench_logits.py")
-    rows = _rows(root, logits)
-    title, header, body = bl.table(rows)
-    md = f"{title}\n\n" + bl.C.markdown_table(header, body, align="llrrrr")
-    return md + (f"\n\n`python benchmarks/bench_logits.py` (git {rows[0]['git']}); peak memory "
-                 "measured with torch.profiler memory events (CPU) or max_memory_allocated "
-                 "(CUDA).")
+    return _module(root, "benchmarks/bench_logits.py").readme_markdown(_rows(root, logits))
 
 
 def render_bench_hidden(root: Path, hidden: str, rows_csv: str) -> str:
