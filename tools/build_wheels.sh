@@ -20,7 +20,7 @@
 # Each flavour is built from its own copy of the sources (build/wheels/<flavour>/,
 # so no flavour reuses another's objects) with `pip wheel --no-build-isolation`,
 # then: auditwheel repair --exclude libgomp.so.1 (libgomp comes from torch, which
-# has loaded it before gmpo_ext loads its module: one OpenMP runtime; see README),
+# has loaded it before gmpo_ext loads its module: one OpenMP runtime; see docs/install.md),
 # abi3audit --strict, auditwheel show. The CUDA flavours are built with
 # GMPO_EXT_CUDA=1, GMPO_EXT_CUDA_ARCHS=<the list above> and
 # GMPO_EXT_CUDA_STRICT_ARCHS=1 (setup.py fails rather than skip one of them).
