@@ -110,17 +110,21 @@ if not (Version(_MIN) <= Version(TRL_VERSION) < Version(_MAX)) and \
 try:
     from trl.experimental.gmpo import GMPOConfig
     from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
+    from trl import GRPOConfig
+    from trl import GRPOTrainer as TRLGRPOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as _e:  # pragma: no cover - a supported release always has them
     raise ImportError(f"gmpo_ext.trl: TRL {TRL_VERSION} lacks trl.experimental.gmpo ({_e}); "
                       f"install a supported release: {_INSTALL_HINT}") from None
 
-from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss  # noqa: E402
+from . import _backend  # noqa: E402
+from .loss import MAX_MEAN_LOG_RATIO, NONFINITE_ROWS, gmpo_loss, grpo_loss  # noqa: E402
 from .logits import selective_logps  # noqa: E402
 from . import hidden as _hidden  # noqa: E402
 from .hidden import linear_logps  # noqa: E402
 
-__all__ = ["GMPOTrainer", "GMPOConfig", "TRL_SUPPORTED", "TRL_VERSION"]
+__all__ = ["GMPOTrainer", "GMPOConfig", "GRPOTrainer", "GRPOConfig", "TRL_SUPPORTED",
+           "TRL_VERSION"]
 
 LOG_RATIO_MIN = "gmpo/log_ratio_min"
 LOG_RATIO_MAX = "gmpo/log_ratio_max"
@@ -159,14 +163,24 @@ class _HeadCall:
     when no rank had a finite logit to check against (the check runs again
     on the next batch)."""
 
-    def __init__(self, trainer, T, completion_ids, mask, softcap, check):
+    def __init__(self, trainer, T, completion_ids, mask, softcap, check, aux=False):
         self.trainer, self.T, self.ids, self.mask = trainer, T, completion_ids, mask
         self.softcap, self.check, self.why, self.conclusive = softcap, check, None, True
+        self.aux = aux
 
     def __call__(self, module, forward, kwargs):
+        scored = self._score(module, forward, kwargs)
+        if scored is None or not self.aux:
+            return scored
+        return (*scored, self.aux_loss)
+
+    def _score(self, module, forward, kwargs):
         T = self.T
         kwargs.update(logits_to_keep=1, use_cache=False, output_hidden_states=True)
+        if self.aux:    # MoE: the router's load-balancing loss, from the model's own forward
+            kwargs["output_router_logits"] = True
         out = forward(**kwargs)
+        self.aux_loss = getattr(out, "aux_loss", None)
         hs = getattr(out, "hidden_states", None)
         if not hs or hs[-1].dim() != 3 or hs[-1].shape[1] < T + 1:
             self.why = "the model returns no (B, L, H) last hidden states"
@@ -287,41 +301,31 @@ def _head_mismatch(h, weight, bias, softcap, ref):
     return None, finite_seen
 
 
-class GMPOTrainer(TRLGMPOTrainer):
-    """TRL's GMPOTrainer with the loss computed by gmpo_ext's fused kernels.
-
-    Same constructor as ``trl.experimental.gmpo.GMPOTrainer`` plus one
-    keyword:
-
-    Args:
-        rollout_is_correction: apply the rollout engine's importance-sampling
-            ratio (vLLM) as a per-row weight of the policy term (default True;
-            TRL's own GMPO ignores it). See the module docstring.
-        fused_lm_head: compute the log-probs from the last hidden states with
-            the LM head fused (default True: the (B, T, V) logits are never
-            held); False: from the model's logits (gmpo_ext's logits path).
-    """
-
-    _tag_names = ["trl", "gmpo", "gmpo_ext"]
+class _FusedHeadMixin:
+    """What gmpo_ext's TRL trainers share: the patched forward that runs the LM
+    head fused inside the engine-wrapped model's forward (:class:`_HeadCall`),
+    the first-batch head check and the logits-path fallback, the fallback to
+    TRL's own ``_compute_loss`` (one warning per reason), and TRL's entropy-bonus
+    controller. Listed before the TRL trainer among the bases; the loss itself
+    is each trainer's ``_compute_loss``."""
 
     # config fields that rescale the logits after the head (TRL reads them for
     # its fused head); a model with one of them set uses the logits path
     _LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+    # what the fallback warning says of TRL's own loss
+    _FALLBACK_NOTE = "unfused"
 
-    def __init__(self, *args, rollout_is_correction: bool = True, fused_lm_head: bool = True,
-                 **kwargs):
-        self.rollout_is_correction = bool(rollout_is_correction)
+    def _fused_setup(self, fused_lm_head):
+        """Before TRL's __init__ (it may compute a loss, e.g. in a callback)."""
         self.fused_lm_head = bool(fused_lm_head)
         self._gmpo_head_checked = False
         self._gmpo_fallback_warned = set()
-        super().__init__(*args, **kwargs)
-        if self.fused_lm_head:
-            self._install_fused_forward()
 
-    def _warn_once(self, why, what):
+    def _warn_once(self, why, what, stacklevel=4):
         if why not in self._gmpo_fallback_warned:
             self._gmpo_fallback_warned.add(why)
-            warnings.warn(f"gmpo_ext.trl.GMPOTrainer: {why}; {what}", stacklevel=4)
+            warnings.warn(f"gmpo_ext.trl.{type(self).__name__}: {why}; {what}",
+                          stacklevel=stacklevel)
 
     def _head(self, base, text_config):
         """None when the LM head can be fused, else the reason why not."""
@@ -358,65 +362,70 @@ class GMPOTrainer(TRLGMPOTrainer):
         target.forward = types.MethodType(forward, target)
         target._gmpo_ext_fused_forward = True
 
-    def _policy_logps_hidden(self, model, input_ids, attention_mask, T, inputs, mask, softcap):
-        """Per-token log-probs and entropies from the last hidden states, the head
-        fused, computed inside the wrapped model's forward; a str (why not) when
-        the model's hidden states do not reproduce its logits (checked on the
-        first batch)."""
+    def _policy_logps_hidden(self, model, input_ids, attention_mask, T, inputs, mask, softcap,
+                             aux):
+        """Per-token log-probs and entropies (and the MoE auxiliary loss when
+        ``aux``) from the last hidden states, the head fused, computed inside the
+        wrapped model's forward; a str (why not) when the model's hidden states do
+        not reproduce its logits (checked on the first batch)."""
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if inputs.get("token_type_ids") is not None:
             model_inputs["token_type_ids"] = inputs["token_type_ids"]
         call = _HeadCall(self, T, inputs["completion_ids"], mask, softcap,
-                         check=not self._gmpo_head_checked)
+                         check=not self._gmpo_head_checked, aux=aux)
         with self.accelerator.autocast():
             out = model(**model_inputs, gmpo_ext_head=call)
         if call.why is not None:
             return call.why
         self._gmpo_head_checked = call.conclusive
-        return out
+        return out if aux else (*out, None)
 
-    # TRL's compute_loss may route to Liger's GRPO loss (use_liger_kernel); GMPO
-    # always goes through _compute_loss here.
+    # TRL's compute_loss may route elsewhere in some releases (Liger's GRPO loss
+    # with use_liger_kernel); here the loss always goes through _compute_loss.
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
-            raise ValueError("GMPOTrainer does not support returning outputs")
+            raise ValueError(f"{type(self).__name__} does not support returning outputs")
         return self._compute_loss(model, inputs)
 
     def _fallback(self, model, inputs, why):
-        if why not in self._gmpo_fallback_warned:
-            self._gmpo_fallback_warned.add(why)
-            warnings.warn(f"gmpo_ext.trl.GMPOTrainer: {why}; this batch uses TRL's own GMPO loss "
-                          "(unfused; the rollout importance-sampling ratio is ignored there)",
-                          stacklevel=3)
+        self._warn_once(why, f"this batch uses TRL's own loss ({self._FALLBACK_NOTE})")
         return super()._compute_loss(model, inputs)
 
-    def _policy_logits(self, model, input_ids, attention_mask, T, inputs):
-        """The model's own (B, T+1, V) logits tensor for the completion (or a view)."""
+    def _policy_logits(self, model, input_ids, attention_mask, T, inputs, aux):
+        """The model's own (B, T+1, V) logits tensor for the completion (or a view),
+        whether it is the whole tensor, and the MoE auxiliary loss (``aux``)."""
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
                         "logits_to_keep": T + 1, "use_cache": False}
         if inputs.get("token_type_ids") is not None:
             model_inputs["token_type_ids"] = inputs["token_type_ids"]
+        if aux:
+            model_inputs["output_router_logits"] = True
         with self.accelerator.autocast():
-            logits = model(**model_inputs).logits
+            out = model(**model_inputs)
+        logits = out.logits
         exact = logits.shape[1] == T + 1
         if not exact:           # a model that ignored logits_to_keep: a strided view
             logits = logits[:, -(T + 1):]
-        return logits, exact
+        return logits, exact, getattr(out, "aux_loss", None) if aux else None
 
-    def _compute_loss(self, model, inputs):
+    def _score(self, model, inputs, aux=False):
+        """(logps, entropies, mask, aux_loss) of the batch's completions: the
+        per-token log-probs and entropies (both differentiable; zero where the
+        mask is 0), the completion x tool mask, the MoE router's auxiliary loss
+        (``aux``; else None). A str when the batch must go to TRL's own loss
+        (the reason)."""
         if any(inputs.get(k) is not None for k in _VISION_KEYS):
-            return self._fallback(model, inputs, "vision-language inputs")
+            return "vision-language inputs"
         unwrapped = self.accelerator.unwrap_model(model)
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         if not _accepts(base, "logits_to_keep"):
-            return self._fallback(model, inputs, f"{type(base).__name__}.forward takes no "
-                                  "logits_to_keep")
+            return f"{type(base).__name__}.forward takes no logits_to_keep"
 
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        B, T = completion_ids.shape
+        T = completion_ids.shape[1]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
 
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") \
@@ -425,29 +434,152 @@ class GMPOTrainer(TRLGMPOTrainer):
         if self.fused_lm_head:
             why = self._head(base, text_config)
             if why is not None:
-                self._warn_once(f"fused LM head unavailable: {why}", "using the logits path")
+                self._warn_once(f"fused LM head unavailable: {why}", "using the logits path",
+                                stacklevel=5)
             else:
                 scored = self._policy_logps_hidden(
                     model, input_ids, attention_mask, T, inputs, mask,
-                    getattr(text_config, "final_logit_softcapping", None))
+                    getattr(text_config, "final_logit_softcapping", None), aux)
                 if isinstance(scored, str):
                     self.fused_lm_head = False
                     self._warn_once(f"fused LM head: {scored}", "using the logits path from "
-                                    "now on")
+                                    "now on", stacklevel=5)
                     scored = None
         if scored is None:
-            logits, exact = self._policy_logits(model, input_ids, attention_mask, T, inputs)
+            logits, exact, aux_loss = self._policy_logits(model, input_ids, attention_mask, T,
+                                                          inputs, aux)
             # The gradient may overwrite the logits when nothing else needs them for
             # backward: true of a linear lm_head, false of a tanh soft-cap after it.
             inplace = exact and getattr(text_config, "final_logit_softcapping", None) is None
-            scored = selective_logps(logits, completion_ids, self.temperature,
-                                     return_entropy=True, mask=mask, inplace_backward=inplace)
+            scored = (*selective_logps(logits, completion_ids, self.temperature,
+                                       return_entropy=True, mask=mask, inplace_backward=inplace),
+                      aux_loss)
             del logits
-        logps, entropies = scored
-        entropies = entropies.detach()
+        logps, entropies, aux_loss = scored
+        if aux and aux_loss is None:
+            return "the model returned no aux_loss with output_router_logits=True"
+        return logps, entropies, mask, aux_loss
+
+    # -- TRL's entropy bonus (entropy_coef, use_adaptive_entropy) -------------
+
+    def _entropy_coef_now(self):
+        """The coefficient this micro-batch applies: TRL's, fixed for the whole
+        accumulation window (the adaptive controller's gate reads the entropy
+        measured at the end of the previous optimizer step)."""
+        if self.use_adaptive_entropy:
+            return self.entropy_coef if self._last_world_entropy <= self.args.entropy_target \
+                else 0.0
+        return self.entropy_coef
+
+    @torch.no_grad()
+    def _entropy_controller(self, mode, entropies, effective_mask):
+        """Advance TRL's adaptive entropy controller as TRL's GRPOTrainer does
+        (the window's entropy sum and token count, reduced over the ranks at the
+        optimizer-step boundary; the coefficient moved by entropy_coef_delta
+        within [entropy_coef_min, entropy_coef_max]) and log ``entropy_coef``."""
+        args = self.args
+        if self.use_adaptive_entropy and mode == "train":
+            em = effective_mask.to(entropies.dtype)
+            stats = torch.stack([(entropies.detach() * em).sum(), em.sum()])
+            self._entropy_window_stats = stats if self._entropy_window_stats is None \
+                else self._entropy_window_stats + stats
+            if self.accelerator.sync_gradients:
+                total = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (total[0] / total[1].clamp(min=1.0)).item()
+                if world_entropy <= args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta,
+                                            args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta,
+                                            args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+
+    def _global_masked_mean(self, x, mask):
+        """TRL's global_masked_mean: over the counted tokens of every rank, or over
+        every rank's rows for a (B, 1) per-row quantity."""
+        if x.shape[1] == 1:
+            local = torch.stack([x.float().sum(), torch.tensor(float(x.shape[0]), device=x.device)])
+        else:
+            m = mask.to(torch.float32)
+            x = torch.where(m != 0, x.float(), torch.zeros((), device=x.device))
+            local = torch.stack([(x * m).sum(), m.sum()])
+        totals = self.accelerator.reduce(local, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _log_aux_loss(self, mode, aux_loss):
+        self._metrics[mode]["aux_loss"].append(
+            self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+
+
+class GMPOTrainer(_FusedHeadMixin, TRLGMPOTrainer):
+    """TRL's GMPOTrainer with the loss computed by gmpo_ext's fused kernels.
+
+    Same constructor as ``trl.experimental.gmpo.GMPOTrainer`` plus these
+    keywords:
+
+    Args:
+        rollout_is_correction: apply the rollout engine's importance-sampling
+            ratio (vLLM) as a per-row weight of the policy term (default True;
+            TRL's own GMPO ignores it). See the module docstring.
+        fused_lm_head: compute the log-probs from the last hidden states with
+            the LM head fused (default True: the (B, T, V) logits are never
+            held); False: from the model's logits (gmpo_ext's logits path).
+        router_aux_loss: add the MoE router's load-balancing loss as TRL's
+            GRPOTrainer does (coefficient ``router_aux_loss_coef``, or the
+            architecture's own; only for a model whose config has
+            ``output_router_logits``). Default False: TRL's GMPOTrainer drops it.
+
+    The GMPOConfig options TRL's GMPOTrainer ignores and this trainer applies
+    (each off unless set): ``entropy_coef`` / ``use_adaptive_entropy`` (the
+    entropy bonus, fixed or adaptive, TRL GRPOTrainer's definition and
+    controller), ``off_policy_mask_threshold`` (a dropped row's policy term is
+    0; its KL term stays), ``delta`` (each token's clipped log-ratio is capped
+    at ``log(delta)``, so the row's geometric-mean ratio never exceeds
+    ``delta``). See the module docstring.
+    """
+
+    _tag_names = ["trl", "gmpo", "gmpo_ext"]
+    _FALLBACK_NOTE = "unfused; the rollout importance-sampling ratio is ignored there"
+
+    def __init__(self, *args, rollout_is_correction: bool = True, fused_lm_head: bool = True,
+                 router_aux_loss: bool = False, **kwargs):
+        self.rollout_is_correction = bool(rollout_is_correction)
+        self.router_aux_loss = bool(router_aux_loss)
+        self._fused_setup(fused_lm_head)
+        super().__init__(*args, **kwargs)
+        delta = getattr(self.args, "delta", None)
+        if delta is not None and not (isinstance(delta, (int, float)) and delta > 0):
+            raise ValueError(f"delta must be a number > 0 (the cap of the geometric-mean "
+                             f"ratio) or None, got {delta!r}")
+        if self.fused_lm_head:
+            self._install_fused_forward()
+
+    def _fallback(self, model, inputs, why):
+        unfused = [name for name, on in (
+            ("entropy_coef", self._entropy_bonus_enabled),
+            ("off_policy_mask_threshold", self.off_policy_mask_threshold is not None),
+            ("delta", getattr(self.args, "delta", None) is not None),
+            ("router_aux_loss", self._aux_on())) if on]
+        if unfused:   # TRL's GMPO would silently drop these: refuse rather than train without
+            raise ValueError(f"gmpo_ext.trl.GMPOTrainer: {why}, and TRL's own GMPO loss (the "
+                             f"fallback) ignores {', '.join(unfused)}")
+        return super()._fallback(model, inputs, why)
+
+    def _aux_on(self):
+        return self.router_aux_loss and self.aux_loss_enabled
+
+    def _compute_loss(self, model, inputs):
+        scored = self._score(model, inputs, aux=self._aux_on())
+        if isinstance(scored, str):
+            return self._fallback(model, inputs, scored)
+        logps, entropies, mask, aux_loss = scored
+        ent = entropies.detach()
 
         if self.top_entropy_quantile < 1.0:
-            entropy_mask = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            entropy_mask = self.get_high_entropy_mask(ent, mask, 1 - self.top_entropy_quantile)
             seq_mask = mask * entropy_mask
         else:
             seq_mask = mask
@@ -464,12 +596,33 @@ class GMPOTrainer(TRLGMPOTrainer):
                 is_weights = is_weights.reshape(-1)       # sequence modes: one weight per row
             is_weights = is_weights.detach()
 
+        # off-policy sequence mask (TRL GRPOTrainer's definition): a dropped row's
+        # advantage is 0, so its policy term and its gradient are exactly 0 (its
+        # KL term stays, as in TRL's GRPO)
+        loss_adv = advantages
+        if self.off_policy_mask_threshold is not None:
+            sampling = inputs.get("sampling_per_token_logps", old_logps)
+            keep = self.get_off_policy_mask(advantages.unsqueeze(1), logps, sampling, mask,
+                                            self.off_policy_mask_threshold)
+            loss_adv = advantages * keep.reshape(-1).to(advantages.dtype)
+
+        # delta: each token's log-ratio capped at log(delta) after GMPO's clip
+        # (the capped tokens get no gradient, as under TRL GRPO's clamp); the
+        # geometric mean then never exceeds delta
+        delta = getattr(self.args, "delta", None)
+        loss_logps = logps
+        if delta is not None:
+            cap = math.log(delta)
+            loss_logps = torch.where(logps.detach() - old_logps > cap,
+                                     (old_logps + cap).to(logps.dtype), logps)
+
         mode = "train" if self.model.training else "eval"
         normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        # TRL applies the entropy mask to the geometric mean only; with it on,
-        # the KL term (plain mask) is added separately on the (B, T) log-probs.
-        fused_kl = self.beta != 0.0 and seq_mask is mask
-        loss, gm = gmpo_loss(logps, old_logps, advantages, seq_mask,
+        # TRL applies the entropy mask to the geometric mean only; with it on (or
+        # delta's cap), the KL term (plain mask, uncapped log-probs) is added
+        # separately on the (B, T) log-probs.
+        fused_kl = self.beta != 0.0 and seq_mask is mask and delta is None
+        loss, gm = gmpo_loss(loss_logps, old_logps, loss_adv, seq_mask,
                              epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                              beta=self.beta if fused_kl else 0.0,
                              ref_logps=ref_logps if fused_kl else None,
@@ -483,7 +636,20 @@ class GMPOTrainer(TRLGMPOTrainer):
                 seq_kl = (per_token_kl * mf).sum(-1) / mf.sum(-1).clamp(min=1.0)
                 loss = loss + self.beta * seq_kl.mean() / normalizer
 
-        self._log_gmpo_metrics(mode, logps.detach(), old_logps, advantages, mask, entropies,
+        if self._entropy_bonus_enabled:
+            # TRL GRPOTrainer's bonus: the mean entropy of the tokens the policy
+            # term acts on, scaled for gradient accumulation only
+            eff = seq_mask.to(entropies.dtype)
+            bonus = (entropies * eff).sum() / eff.sum().clamp(min=1.0) / normalizer
+            self._metrics[mode]["policy_loss"].append(
+                self.accelerator.gather(loss.detach() * normalizer).nanmean().item())
+            loss = loss - self._entropy_coef_now() * bonus
+            self._entropy_controller(mode, ent, seq_mask)
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
+            self._log_aux_loss(mode, aux_loss)
+
+        self._log_gmpo_metrics(mode, logps.detach(), old_logps, advantages, mask, ent,
                                per_token_kl.detach() if self.beta != 0.0 else None, gm)
         return loss
 
@@ -496,9 +662,7 @@ class GMPOTrainer(TRLGMPOTrainer):
         metrics = self._metrics[mode]
 
         def global_masked_mean(x):
-            x = torch.where(m != 0, x.float(), torch.zeros((), device=x.device))
-            totals = reduce(torch.stack([(x * m).sum(), m.sum()]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
+            return self._global_masked_mean(x, mask)
 
         def masked_seq_mean(x):    # NaN for an empty row, as TRL (then nanmin/nanmax)
             return (x * m).sum(-1) / m.sum(-1)
@@ -531,3 +695,258 @@ class GMPOTrainer(TRLGMPOTrainer):
         metrics[MAX_MEAN_LOG_RATIO].append(gather(gm[MAX_MEAN_LOG_RATIO].reshape(1)).amax().item())
         metrics[NONFINITE_ROWS].append(reduce(gm[NONFINITE_ROWS].reshape(1),
                                               reduction="sum").item())
+
+
+# GRPOConfig options -> the keyword arguments of gmpo_ext.grpo_loss that fuse
+# them. A batch whose options need an argument this build's grpo_loss does not
+# take goes to TRL's own loss, with a warning naming the option; loss types the
+# core does not know (_backend.LOSS_TYPES) likewise.
+_FUSED_OPTIONS = {
+    "importance_sampling_level='sequence'": ("importance_sampling_level",),
+    "delta": ("delta",),
+    "off_policy_mask_threshold": ("off_policy_mask_threshold", "sampling_logps"),
+    "use_bias_correction_kl": ("use_bias_correction_kl",),
+    "top_entropy_quantile": ("token_mask",),
+    "entropy_coef / use_adaptive_entropy": ("entropies", "entropy_coef"),
+    "loss_type='sapo'": ("sapo_temperature_pos", "sapo_temperature_neg"),
+    "loss_type='vespo'": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+}
+
+# TRL's loss types that divide by the generation batch's token count
+# (num_items_in_batch) rather than by gradient-accumulation steps
+_ITEM_NORMALISED = ("dapo", "cispo", "vespo")
+_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def _core_arguments():
+    """The keyword arguments gmpo_ext.grpo_loss takes (this build)."""
+    return frozenset(inspect.signature(grpo_loss).parameters)
+
+
+class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
+    """TRL's GRPOTrainer with the LM head and the loss fused: a one-line swap,
+
+        from gmpo_ext.trl import GRPOTrainer        # instead of from trl import GRPOTrainer
+
+    Everything but the loss step is TRL's own. The loss step scores the
+    completions with the fused head (or the logits path), as
+    :class:`GMPOTrainer` does, and computes TRL's loss with
+    :func:`gmpo_ext.grpo_loss`, every option ``GRPOTrainer._compute_loss``
+    reads mapped to its arguments: ``loss_type``, ``importance_sampling_level``,
+    ``epsilon`` / ``epsilon_high``, ``delta``, ``beta`` with
+    ``use_bias_correction_kl``, ``off_policy_mask_threshold`` (with the
+    batch's ``sampling_per_token_logps``), the vLLM ``importance_sampling_ratio``,
+    ``top_entropy_quantile`` (TRL's own ``get_high_entropy_mask`` on the fused
+    head's entropies), ``entropy_coef`` fixed or adaptive (TRL's controller and
+    its state), the SAPO temperatures and VESPO's gamma parameters, each loss
+    type's normaliser with gradient accumulation and ``num_items_in_batch``,
+    tool masks; the MoE router's auxiliary loss when the model returns it; TRL's
+    metric names and reductions.
+
+    Cases not fused go to TRL's own ``_compute_loss`` (TRL's fused head), one
+    warning per reason naming it: vision-language inputs, a forward without
+    ``logits_to_keep``, per-token (B, T) advantages, and an option whose
+    argument this build's ``grpo_loss`` does not take (``_FUSED_OPTIONS``).
+
+    Args:
+        fused_lm_head: as in :class:`GMPOTrainer` (default True).
+    """
+
+    _tag_names = ["trl", "grpo", "gmpo_ext"]
+    _FALLBACK_NOTE = "unfused, same result"
+
+    def __init__(self, *args, fused_lm_head: bool = True, **kwargs):
+        self._fused_setup(fused_lm_head)
+        super().__init__(*args, **kwargs)
+        if self.fused_lm_head:
+            self._install_fused_forward()
+
+    def _options_in_use(self, inputs):
+        """The _FUSED_OPTIONS keys this configuration (and batch) uses."""
+        args = self.args
+        used = []
+        if self.importance_sampling_level == "sequence":
+            used.append("importance_sampling_level='sequence'")
+        if args.delta is not None and self.loss_type in _CLIP_TYPES:
+            used.append("delta")
+        if self.off_policy_mask_threshold is not None:
+            used.append("off_policy_mask_threshold")
+        if self.beta != 0.0 and args.use_bias_correction_kl:
+            used.append("use_bias_correction_kl")
+        if self.top_entropy_quantile < 1.0:
+            used.append("top_entropy_quantile")
+        if self._entropy_bonus_enabled:
+            used.append("entropy_coef / use_adaptive_entropy")
+        if self.loss_type in ("sapo", "vespo"):
+            used.append(f"loss_type={self.loss_type!r}")
+        return used
+
+    def _unfused(self, inputs):
+        """Why this batch cannot be fused (names the option), or None."""
+        if self.loss_type not in _backend.LOSS_TYPES:
+            return (f"loss_type={self.loss_type!r} is not in this build's fused core "
+                    f"(it has {', '.join(_backend.LOSS_TYPES)})")
+        adv = inputs["advantages"]
+        if adv.dim() == 2 and adv.shape[1] != 1:
+            return "per-token (B, T) advantages"
+        have = _core_arguments()
+        for option in self._options_in_use(inputs):
+            missing = [a for a in _FUSED_OPTIONS[option] if a not in have]
+            if missing:
+                return (f"{option} is not fused in this build (gmpo_ext.grpo_loss takes no "
+                        f"{', '.join(missing)}=)")
+        return None
+
+    def _is_weights(self, inputs):
+        """TRL's use of the rollout importance-sampling ratio: vespo folds it into
+        its gamma weights whenever the batch has it; the other types multiply
+        the per-token loss by it with vLLM's correction on."""
+        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+            w = inputs.get("importance_sampling_ratio") if self.loss_type == "vespo" \
+                else inputs["importance_sampling_ratio"]
+            return None if w is None else w.detach()
+        return None
+
+    def _loss_kwargs(self, inputs, logps, mask, entropies, entropy_mask, mode):
+        """grpo_loss's arguments for this batch, TRL's options mapped one to one."""
+        args = self.args
+        gas = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        kw = dict(loss_type=self.loss_type, epsilon_low=self.epsilon_low,
+                  epsilon_high=self.epsilon_high, beta=self.beta, normalizer=float(gas))
+        if self.beta != 0.0:
+            kw["ref_logps"] = inputs["ref_per_token_logps"]
+            if args.use_bias_correction_kl:
+                kw["use_bias_correction_kl"] = True
+        if self.importance_sampling_level == "sequence":
+            kw["importance_sampling_level"] = "sequence"
+        elif self.importance_sampling_level != "token":
+            raise ValueError(f"Unknown importance sampling level: {self.importance_sampling_level}")
+        if args.delta is not None and self.loss_type in _CLIP_TYPES:
+            kw["delta"] = float(args.delta)
+        if self.off_policy_mask_threshold is not None:
+            kw["off_policy_mask_threshold"] = float(self.off_policy_mask_threshold)
+            sampling = inputs.get("sampling_per_token_logps")
+            if sampling is not None:    # else TRL's default: the old log-probs
+                kw["sampling_logps"] = sampling
+        if entropy_mask is not None:
+            kw["token_mask"] = entropy_mask
+        isw = self._is_weights(inputs)
+        if isw is not None:
+            kw["is_weights"] = isw
+        if self.loss_type == "sapo":
+            kw.update(sapo_temperature_pos=args.sapo_temperature_pos,
+                      sapo_temperature_neg=args.sapo_temperature_neg)
+        if self.loss_type == "vespo":
+            kw.update(vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                      vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg)
+        if self.loss_type == "dr_grpo":
+            kw["max_completion_length"] = int(self.max_completion_length)
+        if self.loss_type in _ITEM_NORMALISED:
+            # TRL: sum / (num_items_in_batch / processes * gas / steps_per_generation)
+            # in training (the generation batch's tokens, one accumulation window's
+            # share): here num_items_in_batch / processes / steps_per_generation,
+            # and the gas in normalizer (which also scales the entropy bonus)
+            items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                items = items / args.steps_per_generation
+            kw["num_items_in_batch"] = items
+        if self._entropy_bonus_enabled:
+            kw["entropies"] = entropies
+            kw["entropy_coef"] = float(self._entropy_coef_now())
+        return kw
+
+    def _compute_loss(self, model, inputs):
+        why = self._unfused(inputs)
+        if why is not None:
+            return self._fallback(model, inputs, why)
+        scored = self._score(model, inputs, aux=self.aux_loss_enabled)
+        if isinstance(scored, str):
+            return self._fallback(model, inputs, scored)
+        logps, entropies, mask, aux_loss = scored
+        ent = entropies.detach()
+        entropy_mask = None
+        if self.top_entropy_quantile < 1.0:
+            entropy_mask = self.get_high_entropy_mask(ent, mask, 1 - self.top_entropy_quantile)
+
+        advantages = inputs["advantages"]
+        if advantages.dim() == 2:
+            advantages = advantages.reshape(-1)
+        old_logps = inputs.get("old_per_token_logps")
+        if old_logps is None:       # num_iterations == 1 and on-policy: ratio 1
+            old_logps = logps.detach()
+        mode = "train" if self.model.training else "eval"
+        kw = self._loss_kwargs(inputs, logps, mask, entropies, entropy_mask, mode)
+        loss, core_metrics = grpo_loss(logps, old_logps, advantages, mask, return_metrics=True,
+                                       **kw)
+
+        if self._entropy_bonus_enabled:
+            with torch.no_grad():   # TRL's policy_loss metric: the loss without the bonus
+                pkw = {k: v for k, v in kw.items() if k not in ("entropies", "entropy_coef")}
+                if self.loss_type not in _ITEM_NORMALISED:
+                    pkw["normalizer"] = 1.0   # TRL logs it before the gas division
+                policy = grpo_loss(logps.detach(), old_logps, advantages, mask, **pkw)
+            self._metrics[mode]["policy_loss"].append(
+                self.accelerator.gather(policy.detach()).nanmean().item())
+            eff = mask if entropy_mask is None else mask * entropy_mask
+            self._entropy_controller(mode, ent, eff)
+        if aux_loss is not None:
+            gas = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / gas
+            self._log_aux_loss(mode, aux_loss)
+
+        self._log_grpo_metrics(mode, inputs, logps.detach(), old_logps, advantages, mask, ent,
+                               core_metrics)
+        return loss
+
+    @torch.no_grad()
+    def _log_grpo_metrics(self, mode, inputs, logps, old_logps, advantages, mask, entropies,
+                          core_metrics):
+        """TRL's GRPO metrics: same names, same definitions, same cross-process
+        reductions (on the (B, T) log-probs, no grad), and gmpo/nonfinite_rows."""
+        metrics = self._metrics[mode]
+        m = mask.to(torch.float32)
+        adv = advantages.unsqueeze(1)
+        log_ratio = logps - old_logps
+        if self.importance_sampling_level == "sequence":
+            liw = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        else:
+            liw = log_ratio
+        coef_1 = torch.exp(liw)
+
+        def global_masked_mean(x):
+            return self._global_masked_mean(x, mask)
+
+        def masked_seq_mean(x):
+            return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            d = torch.where(mask != 0, ref - logps, torch.zeros((), device=logps.device))
+            kl = torch.exp(d) - d - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * coef_1
+            metrics["kl"].append(global_masked_mean(kl))
+        metrics["entropy"].append(global_masked_mean(entropies))
+        if self.loss_type in _CLIP_TYPES:
+            low = ((coef_1 < 1 - self.epsilon_low) & (adv < 0)).float()
+            high = ((coef_1 > 1 + self.epsilon_high) & (adv > 0)).float()
+            region = ((low + high) > 0).float()
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(region))
+            gather = self.accelerator.gather
+            metrics["clip_ratio/low_min"].append(nanmin(gather(masked_seq_mean(low))).item())
+            metrics["clip_ratio/high_max"].append(nanmax(gather(masked_seq_mean(high))).item())
+        elif self.loss_type == "cispo":
+            clipped = ((coef_1 > self.epsilon_high) & (adv > 0)).float()
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
+        elif self.loss_type == "vespo":
+            phi = self.get_gamma_weights(
+                advantages=adv, log_ratio_per_token=log_ratio, mask=mask,
+                importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
+                k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos,
+                k_neg=self.args.vespo_k_neg, lambda_neg=self.args.vespo_lambda_neg)
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+        if NONFINITE_ROWS in core_metrics:
+            metrics[NONFINITE_ROWS].append(self.accelerator.reduce(
+                core_metrics[NONFINITE_ROWS].reshape(1), reduction="sum").item())
