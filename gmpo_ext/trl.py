@@ -825,9 +825,9 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
             kw["delta"] = float(args.delta)
         if self.off_policy_mask_threshold is not None:
             kw["off_policy_mask_threshold"] = float(self.off_policy_mask_threshold)
-            sampling = inputs.get("sampling_per_token_logps")
-            if sampling is not None:    # else TRL's default: the old log-probs
-                kw["sampling_logps"] = sampling
+            # the rollout engine's log-probs when the batch has them, else (TRL) the old ones
+            kw["sampling_logps"] = inputs.get("sampling_per_token_logps",
+                                              inputs.get("old_per_token_logps", logps.detach()))
         if entropy_mask is not None:
             kw["token_mask"] = entropy_mask
         isw = self._is_weights(inputs)
