@@ -9,7 +9,9 @@ LoRA on q/v, the head frozen), ga (2 micro-batches per rank), gc (gradient
 checkpointing), bf16 (bf16=True, fp32 master weights, the head scaled so the
 logits reach |z| = 30), train (one ``trainer.train()`` step with generation instead
 of the fixed batch: it must run fused, not match), rank1fail (the first-batch
-head check fails on rank 1 only: every rank must take the logits path).
+head check fails on rank 1 only: every rank must take the logits path), grpo
+(gmpo_ext.trl.GRPOTrainer, loss_type dapo, against TRL's GRPOTrainer: the
+token-count normaliser over the ranks' share of num_items_in_batch).
 
 For each variant every rank builds the same tiny Qwen2-style model and the
 same fixed batch (B = 8 rows: rank r takes rows [4 r, 4 r + 4)), wraps the
@@ -110,13 +112,18 @@ def batch(model, V, temperature=1.0):
     return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                 completion_mask=completion_mask, advantages=advantages,
                 old_per_token_logps=lp + 0.8 * torch.randn(B, T, generator=g),
-                ref_per_token_logps=lp + 0.3 * torch.randn(B, T, generator=g))
+                ref_per_token_logps=lp + 0.3 * torch.randn(B, T, generator=g),
+                # the whole generation batch's token count (GRPO's dapo normaliser)
+                num_items_in_batch=completion_mask.sum())
 
 
-def _trainer(cls, model, tok, out, bf16=False, **kw):
+def _trainer(cls, model, tok, out, bf16=False, grpo=False, **kw):
     from datasets import Dataset
+    from trl import GRPOConfig
     from trl.experimental.gmpo import GMPOConfig
-    args = GMPOConfig(output_dir=out, report_to="none", use_cpu=True, bf16=bf16,
+    if grpo:   # TRL's default loss (dapo); the KL without the bias correction
+        kw.update(loss_type="dapo", use_bias_correction_kl=False)
+    args = (GRPOConfig if grpo else GMPOConfig)(output_dir=out, report_to="none", use_cpu=True, bf16=bf16,
                       gradient_checkpointing=kw.pop("gradient_checkpointing", False),
                       save_strategy="no", per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=T, max_steps=1, disable_tqdm=True, beta=0.1,
@@ -165,11 +172,14 @@ def _deepspeed_zero3(trainer, ga):
 
 
 def reference(tok, opts, path, bf16=False):
-    """TRL's own GMPOTrainer, one process, the whole batch (fp32, or under bf16
-    autocast): (loss, {canonical name: gradient})."""
+    """TRL's own GMPOTrainer (GRPOTrainer for ``grpo``), one process, the whole
+    batch (fp32, or under bf16 autocast): (loss, {canonical name: gradient})."""
+    from trl import GRPOTrainer as TRLGRPOTrainer
     from trl.experimental.gmpo import GMPOTrainer as TRLGMPOTrainer
     model = _model(len(tok), opts, path)
-    tr = _trainer(TRLGMPOTrainer, model, tok, os.path.join(path, "ref_run"), bf16=bf16)
+    grpo = "grpo" in opts
+    tr = _trainer(TRLGRPOTrainer if grpo else TRLGMPOTrainer, model, tok,
+                  os.path.join(path, "ref_run"), bf16=bf16, grpo=grpo)
     tr.model.train()
     tr.current_gradient_accumulation_steps = 1
     loss = tr.compute_loss(model, batch(model, len(tok)))
@@ -248,7 +258,7 @@ def _step(engine, trainer, wrapped, inputs, rank, world, ga):
     total = torch.zeros(())
     for k in range(ga):
         lo = rank * per + k * step
-        mb = {key: v[lo:lo + step] for key, v in inputs.items()}
+        mb = {key: v if v.dim() == 0 else v[lo:lo + step] for key, v in inputs.items()}
         sync = k == ga - 1
         ctx = wrapped.no_sync() if engine == "ddp" and not sync else contextlib.nullcontext()
         with ctx:
@@ -285,7 +295,9 @@ def run_variant(engine, variant, out_dir, tok, rank, world):
     inputs = batch(model, len(tok))      # (the full logits, before the head is watched)
     _base(model).get_output_embeddings().register_forward_hook(
         lambda m, a, o: calls.__setitem__("head_in", max(calls["head_in"], a[0].shape[-2])))
-    trainer = _trainer(gtrl.GMPOTrainer, model, tok, os.path.join(out_dir, f"run_{variant}_{rank}"),
+    grpo = "grpo" in opts
+    trainer = _trainer(gtrl.GRPOTrainer if grpo else gtrl.GMPOTrainer, model, tok,
+                       os.path.join(out_dir, f"run_{variant}_{rank}"), grpo=grpo,
                        gradient_accumulation_steps=ga, bf16="bf16" in opts,
                        **({"logging_steps": 1} if "train" in opts else {}))
     try:

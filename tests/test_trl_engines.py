@@ -1,4 +1,5 @@
-"""gmpo_ext.trl.GMPOTrainer under the training engines, 2 processes on CPU (gloo).
+"""gmpo_ext.trl.GMPOTrainer (and GRPOTrainer) under the training engines, 2 processes
+on CPU (gloo).
 
 Each test launches tests/_trl_engine_worker.py with ``torch.distributed.run``
 once per engine and runs several variants in it: the real TRL trainer step
@@ -10,8 +11,8 @@ fixed batch of 8 rows split over the 2 ranks. For every variant it asserts
   of the head check), i.e. the (B, T, V) logits were never formed;
 * the loss (averaged over ranks) and every trainable parameter's full
   gradient, reduced by the engine as it reduces every other parameter's,
-  equal TRL's own GMPOTrainer in one process on the whole batch (fp32, 1e-5
-  relative to the tensor's largest entry); under bf16 autocast (``bf16``,
+  equal TRL's own GMPOTrainer (GRPOTrainer for ``grpo``) in one process on
+  the whole batch (fp32, 1e-5 relative to the tensor's largest entry); under bf16 autocast (``bf16``,
   logits of |z| = 30) the loss within 2e-3 of TRL's bf16 trainer and each
   gradient's error against TRL's fp32 one at most twice TRL's own bf16 error;
 
@@ -48,10 +49,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 RTOL = 1e-5
 
 ENGINES = {
-    "ddp": ["plain", "tied", "lora", "ga", "gc", "bf16"],
+    "ddp": ["plain", "tied", "lora", "ga", "gc", "bf16", "grpo"],
     "fsdp1": ["plain", "tied", "ga"],
-    "fsdp2": ["plain", "tied", "lora", "ga", "train", "rank1fail", "bf16"],
-    "zero3": ["plain", "tied", "ga", "rank1fail"],
+    "fsdp2": ["plain", "tied", "lora", "ga", "train", "rank1fail", "bf16", "grpo"],
+    "zero3": ["plain", "tied", "ga", "rank1fail", "grpo"],
 }
 
 # what linear_logps says of the head's weight outside the forward, per engine
@@ -151,7 +152,8 @@ _VARIANTS = {"plain": "untied", "tied": "tied embeddings", "lora": "PEFT LoRA (h
              "ga": "grad. accumulation 2", "gc": "grad. checkpointing",
              "bf16": "bf16 autocast (logits of magnitude 30)",
              "train": "`train()` step with generation, GA 2",
-             "rank1fail": "head check failing on one rank (all fall back)"}
+             "rank1fail": "head check failing on one rank (all fall back)",
+             "grpo": "`GRPOTrainer` (dapo, beta 0.1)"}
 
 
 def readme_table():
