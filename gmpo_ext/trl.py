@@ -1,7 +1,14 @@
-"""GMPO in TRL, fused: a drop-in replacement for ``trl.experimental.gmpo.GMPOTrainer``.
+"""GMPO and GRPO in TRL, fused: drop-in replacements for
+``trl.experimental.gmpo.GMPOTrainer`` and ``trl.GRPOTrainer``.
 
     from gmpo_ext.trl import GMPOTrainer        # instead of trl.experimental.gmpo
     trainer = GMPOTrainer(model=..., reward_funcs=..., args=GMPOConfig(...), ...)
+    from gmpo_ext.trl import GRPOTrainer        # instead of trl.GRPOTrainer
+
+Both share the fused-head machinery described below (``_FusedHeadMixin``);
+:class:`GRPOTrainer` computes TRL's GRPO-family loss with
+:func:`gmpo_ext.grpo_loss` (see its docstring and ``_FUSED_OPTIONS``), the
+rest of this text is about GMPOTrainer.
 
 Everything but the loss is TRL's own (generation, rewards, advantages, weight
 syncing, logging). The loss step:
@@ -62,6 +69,20 @@ Differences from TRL's GMPOTrainer, on purpose:
   completion (x tool) mask. Reproduced exactly.
 * A masked token never enters the arithmetic, so NaN or inf in padding cannot
   poison a row (see :func:`gmpo_ext.gmpo_loss`).
+* Options TRL's GMPOTrainer inherits from GRPOConfig but ignores are applied
+  (each off unless set): ``entropy_coef`` / ``use_adaptive_entropy`` (TRL
+  GRPOTrainer's entropy bonus and adaptive controller, on the tokens the
+  geometric mean counts, with its ``policy_loss`` and ``entropy_coef``
+  metrics); ``off_policy_mask_threshold`` (TRL GRPOTrainer's off-policy
+  sequence mask: a dropped row's advantage is set to 0, so its policy term and
+  gradient are exactly 0 while its KL term stays, as in TRL's GRPO); ``delta``
+  (each token's clipped log-ratio capped at ``log(delta)``: ``y = min(y,
+  log delta)``, so the geometric-mean ratio is at most ``delta``, the meaning
+  TRL's GRPO gives delta per token; capped tokens get no gradient, the KL uses
+  the uncapped log-probs). The MoE router's load-balancing loss is added with
+  ``router_aux_loss=True`` (default False, as TRL's GMPOTrainer). If a batch
+  must fall back to TRL's GMPO loss while one of these is set, the trainer
+  raises instead of training without it.
 
 Cases the fused path does not handle fall back to TRL's own ``_compute_loss``
 (one warning each): vision-language inputs (``pixel_values`` and the other

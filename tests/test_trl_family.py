@@ -573,3 +573,84 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
     for n, p in ref_params.items():
         assert float((p - params[n]).abs().max()) <= 1e-6, (n, float((p - params[n]).abs().max()))
         assert not torch.equal(p, start[n]), n     # every parameter trained
+
+
+# ----------------------------------------------------------------------------
+# the README's "GRPOConfig option -> gmpo_ext" table is written from this list:
+# (option, what gmpo_ext.trl.GRPOTrainer does, needs issue 17 part 1's core,
+#  the parity cases above that show it)
+
+FUSED = "fused, same result"
+OPTION_TABLE = [
+    ("`loss_type` grpo, bnpo, dr_grpo, dapo", FUSED, False,
+     ["grpo/token", "bnpo/token", "dr_grpo/token", "dapo/token"]),
+    ("`loss_type` cispo, sapo, luspo, vespo", FUSED, True,
+     ["cispo/token", "sapo/token", "luspo/token", "vespo/token"]),
+    ("`importance_sampling_level=\"sequence\"` (GSPO: grpo at sequence level)", FUSED, True,
+     [f"{t}/sequence" for t in TYPES]),
+    ("`epsilon`, `epsilon_high`, `temperature`", FUSED, False,
+     ["grpo/token", "luspo_temperature"]),
+    ("`beta` (k3 KL to the reference model)", FUSED, False, ["beta_plain_kl", "dr_grpo_eval"]),
+    ("`use_bias_correction_kl` (TRL's default, with `beta != 0`)", FUSED, True,
+     ["beta", "bias_corrected_kl", "bias_corrected_kl_gspo"]),
+    ("`delta` (two-sided clipping)", FUSED, True, ["delta", "delta_gspo"]),
+    ("`off_policy_mask_threshold` (with the batch's `sampling_per_token_logps`, else the old "
+     "log-probs)", FUSED, True, ["off_policy_mask_sampling_logps", "off_policy_mask_old_logps"]),
+    ("vLLM `importance_sampling_ratio` (token or sequence modes; vespo: in its gamma weights)",
+     FUSED, False, ["is_ratio_token", "is_ratio_sequence", "is_ratio_cispo_sequence_level",
+                    "is_ratio_vespo"]),
+    ("`top_entropy_quantile` (TRL's `get_high_entropy_mask` on the fused head's entropies)",
+     FUSED, True, ["top_entropy_quantile", "entropy_bonus_with_quantile"]),
+    ("`entropy_coef` (fixed bonus)", FUSED, True, ["entropy_bonus", "entropy_bonus_with_quantile"]),
+    ("`use_adaptive_entropy`, `entropy_target`, `entropy_coef_min/max/delta` (TRL's controller "
+     "and its state)", FUSED, True, ["entropy_adaptive", "entropy_adaptive_gated_off"]),
+    ("`sapo_temperature_pos/neg`", FUSED, True, ["sapo_temperatures"]),
+    ("`vespo_k_pos`, `vespo_lambda_pos`, `vespo_k_neg`, `vespo_lambda_neg`", FUSED, True,
+     ["vespo_gamma"]),
+    ("`router_aux_loss_coef` (MoE models with `output_router_logits`)", FUSED, False,
+     ["moe_aux_loss"]),
+    ("`gradient_accumulation_steps`, `steps_per_generation`, `num_iterations`, "
+     "`num_items_in_batch`, `max_completion_length`, eval mode", FUSED, False,
+     ["beta_grad_accum_tool", "dapo_eval_grad_accum", "dr_grpo_eval", "trajectory/dapo"]),
+    ("tool masks (`tool_mask` in the batch)", FUSED, False, ["beta_grad_accum_tool"]),
+    ("vision-language inputs (`pixel_values`, ...), per-token (B, T) advantages, a forward "
+     "without `logits_to_keep`", "TRL's own loss (TRL's fused head), a warning naming the "
+     "reason; same result", False, []),
+]
+
+
+def _known_cases():
+    cases = {f"{t}/{lv}" for t in TYPES for lv in ("token", "sequence")}
+    cases |= set(OPTIONS) | {f"trajectory/{n}" for n in TRAJECTORIES} | {"moe_aux_loss"}
+    return cases
+
+
+def option_table():
+    """The markdown table README.md shows (between its option-table markers)."""
+    rows = ["| TRL `GRPOConfig` option | `gmpo_ext.trl.GRPOTrainer` | parity cases "
+            "(`tests/test_trl_family.py`) |", "| :--- | :--- | :--- |"]
+    for option, status, part1, cases in OPTION_TABLE:
+        if part1:
+            status += " (with issue 17 part 1's `grpo_loss`; before it: TRL's own loss, a " \
+                      "warning naming the option)"
+        rows.append(f"| {option} | {status} | {', '.join(cases) or '-'} |")
+    return "\n".join(rows)
+
+
+def test_readme_option_table_is_current():
+    """README.md's option table is option_table(), and every case it names is run above."""
+    known = _known_cases()
+    for _, _, _, cases in OPTION_TABLE:
+        assert set(cases) <= known, set(cases) - known
+    covered = {c for *_, cases in OPTION_TABLE for c in cases}
+    assert set(OPTIONS) <= covered, set(OPTIONS) - covered     # every option case is in a row
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    begin, end = "<!-- grpo-options:begin (tests/test_trl_family.py) -->", \
+        "<!-- grpo-options:end -->"
+    assert begin in text and end in text, "README.md lost its option table markers"
+    shown = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert shown == option_table(), ("README.md's option table drifted; regenerate it with "
+                                     "python -c 'import sys; sys.path.insert(0, \"tests\"); "
+                                     "import test_trl_family as t; print(t.option_table())'")
