@@ -79,7 +79,8 @@ def cuda_peak_beyond(t, model, inputs, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4x256,8x512", help="BxT completions, comma-separated")
-    ap.add_argument("--losses", default=",".join(CASES), help="comma-separated, of " + ", ".join(CASES))
+    ap.add_argument("--losses", default=",".join(CASES),
+                    help="comma-separated, of " + ", ".join(CASES))
     ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     ap.add_argument("--hidden", type=int, default=896)

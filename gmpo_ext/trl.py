@@ -447,7 +447,8 @@ class _FusedHeadMixin:
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         T = completion_ids.shape[1]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = completion_mask if "tool_mask" not in inputs \
+            else completion_mask * inputs["tool_mask"]
 
         text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") \
             else base.config
@@ -822,7 +823,8 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
         """TRL's use of the rollout importance-sampling ratio: vespo folds it into
         its gamma weights whenever the batch has it; the other types multiply
         the per-token loss by it with vLLM's correction on."""
-        if self.loss_type == "vespo" or (self.use_vllm and self.vllm_importance_sampling_correction):
+        if self.loss_type == "vespo" or \
+                (self.use_vllm and self.vllm_importance_sampling_correction):
             w = inputs.get("importance_sampling_ratio") if self.loss_type == "vespo" \
                 else inputs["importance_sampling_ratio"]
             return None if w is None else w.detach()

@@ -12,9 +12,10 @@ fixed batch of 8 rows split over the 2 ranks. For every variant it asserts
 * the loss (averaged over ranks) and every trainable parameter's full
   gradient, reduced by the engine as it reduces every other parameter's,
   equal TRL's own GMPOTrainer (GRPOTrainer for ``grpo``) in one process on
-  the whole batch (fp32, 1e-5 relative to the tensor's largest entry); under bf16 autocast (``bf16``,
-  logits of |z| = 30) the loss within 2e-3 of TRL's bf16 trainer and each
-  gradient's error against TRL's fp32 one at most twice TRL's own bf16 error;
+  the whole batch (fp32, 1e-5 relative to the tensor's largest entry); under
+  bf16 autocast (``bf16``, logits of |z| = 30) the loss within 2e-3 of TRL's
+  bf16 trainer and each gradient's error against TRL's fp32 one at most twice
+  TRL's own bf16 error;
 
 and, for ``train``, that one ``trainer.train()`` step with generation and 2
 gradient-accumulation micro-batches runs fused under FSDP2 (the second

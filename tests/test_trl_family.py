@@ -567,7 +567,8 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
     assert ours.fused_lm_head and not ours._gmpo_fallback_warned
     assert ref.state.global_step == ours.state.global_step == 4 and len(logs) == 4
     for a, b in zip(ref_logs, logs):
-        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7), (a["loss"], b["loss"])
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-7), \
+            (a["loss"], b["loss"])
         assert math.isclose(a["kl"], b["kl"], rel_tol=1e-4, abs_tol=1e-7), (a["kl"], b["kl"])
     start = dict(_model(model_dir, tok).named_parameters())
     for n, p in ref_params.items():
@@ -576,7 +577,8 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# the README's "GRPOConfig option -> gmpo_ext" table is written from this list:
+# docs/trl-verl.md's "GRPOConfig option -> gmpo_ext" table is written from this
+# list (tools/gen_docs.py, block grpo-options):
 # (option, what gmpo_ext.trl.GRPOTrainer does, needs issue 17 part 1's core,
 #  the parity cases above that show it)
 
@@ -626,7 +628,7 @@ def _known_cases():
 
 
 def option_table():
-    """The markdown table README.md shows (between its option-table markers)."""
+    """The markdown table docs/trl-verl.md shows (between its option-table markers)."""
     rows = ["| TRL `GRPOConfig` option | `gmpo_ext.trl.GRPOTrainer` | parity cases "
             "(`tests/test_trl_family.py`) |", "| :--- | :--- | :--- |"]
     for option, status, part1, cases in OPTION_TABLE:
@@ -638,19 +640,19 @@ def option_table():
 
 
 def test_readme_option_table_is_current():
-    """README.md's option table is option_table(), and every case it names is run above."""
+    """docs/trl-verl.md's option table is option_table(), and every case it names is
+    run above."""
     known = _known_cases()
     for _, _, _, cases in OPTION_TABLE:
         assert set(cases) <= known, set(cases) - known
     covered = {c for *_, cases in OPTION_TABLE for c in cases}
     assert set(OPTIONS) <= covered, set(OPTIONS) - covered     # every option case is in a row
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "README.md"), encoding="utf-8") as f:
+                           "docs", "trl-verl.md"), encoding="utf-8") as f:
         text = f.read()
     begin, end = "<!-- grpo-options:begin (tests/test_trl_family.py) -->", \
         "<!-- grpo-options:end -->"
-    assert begin in text and end in text, "README.md lost its option table markers"
+    assert begin in text and end in text, "docs/trl-verl.md lost its option table markers"
     shown = text.split(begin, 1)[1].split(end, 1)[0].strip()
-    assert shown == option_table(), ("README.md's option table drifted; regenerate it with "
-                                     "python -c 'import sys; sys.path.insert(0, \"tests\"); "
-                                     "import test_trl_family as t; print(t.option_table())'")
+    assert shown == option_table(), ("docs/trl-verl.md's option table drifted; regenerate it "
+                                     "with python tools/gen_docs.py")

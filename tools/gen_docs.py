@@ -105,6 +105,14 @@ def render_engines(root: Path, test_file: str) -> str:
             "\n<!-- engines:end -->")
 
 
+def render_grpo_options(root: Path, test_file: str) -> str:
+    """The GRPOConfig option table of tests/test_trl_family.py, inside the markers
+    its test_readme_option_table_is_current looks for in docs/trl-verl.md."""
+    table = _module(root, test_file).option_table()
+    return ("<!-- grpo-options:begin (tests/test_trl_family.py) -->\n" + table +
+            "\n<!-- grpo-options:end -->")
+
+
 def _loss_both(root: Path, rel: str) -> dict:
     """bench_loss rows, fp32 forward + backward, by (B, T, path)."""
     return {(int(r["B"]), int(r["T"]), r["path"]): r for r in _rows(root, rel)
@@ -292,6 +300,7 @@ BLOCKS: dict[str, Block] = {
     "api-signatures": Block(("gmpo_ext/__init__.py", "gmpo_ext/loss.py", "gmpo_ext/logits.py",
                              "gmpo_ext/hidden.py"), render_api_signatures),
     "engines": Block(("tests/test_trl_engines.py",), render_engines),
+    "grpo-options": Block(("tests/test_trl_family.py",), render_grpo_options),
     "headline": Block((f"{RESULTS}/bench_loss_cpu.csv", f"{RESULTS}/bench_logits_cpu.csv",
                        f"{RESULTS}/bench_hidden_cpu.csv", f"{RESULTS}/bench_trl_step_cpu.csv"),
                       render_headline),
