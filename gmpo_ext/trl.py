@@ -519,10 +519,12 @@ class _FusedHeadMixin:
         if mode == "train" and self.accelerator.sync_gradients:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-    def _global_masked_mean(self, x, mask):
-        """TRL's global_masked_mean: over the counted tokens of every rank, or over
-        every rank's rows for a (B, 1) per-row quantity."""
-        if x.shape[1] == 1:
+    def _global_masked_mean(self, x, mask, per_row=False):
+        """TRL's global_masked_mean: over the counted tokens of every rank, or
+        (``per_row``: a (B, 1) quantity) over every rank's rows. (TRL decides by
+        x.shape[1] == 1, which also takes a per-token (B, 1) tensor, completions
+        of length 1, for a per-row one; here the caller says which it is.)"""
+        if per_row:
             local = torch.stack([x.float().sum(), torch.tensor(float(x.shape[0]), device=x.device)])
         else:
             m = mask.to(torch.float32)
@@ -936,11 +938,13 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
             liw = log_ratio
         coef_1 = torch.exp(liw)
 
-        def global_masked_mean(x):
-            return self._global_masked_mean(x, mask)
+        seq = self.importance_sampling_level == "sequence"   # coef_1 is (B, 1), per row
+
+        def global_masked_mean(x, per_row=False):
+            return self._global_masked_mean(x, mask, per_row)
 
         def masked_seq_mean(x):
-            return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+            return x.squeeze(1) if seq else (x * m).sum(-1) / m.sum(-1)
 
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
@@ -954,22 +958,22 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
             low = ((coef_1 < 1 - self.epsilon_low) & (adv < 0)).float()
             high = ((coef_1 > 1 + self.epsilon_high) & (adv > 0)).float()
             region = ((low + high) > 0).float()
-            metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
-            metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
-            metrics["clip_ratio/region_mean"].append(global_masked_mean(region))
+            metrics["clip_ratio/low_mean"].append(global_masked_mean(low, seq))
+            metrics["clip_ratio/high_mean"].append(global_masked_mean(high, seq))
+            metrics["clip_ratio/region_mean"].append(global_masked_mean(region, seq))
             gather = self.accelerator.gather
             metrics["clip_ratio/low_min"].append(nanmin(gather(masked_seq_mean(low))).item())
             metrics["clip_ratio/high_max"].append(nanmax(gather(masked_seq_mean(high))).item())
         elif self.loss_type == "cispo":
             clipped = ((coef_1 > self.epsilon_high) & (adv > 0)).float()
-            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped))
+            metrics["cispo_clip_ratio"].append(global_masked_mean(clipped, seq))
         elif self.loss_type == "vespo":
             phi = self.get_gamma_weights(
                 advantages=adv, log_ratio_per_token=log_ratio, mask=mask,
                 importance_sampling_ratio=inputs.get("importance_sampling_ratio"),
                 k_pos=self.args.vespo_k_pos, lambda_pos=self.args.vespo_lambda_pos,
                 k_neg=self.args.vespo_k_neg, lambda_neg=self.args.vespo_lambda_neg)
-            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi))
+            metrics["vespo/phi_seq_mean"].append(global_masked_mean(phi, per_row=True))
         if NONFINITE_ROWS in core_metrics:
             metrics[NONFINITE_ROWS].append(self.accelerator.reduce(
                 core_metrics[NONFINITE_ROWS].reshape(1), reduction="sum").item())
