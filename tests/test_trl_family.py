@@ -553,12 +553,15 @@ def _train(cls, model_dir, tok, tmp_path, **cfg):
 def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
     """4 optimizer steps (2 micro-batches each, every generation batch used twice,
     beta > 0, SGD at a constant rate) through trainer.train(): the logged losses
-    and the final parameters equal TRL's GRPOTrainer. Tolerance: each step's
-    gradient agrees to ~1e-6 relative (the fp32 rounding of two different
-    reduction orders); over 4 SGD steps at lr 0.05 the parameters, of size ~0.02
-    to 1, move by ~1e-2 and their difference stays below 1e-6 absolute; the
+    and the final parameters equal TRL's GRPOTrainer. Tolerances: each step's
+    gradient agrees to ~1e-6 relative (fp32 rounding of two reduction orders),
+    so a parameter may differ by a few fp32 ulps of its size (4 eps |p|, one
+    rounding per step) plus 1e-3 of how far it moved (measured: at most 7e-9,
+    while the parameters moved 2e-6 to 4e-2); the losses to 1e-5 relative, or
+    1e-7 absolute where the group-centred advantages make a loss of size 0.1
+    terms cancel to ~0 (the first step's grpo loss is exactly 0 in TRL). The
     completions are sampled from the same RNG stream and must be identical (a
-    flipped sample would show as a loss difference of order 1)."""
+    flipped sample would show as a loss difference of order 0.1)."""
     cfg = TRAJECTORIES[name]
     if _needs_family(cfg, beta=0.05) and not HAVE_FAMILY:
         pytest.skip(NEEDS_FAMILY)
@@ -571,9 +574,12 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
             (a["loss"], b["loss"])
         assert math.isclose(a["kl"], b["kl"], rel_tol=1e-4, abs_tol=1e-7), (a["kl"], b["kl"])
     start = dict(_model(model_dir, tok).named_parameters())
+    eps = torch.finfo(torch.float32).eps
     for n, p in ref_params.items():
-        assert float((p - params[n]).abs().max()) <= 1e-6, (n, float((p - params[n]).abs().max()))
-        assert not torch.equal(p, start[n]), n     # every parameter trained
+        moved = float((p - start[n]).abs().max())
+        diff = float((p - params[n]).abs().max())
+        assert moved > 0, n     # every parameter trained
+        assert diff <= 4 * eps * float(p.abs().max()) + 1e-3 * moved, (n, diff, moved)
 
 
 # ----------------------------------------------------------------------------
