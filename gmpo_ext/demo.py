@@ -761,40 +761,74 @@ def _band(records, method, key, steps):
     return out
 
 
-COLORS = {"gmpo": "tab:blue", "grpo": "tab:red", "gspo": "tab:green"}
+COLORS = {"gmpo": (31, 119, 180), "grpo": (214, 39, 40), "gspo": (44, 160, 44)}
+_OTHER_COLORS = [(148, 103, 189), (140, 86, 75), (127, 127, 127)]
 
 
-def plot(path, records, methods, title, steps):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
-    panels = [(axes[0], ("reward",), "mean reward of the generation batch", "reward"),
-              (axes[1], ("log_ratio_min", "log_ratio_max"), "per-token log(pi_theta / pi_old)",
-               "range of the log importance ratio (min and max)"),
-              (axes[2], ("entropy",), "entropy (nats per token)", "policy entropy")]
-    for ax, keys, ylabel, name in panels:
-        for m in methods:
-            c = COLORS.get(m, None)
+def figure_panels(records, methods, steps):
+    """The figure's three panels (reward, log-ratio min and max, entropy) as data:
+    per method the mean over seeds per step and its 95% t-band (see gmpo_ext._png)."""
+    spec = [("reward of the generation batch", ("reward",), "reward"),
+            ("per-token log-ratio, min and max per step", ("log_ratio_min", "log_ratio_max"),
+             "log(pi_theta / pi_old)"),
+            ("entropy of the policy", ("entropy",), "nats per token")]
+    panels = []
+    for title, keys, ylabel in spec:
+        series = []
+        for i, m in enumerate(methods):
+            color = COLORS.get(m, _OTHER_COLORS[i % len(_OTHER_COLORS)])
             for j, key in enumerate(keys):
                 b = _band(records, m, key, steps)
                 if not b:
                     continue
                 s, mu, h = zip(*b)
-                ax.plot(s, mu, color=c, lw=1.3, label=_name(m) if j == 0 else None)
-                ax.fill_between(s, [x - y for x, y in zip(mu, h)], [x + y for x, y in zip(mu, h)],
-                                color=c, alpha=0.2, lw=0)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name, fontsize=10)
+                series.append({"label": _name(m), "color": color, "x": list(s), "y": list(mu),
+                               "lo": [a - c for a, c in zip(mu, h)],
+                               "hi": [a + c for a, c in zip(mu, h)], "legend": j == 0})
+        panels.append({"title": title, "xlabel": "optimizer step", "ylabel": ylabel,
+                       "series": series, "hline": 0.0 if len(keys) == 2 else None})
+    return panels
+
+
+def plot(path, records, methods, title, steps, backend=None):
+    """demo.png: matplotlib when it is installed (``backend="matplotlib"``), else
+    the built-in renderer (``backend="builtin"``, gmpo_ext._png). Returns the
+    backend used."""
+    panels = figure_panels(records, methods, steps)
+    if backend is None:
+        try:
+            import matplotlib  # noqa: F401
+            backend = "matplotlib"
+        except ImportError:
+            backend = "builtin"
+    if backend == "builtin":
+        from ._png import render
+        render(path, panels, title)
+        return backend
+    if backend != "matplotlib":
+        raise ValueError(f"backend must be 'matplotlib' or 'builtin', got {backend!r}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.3))
+    for ax, p in zip(axes, panels):
+        for s in p["series"]:
+            c = tuple(v / 255 for v in s["color"])
+            ax.plot(s["x"], s["y"], color=c, lw=1.3, label=s["label"] if s["legend"] else None)
+            ax.fill_between(s["x"], s["lo"], s["hi"], color=c, alpha=0.2, lw=0)
+        if p["hline"] is not None:
+            ax.axhline(p["hline"], color="k", lw=0.5)
+        ax.set_xlabel(p["xlabel"])
+        ax.set_ylabel(p["ylabel"])
+        ax.set_title(p["title"], fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[1].axhline(0.0, color="k", lw=0.5)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return backend
 
 
 def _json_safe(x):
