@@ -906,7 +906,7 @@ def demo_setup(opts):
 QUICK = dict(seeds=1, steps=8)
 
 
-def _positive(name):
+def positive_int(name):
     def conv(text):
         try:
             v = int(text)
@@ -918,7 +918,7 @@ def _positive(name):
     return conv
 
 
-def _positive_float(text):
+def positive_float(text):
     try:
         v = float(text)
     except ValueError:
@@ -928,7 +928,7 @@ def _positive_float(text):
     return v
 
 
-def _methods(text):
+def methods_arg(text):
     try:
         return parse_methods(text)
     except ValueError as e:
@@ -938,34 +938,34 @@ def _methods(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="gmpo-demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_methods, default=["gmpo", "grpo"],
+    p.add_argument("--methods", type=methods_arg, default=["gmpo", "grpo"],
                    help="comma-separated subset of gmpo, grpo, gspo (default gmpo,grpo)")
-    p.add_argument("--seeds", type=_positive("--seeds"), default=5,
+    p.add_argument("--seeds", type=positive_int("--seeds"), default=5,
                    help="seeds 0..N-1, every method on each (default 5)")
     p.add_argument("--quick", action="store_true",
                    help=f"one seed, {QUICK['steps']} steps (what the test suite runs)")
     p.add_argument("--out", default="gmpo_demo_out",
                    help="output folder (demo.csv, demo.png, summary.json, summary.md)")
     p.add_argument("--task", choices=sorted(TASKS), default="reverse")
-    p.add_argument("--length", type=_positive("--length"), default=4,
+    p.add_argument("--length", type=positive_int("--length"), default=4,
                    help="digits per reverse prompt (and the answer's length)")
-    p.add_argument("--steps", type=_positive("--steps"), default=160,
+    p.add_argument("--steps", type=positive_int("--steps"), default=160,
                    help="optimizer steps per run")
-    p.add_argument("--lr", type=_positive_float, default=3e-3)
-    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=_positive("--prompts-per-step"),
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=positive_int("--prompts-per-step"),
                    default=4)
-    p.add_argument("--num-generations", dest="num_generations", type=_positive("--num-generations"),
+    p.add_argument("--num-generations", dest="num_generations", type=positive_int("--num-generations"),
                    default=8, help="completions per prompt (the group)")
     p.add_argument("--steps-per-generation", dest="steps_per_generation",
-                   type=_positive("--steps-per-generation"), default=4,
+                   type=positive_int("--steps-per-generation"), default=4,
                    help="micro-batches per generation batch; x --num-iterations = updates per "
                    "generation batch (the off-policy knob)")
-    p.add_argument("--num-iterations", dest="num_iterations", type=_positive("--num-iterations"),
+    p.add_argument("--num-iterations", dest="num_iterations", type=positive_int("--num-iterations"),
                    default=2, help="passes over each generation batch")
     p.add_argument("--completion-length", dest="completion_length",
-                   type=_positive("--completion-length"), default=None,
+                   type=positive_int("--completion-length"), default=None,
                    help="max completion tokens (default: the answer's length)")
-    p.add_argument("--threads", type=_positive("--threads"), default=1,
+    p.add_argument("--threads", type=positive_int("--threads"), default=1,
                    help="torch intra-op threads (default 1: the model is tiny, one thread keeps "
                    "the run fast on a busy machine)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
@@ -982,7 +982,7 @@ def parse_args(argv=None):
     return opts
 
 
-def _quiet():
+def quiet():
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -998,7 +998,7 @@ def _param_count(vocab):
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    _quiet()
+    quiet()
     with contextlib.redirect_stderr(io.StringIO()):   # import-time notices of TRL/transformers
         import torch
         import transformers
