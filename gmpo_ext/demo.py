@@ -579,10 +579,10 @@ def paired(a, b, level: float = 0.95) -> dict:
 # summary: per-seed measures, intervals, the paired comparison, the sentences
 
 MEASURES = {   # key -> (label, what it is)
-    "final_reward": ("final reward", "mean reward over the last {w} steps"),
+    "final_reward": ("final reward", "mean reward over the last {w}"),
     "mean_log_ratio_range": ("mean log-ratio range",
                              "mean over steps of max - min of the per-token log-ratio"),
-    "final_entropy": ("final entropy", "mean entropy (nats per token) over the last {w} steps"),
+    "final_entropy": ("final entropy", "mean entropy (nats per token) over the last {w}"),
 }
 
 
@@ -634,7 +634,8 @@ def summarize(records, methods, seeds, steps, config=None, reference="gmpo") -> 
     summary = {
         "config": config or {},
         "final_window_steps": final_window(steps),
-        "measures": {k: v[1].format(w=final_window(steps)) for k, v in MEASURES.items()},
+        "measures": {k: v[1].format(w=_plural(final_window(steps), "step"))
+                     for k, v in MEASURES.items()},
         "per_seed": {m: {str(s): v for s, v in d.items()} for m, d in per.items()},
         "methods": stats,
         "reference": reference,
@@ -651,10 +652,20 @@ def _f(x, nd=3, sign=False):
     return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
 
 
+def _ci(c):
+    if c["lo"] != c["lo"]:
+        return "n/a"
+    return f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}"
+
+
 def _pm(st, nd=3):
     if st["n"] < 2:
         return _f(st["mean"], nd)
     return f"{_f(st['mean'], nd)} ± {_f(st['half'], nd)}"
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _name(m):
@@ -719,7 +730,7 @@ def summary_markdown(summary) -> str:
     for m, st in summary["methods"].items():
         lines.append(f"| {_name(m)} | `{impls.get(m, '?')}` | " +
                      " | ".join(_pm(st[k]) for k in MEASURES) + " |")
-    lines += ["", f"Mean ± half-width of the 95% t-interval over {n} seeds; "
+    lines += ["", f"Mean ± half-width of the 95% t-interval over {_plural(n, 'seed')}; "
               + "; ".join(f"{v[0]}: {summary['measures'][k]}" for k, v in MEASURES.items())
               + "."]
     if summary["paired"]:
@@ -729,8 +740,7 @@ def summary_markdown(summary) -> str:
         for m, comp in summary["paired"].items():
             for k, c in comp.items():
                 lines.append(f"| {_name(m)} | {MEASURES[k][0]} | {c['higher']} of {c['n']} | "
-                             f"{_f(c['mean_diff'], sign=True)} | {_f(c['lo'], sign=True)} to "
-                             f"{_f(c['hi'], sign=True)} | {_f(c['p'], 3)} |")
+                             f"{_f(c['mean_diff'], sign=True)} | {_ci(c)} | {_f(c['p'], 3)} |")
         lines += ["", "Paired over seeds (same initial weights and data per seed); "
                   f"test: {summary['test']}."]
     lines += [""] + [" ".join(summary["sentences"])]
