@@ -119,7 +119,8 @@ def parse_args(argv=None):
                    type=positive_int("--num-iterations"), default=2)
     p.add_argument("--max-completion-length", dest="max_completion_length",
                    type=positive_int("--max-completion-length"), default=256)
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 mixed precision (weights and optimizer state stay fp32)")
     p.add_argument("--use-cpu", dest="use_cpu", action="store_true",
                    help="train on CPU (the tests; slow for a real model)")
     p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true")
@@ -148,7 +149,6 @@ def main(argv=None) -> int:
         return {"prompt": prompt, "answer": str(ex[opts.answer_field])}
 
     rows = rows.map(to_prompt, remove_columns=rows.column_names)
-    dtype = torch.bfloat16 if opts.bf16 else torch.float32
     batch = opts.prompts_per_step * opts.num_generations
 
     def setup(method, seed):
@@ -165,7 +165,9 @@ def main(argv=None) -> int:
             temperature=1.0, beta=0.0, dataloader_num_workers=0,
         )
         args = config_class(method)(**common, **METHOD_CONFIG[method])
-        model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype)
+        # fp32 weights (AdamW's steps at lr ~1e-6 vanish in bf16 weights); --bf16 is
+        # mixed precision: the forward and backward under bf16 autocast
+        model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=torch.float32)
         return dict(model=model, reward_funcs=last_number_reward, args=args,
                     train_dataset=rows.shuffle(seed=seed), processing_class=tok)
 

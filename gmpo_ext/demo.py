@@ -437,11 +437,11 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
     load_start = _loadavg()
     records, walls, impls = [], {m: {} for m in methods}, {}
     runs = [(s, m) for s in seeds for m in methods]
+    for m in methods:
+        log(f"{m} runs through {implementation(trainer_class(m))}")
     for k, (seed, method) in enumerate(runs):
         label = f"[{k + 1}/{len(runs)}] {method} seed {seed}"
         rows, wall, impl = train_one(method, seed, setup, steps, label=label, progress=progress)
-        if method not in impls:
-            log(f"{method}: {impl}")
         impls[method] = impl
         records += rows
         walls[method][seed] = wall
@@ -959,7 +959,7 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=sorted(TASKS), default="reverse")
     p.add_argument("--length", type=positive_int("--length"), default=4,
                    help="digits per reverse prompt (and the answer's length)")
-    p.add_argument("--steps", type=positive_int("--steps"), default=160,
+    p.add_argument("--steps", type=positive_int("--steps"), default=400,
                    help="optimizer steps per run")
     p.add_argument("--lr", type=positive_float, default=3e-3)
     p.add_argument("--prompts-per-step", dest="prompts_per_step", type=positive_int("--prompts-per-step"),
@@ -1022,20 +1022,24 @@ def main(argv=None) -> int:
     n_params = _param_count(len(build_tokenizer()))
     task = (f"reverse {opts.length} digits" if opts.task == "reverse" else
             f"repeat the digit ({opts.completion_length} characters)")
+    spg, iters = opts.steps_per_generation, opts.num_iterations
+    gen = batch * spg
+    knob = (f"each generation batch ({gen} completions: {gen // opts.num_generations} prompts x "
+            f"{opts.num_generations}) is used for {upd} optimizer steps ({spg} micro-batches of "
+            f"{batch} x {iters} passes)")
     print(f"gmpo_ext demo: {task}, tiny Qwen2 ({n_params} parameters, random init), "
           f"{', '.join(methods)} on seeds 0..{opts.seeds - 1}, {opts.steps} optimizer steps per "
-          f"run, {batch} completions per step, {upd} updates per generation batch, "
-          f"{torch.get_num_threads()} thread(s)")
-    desc = (f"{', '.join(_name(m) for m in methods)}; task: {task} (tiny Qwen2, "
-            f"{n_params} parameters, random init, character tokenizer; reward: fraction of answer "
-            f"positions right); {opts.seeds} seeds, {opts.steps} optimizer steps per run, "
-            f"{batch} completions per step, {upd} updates per generation batch "
-            f"({opts.steps_per_generation} steps per generation x {opts.num_iterations} "
-            f"iterations). Written by `python -m gmpo_ext.demo`.")
+          f"run; {knob}; {torch.get_num_threads()} thread(s)")
+    desc = (f"{' against '.join(_name(m) for m in methods)}; task: {task} (tiny Qwen2, "
+            f"{n_params} parameters, random init, character tokenizer; reward: the fraction of "
+            f"answer positions right, a random policy scores about 1/13); "
+            f"{_plural(opts.seeds, 'seed')}, {opts.steps} optimizer steps per run; {knob}. "
+            "Written by `python -m gmpo_ext.demo`.")
     config = {
         "task": opts.task, "length": opts.length, "completion_length": opts.completion_length,
         "lr": opts.lr, "prompts_per_step": opts.prompts_per_step,
         "num_generations": opts.num_generations, "completions_per_step": batch,
+        "completions_per_generation_batch": gen,
         "steps_per_generation": opts.steps_per_generation,
         "num_iterations": opts.num_iterations, "updates_per_generation_batch": upd,
         "method_config": {m: METHOD_CONFIG[m] for m in methods},
