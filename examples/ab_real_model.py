@@ -37,8 +37,9 @@ import re
 import sys
 import tempfile
 
-from gmpo_ext.demo import (METHOD_CONFIG, config_class, methods_arg, positive_float,
-                           positive_int, quiet, run_comparison, summary_markdown, versions)
+from gmpo_ext.demo import (METHOD_CONFIG, clip_ranges, config_class, methods_arg,
+                           positive_float, positive_int, quiet, run_comparison, summary_markdown,
+                           versions)
 
 INSTRUCTION = "Solve the problem. End your answer with the final number alone on the last line."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -187,13 +188,14 @@ def main(argv=None) -> int:
         "versions": versions(),
         "description": (f"{', '.join(m.upper() for m in opts.methods)} on {name}, {data}; "
                         f"{opts.seeds} seeds, {opts.steps} optimizer steps per run, {batch} "
-                        f"completions per step, {upd} updates per generation batch. Written by "
-                        "`examples/ab_real_model.py`."),
+                        f"completions per step, {upd} updates per generation batch; "
+                        f"{clip_ranges(opts.methods)}. Written by `examples/ab_real_model.py`."),
         "scope": (f"What this does not show: one model ({name}), one task and {opts.steps} "
                   "steps; other models, tasks and longer runs can differ."),
     }
     title = (f"{' vs '.join(m.upper() for m in opts.methods)}: {name} on {data}; mean and 95% "
-             f"band over {opts.seeds} seed(s); {upd} updates per generation batch")
+             f"band over {opts.seeds} seed{'s' if opts.seeds != 1 else ''}; {upd} updates per "
+             "generation batch")
     with tempfile.TemporaryDirectory(prefix="gmpo_ab_") as tmp:
         opts.trainer_dir = tmp
         summary = run_comparison(opts.methods, list(range(opts.seeds)), setup, opts.steps,

@@ -262,8 +262,9 @@ def render(path: str, panels, title: str = "", width: int = 1500, height: int = 
         # frame
         for a, b, c, d in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
             cv.line(a, b, c, d, (0, 0, 0), width=1)
-        cv.text(x0 + (x1 - x0 - text_width(p.get("title", ""), sc)) // 2, top, p.get("title", ""),
-                scale=sc)
+        pt = p.get("title", "")
+        ts = sc if text_width(pt, sc) <= x1 - x0 else 1     # a long title: the small font
+        cv.text(x0 + (x1 - x0 - text_width(pt, ts)) // 2, top + (sc - ts) * 7 // 2, pt, scale=ts)
         xl = p.get("xlabel", "")
         cv.text(x0 + (x1 - x0 - text_width(xl, sc)) // 2, y1 + ch + 14, xl, scale=sc)
         yl = p.get("ylabel", "")

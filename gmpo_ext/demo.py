@@ -175,6 +175,21 @@ METHOD_CONFIG = {
 CLIP_RULE = {"gmpo": "token_log", "grpo": "token_ratio", "gspo": "sequence_ratio"}
 
 
+def clip_ranges(methods) -> str:
+    """The methods' clip ranges in words, from METHOD_CONFIG (for the summary)."""
+    out = []
+    for m in methods:
+        c = METHOD_CONFIG[m]
+        lo, hi = c["epsilon"], c.get("epsilon_high", c["epsilon"])
+        if CLIP_RULE[m] == "token_log":
+            out.append(f"{m.upper()} the per-token ratio to (e^-{lo:g}, e^{hi:g}) = "
+                       f"({math.exp(-lo):.3g}, {math.exp(hi):.3g})")
+        else:
+            what = "sequence" if CLIP_RULE[m] == "sequence_ratio" else "per-token"
+            out.append(f"{m.upper()} the {what} ratio to ({1 - lo:.6g}, {1 + hi:.6g})")
+    return "clip ranges: " + ", ".join(out)
+
+
 def trainer_class(method: str):
     """The trainer class that runs ``method``: the ONE place that decides it."""
     if method == "gmpo":
@@ -365,7 +380,8 @@ def recorder_class():
             if self.bar is not None:
                 self.bar.update(step - self.bar.n)
                 self.bar.set_postfix(reward=f"{r['reward']:.3f}",
-                                     log_ratio=f"[{r['log_ratio_min']:+.2f},{r['log_ratio_max']:+.2f}]",
+                                     log_ratio=f"[{r['log_ratio_min']:+.2f},"
+                                     f"{r['log_ratio_max']:+.2f}]",
                                      refresh=False)
             elif self.progress and (step % max(1, self.total // 10) == 0 or step == self.total):
                 el = time.perf_counter() - self._t0
@@ -435,7 +451,7 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
     load_start = _loadavg()
-    records, walls, impls = [], {m: {} for m in methods}, {}
+    records, walls, impls, loads = [], {m: {} for m in methods}, {}, []
     runs = [(s, m) for s in seeds for m in methods]
     for m in methods:
         log(f"{m} runs through {implementation(trainer_class(m))}")
@@ -445,6 +461,7 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
         impls[method] = impl
         records += rows
         walls[method][seed] = wall
+        loads.append(_loadavg())
         done = time.perf_counter() - t_start
         left = done / (k + 1) * (len(runs) - k - 1)
         if k + 1 < len(runs):
@@ -455,7 +472,10 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
     summary = summarize(records, methods, seeds, steps, config=config)
     summary["wall_s"] = {"total": wall_total, "per_run": {m: {str(s): w for s, w in ws.items()}
                                                           for m, ws in walls.items()}}
-    summary["load_avg_1min"] = {"start": load_start, "end": _loadavg()}
+    # the machine's 1-minute load average (os.getloadavg) before the first run and
+    # after each run: what the wall times ran under
+    summary["load_avg_1min"] = {"start": load_start, "after_each_run": loads,
+                                "end": loads[-1] if loads else load_start}
     write_outputs(out, records, summary, title)
     return summary
 
@@ -721,7 +741,7 @@ def summary_markdown(summary) -> str:
     cfg = summary.get("config", {})
     impls = cfg.get("implementations", {})
     ref = summary["reference"]
-    n = len(cfg.get("seeds", [])) or next(iter(next(iter(summary["methods"].values())).values()))["n"]
+    n = max(st["final_reward"]["n"] for st in summary["methods"].values())
     lines = []
     if cfg.get("description"):
         lines += [cfg["description"], ""]
@@ -758,16 +778,26 @@ def write_csv(path, records):
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
 
 
-def _band(records, method, key, steps):
-    """Per step: (step, mean over seeds, half-width of the 95% t-interval)."""
-    by = {}
+def _band(records, method, key, per_batch: int = 1):
+    """(x, mean over seeds, half-width of the 95% t-interval) per step, or with
+    ``per_batch`` > 1 per generation batch of that many steps: the extreme
+    (min for ``log_ratio_min``, max for ``log_ratio_max``) over the batch's
+    steps, at its last step."""
+    pick = min if key == "log_ratio_min" else max
+    per = {}     # (seed, x) -> value
     for r in records:
-        if r["method"] == method and r[key] == r[key]:
-            by.setdefault(r["step"], []).append(r[key])
+        if r["method"] != method or r[key] != r[key]:
+            continue
+        x = r["step"] if per_batch <= 1 else ((r["step"] - 1) // per_batch + 1) * per_batch
+        k = (r["seed"], x)
+        per[k] = r[key] if k not in per else pick(per[k], r[key])
+    by = {}
+    for (_, x), v in per.items():
+        by.setdefault(x, []).append(v)
     out = []
-    for s in sorted(by):
-        st = mean_ci(by[s])
-        out.append((s, st["mean"], st["half"] if st["n"] > 1 else 0.0))
+    for x in sorted(by):
+        st = mean_ci(by[x])
+        out.append((x, st["mean"], st["half"] if st["n"] > 1 else 0.0))
     return out
 
 
@@ -775,12 +805,13 @@ COLORS = {"gmpo": (31, 119, 180), "grpo": (214, 39, 40), "gspo": (44, 160, 44)}
 _OTHER_COLORS = [(148, 103, 189), (140, 86, 75), (127, 127, 127)]
 
 
-def figure_panels(records, methods, steps):
-    """The figure's three panels (reward, log-ratio min and max, entropy) as data:
-    per method the mean over seeds per step and its 95% t-band (see gmpo_ext._png)."""
+def figure_panels(records, methods, per_batch: int = 1):
+    """The figure's three panels as data: per method the mean over seeds and its
+    95% t-band of the reward and the entropy per step, and of the log-ratio's
+    min and max per generation batch (``per_batch`` steps; see :func:`_band`)."""
     spec = [("reward of the generation batch", ("reward",), "reward"),
-            ("per-token log-ratio, min and max per step", ("log_ratio_min", "log_ratio_max"),
-             "log(pi_theta / pi_old)"),
+            ("log-ratio min and max per batch", ("log_ratio_min", "log_ratio_max"),
+             "per-token log(pi_theta / pi_old)"),
             ("entropy of the policy", ("entropy",), "nats per token")]
     panels = []
     for title, keys, ylabel in spec:
@@ -788,7 +819,7 @@ def figure_panels(records, methods, steps):
         for i, m in enumerate(methods):
             color = COLORS.get(m, _OTHER_COLORS[i % len(_OTHER_COLORS)])
             for j, key in enumerate(keys):
-                b = _band(records, m, key, steps)
+                b = _band(records, m, key, per_batch if len(keys) == 2 else 1)
                 if not b:
                     continue
                 s, mu, h = zip(*b)
@@ -800,11 +831,11 @@ def figure_panels(records, methods, steps):
     return panels
 
 
-def plot(path, records, methods, title, steps, backend=None):
+def plot(path, records, methods, title, per_batch: int = 1, backend=None):
     """demo.png: matplotlib when it is installed (``backend="matplotlib"``), else
     the built-in renderer (``backend="builtin"``, gmpo_ext._png). Returns the
     backend used."""
-    panels = figure_panels(records, methods, steps)
+    panels = figure_panels(records, methods, per_batch)
     if backend is None:
         try:
             import matplotlib  # noqa: F401
@@ -860,7 +891,8 @@ def write_outputs(out, records, summary, title):
         f.write("\n")
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(summary_markdown(summary))
-    plot(os.path.join(out, "demo.png"), records, cfg["methods"], title, cfg["steps"])
+    plot(os.path.join(out, "demo.png"), records, cfg["methods"], title,
+         cfg.get("updates_per_generation_batch", 1))
 
 
 def versions() -> dict:
@@ -962,10 +994,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int("--steps"), default=400,
                    help="optimizer steps per run")
     p.add_argument("--lr", type=positive_float, default=3e-3)
-    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=positive_int("--prompts-per-step"),
-                   default=4)
-    p.add_argument("--num-generations", dest="num_generations", type=positive_int("--num-generations"),
-                   default=8, help="completions per prompt (the group)")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step",
+                   type=positive_int("--prompts-per-step"), default=4)
+    p.add_argument("--num-generations", dest="num_generations",
+                   type=positive_int("--num-generations"), default=8,
+                   help="completions per prompt (the group)")
     p.add_argument("--steps-per-generation", dest="steps_per_generation",
                    type=positive_int("--steps-per-generation"), default=4,
                    help="micro-batches per generation batch; x --num-iterations = updates per "
@@ -1033,8 +1066,8 @@ def main(argv=None) -> int:
     desc = (f"{' against '.join(_name(m) for m in methods)}; task: {task} (tiny Qwen2, "
             f"{n_params} parameters, random init, character tokenizer; reward: the fraction of "
             f"answer positions right, a random policy scores about 1/13); "
-            f"{_plural(opts.seeds, 'seed')}, {opts.steps} optimizer steps per run; {knob}. "
-            "Written by `python -m gmpo_ext.demo`.")
+            f"{_plural(opts.seeds, 'seed')}, {opts.steps} optimizer steps per run; {knob}; "
+            f"{clip_ranges(methods)}. Written by `python -m gmpo_ext.demo`.")
     config = {
         "task": opts.task, "length": opts.length, "completion_length": opts.completion_length,
         "lr": opts.lr, "prompts_per_step": opts.prompts_per_step,
@@ -1050,7 +1083,7 @@ def main(argv=None) -> int:
                   "on real models or benchmarks such as the paper's."),
     }
     title = (f"{' vs '.join(_name(m) for m in methods)}: {task}; mean and 95% band over "
-             f"{opts.seeds} seed(s); {upd} updates per generation batch")
+             f"{_plural(opts.seeds, 'seed')}; {upd} updates per generation batch")
     with tempfile.TemporaryDirectory(prefix="gmpo_demo_") as tmp:   # the trainers' output_dir
         opts.trainer_dir = tmp
         summary = run_comparison(methods, seeds, demo_setup(opts), opts.steps, opts.out, config,

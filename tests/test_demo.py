@@ -339,3 +339,23 @@ def test_flags():
     assert demo.METHOD_CONFIG["gspo"]["importance_sampling_level"] == "sequence"
     with pytest.raises(ValueError, match="method"):
         demo.trainer_class("ppo")
+
+
+def test_band_per_generation_batch():
+    """The figure's log-ratio panel: per generation batch the extreme over its steps,
+    then mean and t-band over seeds; the other panels per step."""
+    recs = []
+    for seed, vals in ((0, [-0.1, -0.5, -0.2, -0.3]), (1, [-0.3, -0.1, -0.4, -0.2])):
+        for step, v in enumerate(vals, 1):
+            recs.append({"method": "gmpo", "seed": seed, "step": step, "log_ratio_min": v,
+                         "log_ratio_max": -v, "reward": v})
+    got = demo._band(recs, "gmpo", "log_ratio_min", per_batch=2)
+    # batch 1 (steps 1-2): seed 0 -0.5, seed 1 -0.3; batch 2 (steps 3-4): -0.3, -0.4
+    assert [x for x, _, _ in got] == [2, 4]
+    assert got[0][1] == pytest.approx(-0.4) and got[1][1] == pytest.approx(-0.35)
+    # s = 0.1 sqrt(2), half = t(0.975, 1) s / sqrt(2)
+    assert got[0][2] == pytest.approx(12.706204736 * 0.1, rel=1e-8)
+    got = demo._band(recs, "gmpo", "log_ratio_max", per_batch=2)
+    assert [m for _, m, _ in got] == [pytest.approx(0.4), pytest.approx(0.35)]
+    got = demo._band(recs, "gmpo", "reward")
+    assert [x for x, _, _ in got] == [1, 2, 3, 4] and got[1][1] == pytest.approx(-0.3)
