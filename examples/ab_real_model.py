@@ -37,9 +37,9 @@ import re
 import sys
 import tempfile
 
-from gmpo_ext.demo import (METHOD_CONFIG, clip_ranges, config_class, methods_arg,
-                           positive_float, positive_int, quiet, run_comparison, summary_markdown,
-                           versions)
+from gmpo_ext.demo import (METHOD_CONFIG, HelpFormatter, clip_ranges, config_class,
+                           methods_arg, positive_float, positive_int, quiet, run_comparison,
+                           summary_markdown, versions)
 
 INSTRUCTION = "Solve the problem. End your answer with the final number alone on the last line."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -93,7 +93,7 @@ def load_rows(path_or_name, config, split, question_field, answer_field):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct",
                    help="a hub id or a local folder (save_pretrained)")
     p.add_argument("--dataset", default="openai/gsm8k",
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train")
     p.add_argument("--question-field", dest="question_field", default="question")
     p.add_argument("--answer-field", dest="answer_field", default="answer")
-    p.add_argument("--methods", type=methods_arg, default=["gmpo", "grpo"],
+    p.add_argument("--methods", type=methods_arg, default="gmpo,grpo",
                    help="comma-separated subset of gmpo, grpo, gspo")
     p.add_argument("--seeds", type=positive_int("--seeds"), default=3)
     p.add_argument("--steps", type=positive_int("--steps"), default=200,

@@ -977,23 +977,28 @@ def methods_arg(text):
         raise argparse.ArgumentTypeError(str(e).replace("--methods: ", ""))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the description as written and every default shown."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="gmpo-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=methods_arg, default=["gmpo", "grpo"],
-                   help="comma-separated subset of gmpo, grpo, gspo (default gmpo,grpo)")
+                                formatter_class=HelpFormatter)
+    p.add_argument("--methods", type=methods_arg, default="gmpo,grpo",
+                   help="comma-separated subset of gmpo, grpo, gspo")
     p.add_argument("--seeds", type=positive_int("--seeds"), default=5,
-                   help="seeds 0..N-1, every method on each (default 5)")
+                   help="seeds 0..N-1, every method on each")
     p.add_argument("--quick", action="store_true",
                    help=f"one seed, {QUICK['steps']} steps (what the test suite runs)")
     p.add_argument("--out", default="gmpo_demo_out",
                    help="output folder (demo.csv, demo.png, summary.json, summary.md)")
-    p.add_argument("--task", choices=sorted(TASKS), default="reverse")
+    p.add_argument("--task", choices=sorted(TASKS), default="reverse",
+                   help="reverse: reverse a digit string; repeat: repeat the prompt's digit")
     p.add_argument("--length", type=positive_int("--length"), default=4,
                    help="digits per reverse prompt (and the answer's length)")
     p.add_argument("--steps", type=positive_int("--steps"), default=400,
                    help="optimizer steps per run")
-    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (AdamW)")
     p.add_argument("--prompts-per-step", dest="prompts_per_step",
                    type=positive_int("--prompts-per-step"), default=4)
     p.add_argument("--num-generations", dest="num_generations",
