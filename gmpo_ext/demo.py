@@ -718,14 +718,23 @@ def sentences(summary) -> list:
             out.append(head + f": the interval includes 0, so no difference in final reward is "
                        f"shown at n={n}.")
         parts = []
-        for k, word in (("mean_log_ratio_range", ("wider", "narrower")),
-                        ("final_entropy", ("higher", "lower"))):
+        # the paper (arXiv 2507.20673) reports GMPO's log-ratio range narrower and its
+        # entropy higher than GRPO's
+        for k, word, paper in (("mean_log_ratio_range", ("wider", "narrower"), "narrower"),
+                               ("final_entropy", ("higher", "lower"), "higher")):
             c = comp[k]
             label = MEASURES[k][0]
+            vs_paper = ref == "gmpo" and m == "grpo"
             if c["lo"] > 0 or c["hi"] < 0:
-                verdict = f"{word[0] if c['lo'] > 0 else word[1]} for {R} (CI excludes 0)"
+                got = word[0] if c["lo"] > 0 else word[1]
+                verdict = f"{got} for {R} (CI excludes 0)"
+                if vs_paper:
+                    verdict += (", as the paper reports" if got == paper else
+                                f", the opposite of the paper's observation ({paper} for GMPO)")
             else:
                 verdict = "no difference shown (CI includes 0)"
+                if vs_paper:
+                    verdict += f"; the paper's observation ({paper} for GMPO) is not shown here"
             parts.append(f"{label} {R} - {M} {_f(c['mean_diff'], sign=True)} (95% CI "
                          f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}): {verdict}")
         out.append("Paired over seeds: " + "; ".join(parts) + ".")
