@@ -268,6 +268,7 @@ def render(path: str, panels, title: str = "", width: int = 1500, height: int = 
         xl = p.get("xlabel", "")
         cv.text(x0 + (x1 - x0 - text_width(xl, sc)) // 2, y1 + ch + 14, xl, scale=sc)
         yl = p.get("ylabel", "")
-        cv.text(int(k * pw) + 6, (y0 + y1) // 2 + text_width(yl, sc) // 2, yl, scale=sc,
+        ys = sc if text_width(yl, sc) <= y1 - y0 else 1
+        cv.text(int(k * pw) + 6, (y0 + y1) // 2 + text_width(yl, ys) // 2, yl, scale=ys,
                 vertical=True)
     cv.save(path)

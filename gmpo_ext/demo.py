@@ -820,7 +820,7 @@ def figure_panels(records, methods, per_batch: int = 1):
     min and max per generation batch (``per_batch`` steps; see :func:`_band`)."""
     spec = [("reward of the generation batch", ("reward",), "reward"),
             ("log-ratio min and max per batch", ("log_ratio_min", "log_ratio_max"),
-             "per-token log(pi_theta / pi_old)"),
+             "log(pi_theta / pi_old)"),
             ("entropy of the policy", ("entropy",), "nats per token")]
     panels = []
     for title, keys, ylabel in spec:
