@@ -415,12 +415,15 @@ def recording(cls):
 # ----------------------------------------------------------------------------
 # running the comparison
 
-def train_one(method: str, seed: int, setup, steps: int, label: str = "", progress=True):
+def train_one(method: str, seed: int, setup, steps: int, label: str = "", progress=True,
+              log_history=None):
     """Train ``method`` on ``seed``; return (rows, wall seconds, implementation).
 
     ``setup(method, seed)`` returns the trainer's keyword arguments (``model``,
     ``reward_funcs``, ``args`` (a config with ``logging_steps=1`` and
-    ``max_steps=steps``), ``train_dataset``, ``processing_class``, ...)."""
+    ``max_steps=steps``), ``train_dataset``, ``processing_class``, ...).
+    ``log_history``: a list to extend with the trainer's own logs (what it
+    logged per step: TRL's metrics, loss, gradient norm)."""
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -441,7 +444,10 @@ def train_one(method: str, seed: int, setup, steps: int, label: str = "", progre
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     trainer.train()
-    return rec.rows, time.perf_counter() - t0, implementation(cls)
+    wall = time.perf_counter() - t0
+    if log_history is not None:
+        log_history.extend(trainer.state.log_history)
+    return rec.rows, wall, implementation(cls)
 
 
 def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, title: str,

@@ -368,3 +368,28 @@ def test_band_per_generation_batch():
     assert [m for _, m, _ in got] == [pytest.approx(0.4), pytest.approx(0.35)]
     got = demo._band(recs, "gmpo", "reward")
     assert [x for x, _, _ in got] == [1, 2, 3, 4] and got[1][1] == pytest.approx(-0.3)
+
+
+@pytest.mark.parametrize("method", ["gmpo", "grpo"])
+def test_recorder_matches_the_trainers_own_metrics(method, tmp_path):
+    """The recorder computes every method's measures with one code path; where the
+    trainer logs the same quantity (entropy, clip fraction; GMPO also the log-ratio
+    range), the two agree step by step."""
+    opts = demo.parse_args(["--quick", "--out", str(tmp_path)])
+    opts.trainer_dir = str(tmp_path)
+    logs = []
+    rows, _, _ = demo.train_one(method, 0, demo.demo_setup(opts), opts.steps, progress=False,
+                                log_history=logs)
+    logs = {h["step"]: h for h in logs if "loss" in h}
+    assert sorted(logs) == [r["step"] for r in rows]
+    for r in rows:
+        h = logs[r["step"]]
+        assert r["entropy"] == pytest.approx(h["entropy"], abs=1e-5)
+        assert r["grad_norm"] == h["grad_norm"] and r["loss"] == h["loss"]
+        # the clip fraction: the same tokens (a log-ratio within rounding of a bound could
+        # differ; none does in this deterministic run)
+        assert r["clip_frac"] == pytest.approx(h["clip_ratio/region_mean"], abs=1e-6)
+        if method == "gmpo":
+            assert r["log_ratio_min"] == pytest.approx(h["gmpo/log_ratio_min"], abs=1e-4)
+            assert r["log_ratio_max"] == pytest.approx(h["gmpo/log_ratio_max"], abs=1e-4)
+    assert any(r["clip_frac"] > 0 for r in rows)
