@@ -31,16 +31,27 @@ Each generation batch is used for several optimizer updates
 the policy drifts from the one that sampled and the importance ratios move:
 the product is the knob for how off-policy the updates are.
 
+The defaults (reverse 4 digits, 400 optimizer steps of 32 completions, 8
+updates per generation batch: 4 micro-batches x 2 passes, learning rate 3e-3)
+were picked for signal and run time, before looking at which method wins: the
+reward climbs from about 0.07 to about 0.3, the per-token log-ratio reaches a
+few nats within a batch's 8 updates (with 4 updates the ranges were smaller
+and the reward lower at the same number of steps), and the whole default run
+(5 seeds x 2 methods) takes 75 to 135 s on a busy 2-core machine.
+
 Per optimizer step and seed a recorder (:func:`recorder_class`: the same code
 for every method, from the batch the loss sees and one extra no-grad forward
 of the policy) records: the mean reward of the generation batch the step
 trains on, the min and max of the per-token log importance ratio
 ``log pi_theta - log pi_old``, the policy's entropy, the fraction of tokens
 the method's clip cuts from the gradient, the KL to the old policy (k3
-estimator) and the gradient norm (before clipping). Writes in ``--out``:
-``demo.csv`` (every step of every seed and method), ``demo.png`` (mean and
-95% band over seeds), ``summary.json`` and ``summary.md`` (t-intervals over
-seeds and a paired comparison against GMPO; :func:`summarize`).
+estimator: the token mean of e^l - 1 - l, l the log-ratio; it estimates
+KL(pi_old || pi_theta) on tokens pi_old sampled) and the gradient norm
+(before clipping). Writes in ``--out``: ``demo.csv`` (every step of every
+seed and method), ``demo.png`` (mean and 95% band over seeds of the reward
+and the entropy per step and of the log-ratio's min and max per generation
+batch), ``summary.json`` and ``summary.md`` (t-intervals over seeds and a
+paired comparison against GMPO; :func:`summarize`).
 
 The recorder, the statistics and the writers are reused by
 ``examples/ab_real_model.py`` (the same comparison with a real model).
