@@ -393,3 +393,38 @@ def test_recorder_matches_the_trainers_own_metrics(method, tmp_path):
             assert r["log_ratio_min"] == pytest.approx(h["gmpo/log_ratio_min"], abs=1e-4)
             assert r["log_ratio_max"] == pytest.approx(h["gmpo/log_ratio_max"], abs=1e-4)
     assert any(r["clip_frac"] > 0 for r in rows)
+
+
+def test_matplotlib_backend(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the demo extra "
+                        "installs it); the built-in renderer is tested in test_builtin_png")
+    path = str(tmp_path / "m.png")
+    assert demo.plot(path, _records({"gmpo": [0.5, 0.6], "grpo": [0.4, 0.5]}), ["gmpo", "grpo"],
+                     "t", 2, backend="matplotlib") == "matplotlib"
+    w, h = _png_size(path)
+    assert w > 500 and h > 200
+
+
+def test_recorder_rows_and_plain_progress(monkeypatch):
+    """Without tqdm the progress is a plain line every tenth of the run, with the time
+    left; the reward TRL logs on a generation step carries over the steps reusing it."""
+    import io
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(demo, "_tqdm", lambda: None)
+    out = io.StringIO()
+    rec = demo.recorder_class()("gmpo", 3, "token_log", 0.4, 0.4, 20, label="run", out=out)
+    rec.on_train_begin(None, None, None)
+    for step in range(1, 21):
+        logs = {"loss": 0.5, "grad_norm": 2.0}
+        if step % 4 == 1:
+            logs["reward"] = step / 100
+        rec.on_log(None, SimpleNamespace(global_step=step), None, logs=logs)
+    rec.on_log(None, SimpleNamespace(global_step=20), None, logs={"train_loss": 0.5})  # not a step
+    rec.on_train_end(None, None, None)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and all(" s left" in ln and ln.startswith("run step") for ln in lines)
+    assert [r["step"] for r in rec.rows] == list(range(1, 21))
+    assert [r["reward"] for r in rec.rows[:6]] == [0.01] * 4 + [0.05] * 2
+    assert all(r["seed"] == 3 and r["grad_norm"] == 2.0 for r in rec.rows)
+    assert math.isnan(rec.rows[0]["entropy"])       # no loss batch observed: no measure
