@@ -116,14 +116,21 @@ def _load_example():
     return mod
 
 
-def test_ab_real_model_wiring(tmp_path):
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
+def test_ab_real_model_wiring(tmp_path, chat):
     """examples/ab_real_model.py end to end on CPU: a tiny model saved to disk, a local
-    jsonl dataset, one seed, two steps per method (GSM8K-style answers)."""
+    jsonl dataset, one seed, two steps per method (GSM8K-style answers); prompts as
+    text, or as chat messages when the tokenizer has a chat template."""
     ex = _load_example()
-    tok = demo.build_tokenizer("0123456789+-=?#:. \nQuestionAnswerSolvhpmdilyfbcwkt,")
+    tok = demo.build_tokenizer("0123456789+-=?#:. \nQuestionAnswerSolvhpmdilyfbcwkt,<>|")
+    if chat:
+        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     model_dir = tmp_path / "tiny"
     demo.build_model(len(tok), seed=0, hidden=32).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
+    from transformers import AutoTokenizer
+    assert (AutoTokenizer.from_pretrained(model_dir).chat_template is not None) == chat
     data = tmp_path / "train.jsonl"
     with open(data, "w") as f:
         for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]:
