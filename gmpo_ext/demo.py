@@ -734,7 +734,6 @@ def sentences(summary) -> list:
         else:
             out.append(head + f": the interval includes 0, so no difference in final reward is "
                        f"shown at n={n}.")
-        parts = []
         # the paper (arXiv 2507.20673) reports GMPO's log-ratio range narrower and its
         # entropy higher than GRPO's
         for k, word, paper in (("mean_log_ratio_range", ("wider", "narrower"), "narrower"),
@@ -742,19 +741,20 @@ def sentences(summary) -> list:
             c = comp[k]
             label = MEASURES[k][0]
             vs_paper = ref == "gmpo" and m == "grpo"
+            head = (f"{label[0].upper()}{label[1:]}, {R} - {M}: {_f(c['mean_diff'], sign=True)} "
+                    f"(95% CI {_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}; {R} higher "
+                    f"on {c['higher']} of {n} seeds)")
             if c["lo"] > 0 or c["hi"] < 0:
                 got = word[0] if c["lo"] > 0 else word[1]
-                verdict = f"{got} for {R} (CI excludes 0)"
+                verdict = f"{got} for {R} is shown"
                 if vs_paper:
                     verdict += (", as the paper reports" if got == paper else
                                 f", the opposite of the paper's observation ({paper} for GMPO)")
             else:
-                verdict = "no difference shown (CI includes 0)"
+                verdict = "the interval includes 0, no difference shown"
                 if vs_paper:
-                    verdict += f"; the paper's observation ({paper} for GMPO) is not shown here"
-            parts.append(f"{label} {R} - {M} {_f(c['mean_diff'], sign=True)} (95% CI "
-                         f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}): {verdict}")
-        out.append("Paired over seeds: " + "; ".join(parts) + ".")
+                    verdict += f", so the paper's observation ({paper} for GMPO) is not reproduced"
+            out.append(f"{head}: {verdict} at n={n}.")
     scope = cfg.get("scope")
     if scope:
         out.append(scope)
