@@ -37,7 +37,7 @@ were picked for signal and run time, before looking at which method wins: the
 reward climbs from about 0.07 to about 0.3, the per-token log-ratio reaches a
 few nats within a batch's 8 updates (with 4 updates the ranges were smaller
 and the reward lower at the same number of steps), and the whole default run
-(5 seeds x 2 methods) takes 75 to 135 s on a busy 2-core machine.
+(5 seeds x 2 methods) takes 68 to 133 s on a busy 2-core machine.
 
 Per optimizer step and seed a recorder (:func:`recorder_class`: the same code
 for every method, from the batch the loss sees and one extra no-grad forward
