@@ -1,32 +1,60 @@
-"""The main job: GMPO against GRPO on a small verifiable task, on CPU, through TRL.
+"""The main job: GMPO against GRPO over several seeds, on CPU, through TRL.
 
-    python -m gmpo_ext.demo [--seed 0] [--out docs] [--steps 240]
-    gmpo-demo ...                                  (the same, as a console script)
+    python -m gmpo_ext.demo [--seeds 5] [--methods gmpo,grpo] [--out gmpo_demo_out]
+    python -m gmpo_ext.demo --quick            (one seed, a few steps: what the tests run)
+    gmpo-demo ...                              (the same, as a console script)
 
 A tiny Qwen2-style causal LM (random weights, built from a config) and a
-character tokenizer built locally (nothing is downloaded) learn a toy task
-with a programmatic reward: the prompt is a digit and a colon (``"7:"``), the
-completion should repeat that digit (``"7777..."``); the reward is the
-fraction of the first ``max_completion_length`` completion characters equal to
-it (a random policy scores about 1/13). The same model (same initial weights,
-same seed, same data order) is trained twice:
+character tokenizer built locally (nothing is downloaded) learn a task with a
+reward a program checks. The default task reverses a digit string: the prompt
+is ``"3071:"``, the answer ``"1703"``; the reward is the fraction of answer
+positions the completion gets right (partial credit per position; a random
+policy scores about 1/13). ``--task repeat`` is the older, easier one
+(``"7:"`` -> ``"7777..."``).
 
-* GMPO: :class:`gmpo_ext.trl.GMPOTrainer` (the fused loss; clip range
-  (e^-0.4, e^0.4) on the per-token ratio, in log space);
-* GRPO: TRL's own ``GRPOTrainer`` (its default loss, ``dapo``, clip 0.2 in
-  ratio space), instrumented only to record its log-ratios.
+Every method trains on the same seeds: for seed s, the same initial weights,
+the same prompts in the same order and the same sampling seed. Methods
+(``--methods``, a comma-separated subset):
+
+* ``gmpo``: :class:`gmpo_ext.trl.GMPOTrainer` (geometric mean of the
+  per-token ratios, clip (e^-0.4, e^0.4) in log space, the paper's setting);
+* ``grpo``: GRPO (arithmetic mean; TRL's default loss ``dapo``, clip
+  (0.8, 1.2) in ratio space);
+* ``gspo``: GRPO with ``importance_sampling_level="sequence"`` (one ratio per
+  sequence, loss ``grpo``, clip (1 - 3e-4, 1 + 4e-4): the GSPO paper's).
+
+Which trainer class runs each method is decided in one place,
+:func:`trainer_class`, and printed (read from the class itself).
 
 Each generation batch is used for several optimizer updates
-(``steps_per_generation`` micro-batches x ``num_iterations`` passes), so the
-policy drifts from the one that sampled and the importance ratios move. Per
-optimizer step it records the mean reward of the batch's completions and the
-range (min, max) of the per-token log importance ratio ``log pi_theta -
-log pi_old``: the paper's stability observation (arXiv 2507.20673, Fig. 2) is
-that GMPO keeps that range narrower than GRPO.
+(``--steps-per-generation`` micro-batches x ``--num-iterations`` passes), so
+the policy drifts from the one that sampled and the importance ratios move:
+the product is the knob for how off-policy the updates are.
 
-Writes ``<out>/demo.csv`` (one row per method and optimizer step) and
-``<out>/demo.png`` (reward and log-ratio range per step, both methods), prints
-a summary table. ``--seed`` makes a run repeatable on one machine.
+The defaults (reverse 4 digits, 400 optimizer steps of 32 completions, 8
+updates per generation batch: 4 micro-batches x 2 passes, learning rate 3e-3)
+were picked for signal and run time, before looking at which method wins: the
+reward climbs from about 0.07 to about 0.3, the per-token log-ratio reaches a
+few nats within a batch's 8 updates (with 4 updates the ranges were smaller
+and the reward lower at the same number of steps), and the whole default run
+(5 seeds x 2 methods) takes 68 to 133 s on a busy 2-core machine.
+
+Per optimizer step and seed a recorder (:func:`recorder_class`: the same code
+for every method, from the batch the loss sees and one extra no-grad forward
+of the policy) records: the mean reward of the generation batch the step
+trains on, the min and max of the per-token log importance ratio
+``log pi_theta - log pi_old``, the policy's entropy, the fraction of tokens
+the method's clip cuts from the gradient, the KL to the old policy (k3
+estimator: the token mean of e^l - 1 - l, l the log-ratio; it estimates
+KL(pi_old || pi_theta) on tokens pi_old sampled) and the gradient norm
+(before clipping). Writes in ``--out``: ``demo.csv`` (every step of every
+seed and method), ``demo.png`` (mean and 95% band over seeds of the reward
+and the entropy per step and of the log-ratio's min and max per generation
+batch), ``summary.json`` and ``summary.md`` (t-intervals over seeds and a
+paired comparison against GMPO; :func:`summarize`).
+
+The recorder, the statistics and the writers are reused by
+``examples/ab_real_model.py`` (the same comparison with a real model).
 """
 
 from __future__ import annotations
@@ -34,9 +62,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
+import json
 import logging
+import math
 import os
+import platform
 import random
 import sys
 import tempfile
@@ -85,148 +117,684 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 
 
 
 # ----------------------------------------------------------------------------
-# the task
+# the tasks: a prompt, its answer, partial credit per position
 
-def make_prompts(n: int, seed: int):
+def _reverse_prompt(rng, length):
+    s = "".join(rng.choice(DIGITS) for _ in range(length))
+    return f"{s}:"
+
+
+def _repeat_prompt(rng, length):
+    return f"{rng.choice(DIGITS)}:"
+
+
+def answer(task: str, prompt: str, length: int) -> str:
+    """The answer a prompt asks for: ``reverse``: the digits before ':' reversed;
+    ``repeat``: the prompt's digit ``length`` times."""
+    digits = prompt.split(":", 1)[0]
+    if task == "reverse":
+        return digits[::-1]
+    if task == "repeat":
+        return digits[:1] * length
+    raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+
+
+TASKS = {"reverse": _reverse_prompt, "repeat": _repeat_prompt}
+
+
+def make_prompts(n: int, seed: int, task: str = "reverse", length: int = 4):
+    """``n`` prompts of ``task`` (digit strings of ``length`` for ``reverse``)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
     rng = random.Random(seed)
-    return [f"{rng.choice(DIGITS)}:" for _ in range(n)]
+    return [TASKS[task](rng, length) for _ in range(n)]
 
 
-def make_reward(length: int):
-    def repeat_digit_reward(prompts, completions, **kwargs):
-        """Fraction of the first ``length`` completion characters equal to the prompt's digit."""
-        out = []
-        for p, c in zip(prompts, completions):
-            d = p[0]
-            out.append(sum(ch == d for ch in c[:length]) / length)
-        return out
-    return repeat_digit_reward
+def position_credit(completion: str, target: str) -> float:
+    """Fraction of the target's positions the completion gets right, in place:
+    ``sum_i [completion[i] == target[i]] / len(target)``. Characters past the
+    target's length are ignored; a short completion scores its missing
+    positions 0."""
+    if not target:
+        raise ValueError("target must not be empty")
+    return sum(a == b for a, b in zip(completion, target)) / len(target)
+
+
+def make_reward(task: str = "reverse", length: int = 4):
+    """A TRL reward function for ``task``: :func:`position_credit` against :func:`answer`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+
+    def position_reward(prompts, completions, **kwargs):
+        """Partial credit per position of the answer (see gmpo_ext.demo.position_credit)."""
+        return [position_credit(c, answer(task, p, length)) for p, c in zip(prompts, completions)]
+    position_reward.__name__ = f"{task}_reward"
+    return position_reward
 
 
 # ----------------------------------------------------------------------------
-# training
+# the methods: configuration, clip rule and trainer class
 
-LOG_RATIO_MIN = "gmpo/log_ratio_min"
-LOG_RATIO_MAX = "gmpo/log_ratio_max"
+# config fields per method, on top of the run's common ones
+METHOD_CONFIG = {
+    "gmpo": dict(epsilon=0.4, epsilon_high=0.4),                    # log space (the paper)
+    "grpo": dict(epsilon=0.2, epsilon_high=0.2),                    # ratio space (TRL default)
+    "gspo": dict(epsilon=3e-4, epsilon_high=4e-4, loss_type="grpo",  # the GSPO paper's
+                 importance_sampling_level="sequence"),
+}
+# how each method clips, for the recorder's clip fraction
+CLIP_RULE = {"gmpo": "token_log", "grpo": "token_ratio", "gspo": "sequence_ratio"}
 
 
-def _grpo_recorder_class():
-    """TRL's GRPOTrainer, recording the range of its per-token log-ratios (loss untouched)."""
+def clip_ranges(methods) -> str:
+    """The methods' clip ranges in words, from METHOD_CONFIG (for the summary)."""
+    out = []
+    for m in methods:
+        c = METHOD_CONFIG[m]
+        lo, hi = c["epsilon"], c.get("epsilon_high", c["epsilon"])
+        if CLIP_RULE[m] == "token_log":
+            out.append(f"{m.upper()} the per-token ratio to (e^-{lo:g}, e^{hi:g}) = "
+                       f"({math.exp(-lo):.3g}, {math.exp(hi):.3g})")
+        else:
+            what = "sequence" if CLIP_RULE[m] == "sequence_ratio" else "per-token"
+            out.append(f"{m.upper()} the {what} ratio to ({1 - lo:.6g}, {1 + hi:.6g})")
+    return "clip ranges: " + ", ".join(out)
+
+
+def trainer_class(method: str):
+    """The trainer class that runs ``method``: the ONE place that decides it."""
+    if method == "gmpo":
+        from .trl import GMPOTrainer
+        return GMPOTrainer
+    if method in ("grpo", "gspo"):
+        from trl import GRPOTrainer     # TRL's own (a fused gmpo_ext GRPOTrainer: swap here)
+        return GRPOTrainer
+    raise ValueError(f"method must be one of {sorted(METHOD_CONFIG)}, got {method!r}")
+
+
+def config_class(method: str):
+    """GMPOConfig for gmpo, TRL's GRPOConfig for the GRPO family."""
+    if method == "gmpo":
+        from .trl import GMPOConfig
+        return GMPOConfig
+    from trl import GRPOConfig
+    return GRPOConfig
+
+
+def implementation(cls) -> str:
+    """``module.Class`` of a trainer class, the name printed and stored per method."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def parse_methods(text: str):
+    """``"gmpo,grpo"`` -> ``["gmpo", "grpo"]``; unknown or repeated names raise ValueError."""
+    methods = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if not methods:
+        raise ValueError("--methods: no method given (choose from gmpo, grpo, gspo)")
+    for m in methods:
+        if m not in METHOD_CONFIG:
+            raise ValueError(f"--methods: unknown method {m!r} (choose from "
+                             f"{', '.join(METHOD_CONFIG)})")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"--methods: a method is repeated in {text!r}")
+    return methods
+
+
+# ----------------------------------------------------------------------------
+# the recorder: the same measures for every method
+
+FIELDS = ["method", "seed", "step", "reward", "log_ratio_min", "log_ratio_max", "entropy",
+          "clip_frac", "kl_old", "grad_norm", "loss"]
+
+
+def clipped_tokens(rule: str, log_ratio, advantages, mask, eps_low: float, eps_high: float):
+    """Bool (B, T): the counted tokens whose term the method's clip cuts from the
+    gradient. log_ratio, mask: (B, T); advantages: (B,) or (B, T).
+
+    * ``token_log`` (GMPO): l > eps_high where A > 0, l < -eps_low where A < 0;
+    * ``token_ratio`` (GRPO): e^l > 1 + eps_high where A > 0, e^l < 1 - eps_low
+      where A < 0;
+    * ``sequence_ratio`` (GSPO): the same on the row's ratio exp(masked mean of
+      l), every counted token of a clipped row."""
     import torch
-    from trl import GRPOTrainer
-
-    class RecordingGRPOTrainer(GRPOTrainer):
-        def _compute_loss(self, model, inputs):
-            self._rec_inputs = inputs
-            try:
-                return super()._compute_loss(model, inputs)
-            finally:
-                self._rec_inputs = None
-
-        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
-            inputs = getattr(self, "_rec_inputs", None)
-            if inputs is not None:      # the current policy's log-probs inside the loss
-                with torch.no_grad():
-                    lp = out[0].detach()
-                    old = inputs.get("old_per_token_logps")
-                    old = lp if old is None else old
-                    mask = inputs["completion_mask"]
-                    if "tool_mask" in inputs:
-                        mask = mask * inputs["tool_mask"]
-                    lr = (lp - old)[mask.bool()]
-                    if lr.numel():
-                        mode = "train" if self.model.training else "eval"
-                        self._metrics[mode][LOG_RATIO_MIN].append(lr.min().item())
-                        self._metrics[mode][LOG_RATIO_MAX].append(lr.max().item())
-            return out
-
-    return RecordingGRPOTrainer
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    m = mask != 0
+    if rule == "token_log":
+        x, lo, hi = log_ratio, -eps_low, eps_high
+    elif rule == "token_ratio":
+        x, lo, hi = torch.exp(log_ratio), 1.0 - eps_low, 1.0 + eps_high
+    elif rule == "sequence_ratio":
+        mf = m.to(log_ratio.dtype)
+        seq = (log_ratio * mf).sum(-1, keepdim=True) / mf.sum(-1, keepdim=True).clamp(min=1.0)
+        x, lo, hi = torch.exp(seq).expand_as(log_ratio), 1.0 - eps_low, 1.0 + eps_high
+    else:
+        raise ValueError(f"rule must be token_log, token_ratio or sequence_ratio, got {rule!r}")
+    return (((x > hi) & (adv > 0)) | ((x < lo) & (adv < 0))) & m
 
 
-def _callbacks(label, total, records, position):
-    from tqdm.auto import tqdm
+def policy_measures(model, inputs, temperature: float, rows_per_forward: int = 64, autocast=None):
+    """(log_ratio, entropy, mask) of the current policy on a TRL batch: one no-grad
+    forward per ``rows_per_forward`` rows, log-probs and entropies with
+    :func:`gmpo_ext.selective_logps`. log_ratio = log pi_theta - log pi_old
+    (0 where the batch has no old log-probs: on-policy)."""
+    import torch
+    from .logits import selective_logps
+
+    p_ids, p_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    c_ids, c_mask = inputs["completion_ids"], inputs["completion_mask"]
+    mask = c_mask if "tool_mask" not in inputs else c_mask * inputs["tool_mask"]
+    ids, am = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
+    T = c_ids.shape[1]
+    lps, ents = [], []
+    with torch.no_grad():
+        for r0 in range(0, ids.shape[0], rows_per_forward):
+            sl = slice(r0, r0 + rows_per_forward)
+            with (autocast() if autocast is not None else contextlib.nullcontext()):
+                logits = model(input_ids=ids[sl], attention_mask=am[sl], logits_to_keep=T + 1,
+                               use_cache=False).logits
+            if logits.shape[1] != T + 1:      # a model that ignored logits_to_keep
+                logits = logits[:, -(T + 1):]
+            lp, ent = selective_logps(logits, c_ids[sl], temperature, return_entropy=True)
+            lps.append(lp.float())
+            ents.append(ent.float())
+            del logits
+    logps, entropy = torch.cat(lps), torch.cat(ents)
+    old = inputs.get("old_per_token_logps")
+    log_ratio = torch.zeros_like(logps) if old is None else logps - old.float()
+    return log_ratio, entropy, mask
+
+
+def _tqdm():
+    try:
+        from tqdm.auto import tqdm
+        return tqdm
+    except ImportError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def recorder_class():
+    """The recorder: a ``transformers.TrainerCallback`` that also sees every loss
+    batch (through :func:`recording`), built on first use (transformers is
+    imported then)."""
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
+    class Recorder(TrainerCallback):
+        """Per optimizer step of one run (method, seed): the measures in FIELDS.
+
+        ``observe`` (called with each micro-batch before its loss) accumulates
+        token counts, sums, min and max; ``on_log`` (every optimizer step:
+        ``logging_steps=1``) turns them into one row, with the reward TRL
+        logged for the step's generation batch (carried over the steps that
+        reuse it) and the gradient norm the Trainer logged. Also the run's
+        progress bar (tqdm, or a plain line every tenth of the run)."""
+
+        def __init__(self, method, seed, rule, eps_low, eps_high, total_steps, label="",
+                     progress=True, out=None):
+            self.method, self.seed, self.rule = method, seed, rule
+            self.eps_low, self.eps_high = float(eps_low), float(eps_high)
+            self.total, self.label, self.progress = total_steps, label, progress
+            self.out = out or sys.stdout
+            self.rows, self._acc, self._reward, self.bar = [], None, float("nan"), None
+
+        # -- the loss batches
+        def observe(self, trainer, model, inputs):
+            import torch
+            temperature = float(getattr(trainer, "temperature", trainer.args.temperature))
+            log_ratio, entropy, mask = policy_measures(
+                model, inputs, temperature, autocast=trainer.accelerator.autocast)
+            m = mask != 0
+            clipped = clipped_tokens(self.rule, log_ratio, inputs["advantages"], mask,
+                                     self.eps_low, self.eps_high)
+            k3 = torch.exp(log_ratio) - 1.0 - log_ratio     # >= 0; estimates KL(pi_old || pi)
+            a = self._acc or dict(n=0, ent=0.0, clip=0, kl=0.0, lo=math.inf, hi=-math.inf)
+            n = int(m.sum())
+            if n:
+                a["n"] += n
+                a["ent"] += float(entropy[m].double().sum())
+                a["clip"] += int(clipped.sum())
+                a["kl"] += float(k3[m].double().sum())
+                a["lo"] = min(a["lo"], float(log_ratio[m].min()))
+                a["hi"] = max(a["hi"], float(log_ratio[m].max()))
+            self._acc = a
+
+        # -- the trainer's events
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=total, desc=f"{label:5s}", position=position, leave=True,
-                            dynamic_ncols=True, file=sys.stdout)
-            self.reward = float("nan")
+            self._t0 = time.perf_counter()
+            tq = _tqdm() if self.progress else None
+            if tq is not None:
+                self.bar = tq(total=self.total, desc=self.label, leave=True, dynamic_ncols=True,
+                              file=self.out)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" not in logs:
                 return
-            rec = {"method": label, "step": state.global_step,
-                   "reward": logs.get("reward", float("nan")),
-                   "log_ratio_min": logs.get(LOG_RATIO_MIN, float("nan")),
-                   "log_ratio_max": logs.get(LOG_RATIO_MAX, float("nan")),
-                   "loss": logs.get("loss", float("nan")),
-                   "entropy": logs.get("entropy", float("nan"))}
-            records.append(rec)
-            if rec["reward"] == rec["reward"]:
-                self.reward = rec["reward"]
-            self.bar.update(state.global_step - self.bar.n)
-            self.bar.set_postfix(reward=f"{self.reward:.3f}",
-                                 log_ratio=f"[{rec['log_ratio_min']:+.2f}, {rec['log_ratio_max']:+.2f}]")
+            if "reward" in logs:
+                self._reward = float(logs["reward"])
+            a, nan = self._acc or {"n": 0}, float("nan")
+            n = a["n"]
+            self.rows.append({
+                "method": self.method, "seed": self.seed, "step": state.global_step,
+                "reward": self._reward,
+                "log_ratio_min": a["lo"] if n else nan, "log_ratio_max": a["hi"] if n else nan,
+                "entropy": a["ent"] / n if n else nan, "clip_frac": a["clip"] / n if n else nan,
+                "kl_old": a["kl"] / n if n else nan,
+                "grad_norm": float(logs.get("grad_norm", nan)),
+                "loss": float(logs.get("loss", nan)),
+            })
+            self._acc = None
+            self._progress(state.global_step)
+
+        def _progress(self, step):
+            r = self.rows[-1]
+            if self.bar is not None:
+                self.bar.update(step - self.bar.n)
+                self.bar.set_postfix(reward=f"{r['reward']:.3f}",
+                                     log_ratio=f"[{r['log_ratio_min']:+.2f},"
+                                     f"{r['log_ratio_max']:+.2f}]",
+                                     refresh=False)
+            elif self.progress and (step % max(1, self.total // 10) == 0 or step == self.total):
+                el = time.perf_counter() - self._t0
+                left = el / step * (self.total - step) if step else float("nan")
+                print(f"{self.label} step {step}/{self.total}  reward {r['reward']:.3f}  "
+                      f"{el:.0f} s, about {left:.0f} s left", file=self.out, flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.bar.close()
+            if self.bar is not None:
+                self.bar.close()
 
-    return [Progress()]
+    return Recorder
 
 
-def train_one(method: str, opts, records: list, position: int = 0):
-    """Train one method; append its per-step records; return (wall s, CPU s of this process)."""
+def recording(cls):
+    """``cls`` (a TRL trainer class) with ``compute_loss`` showing each training
+    batch to the trainer's ``recorder`` first (the loss itself untouched)."""
+
+    class Recording(cls):
+        recorder = None
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if self.recorder is not None and self.model.training:
+                self.recorder.observe(self, model, inputs)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    Recording.__name__ = Recording.__qualname__ = f"Recording{cls.__name__}"
+    return Recording
+
+
+# ----------------------------------------------------------------------------
+# running the comparison
+
+def train_one(method: str, seed: int, setup, steps: int, label: str = "", progress=True,
+              log_history=None):
+    """Train ``method`` on ``seed``; return (rows, wall seconds, implementation).
+
+    ``setup(method, seed)`` returns the trainer's keyword arguments (``model``,
+    ``reward_funcs``, ``args`` (a config with ``logging_steps=1`` and
+    ``max_steps=steps``), ``train_dataset``, ``processing_class``, ...).
+    ``log_history``: a list to extend with the trainer's own logs (what it
+    logged per step: TRL's metrics, loss, gradient norm)."""
     import torch
-    from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .trl import GMPOConfig, GMPOTrainer
-    from trl import GRPOConfig
-
-    tok = build_tokenizer()
-    model = build_model(len(tok), seed=opts.seed)
-    spg, iters = opts.steps_per_generation, opts.num_iterations
-    batch = opts.prompts_per_step * opts.num_generations
-    n_gen = -(-opts.steps // (spg * iters))
-    # a fixed-size prompt set (not sized by --steps): the first steps of a run do not
-    # depend on how many steps it has
-    prompts = make_prompts(max(4096, n_gen * spg * opts.prompts_per_step), opts.seed)
-    common = dict(
-        output_dir=opts.trainer_dir, report_to="none", use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
-        logging_steps=1, disable_tqdm=True, seed=opts.seed, data_seed=opts.seed,
-        max_steps=opts.steps, learning_rate=opts.lr, lr_scheduler_type="constant",
-        warmup_steps=0, adam_beta2=0.99, max_grad_norm=1.0,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1,
-        num_generations=opts.num_generations, steps_per_generation=spg,
-        num_iterations=iters, max_completion_length=opts.completion_length,
-        temperature=1.0, beta=0.0, dataloader_num_workers=0,
-    )
-    reward = make_reward(opts.completion_length)
-    if method == "gmpo":
-        cls, args = GMPOTrainer, GMPOConfig(**common, epsilon=opts.gmpo_epsilon)
-    else:
-        cls, args = _grpo_recorder_class(), GRPOConfig(**common, epsilon=opts.grpo_epsilon)
-    trainer = cls(model=model, reward_funcs=reward, args=args,
-                  train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+    cls = trainer_class(method)
+    kwargs = setup(method, seed)
+    args = kwargs["args"]
+    if args.logging_steps != 1 or args.max_steps != steps:
+        raise ValueError("the recorder needs logging_steps=1 and max_steps=steps in the config")
+    eps_low = args.epsilon
+    eps_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+    rec = recorder_class()(method, seed, CLIP_RULE[method], eps_low, eps_high, steps,
+                           label=label, progress=progress)
+    trainer = recording(cls)(**kwargs)
+    trainer.recorder = rec
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    for cb in _callbacks(method.upper(), opts.steps, records, position):
-        trainer.add_callback(cb)
-    torch.manual_seed(opts.seed)
-    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.add_callback(rec)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
     trainer.train()
-    return time.perf_counter() - t0, time.process_time() - c0
+    wall = time.perf_counter() - t0
+    if log_history is not None:
+        log_history.extend(trainer.state.log_history)
+    return rec.rows, wall, implementation(cls)
+
+
+def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, title: str,
+                   progress=True, log=print):
+    """Every method on every seed (seed-major: a paired result exists after each
+    seed), then the outputs in ``out``; returns the summary (see :func:`summarize`)."""
+    os.makedirs(out, exist_ok=True)
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    records, walls, impls, loads = [], {m: {} for m in methods}, {}, []
+    runs = [(s, m) for s in seeds for m in methods]
+    for m in methods:
+        log(f"{m} runs through {implementation(trainer_class(m))}")
+    for k, (seed, method) in enumerate(runs):
+        label = f"[{k + 1}/{len(runs)}] {method} seed {seed}"
+        rows, wall, impl = train_one(method, seed, setup, steps, label=label, progress=progress)
+        impls[method] = impl
+        records += rows
+        walls[method][seed] = wall
+        loads.append(_loadavg())
+        done = time.perf_counter() - t_start
+        left = done / (k + 1) * (len(runs) - k - 1)
+        if k + 1 < len(runs):
+            log(f"    {wall:.1f} s; about {left:.0f} s left for the {len(runs) - k - 1} other runs")
+    wall_total = time.perf_counter() - t_start
+    config = dict(config, implementations=impls, methods=list(methods), seeds=list(seeds),
+                  steps=steps)
+    summary = summarize(records, methods, seeds, steps, config=config)
+    summary["wall_s"] = {"total": wall_total, "per_run": {m: {str(s): w for s, w in ws.items()}
+                                                          for m, ws in walls.items()}}
+    # the machine's 1-minute load average (os.getloadavg) before the first run and
+    # after each run: what the wall times ran under
+    summary["load_avg_1min"] = {"start": load_start, "after_each_run": loads,
+                                "end": loads[-1] if loads else load_start}
+    write_outputs(out, records, summary, title)
+    return summary
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
+
+
+# ----------------------------------------------------------------------------
+# statistics (no SciPy): Student's t from the regularized incomplete beta
+
+def _betacf(a, b, x):
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
+                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), 0 <= x <= 1."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + \
+        b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf2(t: float, df: float) -> float:
+    """Two-sided tail P(|T| >= |t|) of Student's t with ``df`` degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"df must be > 0, got {df}")
+    if math.isnan(t):
+        return float("nan")
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p quantile of Student's t (0 < p < 1), by bisection on :func:`t_sf2`."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if p == 0.5:
+        return 0.0
+    tail = 2.0 * min(p, 1.0 - p)          # two-sided tail of |t|
+    lo, hi = 0.0, 1.0
+    while t_sf2(hi, df) > tail:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_sf2(mid, df) > tail:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-13 * hi:
+            break
+    q = 0.5 * (lo + hi)
+    return q if p > 0.5 else -q
+
+
+def mean_ci(xs, level: float = 0.95) -> dict:
+    """Mean and the Student t-interval over ``xs`` (NaNs dropped):
+    mean +- t_{(1+level)/2, n-1} * s / sqrt(n), s the sample standard deviation.
+    ``half``, ``lo``, ``hi`` are NaN for n < 2."""
+    xs = [float(x) for x in xs if x == x]
+    n, nan = len(xs), float("nan")
+    if n == 0:
+        return {"n": 0, "mean": nan, "sd": nan, "half": nan, "lo": nan, "hi": nan}
+    mean = sum(xs) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": nan, "half": nan, "lo": nan, "hi": nan}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "half": half, "lo": mean - half, "hi": mean + half}
+
+
+def paired(a, b, level: float = 0.95) -> dict:
+    """Paired comparison of ``a`` against ``b`` (equal-length lists, one entry per
+    seed; pairs with a NaN dropped): how many seeds a is higher, lower, equal;
+    the mean difference a - b with its t-interval, and the two-sided paired
+    t-test's p-value (t = mean / (s / sqrt(n)), n - 1 df)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired: {len(a)} values against {len(b)}")
+    pairs = [(float(x), float(y)) for x, y in zip(a, b) if x == x and y == y]
+    d = [x - y for x, y in pairs]
+    ci = mean_ci(d, level)
+    out = {"n": len(d), "higher": sum(v > 0 for v in d), "lower": sum(v < 0 for v in d),
+           "equal": sum(v == 0 for v in d), "mean_diff": ci["mean"], "half": ci["half"],
+           "lo": ci["lo"], "hi": ci["hi"], "t": float("nan"), "p": float("nan")}
+    if ci["n"] >= 2:
+        if ci["sd"] > 0:
+            out["t"] = ci["mean"] / (ci["sd"] / math.sqrt(ci["n"]))
+            out["p"] = t_sf2(out["t"], ci["n"] - 1)
+        else:       # every difference the same
+            out["t"] = math.copysign(math.inf, ci["mean"]) if ci["mean"] else float("nan")
+            out["p"] = 0.0 if ci["mean"] else 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------
+# summary: per-seed measures, intervals, the paired comparison, the sentences
+
+MEASURES = {   # key -> (label, what it is)
+    "final_reward": ("final reward", "mean reward over the last {w}"),
+    "mean_log_ratio_range": ("mean log-ratio range",
+                             "mean over steps of max - min of the per-token log-ratio"),
+    "final_entropy": ("final entropy", "mean entropy (nats per token) over the last {w}"),
+}
+
+
+def final_window(steps: int) -> int:
+    """Steps whose mean is a run's final value: the last tenth (at least 1)."""
+    return max(1, int(round(steps / 10)))
+
+
+def _mean(xs):
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def per_seed(records, method, seed, steps):
+    """The three measures of one run (see MEASURES) plus its extreme log-ratios."""
+    rows = sorted((r for r in records if r["method"] == method and r["seed"] == seed),
+                  key=lambda r: r["step"])
+    w = final_window(steps)
+    tail = rows[-w:]
+    lo = [r["log_ratio_min"] for r in rows if r["log_ratio_min"] == r["log_ratio_min"]]
+    hi = [r["log_ratio_max"] for r in rows if r["log_ratio_max"] == r["log_ratio_max"]]
+    return {
+        "final_reward": _mean([r["reward"] for r in tail]),
+        "mean_log_ratio_range": _mean([r["log_ratio_max"] - r["log_ratio_min"] for r in rows]),
+        "final_entropy": _mean([r["entropy"] for r in tail]),
+        "log_ratio_min": min(lo) if lo else float("nan"),
+        "log_ratio_max": max(hi) if hi else float("nan"),
+        "first_reward": _mean([r["reward"] for r in rows[:w]]),
+        "steps": len(rows),
+    }
+
+
+def summarize(records, methods, seeds, steps, config=None, reference="gmpo") -> dict:
+    """Everything summary.json and summary.md hold: per method and seed the
+    measures, per method their mean and 95% t-interval over seeds, per other
+    method the paired comparison against ``reference`` (difference =
+    reference - other, so a positive difference means the reference is
+    higher), and the generated sentences."""
+    seeds = list(seeds)
+    per = {m: {s: per_seed(records, m, s, steps) for s in seeds} for m in methods}
+    stats = {m: {k: mean_ci([per[m][s][k] for s in seeds]) for k in
+                 list(MEASURES) + ["first_reward"]} for m in methods}
+    comp = {}
+    if reference in methods:
+        for m in methods:
+            if m != reference:
+                comp[m] = {k: paired([per[reference][s][k] for s in seeds],
+                                     [per[m][s][k] for s in seeds]) for k in MEASURES}
+    summary = {
+        "config": config or {},
+        "final_window_steps": final_window(steps),
+        "measures": {k: v[1].format(w=_plural(final_window(steps), "step"))
+                     for k, v in MEASURES.items()},
+        "per_seed": {m: {str(s): v for s, v in d.items()} for m, d in per.items()},
+        "methods": stats,
+        "reference": reference,
+        "paired": comp,
+        "test": "paired Student t (two-sided), 95% t-interval of the mean difference over seeds",
+    }
+    summary["sentences"] = sentences(summary)
+    return summary
+
+
+def _f(x, nd=3, sign=False):
+    if x != x:
+        return "n/a"
+    return f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}"
+
+
+def _ci(c):
+    if c["lo"] != c["lo"]:
+        return "n/a"
+    return f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}"
+
+
+def _pm(st, nd=3):
+    if st["n"] < 2:
+        return _f(st["mean"], nd)
+    return f"{_f(st['mean'], nd)} ± {_f(st['half'], nd)}"
+
+
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _name(m):
+    return m.upper()
+
+
+def sentences(summary) -> list:
+    """Plain sentences stating what the numbers show and do not, generated
+    from them (a difference is "shown" only when its 95% interval excludes 0)."""
+    ref, out = summary["reference"], []
+    cfg = summary.get("config", {})
+    for m, comp in summary["paired"].items():
+        c = comp["final_reward"]
+        n = c["n"]
+        R, M = _name(ref), _name(m)
+        if n < 2:
+            out.append(f"With {n} seed there is no interval: the final rewards "
+                       f"({R} {_f(summary['methods'][ref]['final_reward']['mean'])}, {M} "
+                       f"{_f(summary['methods'][m]['final_reward']['mean'])}) show no difference "
+                       "either way.")
+            continue
+        head = (f"{R}'s final reward is higher than {M}'s on {c['higher']} of {n} seeds; the "
+                f"paired difference is {_f(c['mean_diff'], sign=True)} (95% CI "
+                f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}, paired t-test p = "
+                f"{_f(c['p'], 2)})")
+        if c["lo"] > 0 or c["hi"] < 0:
+            out.append(head + f": {R} {'higher' if c['lo'] > 0 else 'lower'} is shown at "
+                       f"n={n} on this task.")
+        else:
+            out.append(head + f": the interval includes 0, so no difference in final reward is "
+                       f"shown at n={n}.")
+        # the paper (arXiv 2507.20673) reports GMPO's log-ratio range narrower and its
+        # entropy higher than GRPO's
+        for k, word, paper in (("mean_log_ratio_range", ("wider", "narrower"), "narrower"),
+                               ("final_entropy", ("higher", "lower"), "higher")):
+            c = comp[k]
+            label = MEASURES[k][0]
+            vs_paper = ref == "gmpo" and m == "grpo"
+            head = (f"{label[0].upper()}{label[1:]}, {R} - {M}: {_f(c['mean_diff'], sign=True)} "
+                    f"(95% CI {_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}; {R} higher "
+                    f"on {c['higher']} of {n} seeds)")
+            if c["lo"] > 0 or c["hi"] < 0:
+                got = word[0] if c["lo"] > 0 else word[1]
+                verdict = f"{got} for {R} is shown"
+                if vs_paper:
+                    verdict += (", as the paper reports" if got == paper else
+                                f", the opposite of the paper's observation ({paper} for GMPO)")
+            else:
+                verdict = "the interval includes 0, no difference shown"
+                if vs_paper:
+                    verdict += f", so the paper's observation ({paper} for GMPO) is not reproduced"
+            out.append(f"{head}: {verdict} at n={n}.")
+    scope = cfg.get("scope")
+    if scope:
+        out.append(scope)
+    return out
+
+
+def summary_markdown(summary) -> str:
+    """The markdown fragment summary.md: a table per method, the paired
+    comparison, the sentences (no heading: it is spliced into other pages)."""
+    cfg = summary.get("config", {})
+    impls = cfg.get("implementations", {})
+    ref = summary["reference"]
+    n = max(st["final_reward"]["n"] for st in summary["methods"].values())
+    lines = []
+    if cfg.get("description"):
+        lines += [cfg["description"], ""]
+    lines += ["| method | trainer | " + " | ".join(v[0] for v in MEASURES.values()) + " |",
+              "| :--- | :--- | " + " | ".join("---:" for _ in MEASURES) + " |"]
+    for m, st in summary["methods"].items():
+        lines.append(f"| {_name(m)} | `{impls.get(m, '?')}` | " +
+                     " | ".join(_pm(st[k]) for k in MEASURES) + " |")
+    lines += ["", f"Mean ± half-width of the 95% t-interval over {_plural(n, 'seed')}; "
+              + "; ".join(f"{v[0]}: {summary['measures'][k]}" for k, v in MEASURES.items())
+              + "."]
+    if summary["paired"]:
+        lines += ["", f"| {_name(ref)} against | measure | seeds where {_name(ref)} is higher | "
+                  f"mean difference ({_name(ref)} - other) | 95% CI | p |",
+                  "| :--- | :--- | ---: | ---: | :---: | ---: |"]
+        for m, comp in summary["paired"].items():
+            for k, c in comp.items():
+                lines.append(f"| {_name(m)} | {MEASURES[k][0]} | {c['higher']} of {c['n']} | "
+                             f"{_f(c['mean_diff'], sign=True)} | {_ci(c)} | {_f(c['p'], 3)} |")
+        lines += ["", "Paired over seeds (same initial weights and data per seed); "
+                  f"test: {summary['test']}."]
+    lines += [""] + [" ".join(summary["sentences"])]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------
 # outputs
-
-FIELDS = ["method", "step", "reward", "log_ratio_min", "log_ratio_max", "loss", "entropy"]
-
 
 def write_csv(path, records):
     with open(path, "w", newline="") as f:
@@ -236,119 +804,259 @@ def write_csv(path, records):
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
 
 
-def _finite(xs):
-    return [x for x in xs if x == x]
-
-
-def summarize(records, walls, window: int):
-    rows = []
-    for method in ("gmpo", "grpo"):
-        recs = [r for r in records if r["method"] == method.upper()]
-        rew = _finite([r["reward"] for r in recs])
-        lo = _finite([r["log_ratio_min"] for r in recs])
-        hi = _finite([r["log_ratio_max"] for r in recs])
-        if not rew:
+def _band(records, method, key, per_batch: int = 1):
+    """(x, mean over seeds, half-width of the 95% t-interval) per step, or with
+    ``per_batch`` > 1 per generation batch of that many steps: the extreme
+    (min for ``log_ratio_min``, max for ``log_ratio_max``) over the batch's
+    steps, at its last step."""
+    pick = min if key == "log_ratio_min" else max
+    per = {}     # (seed, x) -> value
+    for r in records:
+        if r["method"] != method or r[key] != r[key]:
             continue
-        k = max(1, min(window, len(rew)))
-        rows.append({
-            "method": method.upper(),
-            "steps": recs[-1]["step"],
-            "reward_first": sum(rew[:k]) / k,
-            "reward_last": sum(rew[-k:]) / k,
-            "log_ratio_min": min(lo) if lo else float("nan"),
-            "log_ratio_max": max(hi) if hi else float("nan"),
-            "mean_range": (sum(h - l for h, l in zip(hi, lo)) / len(hi)) if hi else float("nan"),
-            "wall_s": walls.get(method, (float("nan"),) * 2)[0],
-            "cpu_s": walls.get(method, (float("nan"),) * 2)[1],
-        })
-    return rows
+        x = r["step"] if per_batch <= 1 else ((r["step"] - 1) // per_batch + 1) * per_batch
+        k = (r["seed"], x)
+        per[k] = r[key] if k not in per else pick(per[k], r[key])
+    by = {}
+    for (_, x), v in per.items():
+        by.setdefault(x, []).append(v)
+    out = []
+    for x in sorted(by):
+        st = mean_ci(by[x])
+        out.append((x, st["mean"], st["half"] if st["n"] > 1 else 0.0))
+    return out
 
 
-def print_table(rows, window, out=sys.stdout):
-    head = (f"{'method':6s} {'steps':>5s} {'reward first':>12s} {'reward last':>11s} "
-            f"{'min log-ratio':>13s} {'max log-ratio':>13s} {'mean range':>10s} {'wall s':>7s} "
-            f"{'CPU s':>6s}")
-    print(head, file=out)
-    print("-" * len(head), file=out)
-    for r in rows:
-        print(f"{r['method']:6s} {r['steps']:5d} {r['reward_first']:12.3f} {r['reward_last']:11.3f} "
-              f"{r['log_ratio_min']:+13.3f} {r['log_ratio_max']:+13.3f} {r['mean_range']:10.3f} "
-              f"{r['wall_s']:7.1f} {r['cpu_s']:6.1f}", file=out)
-    print(f"(reward first/last: mean over the first/last {window} generation batches; "
-          "log-ratio: per-token log pi_theta/pi_old over all updates; mean range: mean over "
-          "steps of max - min; CPU s: process time, all threads)", file=out)
+COLORS = {"gmpo": (31, 119, 180), "grpo": (214, 39, 40), "gspo": (44, 160, 44)}
+_OTHER_COLORS = [(148, 103, 189), (140, 86, 75), (127, 127, 127)]
 
 
-def plot(path, records, title, per_batch: int):
+def figure_panels(records, methods, per_batch: int = 1):
+    """The figure's three panels as data: per method the mean over seeds and its
+    95% t-band of the reward and the entropy per step, and of the log-ratio's
+    min and max per generation batch (``per_batch`` steps; see :func:`_band`)."""
+    spec = [("reward of the generation batch", ("reward",), "reward"),
+            ("log-ratio min and max per batch", ("log_ratio_min", "log_ratio_max"),
+             "log(pi_theta / pi_old)"),
+            ("entropy of the policy", ("entropy",), "nats per token")]
+    panels = []
+    for title, keys, ylabel in spec:
+        series = []
+        for i, m in enumerate(methods):
+            color = COLORS.get(m, _OTHER_COLORS[i % len(_OTHER_COLORS)])
+            for j, key in enumerate(keys):
+                b = _band(records, m, key, per_batch if len(keys) == 2 else 1)
+                if not b:
+                    continue
+                s, mu, h = zip(*b)
+                series.append({"label": _name(m), "color": color, "x": list(s), "y": list(mu),
+                               "lo": [a - c for a, c in zip(mu, h)],
+                               "hi": [a + c for a, c in zip(mu, h)], "legend": j == 0})
+        panels.append({"title": title, "xlabel": "optimizer step", "ylabel": ylabel,
+                       "series": series, "hline": 0.0 if len(keys) == 2 else None})
+    return panels
+
+
+def plot(path, records, methods, title, per_batch: int = 1, backend=None):
+    """demo.png: matplotlib when it is installed (``backend="matplotlib"``), else
+    the built-in renderer (``backend="builtin"``, gmpo_ext._png). Returns the
+    backend used."""
+    panels = figure_panels(records, methods, per_batch)
+    if backend is None:
+        try:
+            import matplotlib  # noqa: F401
+            backend = "matplotlib"
+        except ImportError:
+            backend = "builtin"
+    if backend == "builtin":
+        from ._png import render
+        render(path, panels, title)
+        return backend
+    if backend != "matplotlib":
+        raise ValueError(f"backend must be 'matplotlib' or 'builtin', got {backend!r}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"GMPO": "tab:blue", "GRPO": "tab:red"}
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, c in colors.items():
-        recs = [r for r in records if r["method"] == method]
-        rs = [(r["step"], r["reward"]) for r in recs if r["reward"] == r["reward"]]
-        if rs:
-            ax0.plot(*zip(*rs), color=c, label=method, lw=1.5)
-        lr = [(r["step"], r["log_ratio_min"], r["log_ratio_max"]) for r in recs
-              if r["log_ratio_min"] == r["log_ratio_min"]]
-        if lr:
-            s, lo, hi = zip(*lr)
-            ax1.plot(s, hi, color=c, lw=0.6, alpha=0.6)
-            ax1.plot(s, lo, color=c, lw=0.6, alpha=0.6)
-            # envelope per generation batch: its updates span `per_batch` steps
-            xs, los, his = [], [], []
-            for k in range(0, len(s), per_batch):
-                xs.append(s[min(k + per_batch, len(s)) - 1])
-                los.append(min(lo[k:k + per_batch]))
-                his.append(max(hi[k:k + per_batch]))
-            ax1.fill_between(xs, los, his, color=c, alpha=0.25, lw=0,
-                             label=f"{method}: min..max per generation batch")
-    ax0.set_xlabel("optimizer step")
-    ax0.set_ylabel("mean reward of the generation batch")
-    ax0.set_title("reward")
-    ax0.grid(alpha=0.3)
-    ax0.legend()
-    ax1.set_xlabel("optimizer step")
-    ax1.set_ylabel("per-token log(pi_theta / pi_old)")
-    ax1.set_title("range of the log importance ratio (lines: per step)")
-    ax1.axhline(0.0, color="k", lw=0.5)
-    ax1.grid(alpha=0.3)
-    ax1.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.3))
+    for ax, p in zip(axes, panels):
+        for s in p["series"]:
+            c = tuple(v / 255 for v in s["color"])
+            ax.plot(s["x"], s["y"], color=c, lw=1.3, label=s["label"] if s["legend"] else None)
+            ax.fill_between(s["x"], s["lo"], s["hi"], color=c, alpha=0.2, lw=0)
+        if p["hline"] is not None:
+            ax.axhline(p["hline"], color="k", lw=0.5)
+        ax.set_xlabel(p["xlabel"])
+        ax.set_ylabel(p["ylabel"])
+        ax.set_title(p["title"], fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+    return backend
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_outputs(out, records, summary, title):
+    """demo.csv, demo.png, summary.json, summary.md in ``out``."""
+    cfg = summary["config"]
+    write_csv(os.path.join(out, "demo.csv"), records)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(_json_safe(summary), f, indent=1)
+        f.write("\n")
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    plot(os.path.join(out, "demo.png"), records, cfg["methods"], title,
+         cfg.get("updates_per_generation_batch", 1))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("gmpo_ext", "torch", "trl", "transformers", "accelerate"):
+        try:
+            out[name] = __import__(name).__version__
+        except (ImportError, AttributeError):
+            out[name] = None
+    return out
+
+
+# ----------------------------------------------------------------------------
+# the demo's own set-up
+
+def demo_setup(opts):
+    """setup(method, seed) for :func:`train_one`: the tiny model, the task's
+    prompts and reward, the config (common fields + METHOD_CONFIG[method])."""
+    from datasets import Dataset
+
+    tok = build_tokenizer()
+    spg, iters = opts.steps_per_generation, opts.num_iterations
+    batch = opts.prompts_per_step * opts.num_generations
+    n_gen = -(-opts.steps // (spg * iters))
+    reward = make_reward(opts.task, opts.length)
+
+    def setup(method, seed):
+        # a fixed-size prompt set (not sized by --steps): the first steps of a run do
+        # not depend on how many steps it has
+        prompts = make_prompts(max(4096, n_gen * spg * opts.prompts_per_step), seed, opts.task,
+                               opts.length)
+        common = dict(
+            output_dir=opts.trainer_dir, report_to="none", use_cpu=True,
+            bf16=False, fp16=False, gradient_checkpointing=False, save_strategy="no",
+            logging_steps=1, disable_tqdm=True, seed=seed, data_seed=seed,
+            max_steps=opts.steps, learning_rate=opts.lr, lr_scheduler_type="constant",
+            warmup_steps=0, adam_beta2=0.99, max_grad_norm=1.0,
+            per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+            num_generations=opts.num_generations, steps_per_generation=spg,
+            num_iterations=iters, max_completion_length=opts.completion_length,
+            temperature=1.0, beta=0.0, dataloader_num_workers=0,
+        )
+        args = config_class(method)(**common, **METHOD_CONFIG[method])
+        return dict(model=build_model(len(tok), seed=seed), reward_funcs=reward, args=args,
+                    train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok)
+
+    return setup
 
 
 # ----------------------------------------------------------------------------
 # command line
 
+QUICK = dict(seeds=1, steps=8)
+
+
+def positive_int(name):
+    def conv(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}")
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {v}")
+        return v
+    return conv
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if not v > 0 or not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def methods_arg(text):
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--methods: ", ""))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with the description as written and every default shown."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="gmpo-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data and sampling")
-    p.add_argument("--out", default="gmpo_demo_out", help="output folder (demo.csv, demo.png)")
-    p.add_argument("--steps", type=int, default=240, help="optimizer steps per method")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--prompts-per-step", dest="prompts_per_step", type=int, default=4)
-    p.add_argument("--num-generations", dest="num_generations", type=int, default=8)
-    p.add_argument("--steps-per-generation", dest="steps_per_generation", type=int, default=2)
-    p.add_argument("--num-iterations", dest="num_iterations", type=int, default=2)
-    p.add_argument("--completion-length", dest="completion_length", type=int, default=8)
-    p.add_argument("--gmpo-epsilon", dest="gmpo_epsilon", type=float, default=0.4,
-                   help="GMPO clip range, log space (paper: 0.4)")
-    p.add_argument("--grpo-epsilon", dest="grpo_epsilon", type=float, default=0.2,
-                   help="GRPO clip range, ratio space (TRL default 0.2)")
-    p.add_argument("--methods", default="gmpo,grpo", help="comma-separated subset of gmpo,grpo")
-    p.add_argument("--threads", type=int, default=1,
+                                formatter_class=HelpFormatter)
+    p.add_argument("--methods", type=methods_arg, default="gmpo,grpo",
+                   help="comma-separated subset of gmpo, grpo, gspo")
+    p.add_argument("--seeds", type=positive_int("--seeds"), default=5,
+                   help="seeds 0..N-1, every method on each")
+    p.add_argument("--quick", action="store_true",
+                   help=f"one seed, {QUICK['steps']} steps (what the test suite runs)")
+    p.add_argument("--out", default="gmpo_demo_out",
+                   help="output folder (demo.csv, demo.png, summary.json, summary.md)")
+    p.add_argument("--task", choices=sorted(TASKS), default="reverse",
+                   help="reverse: reverse a digit string; repeat: repeat the prompt's digit")
+    p.add_argument("--length", type=positive_int("--length"), default=4,
+                   help="digits per reverse prompt (and the answer's length)")
+    p.add_argument("--steps", type=positive_int("--steps"), default=400,
+                   help="optimizer steps per run")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (AdamW)")
+    p.add_argument("--prompts-per-step", dest="prompts_per_step",
+                   type=positive_int("--prompts-per-step"), default=4)
+    p.add_argument("--num-generations", dest="num_generations",
+                   type=positive_int("--num-generations"), default=8,
+                   help="completions per prompt (the group)")
+    p.add_argument("--steps-per-generation", dest="steps_per_generation",
+                   type=positive_int("--steps-per-generation"), default=4,
+                   help="micro-batches per generation batch; x --num-iterations = updates per "
+                   "generation batch (the off-policy knob)")
+    p.add_argument("--num-iterations", dest="num_iterations", type=positive_int("--num-iterations"),
+                   default=2, help="passes over each generation batch")
+    p.add_argument("--completion-length", dest="completion_length",
+                   type=positive_int("--completion-length"), default=None,
+                   help="max completion tokens (default: the answer's length)")
+    p.add_argument("--threads", type=positive_int("--threads"), default=1,
                    help="torch intra-op threads (default 1: the model is tiny, one thread keeps "
-                   "the run fast on a busy machine, and the results do not depend on it)")
-    return p.parse_args(argv)
+                   "the run fast on a busy machine)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    opts = p.parse_args(argv)
+    if opts.quick:
+        opts.seeds, opts.steps = QUICK["seeds"], QUICK["steps"]
+    if opts.completion_length is None:
+        opts.completion_length = opts.length if opts.task == "reverse" else 8
+    if opts.task == "reverse" and opts.length + 1 + opts.completion_length > 64:
+        p.error("--length + 1 + --completion-length must be at most 64 (the model's positions)")
+    if opts.task == "repeat":
+        opts.length = opts.completion_length
+    return opts
 
 
-def _quiet():
+def quiet():
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -358,44 +1066,65 @@ def _quiet():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _param_count(vocab):
+    return sum(p.numel() for p in build_model(vocab).parameters())
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    _quiet()
-    t_start = time.perf_counter()
+    quiet()
     with contextlib.redirect_stderr(io.StringIO()):   # import-time notices of TRL/transformers
         import torch
         import transformers
         import trl  # noqa: F401
         from . import trl as _gmpo_trl  # noqa: F401  (fails here with a clear message)
     transformers.utils.logging.set_verbosity_error()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    os.makedirs(opts.out, exist_ok=True)
-    methods = [m.strip().lower() for m in opts.methods.split(",") if m.strip()]
-    print(f"gmpo_ext demo: repeat-the-digit task, tiny Qwen2 (random init), {opts.steps} optimizer "
-          f"steps per method, {opts.prompts_per_step * opts.num_generations} completions per step, "
-          f"{opts.steps_per_generation * opts.num_iterations} updates per generation batch, "
-          f"seed {opts.seed}, {torch.get_num_threads()} threads")
-    records, walls = [], {}
-    for method in methods:
-        if method not in ("gmpo", "grpo"):
-            raise SystemExit(f"--methods: unknown method {method!r} (gmpo, grpo)")
+    torch.set_num_threads(opts.threads)
+    methods, seeds = opts.methods, list(range(opts.seeds))
+    upd = opts.steps_per_generation * opts.num_iterations
+    batch = opts.prompts_per_step * opts.num_generations
+    n_params = _param_count(len(build_tokenizer()))
+    task = (f"reverse {opts.length} digits" if opts.task == "reverse" else
+            f"repeat the digit ({opts.completion_length} characters)")
+    spg, iters = opts.steps_per_generation, opts.num_iterations
+    gen = batch * spg
+    knob = (f"each generation batch ({gen} completions: {gen // opts.num_generations} prompts x "
+            f"{opts.num_generations}) is used for {upd} optimizer steps ({spg} micro-batches of "
+            f"{batch} x {iters} passes)")
+    print(f"gmpo_ext demo: {task}, tiny Qwen2 ({n_params} parameters, random init), "
+          f"{', '.join(methods)} on seeds 0..{opts.seeds - 1}, {opts.steps} optimizer steps per "
+          f"run; {knob}; {torch.get_num_threads()} thread(s)")
+    desc = (f"{' against '.join(_name(m) for m in methods)}; task: {task} (tiny Qwen2, "
+            f"{n_params} parameters, random init, character tokenizer; reward: the fraction of "
+            f"answer positions right, a random policy scores about 1/13); "
+            f"{_plural(opts.seeds, 'seed')}, {opts.steps} optimizer steps per run; {knob}; "
+            f"{clip_ranges(methods)}. Written by `python -m gmpo_ext.demo`.")
+    config = {
+        "task": opts.task, "length": opts.length, "completion_length": opts.completion_length,
+        "lr": opts.lr, "prompts_per_step": opts.prompts_per_step,
+        "num_generations": opts.num_generations, "completions_per_step": batch,
+        "completions_per_generation_batch": gen,
+        "steps_per_generation": opts.steps_per_generation,
+        "num_iterations": opts.num_iterations, "updates_per_generation_batch": upd,
+        "method_config": {m: METHOD_CONFIG[m] for m in methods},
+        "model_parameters": n_params, "threads": opts.threads, "quick": opts.quick,
+        "versions": versions(), "cpus": os.cpu_count(), "description": desc,
+        "scope": (f"What this does not show: this is one toy task with a {n_params}-parameter "
+                  "random-init model on CPU, so it says nothing about how the methods compare "
+                  "on real models or benchmarks such as the paper's."),
+    }
+    title = (f"{' vs '.join(_name(m) for m in methods)}: {task}; mean and 95% band over "
+             f"{_plural(opts.seeds, 'seed')}; {upd} updates per generation batch")
     with tempfile.TemporaryDirectory(prefix="gmpo_demo_") as tmp:   # the trainers' output_dir
         opts.trainer_dir = tmp
-        for method in methods:
-            walls[method] = train_one(method, opts, records, position=0)
-    window = 4
-    rows = summarize(records, walls, window)
-    csv_path = os.path.join(opts.out, "demo.csv")
-    png_path = os.path.join(opts.out, "demo.png")
-    write_csv(csv_path, records)
-    plot(png_path, records, per_batch=opts.steps_per_generation * opts.num_iterations, title=
-         f"GMPO (gmpo_ext.trl, log-space eps {opts.gmpo_epsilon}) vs GRPO (TRL, eps {opts.grpo_epsilon}); "
-         f"{opts.steps_per_generation * opts.num_iterations} updates per generation batch, "
-         f"seed {opts.seed}")
+        summary = run_comparison(methods, seeds, demo_setup(opts), opts.steps, opts.out, config,
+                                 title, progress=opts.progress)
     print()
-    print_table(rows, window)
-    print(f"\nwrote {csv_path} and {png_path} in {time.perf_counter() - t_start:.0f} s")
+    print(summary_markdown(summary))
+    la = summary["load_avg_1min"]
+    print(f"wrote demo.csv, demo.png, summary.json, summary.md in {opts.out}: "
+          f"{summary['wall_s']['total']:.0f} s of training (1-min load average "
+          f"{la['start']:.1f} at the start, {la['end']:.1f} at the end, {os.cpu_count()} CPUs)")
     return 0
 
 
