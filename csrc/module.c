@@ -82,13 +82,26 @@ typedef struct {
     unsigned long long stream;
 } call;
 
-#define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT "iiddddddi"
+// the GRPO family's tensors and options (gmpo_family): sampling_logps,
+// token_mask, then (seq_level, has_delta, off_policy, bias_corr_kl, delta,
+// off_policy_threshold, sapo_tpos, sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg,
+// vespo_lneg); absent views and zeros for the other algorithms
+#define FAMILY_FMT VIEW_FMT VIEW_FMT "(iiiidddddddd)"
+#define FAMILY_ARGS(c)                                                                 \
+    VIEW_ARGS((c).a.samp_logp), VIEW_ARGS((c).a.tok_mask), &(c).a.fam.seq_level,       \
+        &(c).a.fam.has_delta, &(c).a.fam.off_policy, &(c).a.fam.bias_corr_kl,          \
+        &(c).a.fam.delta, &(c).a.fam.off_policy_threshold, &(c).a.fam.sapo_tpos,       \
+        &(c).a.fam.sapo_tneg, &(c).a.fam.vespo_kpos, &(c).a.fam.vespo_lpos,            \
+        &(c).a.fam.vespo_kneg, &(c).a.fam.vespo_lneg
+#define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT FAMILY_FMT \
+    "iiddddddi"
 #define COMMON_ARGS(c)                                                                 \
     &(c).a.algo, &(c).device, &(c).stream, &(c).a.B, &(c).a.T, VIEW_ARGS((c).a.logp), \
         VIEW_ARGS((c).a.old_logp), VIEW_ARGS((c).a.adv), VIEW_ARGS((c).a.mask),        \
-        VIEW_ARGS((c).a.ref_logp), VIEW_ARGS((c).a.is_w), &(c).a.convention,           \
-        &(c).a.loss_type, &(c).a.eps_low, &(c).a.eps_high, &(c).a.beta,                \
-        &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom, &(c).a.num_threads
+        VIEW_ARGS((c).a.ref_logp), VIEW_ARGS((c).a.is_w), FAMILY_ARGS(c),              \
+        &(c).a.convention, &(c).a.loss_type, &(c).a.eps_low, &(c).a.eps_high,          \
+        &(c).a.beta, &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom,          \
+        &(c).a.num_threads
 
 static int check_device(const call *c) {
     if (c->device != DEV_CPU && c->device != DEV_CUDA) {
@@ -100,6 +113,7 @@ static int check_device(const call *c) {
 
 PyDoc_STRVAR(forward_doc,
 "forward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "        convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "        normalizer, denom, num_threads, rows, out_loss, out_metrics, out_dtype)\n"
 "--\n\n"
@@ -134,7 +148,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(forward_backward_doc,
 "forward_backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
-"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 is_w, samp_logp, tok_mask, family, convention, loss_type, eps_low, eps_high, beta,\n"
 "                 log_ratio_clamp, normalizer, denom, num_threads, rows, out_loss,\n"
 "                 out_metrics, out_dtype, grad, grad_dtype)\n"
 "--\n\n"
@@ -170,7 +184,7 @@ static PyObject *py_forward_backward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(uses_fast_kernel_doc,
 "uses_fast_kernel(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
-"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 is_w, samp_logp, tok_mask, family, convention, loss_type, eps_low, eps_high, beta,\n"
 "                 log_ratio_clamp, normalizer, denom, num_threads, grad_dtype)\n"
 "--\n\n"
 "Whether the CPU entry points take the common case's kernel for these\n"
@@ -188,6 +202,7 @@ static PyObject *py_uses_fast_kernel(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(backward_doc,
 "backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "         normalizer, denom, num_threads, rows, grad_out, grad_out_dtype,\n"
 "         grad, grad_dtype)\n"
@@ -229,6 +244,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(row_sums_doc,
 "row_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "         normalizer, denom, num_threads, sums)\n"
 "--\n\n"
@@ -260,6 +276,7 @@ static PyObject *py_row_sums(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(finish_sums_doc,
 "finish_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "            convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "            normalizer, denom, num_threads, sums, rows, out_loss, out_metrics,\n"
 "            out_dtype)\n"

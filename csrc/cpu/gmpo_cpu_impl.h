@@ -352,3 +352,110 @@ static void GMPO_S(rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
     GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
     GMPO_DISPATCH(rows_backward, a, &o_, r0, r1, rows, go, grad, gdt)
 }
+
+// ----------------------------------------------------------------------------
+// GMPO_ALGO_FAMILY (TRL's GRPO family with its options): the per-token math of
+// gmpo_math_impl.h (gmpo_fam_token, gmpo_fam_grad) over tiles, the row finish
+// in fp64 (gmpo_family_row_finish). One instance, not specialised on the
+// options: the family's types are new, the common types keep their kernels.
+
+typedef struct {
+    GMPO_S(scratch) sc;
+    GMPO_T slp[GMPO_TILE], tm[GMPO_TILE];
+} GMPO_S(fam_scratch);
+
+// the sums of row i (gmpo.h's family slots) into sm (GMPO_SUM_STATS doubles)
+static void GMPO_S(fam_row_sums)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                 const GMPO_S(gmpo_fam_opts) *fo, int64_t i,
+                                 GMPO_S(fam_scratch) *fs, double *sm) {
+    GMPO_T adv_row, w_row;
+    GMPO_S(row_constants)(a, i, &fs->sc, &adv_row, &w_row);
+    const int vw = a->loss_type == GMPO_LT_VESPO && a->is_w.data && a->is_w.stride_t;
+    GMPO_S(gmpo_acc) acc;
+    GMPO_S(gmpo_acc_zero)(&acc);
+    GMPO_T logw = 0;
+    for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
+        int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
+        GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, &fs->sc);
+        const GMPO_T *slp = fo->opm ? GMPO_S(tile)(&a->samp_logp, i, t0, n, fs->slp) : tl.lp;
+        const GMPO_T *tm = a->tok_mask.data ? GMPO_S(tile)(&a->tok_mask, i, t0, n, fs->tm) : NULL;
+        for (int64_t k = 0; k < n; k++) {
+            if (vw) logw += GMPO_S(gmpo_fam_logis)(tl.w[k]);
+            GMPO_T m = tl.m[k];
+            if (m == 0) continue;   // padding never enters the arithmetic
+            GMPO_S(gmpo_acc) c = GMPO_S(gmpo_fam_token)(fo, m, tm ? tm[k] : (GMPO_T)1, tl.lp[k],
+                                                        tl.olp[k], slp[k], tl.adv[k], tl.ref[k],
+                                                        tl.w[k]);
+            GMPO_S(gmpo_acc_merge)(&acc, &c);
+        }
+    }
+    acc.logw = logw;
+    GMPO_S(gmpo_acc_store)(&acc, sm);
+}
+
+static void GMPO_S(fam_opts_pair)(const gmpo_args *a, GMPO_S(gmpo_opts) *o,
+                                  GMPO_S(gmpo_fam_opts) *fo) {
+    *o = GMPO_S(gmpo_opts_make)(a);
+    o->isw = a->is_w.data != 0;      // load_tiles reads the per-token weights
+    *fo = GMPO_S(gmpo_fam_opts_make)(a);
+}
+
+static void GMPO_S(fam_rows_sums)(const gmpo_args *a, int64_t r0, int64_t r1, double *sums) {
+    GMPO_S(gmpo_opts) o;
+    GMPO_S(gmpo_fam_opts) fo;
+    GMPO_S(fam_opts_pair)(a, &o, &fo);
+    GMPO_S(fam_scratch) fs;
+    for (int64_t i = r0; i < r1; i++) GMPO_S(fam_row_sums)(a, &o, &fo, i, &fs, sums + i * GMPO_SUM_STATS);
+}
+
+static void GMPO_S(fam_rows_forward)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows) {
+    GMPO_S(gmpo_opts) o;
+    GMPO_S(gmpo_fam_opts) fo;
+    GMPO_S(fam_opts_pair)(a, &o, &fo);
+    GMPO_S(fam_scratch) fs;
+    for (int64_t i = r0; i < r1; i++) {
+        double sm[GMPO_SUM_STATS];
+        GMPO_S(fam_row_sums)(a, &o, &fo, i, &fs, sm);
+        GMPO_S(gmpo_acc) acc;   // the fp32 path rounds the sums as it would hand them over
+        GMPO_S(gmpo_acc_load)(sm, &acc);
+        GMPO_S(gmpo_acc_store)(&acc, sm);
+        gmpo_family_row_finish(a, sm, (double)GMPO_S(row_value)(&a->adv, i, 0),
+                               (double)GMPO_S(row_value)(&a->is_w, i, 1),
+                               rows + i * GMPO_ROW_STATS);
+    }
+}
+
+static void GMPO_S(fam_rows_finish_sums)(const gmpo_args *a, const double *sums, double *rows) {
+    for (int64_t i = 0; i < a->B; i++)
+        gmpo_family_row_finish(a, sums + i * GMPO_SUM_STATS,
+                               (double)GMPO_S(row_value)(&a->adv, i, 0),
+                               (double)GMPO_S(row_value)(&a->is_w, i, 1),
+                               rows + i * GMPO_ROW_STATS);
+}
+
+static void GMPO_S(fam_rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
+                                      const double *rows, double go, void *grad, int32_t gdt) {
+    GMPO_S(gmpo_opts) o;
+    GMPO_S(gmpo_fam_opts) fo;
+    GMPO_S(fam_opts_pair)(a, &o, &fo);
+    GMPO_S(fam_scratch) fs;
+    for (int64_t i = r0; i < r1; i++) {
+        double pg1_d, pc_d, kl_d;
+        gmpo_family_grad_factors(a, rows, i, go, &pg1_d, &pc_d, &kl_d);
+        const GMPO_T pg1 = (GMPO_T)pg1_d, pc = (GMPO_T)pc_d, kl = (GMPO_T)kl_d;
+        GMPO_T adv_row, w_row;
+        GMPO_S(row_constants)(a, i, &fs.sc, &adv_row, &w_row);
+        for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
+            int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
+            GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, &o, i, t0, n, &fs.sc);
+            const GMPO_T *tm = a->tok_mask.data ? GMPO_S(tile)(&a->tok_mask, i, t0, n, fs.tm) : NULL;
+            int64_t off = i * a->T + t0;
+            for (int64_t k = 0; k < n; k++) {
+                GMPO_T g = GMPO_S(gmpo_fam_grad)(&fo, pg1, pc, kl, tl.m[k], tm ? tm[k] : (GMPO_T)1,
+                                                 tl.lp[k], tl.olp[k], tl.adv[k], tl.ref[k],
+                                                 tl.w[k]);
+                gmpo_store_d(grad, gdt, off + k, (double)g);
+            }
+        }
+    }
+}
