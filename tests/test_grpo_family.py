@@ -343,3 +343,34 @@ def test_c_core_rejects_bad_family_options():
     bad_type[8] = 9
     with pytest.raises(ValueError, match="loss_type"):
         _backend.forward(*bad_type, family=(x["slp"], None, good))
+
+
+def test_from_logits_with_entropy_bonus():
+    """grpo_loss_from_logits: the fused logits kernel's logps and entropy (its
+    gradient into the logits) against log_softmax in float64."""
+    g = torch.Generator().manual_seed(9)
+    Bq, Tq, V = 3, 7, 13
+    logits = torch.randn(Bq, Tq + 1, V, generator=g, dtype=torch.float64).float().double()
+    ids = torch.randint(0, V, (Bq, Tq), generator=g)
+    mask = torch.rand(Bq, Tq, generator=g) > 0.2
+    tm = torch.rand(Bq, Tq, generator=g) > 0.3
+    adv = torch.tensor([1.0, -0.7, 0.4], dtype=torch.float64)
+    tau = 0.9
+    with torch.no_grad():
+        lp0 = torch.log_softmax(logits[:, :-1] / tau, -1).gather(-1, ids[..., None])[..., 0]
+    old = lp0 + 0.2 * torch.randn(Bq, Tq, generator=g, dtype=torch.float64)
+    kw = dict(loss_type="sapo", importance_sampling_level="sequence", token_mask=tm,
+              entropy_coef=0.2, normalizer=2.0)
+    x = logits.float().requires_grad_(True)   # the logits kernels take fp32, bf16, fp16
+    loss, metrics = gmpo_ext.grpo_loss_from_logits(x, ids, old, adv, mask, temperature=tau,
+                                                   return_metrics=True, **kw)
+    (gx,) = torch.autograd.grad(loss, x)
+    y = logits.float().double().requires_grad_(True)
+    logp_all = torch.log_softmax(y[:, :-1] / tau, -1)
+    lp = logp_all.gather(-1, ids[..., None])[..., 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    want, wm = grpo_family_reference(lp, old, adv, mask, entropies=ent, **kw)
+    (gy,) = torch.autograd.grad(want, y)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), gy, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(metrics["entropy"].double(), wm["entropy"], rtol=1e-5, atol=1e-6)
