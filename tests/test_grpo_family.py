@@ -374,3 +374,62 @@ def test_from_logits_with_entropy_bonus():
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gx.double(), gy, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(metrics["entropy"].double(), wm["entropy"], rtol=1e-5, atol=1e-6)
+
+
+def test_from_hidden_family_packed_and_entropy_bonus():
+    """grpo_loss_from_hidden passes every family option; packed rows
+    (cu_seqlens: sampling_logps / token_mask packed like old_logps) equal the
+    padded call; the entropy bonus from the fused head's entropy has its
+    gradient into hidden and weight (against torch in float64)."""
+    g = torch.Generator().manual_seed(10)
+    lens = [5, 3, 6]
+    Bq, Tq, H, V = 3, 6, 8, 17
+    hid = torch.randn(Bq, Tq, H, generator=g, dtype=torch.float64).float()
+    W = (0.3 * torch.randn(V, H, generator=g, dtype=torch.float64)).float()
+    ids = torch.randint(0, V, (Bq, Tq), generator=g)
+    mask = torch.zeros(Bq, Tq, dtype=torch.bool)
+    for i, n in enumerate(lens):
+        mask[i, :n] = True
+    adv = torch.tensor([1.0, -0.7, 0.4])
+    with torch.no_grad():
+        lp0 = torch.log_softmax(hid.double() @ W.double().T, -1).gather(-1, ids[..., None])[..., 0]
+    old = (lp0 + 0.2 * torch.randn(Bq, Tq, generator=g, dtype=torch.float64)).float()
+    slp = (old + 0.3 * torch.randn(Bq, Tq, generator=g)).float()
+    tm = torch.rand(Bq, Tq, generator=g) > 0.3
+    kw = dict(loss_type="dapo", importance_sampling_level="sequence", delta=1.3,
+              off_policy_mask_threshold=0.01, entropy_coef=0.1)
+
+    def padded():
+        h, w = hid.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        loss = gmpo_ext.grpo_loss_from_hidden(h, w, ids, old, adv, mask, sampling_logps=slp,
+                                              token_mask=tm, **kw)
+        return (loss,) + torch.autograd.grad(loss, (h, w))
+
+    def packed():
+        sel = mask.reshape(-1)
+        h = hid.reshape(-1, H)[sel].clone().requires_grad_(True)
+        w = W.clone().requires_grad_(True)
+        cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
+        pk = lambda t: t.reshape(-1)[sel]   # noqa: E731
+        loss = gmpo_ext.grpo_loss_from_hidden(h, w, pk(ids), pk(old), adv, pk(mask),
+                                              cu_seqlens=cu, sampling_logps=pk(slp),
+                                              token_mask=pk(tm), **kw)
+        gh, gw = torch.autograd.grad(loss, (h, w))
+        full = torch.zeros(Bq * Tq, H)
+        full[sel] = gh
+        return loss, full.reshape(Bq, Tq, H), gw
+
+    def reference():
+        h, w = hid.double().requires_grad_(True), W.double().requires_grad_(True)
+        la = torch.log_softmax(h @ w.T, -1)
+        lp = la.gather(-1, ids[..., None])[..., 0]
+        ent = -(la.exp() * la).sum(-1)
+        loss, _ = grpo_family_reference(lp, old, adv, mask, sampling_logps=slp, token_mask=tm,
+                                        entropies=ent, **kw)
+        return (loss,) + torch.autograd.grad(loss, (h, w))
+
+    a, b, r = padded(), packed(), reference()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a, r):
+        torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-6)
