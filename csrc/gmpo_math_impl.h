@@ -334,13 +334,13 @@ GMPO_HD GMPO_T GMPO_S(gmpo_fam_logis)(GMPO_T w) {
     return lw < lo ? lo : (lw > 20 ? (GMPO_T)20 : lw);   // NaN stays NaN
 }
 
-// d loss / d logp of one token (0 where m == 0). pg1: the row's factor of the
+// d loss / d logp of one token (0 where m == 0; branch-free, so that a CPU loop
+// over tokens vectorises). pg1: the row's factor of the
 // per-token policy gradient (go * token weight * COEF_PG), pc: every masked
 // token's term (go * token weight * the row's M2), kl: go * token weight * COEF_KL.
 GMPO_HD GMPO_T GMPO_S(gmpo_fam_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T pg1, GMPO_T pc,
                                      GMPO_T kl, GMPO_T m, GMPO_T tm, GMPO_T lp, GMPO_T olp,
                                      GMPO_T A, GMPO_T ref, GMPO_T w) {
-    if (m == 0) return 0;
     GMPO_T l = lp - olp;
     GMPO_T wt = o->isw ? w : (GMPO_T)1;
     GMPO_T t = 0;   // d P_t / d logp, times tm (and w)
@@ -368,5 +368,5 @@ GMPO_HD GMPO_T GMPO_S(gmpo_fam_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T pg1,
         GMPO_T dk = (o->bc && !o->seq) ? GMPO_EXP(l) * (lp - ref) : 1 - GMPO_EXP(d);
         g += kl * dk;
     }
-    return m * g;
+    return m != 0 ? m * g : (GMPO_T)0;   // a select: padding's values never leak
 }
