@@ -433,3 +433,49 @@ def test_from_hidden_family_packed_and_entropy_bonus():
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     for x, y in zip(a, r):
         torch.testing.assert_close(x.double(), y, rtol=1e-4, atol=1e-6)
+
+
+def _op_args(dtype=torch.float32):
+    from gmpo_ext import _backend
+    x = _inputs(dtype, seed=11)
+    lp = x["lp"].to(dtype).requires_grad_(True)
+    fam = [1.0, 1.0, 1.0, 1.0, 1.4, 0.02, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0]
+    return (lp, x["old"].to(dtype), x["adv"].to(dtype), x["mask"], x["ref"].to(dtype),
+            x["isw_t"].to(dtype), _backend.ALGO_FAMILY, 0, _backend.FAMILY_LOSS_TYPES["dapo"],
+            0.2, 0.28, 0.05, 0.0, 1.0, 0.0, x["slp"].to(dtype), x["tm"], fam)
+
+
+def test_opcheck_family_ops(backend, device):
+    """The registered ops with the family's tensors and options: schema, fake
+    kernels, autograd registration (torch.library.opcheck)."""
+    args = _op_args()
+    torch.library.opcheck(torch.ops.gmpo_ext.loss_fwd.default, args)
+    _, _, rows = torch.ops.gmpo_ext.loss_fwd(*args)
+    grad_loss = torch.tensor(0.37)
+    nograd = (args[0].detach(),) + args[1:]
+    torch.library.opcheck(torch.ops.gmpo_ext.loss_bwd.default, (grad_loss, rows) + nograd)
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_family_equals_eager():
+    torch._dynamo.reset()
+    x = _inputs(torch.float32, seed=12)
+
+    def step(lp, ent):
+        loss, m = gmpo_ext.grpo_loss(lp, x["old"].float(), x["adv"].float(), x["mask"],
+                                     loss_type="sapo", importance_sampling_level="sequence",
+                                     off_policy_mask_threshold=0.02,
+                                     sampling_logps=x["slp"].float(), token_mask=x["tm"],
+                                     entropies=ent, entropy_coef=0.1, return_metrics=True)
+        return loss * 0.37, m["entropy"]
+
+    compiled = torch.compile(step, fullgraph=True)
+    outs = []
+    for fn in (step, compiled):
+        lp = x["lp"].float().requires_grad_(True)
+        ent = x["ent"].float().requires_grad_(True)
+        loss, e = fn(lp, ent)
+        loss.backward()
+        outs.append((loss.detach(), e, lp.grad, ent.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
