@@ -1,11 +1,14 @@
 /*
  * gmpo.h -- the C API of gmpo_ext: argument structs, status codes, CPU and CUDA
  * entry points for the fused GMPO loss (Geometric-Mean Policy Optimization,
- * arXiv 2507.20673) and the GRPO baseline loss, forward and backward.
+ * arXiv 2507.20673), the GRPO baseline loss and TRL's whole GRPO family
+ * (GMPO_ALGO_FAMILY: eight loss types, token or sequence level, with the
+ * options of TRL's GRPOConfig), forward and backward.
  *
  * Shapes use fixed letters: B rows (sequences), T tokens per row.
  *   logp, old_logp, ref_logp, mask: (B,T)
  *   adv: (B,) or (B,T)         is_w: (B,) or (B,T)
+ *   samp_logp, tok_mask: (B,T) (the family only)
  *   rows: (B+1, GMPO_ROW_STATS) fp64, written by forward, read by backward;
  *         row B holds the batch totals (sums of each statistic, max of mu)
  *   grad: (B,T) contiguous, in logp's dtype

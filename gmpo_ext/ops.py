@@ -11,6 +11,11 @@ reaches C, and the C core checks every buffer's extent again: the ops are
 public (torch.ops.gmpo_ext.*), and a bad call must raise, never read or write
 out of bounds.
 
+TRL's GRPO family (algo ALGO_FAMILY) passes three more arguments, last and
+optional: ``sampling_logps`` and ``token_mask`` ((B, T) or None) and
+``family``, its 12 options as floats (_backend.FAMILY_OPTS); the other
+algorithms leave them None.
+
 ``rows`` carries the per-row statistics from forward to backward (B+1 rows
 of 10 doubles: nothing per token). The backward reads grad_loss where it
 lives (no host sync), so the pair is safe under CUDA graphs. Only ``logps``

@@ -22,6 +22,10 @@
  *   backward  gmpo_bwd_kernel        grid (B, token chunks): one read of the inputs,
  *                                    one write of grad; grad_output is read on the
  *                                    device
+ *   family    gmpo_fam_fwd_kernel    TRL's GRPO family (GMPO_ALGO_FAMILY: cispo, sapo,
+ *             gmpo_fam_bwd_kernel    luspo, vespo, the sequence level, delta, the
+ *                                    off-policy mask, ...): the same shapes, a token
+ *                                    per thread, the per-row finish in fp64
  *
  * Launched on the caller's stream; no host synchronisation, no allocation, no
  * float atomics: safe in a CUDA graph and the same bits on every run.
