@@ -80,19 +80,16 @@ typedef struct {
     gmpo_args a;
     int device;
     unsigned long long stream;
+    PyObject *fam_obj;   // borrowed: None or the family's options tuple
 } call;
 
 // the GRPO family's tensors and options (gmpo_family): sampling_logps,
-// token_mask, then (seq_level, has_delta, off_policy, bias_corr_kl, delta,
-// off_policy_threshold, sapo_tpos, sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg,
-// vespo_lneg); absent views and zeros for the other algorithms
-#define FAMILY_FMT VIEW_FMT VIEW_FMT "(iiiidddddddd)"
-#define FAMILY_ARGS(c)                                                                 \
-    VIEW_ARGS((c).a.samp_logp), VIEW_ARGS((c).a.tok_mask), &(c).a.fam.seq_level,       \
-        &(c).a.fam.has_delta, &(c).a.fam.off_policy, &(c).a.fam.bias_corr_kl,          \
-        &(c).a.fam.delta, &(c).a.fam.off_policy_threshold, &(c).a.fam.sapo_tpos,       \
-        &(c).a.fam.sapo_tneg, &(c).a.fam.vespo_kpos, &(c).a.fam.vespo_lpos,            \
-        &(c).a.fam.vespo_kneg, &(c).a.fam.vespo_lneg
+// token_mask, then None (the other algorithms: all zeros) or the tuple
+// (seq_level, has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold,
+// sapo_tpos, sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg), parsed
+// by finish_parse (None costs the common call nothing)
+#define FAMILY_FMT VIEW_FMT VIEW_FMT "O"
+#define FAMILY_ARGS(c) VIEW_ARGS((c).a.samp_logp), VIEW_ARGS((c).a.tok_mask), &(c).fam_obj
 #define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT FAMILY_FMT \
     "iiddddddi"
 #define COMMON_ARGS(c)                                                                 \
@@ -103,7 +100,20 @@ typedef struct {
         &(c).a.beta, &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom,          \
         &(c).a.num_threads
 
-static int check_device(const call *c) {
+// the family's options tuple into c->a.fam (None: zeros)
+static int parse_family(call *c) {
+    if (c->fam_obj == Py_None) return 0;
+    gmpo_family *f = &c->a.fam;
+    if (!PyArg_ParseTuple(c->fam_obj, "iiiidddddddd:family", &f->seq_level, &f->has_delta,
+                          &f->off_policy, &f->bias_corr_kl, &f->delta, &f->off_policy_threshold,
+                          &f->sapo_tpos, &f->sapo_tneg, &f->vespo_kpos, &f->vespo_lpos,
+                          &f->vespo_kneg, &f->vespo_lneg))
+        return -1;
+    return 0;
+}
+
+static int check_device(call *c) {
+    if (parse_family(c)) return -1;
     if (c->device != DEV_CPU && c->device != DEV_CUDA) {
         PyErr_Format(PyExc_ValueError, "device: must be 0 (cpu) or 1 (cuda), got %d", c->device);
         return -1;
@@ -197,6 +207,7 @@ static PyObject *py_uses_fast_kernel(PyObject *self, PyObject *args) {
     int grad_dtype;
     if (!PyArg_ParseTuple(args, COMMON_FMT "i:uses_fast_kernel", COMMON_ARGS(c), &grad_dtype))
         return NULL;
+    if (parse_family(&c)) return NULL;
     return PyBool_FromLong(gmpo_cpu_uses_fast_kernel(&c.a, grad_dtype));
 }
 

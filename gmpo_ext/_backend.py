@@ -39,11 +39,15 @@ IS_LEVELS = {"token": 0, "sequence": 1}
 # has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold, sapo_tpos,
 # sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg
 FAMILY_OPTS = 12
-NO_FAMILY = (0, 0, 0, 0) + (0.0,) * 8
+NO_FAMILY = None   # the C module reads None as the family's options all zero
+
+
+_NOT_FAMILY = (ABSENT, ABSENT, NO_FAMILY)   # the family's arguments of the other algorithms
 
 
 def family_tuple(fopts):
-    """The 12 family options as the C module's tuple (4 ints, 8 floats)."""
+    """The 12 family options as the C module's tuple (4 ints, 8 floats); None
+    for the other algorithms."""
     if fopts is None:
         return NO_FAMILY
     if len(fopts) != FAMILY_OPTS:
@@ -276,8 +280,8 @@ def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, conve
         algo, B, T,
         v(logps, True), v(old_logps, True), v(advantages, adv_token), v(mask, True),
         v(ref_logps, True), v(is_weights, isw_token),
-        v(family[0] if family else None, True), v(family[1] if family else None, True),
-        family_tuple(family[2] if family else None),
+        *((v(family[0], True), v(family[1], True), family_tuple(family[2])) if family
+          else _NOT_FAMILY),
         convention, loss_type, float(eps_low), float(eps_high), float(beta),
         float(log_ratio_clamp), float(normalizer), float(denom), torch.get_num_threads(),
     )

@@ -325,26 +325,33 @@ def grpo_loss(
     token_mask (B, T) (token_mask bool, integer or float).
     """
     _check_choice("loss_type", loss_type, _backend.FAMILY_LOSS_TYPES)
-    _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
+    if importance_sampling_level != "token":
+        _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
     if el > 1 and loss_type != "cispo":
         raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
     _check_number("beta", beta)
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
-    _check_number("delta", delta, allow_none=True)
-    if delta is not None and delta <= 0:
-        raise ValueError(f"delta must be > 0 or None, got {delta}")
-    _check_number("off_policy_mask_threshold", off_policy_mask_threshold, allow_none=True)
-    if not isinstance(use_bias_correction_kl, bool):
+    if delta is not None:
+        _check_number("delta", delta)
+        if delta <= 0:
+            raise ValueError(f"delta must be > 0 or None, got {delta}")
+    if off_policy_mask_threshold is not None:
+        _check_number("off_policy_mask_threshold", off_policy_mask_threshold)
+    if use_bias_correction_kl is not False and use_bias_correction_kl is not True:
         raise TypeError("use_bias_correction_kl must be a bool, got "
                         f"{type(use_bias_correction_kl).__name__}")
-    for name, x in (("sapo_temperature_pos", sapo_temperature_pos),
-                    ("sapo_temperature_neg", sapo_temperature_neg)):
-        _check_number(name, x, allow_zero=False, min_value=0.0)
-    for name, x in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
-                    ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
-        _check_number(name, x)
-    _check_number("entropy_coef", entropy_coef)
+    # (the defaults need no check: the common call stays as cheap as before)
+    if (sapo_temperature_pos, sapo_temperature_neg) != (1.0, 1.05):
+        for name, x in (("sapo_temperature_pos", sapo_temperature_pos),
+                        ("sapo_temperature_neg", sapo_temperature_neg)):
+            _check_number(name, x, allow_zero=False, min_value=0.0)
+    if (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg) != (2.0, 3.0, 3.0, 2.0):
+        for name, x in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+            _check_number(name, x)
+    if entropy_coef != 0 or type(entropy_coef) is not float:
+        _check_number("entropy_coef", entropy_coef)
     denom = 0.0
     items_tensor = None
     if max_completion_length is not None:
@@ -366,7 +373,8 @@ def grpo_loss(
                           min_value=0.0)
             denom = float(num_items_in_batch)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
-    _backend.check_family_inputs(logps, sampling_logps, token_mask)
+    if sampling_logps is not None or token_mask is not None:
+        _backend.check_family_inputs(logps, sampling_logps, token_mask)
     B, T = logps.shape
     if entropies is not None:
         _check_tensor("entropies", entropies, _TOKEN_DTYPES)
@@ -377,8 +385,8 @@ def grpo_loss(
     elif entropy_coef != 0:
         raise ValueError("entropies is required when entropy_coef != 0 (the entropy bonus)")
     seq = importance_sampling_level == "sequence"
-    adv_token = advantages.dim() == 2 and advantages.shape[1] != 1 and T > 1
-    if adv_token and (seq or off_policy_mask_threshold is not None or loss_type == "vespo"):
+    if ((seq or off_policy_mask_threshold is not None or loss_type == "vespo")
+            and advantages.dim() == 2 and advantages.shape[1] != 1 and T > 1):
         raise ValueError("advantages must be one per row, (B,) or (B, 1), with "
                          "importance_sampling_level='sequence', off_policy_mask_threshold or "
                          "loss_type='vespo' (a row quantity decides the row's loss)")
@@ -398,7 +406,7 @@ def grpo_loss(
         norm = _distributed().rows_normalizer("num_rows", num_rows, B, norm)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
                          is_weights=is_weights, sampling_logps=sampling_logps)
-    bc = bool(use_bias_correction_kl) and beta != 0
+    bc = use_bias_correction_kl and beta != 0
     family = None
     if (loss_type in _backend.LOSS_TYPES and not seq and delta is None and not bc
             and off_policy_mask_threshold is None and token_mask is None):

@@ -167,10 +167,13 @@ class _EagerLoss(torch.autograd.Function):
     recomputes it from the saved inputs as the op does.
     """
 
-    # the options travel as one tuple: autograd.Function.apply costs per argument
+    # the options travel as one tuple: autograd.Function.apply costs per argument;
+    # the family's (sampling_logps, token_mask, options), when given, is its last item
     @staticmethod
-    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse,
-                family):
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse):
+        family = None
+        if len(opts) > len(_OPTS):
+            opts, family = opts[:len(_OPTS)], opts[len(_OPTS)]
         # fuse: grad mode was on and logps requires grad (inside forward grad
         # mode is off, and needs_input_grad ignores it)
         ctx.grad = None
@@ -199,7 +202,7 @@ class _EagerLoss(torch.autograd.Function):
                                "backward (create_graph=True, Hessians) is not implemented")
         grad, ctx.grad = ctx.grad, None   # handed over once: autograd may keep it as .grad
         if grad is not None and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-            return (grad,) + (None,) * 8
+            return (grad,) + (None,) * 7
         logps, old_logps, advantages, mask, ref_logps, is_weights, rows, slp, tm = ctx.saved_tensors
         family = _family(slp, tm, ctx.family_opts)
         grad = None
@@ -208,7 +211,7 @@ class _EagerLoss(torch.autograd.Function):
             grad = _backend.backward(grad_loss, rows, opts[0], logps, old_logps, advantages,
                                      mask, ref_logps, is_weights, *opts[1:], checked=True,
                                      family=family)
-        return (grad,) + (None,) * 8
+        return (grad,) + (None,) * 7
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
@@ -244,5 +247,6 @@ def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts,
         return loss_fwd(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts,
                         family[0], family[1], [float(x) for x in family[2]])
     fuse = logps.requires_grad and torch.is_grad_enabled()
-    return _EagerLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse,
-                            family)
+    if family is not None:
+        opts = opts + (family,)
+    return _EagerLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, fuse)
