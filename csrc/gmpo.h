@@ -1,11 +1,14 @@
 /*
  * gmpo.h -- the C API of gmpo_ext: argument structs, status codes, CPU and CUDA
  * entry points for the fused GMPO loss (Geometric-Mean Policy Optimization,
- * arXiv 2507.20673) and the GRPO baseline loss, forward and backward.
+ * arXiv 2507.20673), the GRPO baseline loss and TRL's whole GRPO family
+ * (GMPO_ALGO_FAMILY: eight loss types, token or sequence level, with the
+ * options of TRL's GRPOConfig), forward and backward.
  *
  * Shapes use fixed letters: B rows (sequences), T tokens per row.
  *   logp, old_logp, ref_logp, mask: (B,T)
  *   adv: (B,) or (B,T)         is_w: (B,) or (B,T)
+ *   samp_logp, tok_mask: (B,T) (the family only)
  *   rows: (B+1, GMPO_ROW_STATS) fp64, written by forward, read by backward;
  *         row B holds the batch totals (sums of each statistic, max of mu)
  *   grad: (B,T) contiguous, in logp's dtype
@@ -61,6 +64,9 @@ typedef enum { GMPO_CONV_TRL = 0, GMPO_CONV_VERL = 1 } gmpo_convention;
 typedef enum {
     GMPO_ALGO_GMPO = 0,   /* geometric mean of clipped token ratios per row */
     GMPO_ALGO_GRPO = 1,   /* arithmetic-mean PPO-clip surrogate, TRL loss types */
+    GMPO_ALGO_FAMILY = 2, /* TRL's GRPO family with its options (gmpo_family below):
+                             every loss type, token or sequence level, delta, the
+                             off-policy mask, the bias-corrected KL, token_mask */
 } gmpo_algo;
 
 typedef enum {
@@ -68,7 +74,23 @@ typedef enum {
     GMPO_LT_BNPO = 1,     /* sum / sum of mask */
     GMPO_LT_DR_GRPO = 2,  /* sum / (B * max_completion_length) */
     GMPO_LT_DAPO = 3,     /* sum / num_items_in_batch */
+    /* GMPO_ALGO_FAMILY only: */
+    GMPO_LT_CISPO = 4,    /* -sg(min(coef, eps_high)) A logp; normalised like dapo */
+    GMPO_LT_SAPO = 5,     /* -(4/tau) sigmoid(tau (coef - 1)) A; normalised like grpo */
+    GMPO_LT_LUSPO = 6,    /* the clip surrogate; mean over rows of the row's sum */
+    GMPO_LT_VESPO = 7,    /* -sg(phi(w_seq)) A logp; normalised like dapo */
 } gmpo_loss_type;
+
+/* The options of GMPO_ALGO_FAMILY (TRL 1.16's GRPOConfig), plain values. */
+typedef struct {
+    int32_t seq_level;        /* importance_sampling_level: 0 token, 1 sequence */
+    int32_t has_delta;        /* delta given: coef_1 clamped at max=delta (clip types) */
+    int32_t off_policy;       /* off_policy_mask_threshold given (needs samp_logp) */
+    int32_t bias_corr_kl;     /* use_bias_correction_kl: k3 times coef_1 */
+    double delta, off_policy_threshold;
+    double sapo_tpos, sapo_tneg;                    /* sapo temperatures */
+    double vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg;   /* vespo k, lambda */
+} gmpo_family;
 
 typedef struct {
     const void *data;     /* NULL when the tensor is absent */
@@ -112,6 +134,9 @@ typedef struct {
     int32_t algo;             /* gmpo_algo */
     int64_t B, T;
     gmpo_view logp, old_logp, adv, mask, ref_logp, is_w;
+    gmpo_view samp_logp;      /* family: (B,T) sampler log-probs for the off-policy mask */
+    gmpo_view tok_mask;       /* family: (B,T) multiplier of the policy term (absent: 1) */
+    gmpo_family fam;          /* family options (GMPO_ALGO_FAMILY only) */
     int32_t convention;       /* gmpo_convention (gmpo only) */
     int32_t loss_type;        /* gmpo_loss_type (grpo only) */
     double eps_low, eps_high; /* gmpo: log space; grpo: ratio space */
@@ -168,6 +193,25 @@ enum {
     GMPO_SM_K = 4,     /* sum m*k3 */
     GMPO_SM_M0 = 5, GMPO_SM_M1 = 6, GMPO_SM_M2 = 7,   /* metric sums */
 };
+/* GMPO_ALGO_FAMILY puts its own sums in the same GMPO_SUM_STATS slots (m the
+ * mask, tm the token mask, w the importance weight, l = logp - old_logp,
+ * P_t the token's policy loss; a sum over the row's masked tokens unless said):
+ *   MY   token level: sum m*tm*w*P_t | sequence level: sum m*l | vespo: sum m*tm*logp
+ *   N    sum m
+ *   AM   sum m*nan_to_num(samp_logp - logp)         (off-policy mask)
+ *   LOGW vespo, per-token is_w: sum over ALL tokens of clamp(log w, log 1e-8, 20)
+ *        (TRL's get_gamma_weights sums it unmasked)
+ *   K    sum m*k3, times exp(l) per token at token level with use_bias_correction_kl
+ *   M0   token level: low-clip count (clip types), cispo clip count
+ *        sequence level: sum m*tm*w (clip types, sapo) | sum m*tm*w*logp (cispo)
+ *        vespo: sum m*clamp(l, -20, 20)
+ *   M1   token level: high-clip count (clip types) | vespo: sum m*l
+ *   M2   unused
+ * The family's rows (GMPO_RS_*): COEF_PG the row factor of the per-token policy
+ * gradient, COEF_KL beta (times exp(s) for the sequence-level bias-corrected
+ * KL), M2 the gradient every masked token of the row gets (the sequence
+ * ratio's), M0 and M1 the row's metric values, MU the sequence log-ratio s (0
+ * at token level); the metric M2 (region) is M0 + M1. */
 gmpo_status gmpo_cpu_row_sums(gmpo_args *a, double *sums, int64_t sums_extent);
 gmpo_status gmpo_cpu_finish_sums(gmpo_args *a, const double *sums, int64_t sums_extent,
                                  double *rows, void *out_loss, void *out_metrics,

@@ -83,13 +83,50 @@ static gmpo_status check_buffer(gmpo_args *a, const void *p, int64_t extent, int
     return GMPO_OK;
 }
 
+// the options of GMPO_ALGO_FAMILY (a->fam) and its two extra tensors
+static gmpo_status check_family(gmpo_args *a) {
+    gmpo_status st;
+    const gmpo_family *f = &a->fam;
+    if (a->loss_type < GMPO_LT_GRPO || a->loss_type > GMPO_LT_VESPO)
+        return fail(a, "%s: must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', 'cispo', 'sapo', "
+                       "'luspo', 'vespo'", "loss_type");
+    if (f->seq_level != 0 && f->seq_level != 1)
+        return fail(a, "%s: must be 'token' or 'sequence'", "importance_sampling_level");
+    if (a->convention != GMPO_CONV_TRL)
+        return fail(a, "%s: the GRPO family follows TRL ('trl')", "convention");
+    if (a->log_ratio_clamp != 0)
+        return fail(a, "%s: not an option of the GRPO family", "log_ratio_clamp");
+    if (f->has_delta && !(f->delta > 0 && isfinite(f->delta)))
+        return fail(a, "%s: must be a finite number > 0 or None", "delta");
+    if (f->off_policy && !(f->off_policy_threshold == f->off_policy_threshold))
+        return fail(a, "%s: must be a number or None", "off_policy_mask_threshold");
+    if (!(f->sapo_tpos > 0) || isinf(f->sapo_tpos))
+        return fail(a, "%s: must be a finite number > 0", "sapo_temperature_pos");
+    if (!(f->sapo_tneg > 0) || isinf(f->sapo_tneg))
+        return fail(a, "%s: must be a finite number > 0", "sapo_temperature_neg");
+    if (!isfinite(f->vespo_kpos)) return fail(a, "%s: must be finite", "vespo_k_pos");
+    if (!isfinite(f->vespo_lpos)) return fail(a, "%s: must be finite", "vespo_lambda_pos");
+    if (!isfinite(f->vespo_kneg)) return fail(a, "%s: must be finite", "vespo_k_neg");
+    if (!isfinite(f->vespo_lneg)) return fail(a, "%s: must be finite", "vespo_lambda_neg");
+    // a row quantity decides the row's loss: the advantage must be one per row
+    if (a->adv.stride_t != 0 && a->T > 1 &&
+        (f->seq_level || f->off_policy || a->loss_type == GMPO_LT_VESPO))
+        return fail(a, "%s: must be one per row, (B,) or (B, 1), with importance_sampling_level="
+                       "'sequence', off_policy_mask_threshold or loss_type 'vespo'", "advantages");
+    if (f->off_policy && !a->samp_logp.data && a->B * a->T > 0)
+        return fail(a, "%s: off_policy_mask_threshold needs the sampler's log-probs", "sampling_logps");
+    if ((st = check_view(a, &a->samp_logp, "sampling_logps", 1, 1, 0))) return st;
+    if ((st = check_view(a, &a->tok_mask, "token_mask", 1, 0, 0))) return st;
+    return GMPO_OK;
+}
+
 gmpo_status gmpo_check_args(gmpo_args *a) {
     gmpo_status st;
     a->err[0] = 0;
     if (a->B < 0 || a->T < 0) return fail(a, "%s: negative size", "logps");
     if (a->T > 0 && a->B > (INT64_MAX / GMPO_ROW_STATS - 1) / a->T)
         return fail(a, "%s: too many elements", "logps");
-    if (a->algo != GMPO_ALGO_GMPO && a->algo != GMPO_ALGO_GRPO)
+    if (a->algo != GMPO_ALGO_GMPO && a->algo != GMPO_ALGO_GRPO && a->algo != GMPO_ALGO_FAMILY)
         return fail(a, "%s: unknown algorithm code", "algo");
     if ((st = check_view(a, &a->logp, "logps", 0, 1, 0))) return st;
     if ((st = check_view(a, &a->old_logp, "old_logps", 0, 1, 0))) return st;
@@ -101,7 +138,7 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
         return fail(a, "%s: must be a finite number >= 0", "epsilon_low");
     if (!(a->eps_high >= 0) || isinf(a->eps_high))
         return fail(a, "%s: must be a finite number >= 0", "epsilon_high");
-    if (a->algo == GMPO_ALGO_GRPO && a->eps_low > 1.0)
+    if (a->algo != GMPO_ALGO_GMPO && a->eps_low > 1.0)
         return fail(a, "%s: must be <= 1 for GRPO (the ratio's lower bound is 1 - epsilon_low)", "epsilon_low");
     if (!isfinite(a->beta)) return fail(a, "%s: must be finite", "beta");
     if (a->beta != 0 && !a->ref_logp.data && a->B * a->T > 0)
@@ -114,8 +151,15 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
         return fail(a, "%s: must be a finite non-zero number", "normalizer");
     if (a->convention != GMPO_CONV_TRL && a->convention != GMPO_CONV_VERL)
         return fail(a, "%s: must be 'trl' or 'verl'", "convention");
-    if (a->loss_type < GMPO_LT_GRPO || a->loss_type > GMPO_LT_DAPO)
-        return fail(a, "%s: must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo'", "loss_type");
+    if (a->algo == GMPO_ALGO_FAMILY) {
+        if ((st = check_family(a))) return st;
+    } else {
+        if (a->loss_type < GMPO_LT_GRPO || a->loss_type > GMPO_LT_DAPO)
+            return fail(a, "%s: must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo'", "loss_type");
+        if (a->samp_logp.data || a->tok_mask.data)
+            return fail(a, "%s: only the GRPO family (algo 2) takes sampling_logps and token_mask",
+                        a->samp_logp.data ? "sampling_logps" : "token_mask");
+    }
     if (isnan(a->denom) || isinf(a->denom))
         return fail(a, "%s: must be a finite number", "denominator");
     return GMPO_OK;

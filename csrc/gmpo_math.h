@@ -190,6 +190,176 @@ GMPO_HD int gmpo_dtype_is_float(int32_t dt) {
 #undef GMPO_LOG
 
 // ----------------------------------------------------------------------------
+// GMPO_ALGO_FAMILY: the per-row finish (fp64 whatever the inputs' dtype: once
+// per row, and the sequence ratio's exp needs the range)
+
+// 1 / (the loss type's divisor * normalizer) for a row with n tokens (n = 1:
+// the batch divisor alone) of a batch with N tokens; TRL's normalisers: grpo,
+// sapo: B * max(n, 1); bnpo: max(N, 1); dr_grpo: B * max_completion_length;
+// dapo, cispo, vespo: num_items_in_batch (default max(N, 1)); luspo: B
+GMPO_HD double gmpo_family_row_weight(const gmpo_args *a, double n, double N) {
+    double B = a->B > 1 ? (double)a->B : 1.0, d;
+    switch (a->loss_type) {
+    case GMPO_LT_GRPO:
+    case GMPO_LT_SAPO: d = B * (n > 1.0 ? n : 1.0); break;
+    case GMPO_LT_BNPO: d = N > 1.0 ? N : 1.0; break;
+    case GMPO_LT_DR_GRPO: {
+        double L = a->denom > 0 ? a->denom : (double)a->T;
+        d = (double)a->B * L > 1.0 ? (double)a->B * L : 1.0;
+        break;
+    }
+    case GMPO_LT_LUSPO: d = B; break;
+    default: d = a->denom > 0 ? a->denom : (N > 1.0 ? N : 1.0); break;
+    }
+    return 1.0 / (d * a->normalizer);
+}
+
+// TRL's get_gamma_weights for one row: slr the row's sum of clamp(l, -20, 20)
+// plus the clamped log importance ratios; phi = e^(lam + k log w - lam w) with
+// log w = clamp(slr, log 1e-8, 20), k and lam by the sign of A; NaN and +-inf -> 0
+GMPO_HD double gmpo_vespo_phi(const gmpo_args *a, double slr, double A) {
+    const double lo = -18.420680743952367;   // log(1e-8)
+    double lw = slr < lo ? lo : (slr > 20.0 ? 20.0 : slr);
+    if (slr != slr) lw = slr;
+    int nonneg = A >= 0;
+    double k = nonneg ? a->fam.vespo_kpos : a->fam.vespo_kneg;
+    double lam = nonneg ? a->fam.vespo_lpos : a->fam.vespo_lneg;
+    lam = lam < 1e-4 ? 1e-4 : lam;
+    double phi = exp(lam + k * lw - lam * exp(lw));
+    return (phi - phi == 0) ? phi : 0.0;   // nan_to_num(nan=0, posinf=0, neginf=0)
+}
+
+// The sequence-level clip surrogate in log space: s the row's mean log-ratio;
+// returns P = -A * (the clipped ratio) and dP/ds. The bounds are compared with
+// s as logs (log(1 - eps_low), log1p(eps_high), log(delta)), so exp(s) never
+// has to be formed where it is clipped away: TRL's exp(s) overflows to inf
+// there (fp32: s > 88.7) and its gradient is 0 * inf = NaN.
+GMPO_HD double gmpo_family_seq_clip(const gmpo_args *a, double s, double A, double *dP) {
+    double lo = log(1.0 - a->eps_low), hi = log1p(a->eps_high);
+    int dl = a->fam.has_delta != 0;
+    double ld = dl ? log(a->fam.delta) : INFINITY;
+    double c1 = (dl && s > ld) ? ld : s;
+    double c2 = s < lo ? lo : (s > hi ? hi : s);
+    double g1 = (dl && !(s <= ld)) ? 0.0 : 1.0;
+    double g2 = (s >= lo && s <= hi) ? 1.0 : 0.0;
+    // -min(c1 A, c2 A) = -A * (A > 0 ? min : max)(c1, c2); a tie passes half each
+    double y, g;
+    if (A > 0) {
+        y = c1 < c2 ? c1 : c2;
+        g = c1 < c2 ? g1 : (c2 < c1 ? g2 : 0.5 * (g1 + g2));
+    } else {
+        y = c1 > c2 ? c1 : c2;
+        g = c1 > c2 ? g1 : (c2 > c1 ? g2 : 0.5 * (g1 + g2));
+    }
+    if (s != s) y = s;
+    if (A == 0 && y == y) { *dP = 0.0; return 0.0; }   // -0 * ratio, even an infinite one
+    double r = exp(y);
+    *dP = g == 0.0 ? 0.0 : -A * r * g;
+    return -A * r;
+}
+
+// Row sums (GMPO_SUM_STATS fp64, the family's slots of gmpo.h) -> the row's
+// statistics. adv_row, w_row: the row's advantage and importance weight when
+// they are per row (w_row 1 without weights).
+GMPO_HD void gmpo_family_row_finish(const gmpo_args *a, const double *sm, double adv_row,
+                                    double w_row, double *rs) {
+    const int type = a->loss_type, seq = a->fam.seq_level != 0;
+    const double n = sm[GMPO_SM_N], D = n > 1.0 ? n : 1.0, A = adv_row;
+    const double beta = a->beta;
+    double keep = 1.0;
+    if (a->fam.off_policy) {
+        double kl = sm[GMPO_SM_AM] / D;
+        keep = (A >= 0 || kl <= a->fam.off_policy_threshold) ? 1.0 : 0.0;
+    }
+    const double s = sm[GMPO_SM_MY] / D;          // sequence level (not vespo)
+    double policy, c1 = keep, c2 = 0.0, m0 = 0.0, m1 = 0.0;
+    double klsum = sm[GMPO_SM_K], klf = beta;
+    if (type == GMPO_LT_VESPO) {
+        double slr = sm[GMPO_SM_M0];
+        if (a->is_w.data) {
+            if (a->is_w.stride_t) slr += sm[GMPO_SM_LOGW];
+            else {
+                double lw = log(w_row);
+                const double lo = -18.420680743952367;
+                slr += lw < lo ? lo : (lw > 20.0 ? 20.0 : lw);
+            }
+        }
+        double phi = gmpo_vespo_phi(a, slr, A);
+        policy = keep * (phi == 0.0 ? 0.0 : -phi * A * sm[GMPO_SM_MY]);
+        c1 = keep * phi;
+        m0 = phi;
+        if (seq && a->fam.bias_corr_kl) {
+            double sv = sm[GMPO_SM_M1] / D, e = exp(sv);
+            klf = beta * e;
+            c2 = beta * e * klsum / D;
+            klsum *= e;
+        }
+    } else if (!seq) {
+        policy = keep * sm[GMPO_SM_MY];
+        m0 = sm[GMPO_SM_M0];
+        m1 = sm[GMPO_SM_M1];
+    } else {
+        double W = sm[GMPO_SM_M0];
+        if (type == GMPO_LT_CISPO) {
+            double lh = log(a->eps_high);
+            double c = exp(s < lh ? s : lh);
+            if (s != s) c = s;
+            c1 = keep * c;
+            policy = (c1 == 0.0 || A == 0.0) ? 0.0 : -c1 * A * W;
+            m0 = (s > lh && A > 0) ? 1.0 : 0.0;
+        } else if (type == GMPO_LT_SAPO) {
+            double tau = A > 0 ? a->fam.sapo_tpos : a->fam.sapo_tneg;
+            double e = exp(s), x = tau * (e - 1.0), ax = x < 0 ? -x : x, ex = exp(-ax);
+            double sg = x >= 0 ? 1.0 / (1.0 + ex) : ex / (1.0 + ex);
+            double dsg = exp(s - ax) / ((1.0 + ex) * (1.0 + ex));   // sigmoid'(x) e^s
+            policy = keep * (-sg * 4.0 / tau * A) * W;
+            c2 = keep * (A == 0.0 ? 0.0 : -A * 4.0 * dsg * W / D);
+            c1 = 0.0;
+        } else {
+            double dP;
+            double P = gmpo_family_seq_clip(a, s, A, &dP);
+            policy = keep * P * W;
+            c2 = (keep == 0.0 || dP == 0.0) ? 0.0 : keep * dP * W / D;
+            c1 = 0.0;
+            double lo = log(1.0 - a->eps_low), hi = log1p(a->eps_high);
+            double lc1 = (a->fam.has_delta && s > log(a->fam.delta)) ? log(a->fam.delta) : s;
+            m0 = (lc1 < lo && A < 0) ? 1.0 : 0.0;
+            m1 = (lc1 > hi && A > 0) ? 1.0 : 0.0;
+        }
+        if (a->fam.bias_corr_kl && beta != 0) {
+            double e = exp(s);
+            klf = beta * e;
+            c2 += beta * e * klsum / D;
+            klsum *= e;
+        }
+    }
+    double L = policy + (beta != 0 ? beta * klsum : 0.0);
+    if (type == GMPO_LT_GRPO || type == GMPO_LT_SAPO) L /= D;
+    rs[GMPO_RS_COEF_PG] = c1;
+    rs[GMPO_RS_COEF_KL] = beta != 0 ? klf : 0.0;
+    rs[GMPO_RS_LOSS] = L;
+    rs[GMPO_RS_MU] = seq && type != GMPO_LT_VESPO ? s : 0.0;
+    rs[GMPO_RS_N] = n;
+    rs[GMPO_RS_M0] = m0;
+    rs[GMPO_RS_M1] = m1;
+    rs[GMPO_RS_M2] = c2;
+    rs[GMPO_RS_KL] = klsum;
+    rs[GMPO_RS_BAD] = (L - L == 0) ? 0.0 : 1.0;
+}
+
+// The family's per-token gradient factors of row i (gmpo_fam_grad): pg1 (the
+// policy term's), pc (every masked token's), kl (the KL's), times go.
+GMPO_HD void gmpo_family_grad_factors(const gmpo_args *a, const double *rows, int64_t i,
+                                      double go, double *pg1, double *pc, double *kl) {
+    const double *rs = rows + i * GMPO_ROW_STATS;
+    double c = go * gmpo_family_row_weight(a, rs[GMPO_RS_N],
+                                           rows[a->B * GMPO_ROW_STATS + GMPO_RS_N]);
+    *pg1 = c * rs[GMPO_RS_COEF_PG];
+    *pc = rs[GMPO_RS_M2] == 0.0 ? 0.0 : c * rs[GMPO_RS_M2];
+    *kl = c * rs[GMPO_RS_COEF_KL];
+}
+
+// ----------------------------------------------------------------------------
 // batch totals -> loss and metrics (fp64, shared by every backend)
 
 // tot: the totals row (GMPO_ROW_STATS doubles); out: [loss, metrics...]
@@ -202,6 +372,8 @@ GMPO_HD void gmpo_finish_totals(const gmpo_args *a, const double *tot, double *o
     double *mx = out + 1;
     if (a->algo == GMPO_ALGO_GMPO) {
         out[0] = tot[GMPO_RS_LOSS] / (B > 1.0 ? B : 1.0) / norm;
+    } else if (a->algo == GMPO_ALGO_FAMILY) {
+        out[0] = tot[GMPO_RS_LOSS] * gmpo_family_row_weight(a, 1.0, N);
     } else {
         double S = tot[GMPO_RS_LOSS];
         switch (a->loss_type) {
@@ -220,9 +392,19 @@ GMPO_HD void gmpo_finish_totals(const gmpo_args *a, const double *tot, double *o
         }
         }
     }
-    mx[GMPO_MX_M0] = tot[GMPO_RS_M0] / cnt;
-    mx[GMPO_MX_M1] = tot[GMPO_RS_M1] / cnt;
-    mx[GMPO_MX_M2] = tot[GMPO_RS_M2] / cnt;
+    if (a->algo == GMPO_ALGO_FAMILY) {
+        // TRL's global_masked_mean: over tokens, or over rows where the metric
+        // is one value per row (the sequence level, vespo's phi)
+        if (a->fam.seq_level || a->loss_type == GMPO_LT_VESPO) cnt = B > 1.0 ? B : 1.0;
+        mx[GMPO_MX_M0] = tot[GMPO_RS_M0] / cnt;
+        mx[GMPO_MX_M1] = tot[GMPO_RS_M1] / cnt;
+        mx[GMPO_MX_M2] = (tot[GMPO_RS_M0] + tot[GMPO_RS_M1]) / cnt;
+        cnt = N > 1.0 ? N : 1.0;
+    } else {
+        mx[GMPO_MX_M0] = tot[GMPO_RS_M0] / cnt;
+        mx[GMPO_MX_M1] = tot[GMPO_RS_M1] / cnt;
+        mx[GMPO_MX_M2] = tot[GMPO_RS_M2] / cnt;
+    }
     mx[GMPO_MX_KL] = tot[GMPO_RS_KL] / cnt;
     mx[GMPO_MX_MAX_MU] = tot[GMPO_RS_MU];
     mx[GMPO_MX_NONFINITE] = tot[GMPO_RS_BAD];

@@ -212,3 +212,161 @@ GMPO_HD GMPO_T GMPO_S(gmpo_token_grad_o)(const GMPO_S(gmpo_opts) *o, GMPO_T pg, 
     if (o->beta_on) g += kl * (1 - GMPO_EXP(ref - lp));
     return m != 0 ? m * g : (GMPO_T)0;
 }
+
+// ----------------------------------------------------------------------------
+// GMPO_ALGO_FAMILY: TRL 1.16's GRPO loss types with their options, per token
+// (the per-row finish is gmpo_family_row_finish in gmpo_math.h, in fp64).
+// TRL's GRPOTrainer._compute_loss, with coef = exp(l) at token level:
+//   clip types (grpo, bnpo, dr_grpo, dapo, luspo): P = -min(c1 A, c2 A),
+//       c1 = coef (min(coef, delta) with delta), c2 = clamp(coef, 1-el, 1+eh)
+//   cispo: P = -sg(min(coef, eh)) A logp      sapo: P = -(4/tau) sigmoid(tau (coef-1)) A
+//   vespo: P = -sg(phi_i) A logp (phi_i the row's gamma weight)
+// The token's sums go into the slots gmpo.h lists for the family (GMPO_SM_*).
+
+typedef struct {
+    int type;        // gmpo_loss_type
+    int seq;         // sequence level
+    int delta_on, opm, bc, beta_on, isw;
+    GMPO_T lo, hi;   // 1 - eps_low, 1 + eps_high (clip types); cispo: hi = eps_high
+    GMPO_T delta, tpos, tneg;
+} GMPO_S(gmpo_fam_opts);
+
+GMPO_HD GMPO_S(gmpo_fam_opts) GMPO_S(gmpo_fam_opts_make)(const gmpo_args *a) {
+    GMPO_S(gmpo_fam_opts) o;
+    o.type = a->loss_type;
+    o.seq = a->fam.seq_level != 0;
+    o.delta_on = a->fam.has_delta != 0;
+    o.opm = a->fam.off_policy != 0;
+    o.bc = a->fam.bias_corr_kl != 0;
+    o.beta_on = a->beta != 0;
+    o.isw = a->is_w.data != 0;
+    o.lo = (GMPO_T)(1.0 - a->eps_low);
+    o.hi = (GMPO_T)(a->loss_type == GMPO_LT_CISPO ? a->eps_high : 1.0 + a->eps_high);
+    o.delta = (GMPO_T)a->fam.delta;
+    o.tpos = (GMPO_T)a->fam.sapo_tpos;
+    o.tneg = (GMPO_T)a->fam.sapo_tneg;
+    return o;
+}
+
+GMPO_HD int GMPO_S(gmpo_fam_clip_type)(int type) {
+    return type <= GMPO_LT_DAPO || type == GMPO_LT_LUSPO;
+}
+
+// sigmoid(x) without overflow; and sigmoid'(x) * e^l = e^(l - |x|) / (1 + e^-|x|)^2,
+// which stays finite (0) where e^l and |x| overflow together
+GMPO_HD GMPO_T GMPO_S(gmpo_sigmoid)(GMPO_T x) {
+    GMPO_T e = GMPO_EXP(-(x < 0 ? -x : x));
+    return x >= 0 ? 1 / (1 + e) : e / (1 + e);
+}
+
+GMPO_HD GMPO_T GMPO_S(gmpo_dsigmoid_scaled)(GMPO_T x, GMPO_T l) {
+    GMPO_T ax = x < 0 ? -x : x;
+    GMPO_T e = GMPO_EXP(-ax);
+    return GMPO_EXP(l - ax) / ((1 + e) * (1 + e));
+}
+
+// nan_to_num(x, nan=0) as TRL's off-policy mask takes it (+-inf to the largest finite)
+GMPO_HD GMPO_T GMPO_S(gmpo_nan0)(GMPO_T x) {
+    const GMPO_T big = sizeof(GMPO_T) == 4 ? (GMPO_T)3.4028234663852886e38 : (GMPO_T)1.7976931348623157e308;
+    return x != x ? (GMPO_T)0 : (x > big ? big : (x < -big ? -big : x));
+}
+
+// The token-level clip surrogate: the loss P and dP/dcoef (PyTorch's min
+// backward splits a tie in halves; clamp passes the gradient at its bounds).
+GMPO_HD GMPO_T GMPO_S(gmpo_fam_clip)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T rho, GMPO_T A,
+                                     GMPO_T *dP) {
+    GMPO_T c1 = (o->delta_on && rho > o->delta) ? o->delta : rho;
+    GMPO_T c2 = rho < o->lo ? o->lo : (rho > o->hi ? o->hi : rho);
+    GMPO_T g1 = (o->delta_on && !(rho <= o->delta)) ? (GMPO_T)0 : (GMPO_T)1;
+    GMPO_T g2 = (rho >= o->lo && rho <= o->hi) ? (GMPO_T)1 : (GMPO_T)0;
+    GMPO_T v1 = c1 * A, v2 = c2 * A;
+    GMPO_T d = v1 < v2 ? g1 : (v2 < v1 ? g2 : (g1 + g2) * (GMPO_T)0.5);
+    *dP = -A * d;
+    return -(v2 < v1 ? v2 : v1);
+}
+
+// One masked token's sums (m != 0; the caller skips padding). tm: its token
+// mask, slp: the sampler's log-prob, w: its importance weight (1 if none).
+GMPO_HD GMPO_S(gmpo_acc) GMPO_S(gmpo_fam_token)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T m,
+                                                GMPO_T tm, GMPO_T lp, GMPO_T olp, GMPO_T slp,
+                                                GMPO_T A, GMPO_T ref, GMPO_T w) {
+    GMPO_S(gmpo_acc) c;
+    GMPO_T l = lp - olp;
+    GMPO_T rho = GMPO_EXP(l);
+    c.n = m;
+    c.am = o->opm ? m * GMPO_S(gmpo_nan0)(slp - lp) : (GMPO_T)0;
+    c.logw = 0;
+    c.k = 0;
+    if (o->beta_on) {
+        GMPO_T k3 = GMPO_S(gmpo_k3)(ref, lp);
+        c.k = m * ((o->bc && !o->seq) ? k3 * rho : k3);
+    }
+    c.my = 0; c.m0 = 0; c.m1 = 0; c.m2 = 0;
+    GMPO_T wt = o->isw ? w : (GMPO_T)1;
+    if (o->type == GMPO_LT_VESPO) {
+        c.my = m * tm * lp;
+        c.m0 = m * (l < -20 ? (GMPO_T)-20 : (l > 20 ? (GMPO_T)20 : l));
+        c.m1 = m * l;
+    } else if (o->seq) {
+        c.my = m * l;
+        c.m0 = m * tm * wt * (o->type == GMPO_LT_CISPO ? lp : (GMPO_T)1);
+    } else if (o->type == GMPO_LT_CISPO) {
+        c.my = m * tm * wt * (-(rho > o->hi ? o->hi : rho) * A * lp);
+        c.m0 = (rho > o->hi && A > 0) ? m : (GMPO_T)0;
+    } else if (o->type == GMPO_LT_SAPO) {
+        GMPO_T tau = A > 0 ? o->tpos : o->tneg;
+        c.my = m * tm * wt * (-GMPO_S(gmpo_sigmoid)(tau * (rho - 1)) * 4 / tau * A);
+    } else {
+        GMPO_T dP;
+        GMPO_T P = GMPO_S(gmpo_fam_clip)(o, rho, A, &dP);
+        GMPO_T c1 = (o->delta_on && rho > o->delta) ? o->delta : rho;
+        c.my = m * tm * wt * P;
+        c.m0 = (c1 < o->lo && A < 0) ? m : (GMPO_T)0;
+        c.m1 = (c1 > o->hi && A > 0) ? m : (GMPO_T)0;
+    }
+    return c;
+}
+
+// vespo's unmasked sum over every token of clamp(log w, log 1e-8, 20)
+GMPO_HD GMPO_T GMPO_S(gmpo_fam_logis)(GMPO_T w) {
+    GMPO_T lw = GMPO_LOG(w);
+    const GMPO_T lo = (GMPO_T)-18.420680743952367;   // log(1e-8)
+    return lw < lo ? lo : (lw > 20 ? (GMPO_T)20 : lw);   // NaN stays NaN
+}
+
+// d loss / d logp of one token (0 where m == 0; branch-free, so that a CPU loop
+// over tokens vectorises). pg1: the row's factor of the
+// per-token policy gradient (go * token weight * COEF_PG), pc: every masked
+// token's term (go * token weight * the row's M2), kl: go * token weight * COEF_KL.
+GMPO_HD GMPO_T GMPO_S(gmpo_fam_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T pg1, GMPO_T pc,
+                                     GMPO_T kl, GMPO_T m, GMPO_T tm, GMPO_T lp, GMPO_T olp,
+                                     GMPO_T A, GMPO_T ref, GMPO_T w) {
+    GMPO_T l = lp - olp;
+    GMPO_T wt = o->isw ? w : (GMPO_T)1;
+    GMPO_T t = 0;   // d P_t / d logp, times tm (and w)
+    if (o->type == GMPO_LT_VESPO) {
+        t = -A * tm;
+    } else if (o->seq) {
+        t = o->type == GMPO_LT_CISPO ? -A * tm * wt : (GMPO_T)0;
+    } else {
+        GMPO_T rho = GMPO_EXP(l);
+        if (o->type == GMPO_LT_CISPO) {
+            t = -(rho > o->hi ? o->hi : rho) * A;
+        } else if (o->type == GMPO_LT_SAPO) {
+            GMPO_T tau = A > 0 ? o->tpos : o->tneg;
+            t = -A * 4 * GMPO_S(gmpo_dsigmoid_scaled)(tau * (rho - 1), l);
+        } else {
+            GMPO_T dP;
+            GMPO_S(gmpo_fam_clip)(o, rho, A, &dP);
+            t = dP == 0 ? (GMPO_T)0 : dP * rho;   // a clipped token passes 0, never 0 * inf
+        }
+        t = t == 0 ? (GMPO_T)0 : t * tm * wt;
+    }
+    GMPO_T g = pc + (t == 0 ? (GMPO_T)0 : pg1 * t);
+    if (o->beta_on) {
+        GMPO_T d = ref - lp;
+        GMPO_T dk = (o->bc && !o->seq) ? GMPO_EXP(l) * (lp - ref) : 1 - GMPO_EXP(d);
+        g += kl * dk;
+    }
+    return m != 0 ? m * g : (GMPO_T)0;   // a select: padding's values never leak
+}

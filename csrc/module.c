@@ -80,17 +80,40 @@ typedef struct {
     gmpo_args a;
     int device;
     unsigned long long stream;
+    PyObject *fam_obj;   // borrowed: None or the family's options tuple
 } call;
 
-#define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT "iiddddddi"
+// the GRPO family's tensors and options (gmpo_family): sampling_logps,
+// token_mask, then None (the other algorithms: all zeros) or the tuple
+// (seq_level, has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold,
+// sapo_tpos, sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg), parsed
+// by finish_parse (None costs the common call nothing)
+#define FAMILY_FMT VIEW_FMT VIEW_FMT "O"
+#define FAMILY_ARGS(c) VIEW_ARGS((c).a.samp_logp), VIEW_ARGS((c).a.tok_mask), &(c).fam_obj
+#define COMMON_FMT "iiKLL" VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT VIEW_FMT FAMILY_FMT \
+    "iiddddddi"
 #define COMMON_ARGS(c)                                                                 \
     &(c).a.algo, &(c).device, &(c).stream, &(c).a.B, &(c).a.T, VIEW_ARGS((c).a.logp), \
         VIEW_ARGS((c).a.old_logp), VIEW_ARGS((c).a.adv), VIEW_ARGS((c).a.mask),        \
-        VIEW_ARGS((c).a.ref_logp), VIEW_ARGS((c).a.is_w), &(c).a.convention,           \
-        &(c).a.loss_type, &(c).a.eps_low, &(c).a.eps_high, &(c).a.beta,                \
-        &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom, &(c).a.num_threads
+        VIEW_ARGS((c).a.ref_logp), VIEW_ARGS((c).a.is_w), FAMILY_ARGS(c),              \
+        &(c).a.convention, &(c).a.loss_type, &(c).a.eps_low, &(c).a.eps_high,          \
+        &(c).a.beta, &(c).a.log_ratio_clamp, &(c).a.normalizer, &(c).a.denom,          \
+        &(c).a.num_threads
 
-static int check_device(const call *c) {
+// the family's options tuple into c->a.fam (None: zeros)
+static int parse_family(call *c) {
+    if (c->fam_obj == Py_None) return 0;
+    gmpo_family *f = &c->a.fam;
+    if (!PyArg_ParseTuple(c->fam_obj, "iiiidddddddd:family", &f->seq_level, &f->has_delta,
+                          &f->off_policy, &f->bias_corr_kl, &f->delta, &f->off_policy_threshold,
+                          &f->sapo_tpos, &f->sapo_tneg, &f->vespo_kpos, &f->vespo_lpos,
+                          &f->vespo_kneg, &f->vespo_lneg))
+        return -1;
+    return 0;
+}
+
+static int check_device(call *c) {
+    if (parse_family(c)) return -1;
     if (c->device != DEV_CPU && c->device != DEV_CUDA) {
         PyErr_Format(PyExc_ValueError, "device: must be 0 (cpu) or 1 (cuda), got %d", c->device);
         return -1;
@@ -100,6 +123,7 @@ static int check_device(const call *c) {
 
 PyDoc_STRVAR(forward_doc,
 "forward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "        convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "        normalizer, denom, num_threads, rows, out_loss, out_metrics, out_dtype)\n"
 "--\n\n"
@@ -134,7 +158,7 @@ static PyObject *py_forward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(forward_backward_doc,
 "forward_backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
-"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 is_w, samp_logp, tok_mask, family, convention, loss_type, eps_low, eps_high, beta,\n"
 "                 log_ratio_clamp, normalizer, denom, num_threads, rows, out_loss,\n"
 "                 out_metrics, out_dtype, grad, grad_dtype)\n"
 "--\n\n"
@@ -170,7 +194,7 @@ static PyObject *py_forward_backward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(uses_fast_kernel_doc,
 "uses_fast_kernel(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp,\n"
-"                 is_w, convention, loss_type, eps_low, eps_high, beta,\n"
+"                 is_w, samp_logp, tok_mask, family, convention, loss_type, eps_low, eps_high, beta,\n"
 "                 log_ratio_clamp, normalizer, denom, num_threads, grad_dtype)\n"
 "--\n\n"
 "Whether the CPU entry points take the common case's kernel for these\n"
@@ -183,11 +207,13 @@ static PyObject *py_uses_fast_kernel(PyObject *self, PyObject *args) {
     int grad_dtype;
     if (!PyArg_ParseTuple(args, COMMON_FMT "i:uses_fast_kernel", COMMON_ARGS(c), &grad_dtype))
         return NULL;
+    if (parse_family(&c)) return NULL;
     return PyBool_FromLong(gmpo_cpu_uses_fast_kernel(&c.a, grad_dtype));
 }
 
 PyDoc_STRVAR(backward_doc,
 "backward(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "         normalizer, denom, num_threads, rows, grad_out, grad_out_dtype,\n"
 "         grad, grad_dtype)\n"
@@ -229,6 +255,7 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(row_sums_doc,
 "row_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "         convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "         normalizer, denom, num_threads, sums)\n"
 "--\n\n"
@@ -260,6 +287,7 @@ static PyObject *py_row_sums(PyObject *self, PyObject *args) {
 
 PyDoc_STRVAR(finish_sums_doc,
 "finish_sums(algo, device, stream, B, T, logp, old_logp, adv, mask, ref_logp, is_w,\n"
+"        samp_logp, tok_mask, family,\n"
 "            convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,\n"
 "            normalizer, denom, num_threads, sums, rows, out_loss, out_metrics,\n"
 "            out_dtype)\n"

@@ -29,9 +29,30 @@ ROW_STATS = _C.ROW_STATS
 METRICS = _C.METRICS
 ABSENT = (0, 0, 0, 0, 0)
 
-ALGO_GMPO, ALGO_GRPO = 0, 1
+ALGO_GMPO, ALGO_GRPO, ALGO_FAMILY = 0, 1, 2
 CONVENTIONS = {"trl": 0, "verl": 1}
 LOSS_TYPES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3}
+# TRL 1.16's whole GRPO family (ALGO_FAMILY)
+FAMILY_LOSS_TYPES = {**LOSS_TYPES, "cispo": 4, "sapo": 5, "luspo": 6, "vespo": 7}
+IS_LEVELS = {"token": 0, "sequence": 1}
+# the family's options as the C core takes them (gmpo.h's gmpo_family): seq_level,
+# has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold, sapo_tpos,
+# sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg
+FAMILY_OPTS = 12
+NO_FAMILY = None   # the C module reads None as the family's options all zero
+
+
+_NOT_FAMILY = (ABSENT, ABSENT, NO_FAMILY)   # the family's arguments of the other algorithms
+
+
+def family_tuple(fopts):
+    """The 12 family options as the C module's tuple (4 ints, 8 floats); None
+    for the other algorithms."""
+    if fopts is None:
+        return NO_FAMILY
+    if len(fopts) != FAMILY_OPTS:
+        raise ValueError(f"family options: {FAMILY_OPTS} values expected, got {len(fopts)}")
+    return tuple(int(x) for x in fopts[:4]) + tuple(float(x) for x in fopts[4:])
 
 # Test hook: a module built from the same sources whose "CUDA" entry points run
 # the CUDA kernels under the SIMT emulation (tests/simt). When set, CPU tensors
@@ -200,6 +221,18 @@ def check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights,
                          "reference model's log-probs)")
 
 
+def check_family_inputs(logps, sampling_logps, token_mask):
+    """sampling_logps and token_mask: (B, T) like logps, on its device."""
+    check_tensor("sampling_logps", sampling_logps, FLOAT_DTYPES, optional=True)
+    check_tensor("token_mask", token_mask, tuple(DTYPE_CODES), optional=True)
+    for name, t in (("sampling_logps", sampling_logps), ("token_mask", token_mask)):
+        if t is not None:
+            if tuple(t.shape) != tuple(logps.shape):
+                raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, "
+                                 f"got {tuple(t.shape)}")
+            check_device(name, t, logps.device)
+
+
 def resolved(t):
     """t without a pending negation (a neg view such as ``z.conj().imag``, whose
     bit the raw data pointer does not show): a copy only in that case."""
@@ -231,7 +264,7 @@ def check_grad_loss(grad_loss, dev):
 
 
 def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
-          loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom):
+          loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom, family=None):
     B, T = logps.shape
     keep = []  # tensors materialised by view() must outlive the call
 
@@ -247,15 +280,20 @@ def _args(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, conve
         algo, B, T,
         v(logps, True), v(old_logps, True), v(advantages, adv_token), v(mask, True),
         v(ref_logps, True), v(is_weights, isw_token),
+        *((v(family[0], True), v(family[1], True), family_tuple(family[2])) if family
+          else _NOT_FAMILY),
         convention, loss_type, float(eps_low), float(eps_high), float(beta),
         float(log_ratio_clamp), float(normalizer), float(denom), torch.get_num_threads(),
     )
     return args, keep
 
 
-def _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta):
+def _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta,
+             family=None):
     if not checked:
         check_loss_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+        if family:
+            check_family_inputs(logps, family[0], family[1])
     _runnable(logps.device)
 
 
@@ -273,16 +311,16 @@ def _loss_outputs(logps):
 
 def forward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
             loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
-            checked=False):
+            checked=False, family=None):
     """(loss, metrics, rows). checked=True: the caller ran check_loss_inputs."""
-    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     B, T = logps.shape
     dev = logps.device
     out_dtype, rows, loss, metrics = _loss_outputs(logps)
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     with _on_device(dev):
         mod.forward(algo, code, stream, B, T, *rest, buf(rows), buf(loss), buf(metrics),
                     DTYPE_CODES[out_dtype])
@@ -298,10 +336,10 @@ def fuses(device: torch.device) -> bool:
 
 def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
                      convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
-                     normalizer, denom, checked=False):
+                     normalizer, denom, checked=False, family=None):
     """forward(), plus the gradient for an upstream gradient of 1, computed in
     the same pass over the inputs (CPU only: see fuses())."""
-    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     if not fuses(logps.device):
         raise ValueError(f"forward_backward runs on the C core's CPU kernels; logps is on "
                          f"{logps.device}")
@@ -311,7 +349,7 @@ def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_wei
     grad = torch.empty((B, T), dtype=logps.dtype, device=dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     _C.forward_backward(algo, 0, 0, B, T, *rest, buf(rows), buf(loss), buf(metrics),
                         DTYPE_CODES[out_dtype], buf(grad), DTYPE_CODES[grad.dtype])
     del keep
@@ -320,22 +358,22 @@ def forward_backward(algo, logps, old_logps, advantages, mask, ref_logps, is_wei
 
 def uses_fast_kernel(algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
                      convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp,
-                     normalizer, denom, grad_dtype=None):
+                     normalizer, denom, grad_dtype=None, family=None):
     """Whether the C core takes its common case's kernel for these CPU inputs
     (grad_dtype: that of forward_backward's gradient; None: forward)."""
-    _checked(False, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(False, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     code = -1 if grad_dtype is None else DTYPE_CODES[grad_dtype]
     return _C.uses_fast_kernel(algo, 0, 0, B, T, *rest, code)
 
 
 def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
              convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
-             checked=False):
+             checked=False, family=None):
     """d loss / d logps times grad_loss, from forward's rows."""
-    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     dev = logps.device
     check_rows(rows, logps.shape[0], dev)
     check_grad_loss(grad_loss, dev)
@@ -346,7 +384,7 @@ def backward(grad_loss, rows, algo, logps, old_logps, advantages, mask, ref_logp
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     with _on_device(dev):
         mod.backward(algo, code, stream, B, T, *rest, buf(rows), buf(grad_loss),
                      DTYPE_CODES[grad_loss.dtype], buf(grad), DTYPE_CODES[grad.dtype])
@@ -363,10 +401,10 @@ SUM_STATS = getattr(_C, "SUM_STATS", 8)
 
 def row_sums(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, convention,
              loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer, denom,
-             out=None, checked=False):
+             out=None, checked=False, family=None):
     """Each row's raw sums over the tokens given: (B, SUM_STATS) float64,
     written into ``out`` (a contiguous (B, SUM_STATS) float64 tensor) when given."""
-    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     B, T = logps.shape
     dev = logps.device
     if out is None:
@@ -375,7 +413,7 @@ def row_sums(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, co
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     with _on_device(dev):
         mod.row_sums(algo, code, stream, B, T, *rest, buf(out))
     del keep
@@ -384,9 +422,9 @@ def row_sums(algo, logps, old_logps, advantages, mask, ref_logps, is_weights, co
 
 def finish_sums(sums, algo, logps, old_logps, advantages, mask, ref_logps, is_weights,
                 convention, loss_type, eps_low, eps_high, beta, log_ratio_clamp, normalizer,
-                denom, checked=False):
+                denom, checked=False, family=None):
     """(loss, metrics, rows) from the row sums added up over the processes."""
-    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    _checked(checked, logps, old_logps, advantages, mask, ref_logps, is_weights, beta, family)
     B, T = logps.shape
     dev = logps.device
     check_sums(sums, B, dev)
@@ -394,7 +432,7 @@ def finish_sums(sums, algo, logps, old_logps, advantages, mask, ref_logps, is_we
     mod, code, stream = backend(dev)
     (algo, B, T, *rest), keep = _args(algo, logps, old_logps, advantages, mask, ref_logps,
                                       is_weights, convention, loss_type, eps_low, eps_high,
-                                      beta, log_ratio_clamp, normalizer, denom)
+                                      beta, log_ratio_clamp, normalizer, denom, family)
     with _on_device(dev):
         mod.finish_sums(algo, code, stream, B, T, *rest, buf(sums), buf(rows), buf(loss),
                         buf(metrics), DTYPE_CODES[out_dtype])

@@ -128,22 +128,25 @@ class _GroupLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logps, old_logps, advantages, mask, ref_logps, is_weights, opts, group,
-                extra):
+                extra, family):
         B = logps.shape[0]
         S = _backend.SUM_STATS
         n_extra = 0 if extra is None else extra.numel()
         flat = torch.empty(B * S + n_extra, dtype=torch.float64, device=logps.device)
         sums = flat[:B * S].view(B, S)
         _backend.row_sums(opts[0], logps, old_logps, advantages, mask, ref_logps, is_weights,
-                          *opts[1:], out=sums, checked=True)
+                          *opts[1:], out=sums, checked=True, family=family)
         if n_extra:
             flat[B * S:] = extra.to(torch.float64)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)   # the one collective
         loss, metrics, rows = _backend.finish_sums(sums, opts[0], logps, old_logps, advantages,
                                                    mask, ref_logps, is_weights, *opts[1:],
-                                                   checked=True)
-        ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, rows)
+                                                   checked=True, family=family)
+        slp, tm = (family[0], family[1]) if family else (None, None)
+        ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, is_weights, rows,
+                              slp, tm)
         ctx.opts = opts
+        ctx.family_opts = family[2] if family else None
         reduced = flat[B * S:].clone()
         ctx.mark_non_differentiable(metrics, rows, reduced)
         return loss, metrics, rows, reduced
@@ -153,25 +156,29 @@ class _GroupLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("gmpo_ext: the fused loss supports one backward pass; double "
                                "backward (create_graph=True, Hessians) is not implemented")
-        logps, old_logps, advantages, mask, ref_logps, is_weights, rows = ctx.saved_tensors
+        logps, old_logps, advantages, mask, ref_logps, is_weights, rows, slp, tm = ctx.saved_tensors
+        family = None if ctx.family_opts is None else (slp, tm, ctx.family_opts)
         grad = None
         if ctx.needs_input_grad[0]:
             opts = ctx.opts
             grad = _backend.backward(grad_loss, rows, opts[0], logps, old_logps, advantages,
-                                     mask, ref_logps, is_weights, *opts[1:], checked=True)
-        return (grad,) + (None,) * 8
+                                     mask, ref_logps, is_weights, *opts[1:], checked=True,
+                                     family=family)
+        return (grad,) + (None,) * 9
 
 
 @torch.compiler.disable
 def group_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, opts, group,
-               extra=None):
+               extra=None, family=None):
     """(loss, metrics, rows, reduced_extra) of the loss whose rows are split over
     ``group``; ``extra``: a 1-D tensor of further sums (metrics) reduced in the
-    same collective. The inputs have passed _backend.check_loss_inputs."""
+    same collective; ``family``: the GRPO family's (sampling_logps, token_mask,
+    options), as ops.fused_loss takes it. The inputs have passed
+    _backend.check_loss_inputs."""
     if logps.device.type == "meta":
         raise ValueError("logps: group= needs real tensors (meta tensors cannot be all-reduced)")
     return _GroupLoss.apply(logps, old_logps, advantages, mask, ref_logps, is_weights,
-                            tuple(opts), group, extra)
+                            tuple(opts), group, extra, family)
 
 
 # ----------------------------------------------------------------------------

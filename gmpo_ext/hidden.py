@@ -1002,14 +1002,24 @@ def _from_hidden(algo_loss, hidden, weight, completion_ids, old_logps, advantage
             mf = mask.to(torch.float32)
             metrics[ENTROPY] = (ent.float() * mf).sum() / mf.sum().clamp(min=1.0)
         return loss, metrics
+    # the GRPO family's per-token tensors (packed like old_logps) and its
+    # entropy bonus, which takes the fused head's entropy with its gradient
+    fam = {k: loss_kwargs.pop(k) for k in ("sampling_logps", "token_mask")
+           if loss_kwargs.get(k) is not None}
+    coef = loss_kwargs.get("entropy_coef", 0.0)
+    bonus = algo_loss is grpo_loss and coef != 0
     logps, ent = _scored(hidden, weight, completion_ids, mask, bias, temperature, logit_scale,
-                         softcap, return_entropy or return_metrics, tile_tokens, tile_vocab,
-                         "completion_ids", *vocab)
+                         softcap, return_entropy or return_metrics or bonus, tile_tokens,
+                         tile_vocab, "completion_ids", *vocab)
     m, old, ref, isw, lp = mask, old_logps, ref_logps, is_weights, logps
+    if bonus:
+        fam["entropies"] = ent
     if packed:
         idx, _ = _packed_index(cu_seqlens, hidden.shape[0], hidden.device)
         m, old, ref, lp = _pad(mask, idx), _pad(old_logps, idx), _pad(ref_logps, idx), _pad(logps, idx)
         isw = _packed_is_weights(isw, idx, hidden.shape[0])
+        fam = {k: _pad(v, idx) for k, v in fam.items()}
+    loss_kwargs = dict(loss_kwargs, **fam)
     if return_metrics and loss_kwargs.get("group") is not None and algo_loss is gmpo_loss:
         # rows split over ranks: the entropy metric's two sums ride on the row
         # statistics' all-reduce (one collective in all), as in the logits path
@@ -1290,11 +1300,28 @@ def grpo_loss_from_hidden(
     vocab_group=None,
     vocab_start: int = 0,
     vocab_size: Optional[int] = None,
+    importance_sampling_level: str = "token",
+    delta: Optional[float] = None,
+    off_policy_mask_threshold: Optional[float] = None,
+    sampling_logps: Optional[Tensor] = None,
+    use_bias_correction_kl: bool = False,
+    token_mask: Optional[Tensor] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    entropy_coef: float = 0.0,
 ):
-    """GRPO's clipped surrogate (:func:`gmpo_ext.grpo_loss`) from hidden states,
-    the LM head fused, for A/B runs against :func:`gmpo_loss_from_hidden`
-    (same layouts, head options, returns, ``group``, ``num_rows`` and
-    ``vocab_group``)."""
+    """TRL's GRPO loss family (:func:`gmpo_ext.grpo_loss`, every loss type and
+    option) from hidden states, the LM head fused, for A/B runs against
+    :func:`gmpo_loss_from_hidden` (same layouts, head options, returns,
+    ``group``, ``num_rows`` and ``vocab_group``). ``sampling_logps`` and
+    ``token_mask`` are laid out like ``old_logps`` (packed (N,) with
+    ``cu_seqlens``); with ``entropy_coef != 0`` the entropy bonus uses the
+    fused head's per-token entropy, its gradient flowing into hidden, weight
+    and bias."""
     return _from_hidden(
         grpo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
         temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
@@ -1302,6 +1329,13 @@ def grpo_loss_from_hidden(
         dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
              loss_type=loss_type, max_completion_length=max_completion_length,
              num_items_in_batch=num_items_in_batch, normalizer=normalizer,
+             importance_sampling_level=importance_sampling_level, delta=delta,
+             off_policy_mask_threshold=off_policy_mask_threshold, sampling_logps=sampling_logps,
+             use_bias_correction_kl=use_bias_correction_kl, token_mask=token_mask,
+             sapo_temperature_pos=sapo_temperature_pos,
+             sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+             vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+             vespo_lambda_neg=vespo_lambda_neg, entropy_coef=entropy_coef,
              **({} if num_rows is None else dict(num_rows=num_rows)),
              **({} if group is None else dict(group=group))),
         vocab=(vocab_group, vocab_start, vocab_size))

@@ -38,7 +38,7 @@ from . import _backend
 from . import loss as _loss
 from .loss import _check_tensor
 
-__all__ = ["gmpo_loss_from_logits", "selective_logps"]
+__all__ = ["gmpo_loss_from_logits", "grpo_loss_from_logits", "selective_logps"]
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ID_DTYPES = (torch.int64, torch.int32)
@@ -557,4 +557,74 @@ def gmpo_loss_from_logits(
     metrics = _loss._metrics_dict(metrics, _loss._METRIC_NAMES[convention], beta, gmpo=True)
     metrics[ENTROPY] = (extra[0] / extra[1].clamp(min=1.0)).to(torch.float32)
     metrics[INVALID_IDS] = extra[2].to(torch.float32)
+    return loss, metrics
+
+
+def grpo_loss_from_logits(
+    logits: Tensor,
+    completion_ids: Tensor,
+    old_logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    validate: bool = False,
+    vocab_group=None,
+    vocab_start: int = 0,
+    vocab_size: Optional[int] = None,
+    return_metrics: bool = False,
+    **loss_kwargs,
+):
+    """TRL's GRPO loss family (:func:`gmpo_ext.grpo_loss`) straight from the
+    policy's logits, fused.
+
+    ``grpo_loss(selective_logps(logits, completion_ids, temperature), ...)``:
+    the logits are read once forward and once backward as in
+    :func:`gmpo_loss_from_logits` (same shapes: logits (B, T, V) or (B, T+1, V),
+    completion_ids (B, T); same ``temperature``, ``inplace_backward``,
+    ``validate``, ``vocab_group`` / ``vocab_start`` / ``vocab_size``). Every
+    keyword of :func:`gmpo_ext.grpo_loss` passes through ``loss_kwargs``
+    (loss_type, importance_sampling_level, delta, off_policy_mask_threshold,
+    sampling_logps, use_bias_correction_kl, token_mask, the sapo and vespo
+    parameters, entropy_coef, group, ...) except ``entropies``: with
+    ``entropy_coef != 0`` the fused logits kernel computes the per-token
+    entropy in the same pass, and the entropy bonus's gradient flows into the
+    logits through the same backward. ``return_metrics`` adds ``entropy`` and
+    ``gmpo/invalid_ids`` to grpo_loss's metrics.
+    """
+    if "entropies" in loss_kwargs:
+        raise TypeError("grpo_loss_from_logits computes the entropies from the logits; "
+                        "do not pass entropies")
+    temperature = _check_temperature(temperature)
+    B, T = _check_logits(logits, completion_ids, mask, "completion_ids")
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor, got None")
+    V = logits.shape[2]
+    if vocab_group is not None:
+        from . import distributed
+        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size,
+                                                 device=logits.device)
+    if validate:
+        _validate(completion_ids, mask, V, "completion_ids")
+    coef = loss_kwargs.get("entropy_coef", 0.0)
+    want_entropy = bool(return_metrics) or (not isinstance(coef, bool) and coef != 0)
+    try:
+        if vocab_group is not None:
+            logps, entropy, _ = distributed.shard_logits(
+                logits, completion_ids, mask, temperature, want_entropy,
+                bool(inplace_backward), vocab_start, V, vocab_group, "completion_ids")
+        else:
+            logps, entropy, _ = logits_fwd(logits, completion_ids, mask, temperature,
+                                           want_entropy, bool(inplace_backward))
+    except IndexError as e:   # the kernel names its argument "ids"
+        msg = str(e)
+        raise IndexError("completion_ids" + msg[3:] if msg.startswith("ids:") else msg) from None
+    out = _loss.grpo_loss(logps, old_logps, advantages, mask,
+                          entropies=entropy if want_entropy else None,
+                          return_metrics=return_metrics, **loss_kwargs)
+    if not return_metrics:
+        return out
+    loss, metrics = out
+    metrics[INVALID_IDS] = _invalid_ids(completion_ids, mask, V).to(torch.float32)
     return loss, metrics

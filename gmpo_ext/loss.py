@@ -210,6 +210,10 @@ def _distributed():
     return distributed
 
 
+_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_TOKEN_NORMALISED = ("dapo", "cispo", "vespo")   # divided by num_items_in_batch
+
+
 def grpo_loss(
     logps: Tensor,
     old_logps: Tensor,
@@ -222,6 +226,20 @@ def grpo_loss(
     ref_logps: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
     loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    delta: Optional[float] = None,
+    off_policy_mask_threshold: Optional[float] = None,
+    sampling_logps: Optional[Tensor] = None,
+    use_bias_correction_kl: bool = False,
+    token_mask: Optional[Tensor] = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    entropies: Optional[Tensor] = None,
+    entropy_coef: float = 0.0,
     max_completion_length: Optional[int] = None,
     num_items_in_batch=None,
     normalizer: float = 1.0,
@@ -229,36 +247,111 @@ def grpo_loss(
     group=None,
     return_metrics: bool = False,
 ):
-    """GRPO's arithmetic-mean clipped surrogate, fused, as TRL's GRPOTrainer computes it.
+    """TRL 1.16's GRPO loss family, fused, exactly as ``GRPOTrainer._compute_loss``.
 
-    Per token: ``rho = exp(logps - old_logps)``, ``loss_t = -min(rho*A,
-    clamp(rho, 1-epsilon_low, 1+epsilon_high)*A)`` (RATIO space), times
-    ``is_weights``, plus ``beta * k3``. Reduced by ``loss_type``:
-    "grpo" (token mean per row, then mean over rows), "bnpo" (sum / sum of
-    mask), "dr_grpo" (sum / (B * max_completion_length), default T), "dapo"
-    (sum / num_items_in_batch, default the sum of the mask); then divided by
-    ``normalizer``. Shapes, dtypes and the other arguments as in
-    :func:`gmpo_loss`; ``is_weights`` is per token (B, T) or per row (B,) or (B, 1).
-    Metrics: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-    ``clip_ratio/region_mean``, ``kl`` (beta != 0), ``gmpo/nonfinite_rows``.
+    Per token, with ``coef = exp(logps - old_logps)`` (token level) or the
+    row's ``exp(sum m*l / max(n, 1))`` (``importance_sampling_level=
+    "sequence"``, GSPO) and ``A`` the advantage, the policy term ``P``:
+
+    - "grpo", "bnpo", "dr_grpo", "dapo", "luspo": ``-min(c1*A, c2*A)`` with
+      ``c2 = clamp(coef, 1-epsilon_low, 1+epsilon_high)`` (RATIO space) and
+      ``c1 = coef``, or ``min(coef, delta)`` with ``delta`` (two-sided clipping);
+    - "cispo": ``-sg(min(coef, epsilon_high)) * A * logps`` (the cap is
+      epsilon_high itself, as in TRL);
+    - "sapo": ``-(4/tau) * sigmoid(tau * (coef - 1)) * A``, tau =
+      sapo_temperature_pos where A > 0, sapo_temperature_neg elsewhere;
+    - "vespo": ``-sg(phi) * A * logps``, phi TRL's ``get_gamma_weights`` of the
+      row (k, lambda by the sign of A; is_weights enter phi, clamped in log
+      space and summed over ALL T tokens as TRL does, instead of multiplying P).
+
+    ``P`` is multiplied by the row's off-policy keep (``off_policy_mask_threshold``:
+    a row with A < 0 whose mean of ``nan_to_num(sampling_logps - logps)`` over
+    its tokens exceeds the threshold is dropped; NaN sampler tokens count 0;
+    ``sampling_logps`` defaults to ``old_logps``, as TRL), by ``token_mask``
+    (TRL's top-entropy mask) and by ``is_weights`` (TRL's
+    ``importance_sampling_ratio``, per token (B, T) or per row (B,) / (B, 1);
+    not for vespo); then ``beta * k3`` is added (``use_bias_correction_kl``:
+    k3 times coef, its gradient through coef as in TRL). The masked sum is
+    reduced by ``loss_type``: grpo, sapo: token mean per row, mean over rows;
+    bnpo: / sum of mask; dr_grpo: / (B * max_completion_length, default T);
+    dapo, cispo, vespo: / num_items_in_batch (default the sum of mask); luspo:
+    the row sums' mean over rows. Everything is then divided by ``normalizer``.
+
+    With ``entropies`` (B, T) and ``entropy_coef`` != 0 the entropy bonus is
+    subtracted: ``entropy_coef * sum(entropies * m_eff) / max(sum(m_eff), 1) /
+    normalizer``, ``m_eff = mask * token_mask`` (mask alone without
+    token_mask); ``entropies`` gets its gradient (it may require grad).
+
+    Mapping from TRL's ``_compute_loss`` (train mode, GA = the current
+    gradient-accumulation steps): ``normalizer=GA`` for every type;
+    grpo, bnpo, dr_grpo, sapo, luspo need nothing else (dr_grpo:
+    ``max_completion_length``); dapo, cispo, vespo divide by
+    ``inputs["num_items_in_batch"] / num_processes * GA / steps_per_generation``:
+    pass ``num_items_in_batch = inputs["num_items_in_batch"].clamp(min=1) /
+    num_processes / steps_per_generation`` (a tensor is divided on the device)
+    and ``normalizer=GA``, so that ``sum / num_items_in_batch / normalizer`` is
+    TRL's loss and the entropy bonus is divided by GA as TRL divides it.
+    ``is_weights`` is ``inputs["importance_sampling_ratio"]`` where TRL applies
+    it (vLLM with importance-sampling correction), ``token_mask`` TRL's
+    ``entropy_mask``, ``sampling_logps`` ``inputs["sampling_per_token_logps"]``.
+
+    Sequence level (GSPO) in log space: the clip bounds are compared with the
+    row's mean log-ratio ``s`` as logs, and ``exp`` is taken of the clipped
+    value only, in float64. Where ``s`` is large (fp32: ``exp(s)`` > 3.4e38,
+    s > 88.7) TRL's ``exp(s)`` is inf: for a clipped row (A > 0 past
+    1+epsilon_high, or with delta, or cispo's cap) TRL's loss is finite but its
+    gradient 0 * inf = NaN, where ours is the exact 0; a zero advantage gives
+    TRL NaN (inf * 0) and us 0; sapo's sigmoid saturates and TRL's gradient is
+    0 * inf = NaN, ours 0. Where the true value itself exceeds the output
+    dtype (an unclipped ratio e^s with A < 0 and no delta) both are inf. Away
+    from overflow the two agree to rounding (a ratio exactly on a bound may
+    compare differently as a log: one ulp).
+
+    Per-token advantages (B, T) work at token level; the sequence level,
+    off_policy_mask_threshold and vespo need one advantage per row.
+    Metrics (``return_metrics``), TRL's names: ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (grpo, bnpo,
+    dr_grpo, dapo, luspo), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
+    ``kl`` (beta != 0), ``entropy`` (entropies given; the plain mask's mean),
+    ``gmpo/nonfinite_rows``. Token-level metrics are means over tokens,
+    sequence-level ones and phi means over rows, as TRL's global_masked_mean.
+
     ``group``: rows split over the ranks of a process group, as in
-    :func:`gmpo_loss` (the per-row sums, token counts included, are
-    all-reduced once, so every loss type sees whole rows and the whole mask).
-    ``num_rows``: the whole batch's row count (as in :func:`gmpo_loss`), for
-    the loss types that average over rows: "grpo" sums the row means and
-    "dr_grpo" the rows' sums, each divided by num_rows (times
-    max_completion_length for dr_grpo, which must then be given) instead of
-    the B rows at hand, so micro-batches of any sizes add up to the whole
-    batch. "bnpo" and "dapo" divide by tokens, not rows: for those pass the
-    whole batch's token count as ``num_items_in_batch`` with loss_type="dapo"
-    (TRL's own fix of bnpo).
+    :func:`gmpo_loss` (the per-row sums, the entropy sums too, are
+    all-reduced once). ``num_rows``: the whole batch's row count, for the
+    types that average over rows ("grpo", "dr_grpo", "sapo", "luspo"; dr_grpo
+    needs max_completion_length): rows are summed and divided by num_rows
+    instead of B. Shapes, dtypes: as :func:`gmpo_loss`; sampling_logps and
+    token_mask (B, T) (token_mask bool, integer or float).
     """
-    _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
+    _check_choice("loss_type", loss_type, _backend.FAMILY_LOSS_TYPES)
+    if importance_sampling_level != "token":
+        _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
-    if el > 1:
+    if el > 1 and loss_type != "cispo":
         raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
     _check_number("beta", beta)
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
+    if delta is not None:
+        _check_number("delta", delta)
+        if delta <= 0:
+            raise ValueError(f"delta must be > 0 or None, got {delta}")
+    if off_policy_mask_threshold is not None:
+        _check_number("off_policy_mask_threshold", off_policy_mask_threshold)
+    if use_bias_correction_kl is not False and use_bias_correction_kl is not True:
+        raise TypeError("use_bias_correction_kl must be a bool, got "
+                        f"{type(use_bias_correction_kl).__name__}")
+    # (the defaults need no check: the common call stays as cheap as before)
+    if (sapo_temperature_pos, sapo_temperature_neg) != (1.0, 1.05):
+        for name, x in (("sapo_temperature_pos", sapo_temperature_pos),
+                        ("sapo_temperature_neg", sapo_temperature_neg)):
+            _check_number(name, x, allow_zero=False, min_value=0.0)
+    if (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg) != (2.0, 3.0, 3.0, 2.0):
+        for name, x in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg)):
+            _check_number(name, x)
+    if entropy_coef != 0 or type(entropy_coef) is not float:
+        _check_number("entropy_coef", entropy_coef)
     denom = 0.0
     items_tensor = None
     if max_completion_length is not None:
@@ -268,7 +361,7 @@ def grpo_loss(
         _check_number("max_completion_length", max_completion_length, min_value=1)
         if loss_type == "dr_grpo":
             denom = float(max_completion_length)
-    if loss_type == "dapo" and num_items_in_batch is not None:
+    if loss_type in _TOKEN_NORMALISED and num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             # TRL passes a tensor: divide on the device (no host sync, traceable)
             if num_items_in_batch.numel() != 1:
@@ -280,35 +373,105 @@ def grpo_loss(
                           min_value=0.0)
             denom = float(num_items_in_batch)
     _check_inputs(logps, old_logps, advantages, mask, ref_logps, is_weights, beta)
+    if sampling_logps is not None or token_mask is not None:
+        _backend.check_family_inputs(logps, sampling_logps, token_mask)
+    B, T = logps.shape
+    if entropies is not None:
+        _check_tensor("entropies", entropies, _TOKEN_DTYPES)
+        if tuple(entropies.shape) != (B, T):
+            raise ValueError(f"entropies must have the shape of logps {(B, T)}, got "
+                             f"{tuple(entropies.shape)}")
+        _backend.check_device("entropies", entropies, logps.device)
+    elif entropy_coef != 0:
+        raise ValueError("entropies is required when entropy_coef != 0 (the entropy bonus)")
+    seq = importance_sampling_level == "sequence"
+    if ((seq or off_policy_mask_threshold is not None or loss_type == "vespo")
+            and advantages.dim() == 2 and advantages.shape[1] != 1 and T > 1):
+        raise ValueError("advantages must be one per row, (B,) or (B, 1), with "
+                         "importance_sampling_level='sequence', off_policy_mask_threshold or "
+                         "loss_type='vespo' (a row quantity decides the row's loss)")
     if group is not None:
         _distributed().check_group("group", group)
     norm = float(normalizer)
     if num_rows is not None:
-        if loss_type not in ("grpo", "dr_grpo"):
+        if loss_type not in ("grpo", "dr_grpo", "sapo", "luspo"):
             raise ValueError(f"num_rows applies to the loss types that average over rows "
-                             f"('grpo', 'dr_grpo'); loss_type={loss_type!r} divides by "
-                             "tokens: pass the whole batch's token count as "
+                             f"('grpo', 'dr_grpo', 'sapo', 'luspo'); loss_type={loss_type!r} "
+                             "divides by tokens: pass the whole batch's token count as "
                              "num_items_in_batch with loss_type='dapo'")
         if loss_type == "dr_grpo" and max_completion_length is None:
             raise ValueError("num_rows with loss_type='dr_grpo' needs max_completion_length: "
                              "its default, this call's padded width T, differs between "
                              "micro-batches padded to their own lengths")
-        norm = _distributed().rows_normalizer("num_rows", num_rows, logps.shape[0], norm)
+        norm = _distributed().rows_normalizer("num_rows", num_rows, B, norm)
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
-                         is_weights=is_weights)
-    opts = (_backend.ALGO_GRPO, 0, _backend.LOSS_TYPES[loss_type], el, eh, float(beta), 0.0,
-            norm, denom)
-    ref = ref_logps if beta != 0 else None
-    if group is None:
-        loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, ref, is_weights, *opts)
+                         is_weights=is_weights, sampling_logps=sampling_logps)
+    bc = use_bias_correction_kl and beta != 0
+    family = None
+    if (loss_type in _backend.LOSS_TYPES and not seq and delta is None and not bc
+            and off_policy_mask_threshold is None and token_mask is None):
+        algo, lt = _backend.ALGO_GRPO, _backend.LOSS_TYPES[loss_type]   # the existing kernels
     else:
-        loss, metrics, _, _ = _distributed().group_loss(logps, old_logps, advantages, mask, ref,
-                                                        is_weights, opts, group)
+        algo, lt = _backend.ALGO_FAMILY, _backend.FAMILY_LOSS_TYPES[loss_type]
+        opm = off_policy_mask_threshold is not None
+        fopts = (int(seq), int(delta is not None), int(opm), int(bc),
+                 float(delta) if delta is not None else 0.0,
+                 float(off_policy_mask_threshold) if opm else 0.0,
+                 float(sapo_temperature_pos), float(sapo_temperature_neg),
+                 float(vespo_k_pos), float(vespo_lambda_pos), float(vespo_k_neg),
+                 float(vespo_lambda_neg))
+        slp = (sampling_logps if sampling_logps is not None else old_logps) if opm else None
+        family = (slp, token_mask, fopts)
+    opts = (algo, 0, lt, el, eh, float(beta), 0.0, norm, denom)
+    ref = ref_logps if beta != 0 else None
+    ent_on = entropies is not None
+    extra = None
+    if ent_on:
+        m = mask if mask.dtype.is_floating_point else mask.to(torch.float32)
+        m_eff = m if token_mask is None else m * token_mask.to(m.dtype)
+        ent = entropies.to(torch.float64 if entropies.dtype == torch.float64 else torch.float32)
+        ent_sum = (ent * m_eff).sum()
+        eff_n = m_eff.sum().to(ent.dtype)
+        ent_metric = (ent.detach() * m).sum()
+        extra = torch.stack([ent_sum.detach(), eff_n, ent_metric.to(ent.dtype)])
+    if group is None:
+        loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, ref, is_weights, *opts,
+                                      family=family)
+        reduced = extra
+    else:
+        loss, metrics, _, reduced = _distributed().group_loss(
+            logps, old_logps, advantages, mask, ref, is_weights, opts, group, extra, family)
     if items_tensor is not None:
         loss = loss / items_tensor.to(device=loss.device, dtype=loss.dtype)
+    if ent_on:
+        reduced = reduced.to(ent.dtype)
+        # the whole group's sum, with the gradient of this process's tokens
+        total = ent_sum + (reduced[0] - ent_sum.detach())
+        bonus = total / reduced[1].clamp(min=1.0) / norm_entropy(normalizer)
+        if entropy_coef != 0:
+            loss = loss - (entropy_coef * bonus).to(loss.dtype)
     if not return_metrics:
         return loss
-    return loss, _metrics_dict(metrics, _METRIC_NAMES["trl"], beta, gmpo=False)
+    out = {}
+    if loss_type in _CLIP_TYPES:
+        out = {n: metrics[k] for k, n in enumerate(_METRIC_NAMES["trl"])}
+    elif loss_type == "cispo":
+        out["cispo_clip_ratio"] = metrics[0]
+    elif loss_type == "vespo":
+        out["vespo/phi_seq_mean"] = metrics[0]
+    if beta != 0:
+        out["kl"] = metrics[3]
+    if ent_on:
+        out["entropy"] = (reduced[2] / metrics[6].to(reduced.dtype).clamp(min=1.0)).to(
+            metrics.dtype)
+    out[NONFINITE_ROWS] = metrics[5]
+    return loss, out
+
+
+def norm_entropy(normalizer):
+    """The entropy bonus's divisor: TRL divides it by the accumulation steps
+    only (``normalizer``), never by the loss type's own normaliser."""
+    return float(normalizer)
 
 
 class GMPOLoss(torch.nn.Module):
@@ -341,25 +504,44 @@ class GMPOLoss(torch.nn.Module):
 
 
 class GRPOLoss(torch.nn.Module):
-    """nn.Module form of :func:`grpo_loss`; the constructor takes its options."""
+    """nn.Module form of :func:`grpo_loss`; the constructor takes its options
+    (every keyword of grpo_loss but the tensors and the per-call counts)."""
 
     def __init__(self, epsilon_low=0.2, epsilon_high=None, beta=0.0, loss_type="dapo",
-                 max_completion_length=None, normalizer=1.0, return_metrics=False):
+                 max_completion_length=None, normalizer=1.0, return_metrics=False, *,
+                 importance_sampling_level="token", delta=None, off_policy_mask_threshold=None,
+                 use_bias_correction_kl=False, sapo_temperature_pos=1.0,
+                 sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                 vespo_k_neg=3.0, vespo_lambda_neg=2.0, entropy_coef=0.0, group=None):
         super().__init__()
-        _check_choice("loss_type", loss_type, _backend.LOSS_TYPES)
+        _check_choice("loss_type", loss_type, _backend.FAMILY_LOSS_TYPES)
+        _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
         _epsilons(epsilon_low, epsilon_high)
         _check_number("beta", beta)
         _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
+        if group is not None:
+            _distributed().check_group("group", group)
+        self.group = group
         self.kwargs = dict(epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
                            loss_type=loss_type, max_completion_length=max_completion_length,
-                           normalizer=normalizer, return_metrics=return_metrics)
+                           normalizer=normalizer, return_metrics=return_metrics,
+                           importance_sampling_level=importance_sampling_level, delta=delta,
+                           off_policy_mask_threshold=off_policy_mask_threshold,
+                           use_bias_correction_kl=use_bias_correction_kl,
+                           sapo_temperature_pos=sapo_temperature_pos,
+                           sapo_temperature_neg=sapo_temperature_neg, vespo_k_pos=vespo_k_pos,
+                           vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                           vespo_lambda_neg=vespo_lambda_neg, entropy_coef=entropy_coef)
 
     def forward(self, logps, old_logps, advantages, mask, ref_logps=None, is_weights=None,
-                num_items_in_batch=None, num_rows=None):
+                num_items_in_batch=None, num_rows=None, *, sampling_logps=None,
+                token_mask=None, entropies=None):
         """num_items_in_batch, num_rows: this call's (see grpo_loss)."""
         return grpo_loss(logps, old_logps, advantages, mask, ref_logps=ref_logps,
                          is_weights=is_weights, num_items_in_batch=num_items_in_batch,
-                         num_rows=num_rows, **self.kwargs)
+                         num_rows=num_rows, sampling_logps=sampling_logps,
+                         token_mask=token_mask, entropies=entropies, group=self.group,
+                         **self.kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -27,6 +27,9 @@ import torch
 __all__ = [
     "gmpo_loss_reference",
     "grpo_loss_reference",
+    "grpo_family_reference",
+    "gamma_weights_reference",
+    "off_policy_mask_reference",
     "gmpo_eager",
 ]
 
@@ -219,6 +222,175 @@ def grpo_loss_reference(
         }
         if beta != 0.0:
             metrics["kl"] = (k * m).sum() / cnt
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------
+# TRL 1.16's whole GRPO family (GRPOTrainer._compute_loss and its static helpers),
+# transcribed from the formulas in float64: the oracle of gmpo_ext.grpo_loss.
+
+def off_policy_mask_reference(advantages, logps, sampling_logps, mask, threshold):
+    """(B, 1) keep mask of the off-policy sequence mask (DeepSeek-V3.2): a row
+    is kept when A >= 0 or the masked mean of nan_to_num(sampling - logps) is
+    at most the threshold (NaN sampler tokens count 0)."""
+    kl = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)
+    kl = _masked(kl, mask)
+    avg = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg <= threshold)).to(mask.dtype)
+
+
+def gamma_weights_reference(advantages, log_ratio, mask, is_ratio, k_pos=2.0, lambda_pos=3.0,
+                            k_neg=3.0, lambda_neg=2.0):
+    """(B, 1) VESPO gamma weights phi = e^(lam + k log w - lam w), w the row's
+    clamped sequence ratio (sum of clamp(l, -20, 20) over masked tokens, plus
+    the clamped log importance ratios summed over every token), detached."""
+    with torch.no_grad():
+        lo = -18.420680743952367   # log(1e-8)
+        slr = (_masked(torch.clamp(log_ratio, -20.0, 20.0), mask) * mask).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            slr = slr + torch.clamp(torch.log(is_ratio), lo, 20.0).sum(-1, keepdim=True)
+        lw = torch.clamp(slr, lo, 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, torch.tensor(k_pos, dtype=lw.dtype),
+                        torch.tensor(k_neg, dtype=lw.dtype))
+        lam = torch.where(nonneg, torch.tensor(lambda_pos, dtype=lw.dtype),
+                          torch.tensor(lambda_neg, dtype=lw.dtype)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * lw - lam * torch.exp(lw))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grpo_family_reference(
+    logps,
+    old_logps,
+    advantages,
+    mask,
+    *,
+    loss_type="dapo",
+    importance_sampling_level="token",
+    epsilon_low=0.2,
+    epsilon_high=None,
+    delta=None,
+    beta=0.0,
+    ref_logps=None,
+    use_bias_correction_kl=False,
+    off_policy_mask_threshold=None,
+    sampling_logps=None,
+    token_mask=None,
+    is_weights=None,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+    entropies=None,
+    entropy_coef=0.0,
+    max_completion_length=None,
+    num_items_in_batch=None,
+    normalizer=1.0,
+    dtype=torch.float64,
+):
+    """TRL 1.16's GRPOTrainer._compute_loss (train mode, GA = normalizer) for
+    every loss type and both importance-sampling levels, in ``dtype``.
+
+    The loss of dapo, cispo and vespo is sum / num_items_in_batch / normalizer
+    (see gmpo_ext.grpo_loss for the mapping of TRL's normaliser). Returns
+    (loss, metrics) with TRL's metric names; differentiable in logps (and in
+    entropies).
+    """
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    B, T = logps.shape
+    lp = logps.to(dtype)
+    m = mask.to(dtype)
+    A = advantages.to(dtype)
+    A = A.reshape(B, 1) if A.dim() == 1 else A
+    old = old_logps.to(dtype)
+    log_ratio = _masked(lp - old, m)
+    if importance_sampling_level == "token":
+        liw = log_ratio
+    else:
+        liw = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(liw)
+    if off_policy_mask_threshold is not None:
+        slp = old if sampling_logps is None else sampling_logps.to(dtype)
+        keep = off_policy_mask_reference(A if A.shape[1] == 1 else A[:, :1], lp, slp, m,
+                                         off_policy_mask_threshold)
+    if beta != 0.0:
+        d = _masked(ref_logps.to(dtype) - lp, m)
+        kl = torch.exp(d) - d - 1.0
+        if use_bias_correction_kl:
+            kl = kl * coef_1
+    if loss_type == "cispo":
+        ptl = -torch.clamp(coef_1, max=epsilon_high).detach() * A * lp
+    elif loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        ptl = -torch.min(coef_1 * A, coef_2 * A)
+    elif loss_type == "sapo":
+        # the temperatures in dtype (torch.where with two Python floats gives float32)
+        tau = torch.where(A > 0, torch.tensor(sapo_temperature_pos, dtype=dtype),
+                          torch.tensor(sapo_temperature_neg, dtype=dtype))
+        ptl = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * A
+    elif loss_type == "vespo":
+        isr = None if is_weights is None else is_weights.to(dtype)
+        if isr is not None and isr.dim() == 1:
+            isr = isr.reshape(B, 1)
+        phi = gamma_weights_reference(A, log_ratio, m, isr, vespo_k_pos, vespo_lambda_pos,
+                                      vespo_k_neg, vespo_lambda_neg)
+        ptl = -phi * A * lp
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    if off_policy_mask_threshold is not None:
+        ptl = ptl * keep
+    if token_mask is not None:
+        ptl = ptl * token_mask.to(dtype)
+    if is_weights is not None and loss_type != "vespo":
+        w = is_weights.to(dtype)
+        ptl = ptl * (w.reshape(B, 1) if w.dim() == 1 else _masked(w, m))
+    if beta != 0.0:
+        ptl = ptl + beta * kl
+    s = _masked(ptl.expand(B, T), m) * m
+    if loss_type in ("grpo", "sapo"):
+        loss = (s.sum(-1) / m.sum(-1).clamp(min=1.0)).mean() if B else s.sum()
+    elif loss_type == "bnpo":
+        loss = s.sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        L = T if max_completion_length is None else max_completion_length
+        loss = s.sum() / max(B * L, 1)
+    elif loss_type == "luspo":
+        loss = s.sum(-1).mean() if B else s.sum()
+    else:
+        items = m.sum().clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+        loss = s.sum() / items
+    loss = loss / normalizer
+    if entropies is not None and entropy_coef != 0.0:
+        me = m if token_mask is None else m * token_mask.to(dtype)
+        ent = entropies.to(dtype)
+        loss = loss - entropy_coef * (ent * me).sum() / me.sum().clamp(min=1.0) / normalizer
+
+    def gmean(x):   # TRL's global_masked_mean
+        if x.shape[1] == 1:
+            return x.sum() / max(B, 1)
+        return (x * m).sum() / m.sum().clamp(min=1.0)
+
+    with torch.no_grad():
+        metrics = {}
+        if beta != 0.0:
+            metrics["kl"] = gmean(_masked(kl.expand(B, T), m))
+        if entropies is not None:
+            metrics["entropy"] = gmean(entropies.to(dtype))
+        if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            low = ((coef_1 < 1 - epsilon_low) & (A < 0)).to(dtype)
+            high = ((coef_1 > 1 + epsilon_high) & (A > 0)).to(dtype)
+            metrics["clip_ratio/low_mean"] = gmean(low)
+            metrics["clip_ratio/high_mean"] = gmean(high)
+            metrics["clip_ratio/region_mean"] = gmean(((low + high) > 0).to(dtype))
+        elif loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = gmean(((coef_1 > epsilon_high) & (A > 0)).to(dtype))
+        elif loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = gmean(phi)
     return loss, metrics
 
 

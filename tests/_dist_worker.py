@@ -165,6 +165,37 @@ def seq_split(rank, world, group):
         _metrics_close(f"grpo {lt}", m, ref_m)
         _close(f"grpo {lt} grad", g, ref_g[:, idx])
 
+    # the GRPO family (cispo..vespo, GSPO's sequence level, its options): the
+    # family's row sums (sequence log-ratios, off-policy KL, vespo's unmasked
+    # log-IS sum) and the entropy bonus's sums come from all ranks
+    fam_cases = [
+        ("dapo", "sequence", dict(delta=1.4, off_policy_mask_threshold=0.02, beta=0.05,
+                                  use_bias_correction_kl=True), dict(beta=0.05)),
+        ("sapo", "sequence", dict(entropy_coef=0.01), {}),
+        ("vespo", "token", {}, dict(token_isw=True)),
+        ("cispo", "sequence", dict(epsilon_high=1.1), dict(row_isw=True)),
+    ]
+    for j, (lt, level, kw0, bopts) in enumerate(fam_cases):
+        full = _batch(300 + j, 5, 29, **bopts)
+        g = torch.Generator().manual_seed(400 + j)
+        full["sampling_logps"] = full["old_logps"] + 0.3 * torch.randn(5, 29, generator=g)
+        full["token_mask"] = torch.rand(5, 29, generator=g) < 0.7
+        full["entropies"] = torch.rand(5, 29, generator=g) * 2
+        idx = _slices(29, world, rank, "any", seed=5 + j)
+        loc = _local(full, idx)
+
+        def f(x, batch, **kw):
+            b = dict(batch)
+            b.pop("logps")
+            return gmpo_ext.grpo_loss(x, **b, **kw)
+
+        kw = dict(kw0, loss_type=lt, importance_sampling_level=level, return_metrics=True)
+        ref_loss, ref_m, ref_g = _grad_of(f, full["logps"], batch=full, **kw)
+        loss, m, g = _grad_of(f, loc["logps"], batch=loc, group=group, **kw)
+        _close(f"family {lt} {level} loss", loss, ref_loss)
+        _metrics_close(f"family {lt} {level}", m, ref_m)
+        _close(f"family {lt} {level} grad", g, ref_g[:, idx])
+
     # from hidden states (the LM head fused): rows split over the ranks, each
     # rank's hidden, weight and bias gradients exact for its tokens (their sum
     # over the ranks is the whole batch's weight gradient)

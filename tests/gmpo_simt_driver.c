@@ -93,6 +93,7 @@ static double g_mask(int64_t i, int64_t j) {   // row 1 empty, random tails
     return j < g_T - (int64_t)(urand() * 0.2 * (double)g_T) - (i % 2) * (g_T / 3);
 }
 static double g_fmask(int64_t i, int64_t j) { return g_mask(i, j) * (0.5 + urand()); }
+static double g_tmask(int64_t i, int64_t j) { (void)i; (void)j; return urand() < 0.7; }
 
 // ----------------------------------------------------------------------------
 // cases
@@ -105,24 +106,29 @@ typedef struct {
     int adv_tok, isw;          // isw: 0 none, 1 per row, 2 per token
     double beta, clamp;
     int strided;               // 1: logp from a (B, T+1) buffer at +1, mask interleaved, adv per row stride 2
+    int fam;                   // GMPO_ALGO_FAMILY: 1 token level, 2 sequence level (every option on)
 } spec;
 
 static const spec CASES[] = {
-    {"fp32 trl bool", 5, 67, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0},
-    {"fp32 verl token-adv token-w kl", 6, 70, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F32, GMPO_DT_I64, GMPO_DT_F32, 1, 2, 0.05, 0, 0},
-    {"bf16 trl int64 mask row-w clamp", 4, 41, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_BF16, GMPO_DT_I64, GMPO_DT_F32, 0, 1, 0.02, 0.25, 0},
-    {"fp16 verl strided", 5, 53, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F16, GMPO_DT_F32, GMPO_DT_F32, 0, 0, 0, 0, 1},
-    {"fp32 trl strided token-adv", 4, 38, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_U8, GMPO_DT_F64, 1, 2, 0.1, 0, 1},
-    {"fp64 trl float mask kl", 4, 33, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F64, GMPO_DT_F64, GMPO_DT_F64, 0, 1, 0.04, 0, 0},
-    {"fp64 verl strided", 3, 29, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 1, 0, 0, 0, 1},
-    {"grpo fp32 grpo kl", 5, 45, GMPO_ALGO_GRPO, 0, GMPO_LT_GRPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0.04, 0, 0},
-    {"grpo bf16 bnpo token-w", 4, 36, GMPO_ALGO_GRPO, 0, GMPO_LT_BNPO, GMPO_DT_BF16, GMPO_DT_I32, GMPO_DT_F32, 1, 2, 0, 0, 0},
-    {"grpo fp16 dr_grpo strided", 3, 31, GMPO_ALGO_GRPO, 0, GMPO_LT_DR_GRPO, GMPO_DT_F16, GMPO_DT_I8, GMPO_DT_F32, 0, 1, 0, 0, 1},
-    {"grpo fp64 dapo", 3, 27, GMPO_ALGO_GRPO, 0, GMPO_LT_DAPO, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 0, 0, 0.01, 0, 0},
-    {"fp32 row longer than a block", 2, 2600, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0},
-    {"bf16 T=1", 4, 1, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_BF16, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0},
-    {"fp32 T=0", 3, 0, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0},
-    {"fp32 B=0", 0, 9, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0},
+    {"fp32 trl bool", 5, 67, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0, 0},
+    {"fp32 verl token-adv token-w kl", 6, 70, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F32, GMPO_DT_I64, GMPO_DT_F32, 1, 2, 0.05, 0, 0, 0},
+    {"bf16 trl int64 mask row-w clamp", 4, 41, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_BF16, GMPO_DT_I64, GMPO_DT_F32, 0, 1, 0.02, 0.25, 0, 0},
+    {"fp16 verl strided", 5, 53, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F16, GMPO_DT_F32, GMPO_DT_F32, 0, 0, 0, 0, 1, 0},
+    {"fp32 trl strided token-adv", 4, 38, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_U8, GMPO_DT_F64, 1, 2, 0.1, 0, 1, 0},
+    {"fp64 trl float mask kl", 4, 33, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F64, GMPO_DT_F64, GMPO_DT_F64, 0, 1, 0.04, 0, 0, 0},
+    {"fp64 verl strided", 3, 29, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 1, 0, 0, 0, 1, 0},
+    {"grpo fp32 grpo kl", 5, 45, GMPO_ALGO_GRPO, 0, GMPO_LT_GRPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0.04, 0, 0, 0},
+    {"grpo bf16 bnpo token-w", 4, 36, GMPO_ALGO_GRPO, 0, GMPO_LT_BNPO, GMPO_DT_BF16, GMPO_DT_I32, GMPO_DT_F32, 1, 2, 0, 0, 0, 0},
+    {"grpo fp16 dr_grpo strided", 3, 31, GMPO_ALGO_GRPO, 0, GMPO_LT_DR_GRPO, GMPO_DT_F16, GMPO_DT_I8, GMPO_DT_F32, 0, 1, 0, 0, 1, 0},
+    {"grpo fp64 dapo", 3, 27, GMPO_ALGO_GRPO, 0, GMPO_LT_DAPO, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 0, 0, 0.01, 0, 0, 0},
+    {"fp32 row longer than a block", 2, 2600, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0, 0},
+    {"bf16 T=1", 4, 1, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_BF16, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0, 0},
+    {"fp32 T=0", 3, 0, GMPO_ALGO_GMPO, GMPO_CONV_TRL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0, 0},
+    {"fp32 B=0", 0, 9, GMPO_ALGO_GMPO, GMPO_CONV_VERL, 0, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 0, 0, 0, 0, 0},
+    {"family fp32 dapo sequence strided kl", 5, 47, GMPO_ALGO_FAMILY, 0, GMPO_LT_DAPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 2, 0.05, 0, 1, 2},
+    {"family bf16 sapo token token-w", 4, 39, GMPO_ALGO_FAMILY, 0, GMPO_LT_SAPO, GMPO_DT_BF16, GMPO_DT_U8, GMPO_DT_F32, 0, 2, 0, 0, 0, 1},
+    {"family fp64 vespo token token-w kl", 4, 33, GMPO_ALGO_FAMILY, 0, GMPO_LT_VESPO, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 0, 2, 0.04, 0, 0, 1},
+    {"family fp32 cispo sequence row longer than a block", 2, 2600, GMPO_ALGO_FAMILY, 0, GMPO_LT_CISPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 1, 0.02, 0, 0, 2},
 };
 
 static int close_to(double got, double want, double tol, double scale) {
@@ -144,6 +150,7 @@ static int run_case(const spec *c) {
                             : make(B, 1, c->adv_dt, strided ? 2 : 1, 0, 0);
     tensor ref = make(B, T, fdt, T, 1, 0);
     tensor isw = c->isw == 2 ? make(B, T, fdt, T, 1, 0) : make(B, 1, fdt, 1, 0, 0);
+    tensor slp = make(B, T, fdt, T, 1, 0), tm = make(B, T, GMPO_DT_BOOL, T, 1, 0);
     fill(&lp, B, T, g_logp);
     fill(&olp, B, T, g_ratio);
     // old_logp = logp - ratio
@@ -157,6 +164,8 @@ static int run_case(const spec *c) {
     fill(&adv, B, T, g_adv);
     fill(&ref, B, T, g_logp);
     fill(&isw, B, T, g_w);
+    fill(&slp, B, T, g_logp);
+    fill(&tm, B, T, g_tmask);
 
     gmpo_args a;
     memset(&a, 0, sizeof a);
@@ -171,8 +180,19 @@ static int run_case(const spec *c) {
     if (c->isw) a.is_w = isw.v;
     a.convention = c->conv;
     a.loss_type = c->loss_type;
-    a.eps_low = c->algo == GMPO_ALGO_GRPO ? 0.2 : 0.4;
-    a.eps_high = c->algo == GMPO_ALGO_GRPO ? 0.28 : 0.4;
+    a.eps_low = c->algo != GMPO_ALGO_GMPO ? 0.2 : 0.4;
+    a.eps_high = c->algo != GMPO_ALGO_GMPO ? 0.28 : 0.4;
+    if (c->fam) {   // TRL's GRPO family, every option on
+        a.samp_logp = slp.v;
+        a.tok_mask = tm.v;
+        a.fam.seq_level = c->fam == 2;
+        a.fam.has_delta = 1; a.fam.delta = 1.4;
+        a.fam.off_policy = 1; a.fam.off_policy_threshold = 0.5;
+        a.fam.bias_corr_kl = 1;
+        a.fam.sapo_tpos = 1.0; a.fam.sapo_tneg = 1.05;
+        a.fam.vespo_kpos = 2.0; a.fam.vespo_lpos = 3.0; a.fam.vespo_kneg = 3.0; a.fam.vespo_lneg = 2.0;
+        if (c->loss_type == GMPO_LT_CISPO) a.eps_high = 1.5;
+    }
     a.beta = c->beta;
     a.log_ratio_clamp = c->clamp;
     a.normalizer = 2.0;
@@ -255,6 +275,7 @@ done:
     free(rows_c); free(rows_g); free(grad_c); free(grad_g);
     free(loss_c); free(loss_g); free(met_c); free(met_g);
     free(lp.base); free(olp.base); free(mask.base); free(adv.base); free(ref.base); free(isw.base);
+    free(slp.base); free(tm.base);
     return rc;
 }
 

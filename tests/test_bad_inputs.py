@@ -205,7 +205,7 @@ class CCall:
         self.keep.append(keep)
         self.algo, self.B, self.T, *rest = args
         (self.logp, self.old_logp, self.adv, self.mask, self.ref_logp, self.is_w,
-         self.convention, self.loss_type, self.eps_low, self.eps_high, self.beta,
+         self.samp_logp, self.tok_mask, self.family, self.convention, self.loss_type, self.eps_low, self.eps_high, self.beta,
          self.log_ratio_clamp, self.normalizer, self.denom, self.num_threads) = rest
         self.device, self.stream = 0, 0
         self.rows = torch.zeros(B + 1, _backend.ROW_STATS, dtype=torch.float64)
@@ -221,7 +221,8 @@ class CCall:
 
     def common(self):
         return (self.algo, self.device, self.stream, self.B, self.T, self.logp, self.old_logp,
-                self.adv, self.mask, self.ref_logp, self.is_w, self.convention, self.loss_type,
+                self.adv, self.mask, self.ref_logp, self.is_w, self.samp_logp, self.tok_mask,
+                self.family, self.convention, self.loss_type,
                 self.eps_low, self.eps_high, self.beta, self.log_ratio_clamp, self.normalizer,
                 self.denom, self.num_threads)
 

@@ -63,8 +63,9 @@ def simt():
 
 
 def run(mod, case, algo=GMPO, convention="trl", loss_type="grpo", eps_low=None, eps_high=None,
-        beta=0.0, log_ratio_clamp=0.0, normalizer=1.0, denom=0.0, upstream=0.37):
-    """(loss, metrics, rows, grad) of the custom ops on `mod` (None: the C core)."""
+        beta=0.0, log_ratio_clamp=0.0, normalizer=1.0, denom=0.0, upstream=0.37, family=None):
+    """(loss, metrics, rows, grad) of the custom ops on `mod` (None: the C core);
+    family: the GRPO family's dict(sampling_logps=, token_mask=, family=[12 options])."""
     if eps_low is None:
         eps_low = 0.4 if algo == GMPO else 0.2
     if eps_high is None:
@@ -74,6 +75,8 @@ def run(mod, case, algo=GMPO, convention="trl", loss_type="grpo", eps_low=None, 
               is_weights=case.is_weights, algo=algo, convention=CONV[convention],
               loss_type=LOSS_TYPES[loss_type], eps_low=eps_low, eps_high=eps_high, beta=beta,
               log_ratio_clamp=log_ratio_clamp, normalizer=normalizer, denom=denom)
+    if family is not None:
+        kw.update(family)
     _backend.set_simt_module(mod)
     try:
         calls = getattr(mod, "calls", 0)
@@ -161,9 +164,51 @@ def test_grpo_matches_c_core(simt, loss_type, dtype):
     assert_matches_c(run(simt, case, **opts), run(None, case, **opts), case, tol)
 
 
+FAMILY = 2
+FAMILY_TYPES = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5,
+                "luspo": 6, "vespo": 7}
+FAMILY_GRID = [
+    # (B, T, dtype, loss_type, level, mask_kind, is_weights, beta): every option on
+    (6, 97, torch.float32, "dapo", 1, "bool", "BT", 0.05),
+    (5, 257, torch.float32, "grpo", 0, "int", "B", 0.05),
+    (4, 1025, torch.float32, "sapo", 1, "float", "BT", 0.0),   # a row longer than a block
+    (4, 300, torch.float32, "cispo", 0, "bool", "BT", 0.04),
+    (7, 33, torch.bfloat16, "luspo", 1, "bool", None, 0.04),
+    (7, 33, torch.float16, "vespo", 0, "int", "BT", 0.0),
+    (3, 130, torch.float64, "vespo", 1, "float", "B", 0.04),
+    (3, 130, torch.float64, "sapo", 0, "bool", None, 0.1),
+    (3, 0, torch.float32, "dapo", 1, "bool", None, 0.0),
+]
+
+
+@pytest.mark.parametrize("B,T,dtype,loss_type,level,mask_kind,isw,beta", FAMILY_GRID)
+def test_family_matches_c_core(simt, B, T, dtype, loss_type, level, mask_kind, isw, beta):
+    """The family's kernels (gmpo_fam_fwd_kernel, gmpo_fam_bwd_kernel, the
+    finish in fp64) against the C core: rows, loss, metrics, gradient."""
+    case = make_case(B, T, dtype=dtype, mask_kind=mask_kind, seed=21, ref=beta != 0,
+                     is_weights=isw, tail=T > 0)
+    g = torch.Generator().manual_seed(22)
+    slp = (case.old_logps.double() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).to(dtype)
+    if B * T:
+        slp.view(-1)[0] = float("nan")
+    fam = dict(sampling_logps=slp, token_mask=torch.rand(B, T, generator=g) < 0.7,
+               family=[float(level), 1.0, 1.0, 1.0, 1.4, 0.02, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0])
+    kw = dict(algo=FAMILY, loss_type=loss_type, eps_low=0.2,
+              eps_high=2.0 if loss_type == "cispo" else 0.28, beta=beta, normalizer=2.0)
+    lt = dict(LOSS_TYPES)
+    LOSS_TYPES.update(FAMILY_TYPES)
+    try:
+        want = run(None, case, family=fam, **kw)
+        got = run(simt, case, family=fam, **kw)
+    finally:
+        LOSS_TYPES.clear()
+        LOSS_TYPES.update(lt)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_matches_c(got, want, case, tol=tol)
+
+
 # ----------------------------------------------------------------------------
 # determinism
-
 
 @pytest.mark.parametrize("algo", [GMPO, GRPO])
 def test_same_bits_on_every_run(simt, algo, monkeypatch):

@@ -186,7 +186,10 @@ static void forward_rows(const gmpo_args *a, double *rows, void *grad, int32_t g
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (fast >= 0) fast_kernels_here()->fwd[fast](a, r0, r1, rows, (float *)grad);
+        if (a->algo == GMPO_ALGO_FAMILY) {
+            if (f64) fam_rows_forward_d(a, r0, r1, rows);
+            else fam_rows_forward_f(a, r0, r1, rows);
+        } else if (fast >= 0) fast_kernels_here()->fwd[fast](a, r0, r1, rows, (float *)grad);
         else if (grad && f64) rows_fused_d(a, r0, r1, rows, grad, grad_dtype);
         else if (grad) rows_fused_f(a, r0, r1, rows, grad, grad_dtype);
         else if (f64) rows_forward_d(a, r0, r1, rows);
@@ -205,7 +208,10 @@ static void backward_rows(const gmpo_args *a, const double *rows, double go, voi
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (fast >= 0) fast_kernels_here()->bwd[fast](a, r0, r1, rows, go, (float *)grad);
+        if (a->algo == GMPO_ALGO_FAMILY) {
+            if (f64) fam_rows_backward_d(a, r0, r1, rows, go, grad, gdt);
+            else fam_rows_backward_f(a, r0, r1, rows, go, grad, gdt);
+        } else if (fast >= 0) fast_kernels_here()->bwd[fast](a, r0, r1, rows, go, (float *)grad);
         else if (f64) rows_backward_d(a, r0, r1, rows, go, grad, gdt);
         else rows_backward_f(a, r0, r1, rows, go, grad, gdt);
     }
@@ -282,7 +288,10 @@ gmpo_status gmpo_cpu_row_sums(gmpo_args *a, double *sums, int64_t sums_extent) {
     for (int t = 0; t < nt; t++) {
         int64_t r0, r1;
         chunk(a->B, t, nt, &r0, &r1);
-        if (f64) rows_sums_d(a, r0, r1, sums);
+        if (a->algo == GMPO_ALGO_FAMILY) {
+            if (f64) fam_rows_sums_d(a, r0, r1, sums);
+            else fam_rows_sums_f(a, r0, r1, sums);
+        } else if (f64) rows_sums_d(a, r0, r1, sums);
         else rows_sums_f(a, r0, r1, sums);
     }
     return GMPO_OK;
@@ -294,7 +303,11 @@ gmpo_status gmpo_cpu_finish_sums(gmpo_args *a, const double *sums, int64_t sums_
     gmpo_status st = gmpo_check_forward(a, rows, out_loss, out_metrics, out_dtype);
     if (st) return st;
     if ((st = gmpo_check_sums(a, sums, sums_extent))) return st;
-    if (a->logp.dtype == GMPO_DT_F64) rows_finish_sums_d(a, sums, rows);
+    if (a->algo == GMPO_ALGO_FAMILY) {
+        if (a->logp.dtype == GMPO_DT_F64) fam_rows_finish_sums_d(a, sums, rows);
+        else fam_rows_finish_sums_f(a, sums, rows);
+    }
+    else if (a->logp.dtype == GMPO_DT_F64) rows_finish_sums_d(a, sums, rows);
     else rows_finish_sums_f(a, sums, rows);
     finish(a, rows, out_loss, out_metrics, out_dtype);
     return GMPO_OK;

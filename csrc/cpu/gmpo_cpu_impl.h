@@ -352,3 +352,227 @@ static void GMPO_S(rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
     GMPO_S(gmpo_opts) o_ = GMPO_S(gmpo_opts_make)(a);
     GMPO_DISPATCH(rows_backward, a, &o_, r0, r1, rows, go, grad, gdt)
 }
+
+// ----------------------------------------------------------------------------
+// GMPO_ALGO_FAMILY (TRL's GRPO family with its options): the per-token math of
+// gmpo_math_impl.h (gmpo_fam_token, gmpo_fam_grad) over tiles, the row finish
+// in fp64 (gmpo_family_row_finish). The tile loops are instantiated for literal
+// constants of the kind of loss (0 the clip types, 1 cispo, 2 sapo, 3 vespo),
+// the level and the KL, so that each compiles to straight-line vector code
+// (the other options are loop-invariant selects); the sums go to
+// GMPO_LANES lanes in a fixed order, as in the GMPO / GRPO kernels above.
+
+typedef struct {
+    GMPO_S(scratch) sc;
+    GMPO_T slp[GMPO_TILE], tm[GMPO_TILE], ones[GMPO_TILE];
+} GMPO_S(fam_scratch);
+
+#define GMPO_FAM_FLAGS_DECL const int f_kind, const int f_seq, const int f_beta
+#define GMPO_FAM_FLAGS_PASS f_kind, f_seq, f_beta
+// the options with the literal flags set (the loss type stands for its kind)
+#define GMPO_FAM_FLAGS_SET(fo)                                                         \
+    ((fo).type = f_kind == 0 ? GMPO_LT_DAPO                                            \
+                 : f_kind == 1 ? GMPO_LT_CISPO : f_kind == 2 ? GMPO_LT_SAPO : GMPO_LT_VESPO, \
+     (fo).seq = f_seq, (fo).beta_on = f_beta)
+
+static int GMPO_S(fam_kind)(int type) {
+    return type == GMPO_LT_CISPO ? 1 : type == GMPO_LT_SAPO ? 2 : type == GMPO_LT_VESPO ? 3 : 0;
+}
+
+// one tile's sums into the lanes (token t of the row in lane t % GMPO_LANES)
+GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FAM_FLAGS_DECL,
+                                       int64_t n, const GMPO_T *restrict m,
+                                       const GMPO_T *restrict tm, const GMPO_T *restrict lp,
+                                       const GMPO_T *restrict olp, const GMPO_T *restrict slp,
+                                       const GMPO_T *restrict adv, const GMPO_T *restrict ref,
+                                       const GMPO_T *restrict w, GMPO_S(lanes) *restrict L) {
+    GMPO_S(gmpo_fam_opts) foc = *fo0;
+    GMPO_FAM_FLAGS_SET(foc);
+    const GMPO_S(gmpo_fam_opts) *fo = &foc;
+    int j;
+    for (int64_t k0 = 0; k0 < n; k0 += GMPO_LANES) {
+        int lanes = n - k0 < GMPO_LANES ? (int)(n - k0) : GMPO_LANES;
+        if (lanes == GMPO_LANES) {
+#pragma omp simd
+            for (j = 0; j < GMPO_LANES; j++) {
+                int64_t k = k0 + j;
+                GMPO_T mk = m[k];
+                GMPO_S(gmpo_acc) c = GMPO_S(gmpo_fam_token)(fo, mk, tm[k], lp[k], olp[k], slp[k],
+                                                            adv[k], ref[k], w[k]);
+                // padding never enters the arithmetic: selects, never products
+                int on = mk != 0;
+                L->my[j] += on ? c.my : 0;
+                L->nn[j] += c.n;
+                L->am[j] += on ? c.am : 0;
+                if (f_beta) L->kk[j] += on ? c.k : 0;
+                L->m0[j] += on ? c.m0 : 0;
+                L->m1[j] += on ? c.m1 : 0;
+            }
+        } else {
+            for (j = 0; j < lanes; j++) {
+                int64_t k = k0 + j;
+                GMPO_T mk = m[k];
+                if (mk == 0) continue;
+                GMPO_S(gmpo_acc) c = GMPO_S(gmpo_fam_token)(fo, mk, tm[k], lp[k], olp[k], slp[k],
+                                                            adv[k], ref[k], w[k]);
+                L->my[j] += c.my; L->nn[j] += c.n; L->am[j] += c.am; L->kk[j] += c.k;
+                L->m0[j] += c.m0; L->m1[j] += c.m1;
+            }
+        }
+    }
+}
+
+// the sums of row i (gmpo.h's family slots) into sm (GMPO_SUM_STATS doubles)
+GMPO_INLINE void GMPO_S(fam_row_sums_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                        const GMPO_S(gmpo_fam_opts) *fo, GMPO_FAM_FLAGS_DECL,
+                                        int64_t i, GMPO_S(fam_scratch) *fs, double *sm) {
+    GMPO_T adv_row, w_row;
+    GMPO_S(row_constants)(a, i, &fs->sc, &adv_row, &w_row);
+    const int vw = f_kind == 3 && a->is_w.data && a->is_w.stride_t;
+    GMPO_S(lanes) L;
+    GMPO_S(lanes_zero)(&L);
+    GMPO_T logw = 0;
+    for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
+        int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
+        GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, &fs->sc);
+        const GMPO_T *slp = fo->opm ? GMPO_S(tile)(&a->samp_logp, i, t0, n, fs->slp) : tl.lp;
+        const GMPO_T *tm = a->tok_mask.data ? GMPO_S(tile)(&a->tok_mask, i, t0, n, fs->tm) : fs->ones;
+        // vespo: TRL sums the clamped log importance ratios over every token
+        if (vw)
+            for (int64_t k = 0; k < n; k++) logw += GMPO_S(gmpo_fam_logis)(tl.w[k]);
+        GMPO_S(fam_tile_sums)(fo, GMPO_FAM_FLAGS_PASS, n, tl.m, tm, tl.lp, tl.olp, slp, tl.adv,
+                              tl.ref, tl.w, &L);
+    }
+    GMPO_S(gmpo_acc) acc;
+    GMPO_S(gmpo_acc_zero)(&acc);
+    GMPO_S(lanes_fold)(&L, &acc);
+    acc.logw = logw;
+    GMPO_S(gmpo_acc_store)(&acc, sm);
+}
+
+GMPO_INLINE void GMPO_S(fam_row_backward_o)(const gmpo_args *a, const GMPO_S(gmpo_opts) *o,
+                                            const GMPO_S(gmpo_fam_opts) *fo0,
+                                            GMPO_FAM_FLAGS_DECL, int64_t i,
+                                            GMPO_S(fam_scratch) *fs, const double *rows,
+                                            double go, void *grad, int32_t gdt) {
+    GMPO_S(gmpo_fam_opts) foc = *fo0;
+    GMPO_FAM_FLAGS_SET(foc);
+    const GMPO_S(gmpo_fam_opts) *fo = &foc;
+    double pg1_d, pc_d, kl_d;
+    gmpo_family_grad_factors(a, rows, i, go, &pg1_d, &pc_d, &kl_d);
+    const GMPO_T pg1 = (GMPO_T)pg1_d, pc = (GMPO_T)pc_d, kl = (GMPO_T)kl_d;
+    GMPO_T adv_row, w_row;
+    GMPO_S(row_constants)(a, i, &fs->sc, &adv_row, &w_row);
+    const int direct = gdt == (sizeof(GMPO_T) == sizeof(float) ? GMPO_DT_F32 : GMPO_DT_F64);
+    for (int64_t t0 = 0; t0 < a->T; t0 += GMPO_TILE) {
+        int64_t n = a->T - t0 < GMPO_TILE ? a->T - t0 : GMPO_TILE;
+        GMPO_S(tiles) tl = GMPO_S(load_tiles)(a, o, i, t0, n, &fs->sc);
+        const GMPO_T *tm = a->tok_mask.data ? GMPO_S(tile)(&a->tok_mask, i, t0, n, fs->tm) : fs->ones;
+        GMPO_T *restrict out = direct ? (GMPO_T *)grad + i * a->T + t0 : fs->sc.out;
+#pragma omp simd
+        for (int64_t k = 0; k < n; k++)
+            out[k] = GMPO_S(gmpo_fam_grad)(fo, pg1, pc, kl, tl.m[k], tm[k], tl.lp[k], tl.olp[k],
+                                           tl.adv[k], tl.ref[k], tl.w[k]);
+        if (!direct) {
+            int64_t off = i * a->T + t0, k;
+            if (gdt == GMPO_DT_BF16) {
+                uint16_t *p = (uint16_t *)grad + off;
+                for (k = 0; k < n; k++) p[k] = gmpo_f32_to_bf16((float)out[k]);
+            } else if (gdt == GMPO_DT_F16) {
+                uint16_t *p = (uint16_t *)grad + off;
+                for (k = 0; k < n; k++) p[k] = gmpo_f32_to_f16((float)out[k]);
+            } else {
+                for (k = 0; k < n; k++) gmpo_store_d(grad, gdt, off + k, (double)out[k]);
+            }
+        }
+    }
+}
+
+static void GMPO_S(fam_opts_pair)(const gmpo_args *a, GMPO_S(gmpo_opts) *o,
+                                  GMPO_S(gmpo_fam_opts) *fo, GMPO_S(fam_scratch) *fs) {
+    *o = GMPO_S(gmpo_opts_make)(a);
+    o->isw = a->is_w.data != 0;      // load_tiles reads the per-token weights
+    *fo = GMPO_S(gmpo_fam_opts_make)(a);
+    GMPO_S(fill)(fs->ones, GMPO_TILE, 1);
+}
+
+// the instances: kind (4) x level (2) x KL (2)
+#define GMPO_FAM_INSTANCES(MAKE)                                                      \
+    MAKE(0, 0, 0, 0) MAKE(1, 0, 0, 1) MAKE(2, 0, 1, 0) MAKE(3, 0, 1, 1)                \
+    MAKE(4, 1, 0, 0) MAKE(5, 1, 0, 1) MAKE(6, 1, 1, 0) MAKE(7, 1, 1, 1)                \
+    MAKE(8, 2, 0, 0) MAKE(9, 2, 0, 1) MAKE(10, 2, 1, 0) MAKE(11, 2, 1, 1)              \
+    MAKE(12, 3, 0, 0) MAKE(13, 3, 0, 1) MAKE(14, 3, 1, 0) MAKE(15, 3, 1, 1)
+
+static int GMPO_S(fam_instance)(const gmpo_args *a) {
+    return 4 * GMPO_S(fam_kind)(a->loss_type) + 2 * (a->fam.seq_level != 0) + (a->beta != 0);
+}
+
+#define GMPO_FAM_MAKE(K, KIND, SEQ, BETA)                                              \
+    GMPO_CLONES static void GMPO_S(fam_sums_##K)(const gmpo_args *a, int64_t r0, int64_t r1, \
+                                                 double *sums) {                       \
+        GMPO_S(gmpo_opts) o;                                                           \
+        GMPO_S(gmpo_fam_opts) fo;                                                      \
+        GMPO_S(fam_scratch) fs;                                                        \
+        GMPO_S(fam_opts_pair)(a, &o, &fo, &fs);                                        \
+        for (int64_t i = r0; i < r1; i++)                                              \
+            GMPO_S(fam_row_sums_o)(a, &o, &fo, KIND, SEQ, BETA, i, &fs,                \
+                                   sums + (i - r0) * GMPO_SUM_STATS);                  \
+    }                                                                                  \
+    GMPO_CLONES static void GMPO_S(fam_bwd_##K)(const gmpo_args *a, int64_t r0, int64_t r1, \
+                                                const double *rows, double go, void *grad, \
+                                                int32_t gdt) {                         \
+        GMPO_S(gmpo_opts) o;                                                           \
+        GMPO_S(gmpo_fam_opts) fo;                                                      \
+        GMPO_S(fam_scratch) fs;                                                        \
+        GMPO_S(fam_opts_pair)(a, &o, &fo, &fs);                                        \
+        for (int64_t i = r0; i < r1; i++)                                              \
+            GMPO_S(fam_row_backward_o)(a, &o, &fo, KIND, SEQ, BETA, i, &fs, rows, go,  \
+                                       grad, gdt);                                     \
+    }
+GMPO_FAM_INSTANCES(GMPO_FAM_MAKE)
+#undef GMPO_FAM_MAKE
+
+typedef void (*GMPO_S(fam_sums_fn))(const gmpo_args *, int64_t, int64_t, double *);
+typedef void (*GMPO_S(fam_bwd_fn))(const gmpo_args *, int64_t, int64_t, const double *, double,
+                                   void *, int32_t);
+#define GMPO_FAM_SUMS_ENTRY(K, KIND, SEQ, BETA) GMPO_S(fam_sums_##K),
+#define GMPO_FAM_BWD_ENTRY(K, KIND, SEQ, BETA) GMPO_S(fam_bwd_##K),
+static const GMPO_S(fam_sums_fn) GMPO_S(fam_sums_table)[16] = {
+    GMPO_FAM_INSTANCES(GMPO_FAM_SUMS_ENTRY)};
+static const GMPO_S(fam_bwd_fn) GMPO_S(fam_bwd_table)[16] = {
+    GMPO_FAM_INSTANCES(GMPO_FAM_BWD_ENTRY)};
+#undef GMPO_FAM_SUMS_ENTRY
+#undef GMPO_FAM_BWD_ENTRY
+
+// row sums of rows [r0, r1) into sums (B rows; the first half of forward, for
+// rows split over processes). The instances write row r0's sums at their
+// pointer.
+static void GMPO_S(fam_rows_sums)(const gmpo_args *a, int64_t r0, int64_t r1, double *sums) {
+    GMPO_S(fam_sums_table)[GMPO_S(fam_instance)(a)](a, r0, r1, sums + r0 * GMPO_SUM_STATS);
+}
+
+// the forward of rows [r0, r1): their sums (rounded to GMPO_T, as they would be
+// handed over), then the fp64 finish
+static void GMPO_S(fam_rows_forward)(const gmpo_args *a, int64_t r0, int64_t r1, double *rows) {
+    const GMPO_S(fam_sums_fn) sums_of = GMPO_S(fam_sums_table)[GMPO_S(fam_instance)(a)];
+    for (int64_t i = r0; i < r1; i++) {
+        double sm[GMPO_SUM_STATS];
+        sums_of(a, i, i + 1, sm);
+        gmpo_family_row_finish(a, sm, (double)GMPO_S(row_value)(&a->adv, i, 0),
+                               (double)GMPO_S(row_value)(&a->is_w, i, 1),
+                               rows + i * GMPO_ROW_STATS);
+    }
+}
+
+static void GMPO_S(fam_rows_finish_sums)(const gmpo_args *a, const double *sums, double *rows) {
+    for (int64_t i = 0; i < a->B; i++)
+        gmpo_family_row_finish(a, sums + i * GMPO_SUM_STATS,
+                               (double)GMPO_S(row_value)(&a->adv, i, 0),
+                               (double)GMPO_S(row_value)(&a->is_w, i, 1),
+                               rows + i * GMPO_ROW_STATS);
+}
+
+static void GMPO_S(fam_rows_backward)(const gmpo_args *a, int64_t r0, int64_t r1,
+                                      const double *rows, double go, void *grad, int32_t gdt) {
+    GMPO_S(fam_bwd_table)[GMPO_S(fam_instance)(a)](a, r0, r1, rows, go, grad, gdt);
+}

@@ -72,6 +72,7 @@ template <> struct gmpo_m<float> {
     static GMPO_DEV float load(const void *p, int32_t dt, int64_t k) { return gmpo_load_f(p, dt, k); }
     static GMPO_DEV void store(void *p, int32_t dt, int64_t k, float v) { gmpo_store_f(p, dt, k, v); }
     static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_f(s); }
+    static GMPO_DEV void merge(acc *s, const acc *o) { gmpo_acc_merge_f(s, o); }
     static GMPO_DEV void add_token(acc *s, const opts *o, float m, float lp, float olp, float adv,
                                    float ref, float w) {
         acc c = gmpo_token_contrib_f(o, m, lp, olp, adv, ref, w);
@@ -94,6 +95,7 @@ template <> struct gmpo_m<double> {
     static GMPO_DEV double load(const void *p, int32_t dt, int64_t k) { return gmpo_load_d(p, dt, k); }
     static GMPO_DEV void store(void *p, int32_t dt, int64_t k, double v) { gmpo_store_d(p, dt, k, v); }
     static GMPO_DEV void zero(acc *s) { gmpo_acc_zero_d(s); }
+    static GMPO_DEV void merge(acc *s, const acc *o) { gmpo_acc_merge_d(s, o); }
     static GMPO_DEV void add_token(acc *s, const opts *o, double m, double lp, double olp,
                                    double adv, double ref, double w) {
         acc c = gmpo_token_contrib_d(o, m, lp, olp, adv, ref, w);

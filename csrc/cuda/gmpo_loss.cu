@@ -22,6 +22,10 @@
  *   backward  gmpo_bwd_kernel        grid (B, token chunks): one read of the inputs,
  *                                    one write of grad; grad_output is read on the
  *                                    device
+ *   family    gmpo_fam_fwd_kernel    TRL's GRPO family (GMPO_ALGO_FAMILY: cispo, sapo,
+ *             gmpo_fam_bwd_kernel    luspo, vespo, the sequence level, delta, the
+ *                                    off-policy mask, ...): the same shapes, a token
+ *                                    per thread, the per-row finish in fp64
  *
  * Launched on the caller's stream; no host synchronisation, no allocation, no
  * float atomics: safe in a CUDA graph and the same bits on every run.
@@ -236,10 +240,15 @@ __global__ void gmpo_finish_sums_kernel(const __grid_constant__ gmpo_args a,
                                         double *__restrict__ rows) {
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < a.B; i += stride) {
-        typename gmpo_m<Acc>::acc s;
-        gmpo_sums_load(sums + i * GMPO_SUM_STATS, s);
         const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
         const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
+        if (a.algo == GMPO_ALGO_FAMILY) {   // the family's finish is fp64 (gmpo_math.h)
+            gmpo_family_row_finish(&a, sums + i * GMPO_SUM_STATS, (double)adv_row,
+                                   (double)w_row, rows + i * GMPO_ROW_STATS);
+            continue;
+        }
+        typename gmpo_m<Acc>::acc s;
+        gmpo_sums_load(sums + i * GMPO_SUM_STATS, s);
         gmpo_m<Acc>::finish(&a, &s, adv_row, w_row, rows + i * GMPO_ROW_STATS);
     }
 }
@@ -364,6 +373,121 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
 }
 
 // ----------------------------------------------------------------------------
+// GMPO_ALGO_FAMILY: TRL's GRPO family with its options (gmpo_math_impl.h's
+// gmpo_fam_token / gmpo_fam_grad, the row finish gmpo_family_row_finish in
+// fp64). A token per thread, scalar loads (any dtype, any stride): the family's
+// types are new; the common types keep the vector kernels above.
+
+GMPO_DEV gmpo_fam_opts_f gmpo_fam_opts(const gmpo_args *a, float) { return gmpo_fam_opts_make_f(a); }
+GMPO_DEV gmpo_fam_opts_d gmpo_fam_opts(const gmpo_args *a, double) { return gmpo_fam_opts_make_d(a); }
+GMPO_DEV gmpo_acc_f gmpo_fam_tok(const gmpo_fam_opts_f *o, float m, float tm, float lp, float olp,
+                                 float slp, float A, float ref, float w) {
+    return gmpo_fam_token_f(o, m, tm, lp, olp, slp, A, ref, w);
+}
+GMPO_DEV gmpo_acc_d gmpo_fam_tok(const gmpo_fam_opts_d *o, double m, double tm, double lp,
+                                 double olp, double slp, double A, double ref, double w) {
+    return gmpo_fam_token_d(o, m, tm, lp, olp, slp, A, ref, w);
+}
+GMPO_DEV float gmpo_fam_g(const gmpo_fam_opts_f *o, float pg1, float pc, float kl, float m,
+                          float tm, float lp, float olp, float A, float ref, float w) {
+    return gmpo_fam_grad_f(o, pg1, pc, kl, m, tm, lp, olp, A, ref, w);
+}
+GMPO_DEV double gmpo_fam_g(const gmpo_fam_opts_d *o, double pg1, double pc, double kl, double m,
+                           double tm, double lp, double olp, double A, double ref, double w) {
+    return gmpo_fam_grad_d(o, pg1, pc, kl, m, tm, lp, olp, A, ref, w);
+}
+GMPO_DEV float gmpo_fam_lw(float w) { return gmpo_fam_logis_f(w); }
+GMPO_DEV double gmpo_fam_lw(double w) { return gmpo_fam_logis_d(w); }
+
+// element (i, t) of a (B,T) or (B,) view as Acc; `absent` where the view is absent
+template <class Acc>
+GMPO_DEV Acc gmpo_fam_at(const gmpo_view &v, int64_t i, int64_t t, Acc absent) {
+    if (!v.data) return absent;
+    return gmpo_m<Acc>::load(v.data, v.dtype, i * v.stride_b + t * v.stride_t);
+}
+
+#define GMPO_FAM_THREADS 256
+
+// Row blockIdx.x: its statistics into rows[i], or (sums != NULL) its raw sums
+// into sums[i]. Inputs (B,T): logp, old_logp, mask, ref_logp, samp_logp,
+// tok_mask; adv, is_w (B,) or (B,T)
+template <class Acc>
+__global__ void __launch_bounds__(GMPO_FAM_THREADS, 1)
+gmpo_fam_fwd_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ rows,
+                    double *__restrict__ sums) {
+    typedef typename gmpo_m<Acc>::acc acc_t;
+    const int64_t i = blockIdx.x, T = a.T;
+    const auto fo = gmpo_fam_opts(&a, (Acc)0);
+    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
+    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
+    const bool w_tok = a.is_w.data && a.is_w.stride_t;
+    const bool vw = a.loss_type == GMPO_LT_VESPO && w_tok;   // vespo: every token's log w
+    acc_t s;
+    gmpo_m<Acc>::zero(&s);
+    Acc logw = 0;
+    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
+        const Acc w = w_tok ? gmpo_fam_at<Acc>(a.is_w, i, t, (Acc)1) : w_row;
+        if (vw) logw += gmpo_fam_lw(w);
+        const Acc m = gmpo_fam_at<Acc>(a.mask, i, t, (Acc)0);
+        if (m == 0) continue;   // padding never enters the arithmetic
+        const Acc lp = gmpo_fam_at<Acc>(a.logp, i, t, (Acc)0);
+        const Acc slp = fo.opm ? gmpo_fam_at<Acc>(a.samp_logp, i, t, (Acc)0) : lp;
+        const Acc A = a.adv.stride_t ? gmpo_fam_at<Acc>(a.adv, i, t, (Acc)0) : adv_row;
+        const Acc ref = fo.beta_on ? gmpo_fam_at<Acc>(a.ref_logp, i, t, (Acc)0) : (Acc)0;
+        acc_t c = gmpo_fam_tok(&fo, m, gmpo_fam_at<Acc>(a.tok_mask, i, t, (Acc)1), lp,
+                               gmpo_fam_at<Acc>(a.old_logp, i, t, (Acc)0), slp, A, ref, w);
+        gmpo_m<Acc>::merge(&s, &c);
+    }
+    s.logw = logw;
+    Acc v[GMPO_ACC_FIELDS];
+    gmpo_acc_pack<Acc>(s, v);
+    gmpo_block_sum8<Acc>(v);
+    if (threadIdx.x == 0) {
+        gmpo_acc_unpack<Acc>(v, s);
+        double sm[GMPO_SUM_STATS];
+        gmpo_sums_store(s, sm);
+        if (sums) {
+#pragma unroll
+            for (int k = 0; k < GMPO_SUM_STATS; k++) sums[i * GMPO_SUM_STATS + k] = sm[k];
+        } else {
+            gmpo_family_row_finish(&a, sm, (double)adv_row, (double)w_row,
+                                   rows + i * GMPO_ROW_STATS);
+        }
+    }
+}
+
+// grad[i, :] for row i = blockIdx.x, tokens strided over blockIdx.y
+template <class Acc>
+__global__ void __launch_bounds__(GMPO_FAM_THREADS, 1)
+gmpo_fam_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ rows,
+                    const void *__restrict__ grad_out, int32_t go_dt, void *__restrict__ grad,
+                    int32_t gdt) {
+    const int64_t i = blockIdx.x, T = a.T;
+    const double go = gmpo_load_d(grad_out, go_dt, 0);
+    double pg1_d, pc_d, kl_d;   // the row's factors, shared with the CPU (fp64)
+    gmpo_family_grad_factors(&a, rows, i, go, &pg1_d, &pc_d, &kl_d);
+    const Acc pg1 = (Acc)pg1_d, pc = (Acc)pc_d, kl = (Acc)kl_d;
+    const auto fo = gmpo_fam_opts(&a, (Acc)0);
+    const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
+    const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
+    const bool w_tok = a.is_w.data && a.is_w.stride_t;
+    const int64_t stride = (int64_t)gridDim.y * blockDim.x;
+    for (int64_t t = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; t < T; t += stride) {
+        const Acc m = gmpo_fam_at<Acc>(a.mask, i, t, (Acc)0);
+        Acc g = 0;
+        if (m != 0) {
+            const Acc w = w_tok ? gmpo_fam_at<Acc>(a.is_w, i, t, (Acc)1) : w_row;
+            const Acc A = a.adv.stride_t ? gmpo_fam_at<Acc>(a.adv, i, t, (Acc)0) : adv_row;
+            const Acc ref = fo.beta_on ? gmpo_fam_at<Acc>(a.ref_logp, i, t, (Acc)0) : (Acc)0;
+            g = gmpo_fam_g(&fo, pg1, pc, kl, m, gmpo_fam_at<Acc>(a.tok_mask, i, t, (Acc)1),
+                           gmpo_fam_at<Acc>(a.logp, i, t, (Acc)0),
+                           gmpo_fam_at<Acc>(a.old_logp, i, t, (Acc)0), A, ref, w);
+        }
+        gmpo_m<Acc>::store(grad, gdt, i * T + t, g);
+    }
+}
+
+// ----------------------------------------------------------------------------
 // launchers
 
 // tokens per vector: 16 bytes of logp
@@ -395,6 +519,19 @@ static dim3 bwd_grid(int64_t B, int64_t T, int vec, unsigned *threads) {
     return dim3((unsigned)B, (unsigned)gy, 1);
 }
 
+// the family's forward rows (sums == NULL) or row sums, one block per row
+static gmpo_status launch_fam_fwd(gmpo_args *a, double *rows, double *sums) {
+    cudaStream_t stream = (cudaStream_t)a->stream;
+    const unsigned threads = pow2_clamp(a->T, 32, GMPO_FAM_THREADS);
+    const dim3 grid((unsigned)a->B);
+    if (a->logp.dtype == GMPO_DT_F64)
+        GMPO_LAUNCH(gmpo_fam_fwd_kernel<double>, grid, threads, 0, stream, *a, rows, sums);
+    else
+        GMPO_LAUNCH(gmpo_fam_fwd_kernel<float>, grid, threads, 0, stream, *a, rows, sums);
+    GMPO_CHECK_LAUNCH(a, "gmpo_fam_fwd_kernel");
+    return GMPO_OK;
+}
+
 static gmpo_status too_many_rows(gmpo_args *a) {
     snprintf(a->err, sizeof a->err, "logps: %lld rows, more than the CUDA grid's 2^31-1",
              (long long)a->B);
@@ -411,12 +548,15 @@ extern "C" gmpo_status gmpo_cuda_forward(gmpo_args *a, double *rows, void *out_l
         const int32_t dt = a->logp.dtype;
         const unsigned threads = fwd_threads(a->T, vec_of(dt));
         const dim3 grid((unsigned)a->B);
-        if (dt == GMPO_DT_F64)
+        if (a->algo == GMPO_ALGO_FAMILY)
+            st = launch_fam_fwd(a, rows, nullptr);
+        else if (dt == GMPO_DT_F64)
             GMPO_LAUNCH((gmpo_fwd_rows_kernel<double, 2>), grid, threads, 0, stream, *a, rows,
                         (double *)nullptr);
         else
             GMPO_LAUNCH((gmpo_fwd_rows_kernel<float, 4>), grid, threads, 0, stream, *a, rows,
                         (double *)nullptr);
+        if (st) return st;
         GMPO_CHECK_LAUNCH(a, "gmpo_fwd_rows_kernel");
     }
     const unsigned tthreads = pow2_clamp(a->B, 32, GMPO_TOT_MAX_THREADS);
@@ -436,6 +576,17 @@ extern "C" gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows, cons
     const int32_t dt = a->logp.dtype;
     unsigned threads;
     const dim3 grid = bwd_grid(a->B, a->T, vec_of(dt), &threads);
+    if (a->algo == GMPO_ALGO_FAMILY) {
+        const dim3 fgrid = bwd_grid(a->B, a->T, 1, &threads);
+        if (dt == GMPO_DT_F64)
+            GMPO_LAUNCH(gmpo_fam_bwd_kernel<double>, fgrid, threads, 0, stream, *a, rows,
+                        grad_out, grad_out_dtype, grad, grad_dtype);
+        else
+            GMPO_LAUNCH(gmpo_fam_bwd_kernel<float>, fgrid, threads, 0, stream, *a, rows,
+                        grad_out, grad_out_dtype, grad, grad_dtype);
+        GMPO_CHECK_LAUNCH(a, "gmpo_fam_bwd_kernel");
+        return GMPO_OK;
+    }
     if (dt == GMPO_DT_F64)
         GMPO_LAUNCH((gmpo_bwd_kernel<double, 2>), grid, threads, 0, stream, *a, rows, grad_out,
                     grad_out_dtype, grad, grad_dtype);
@@ -458,6 +609,7 @@ extern "C" gmpo_status gmpo_cuda_row_sums(gmpo_args *a, double *sums, int64_t su
     const int32_t dt = a->logp.dtype;
     const unsigned threads = fwd_threads(a->T, vec_of(dt));
     const dim3 grid((unsigned)a->B);
+    if (a->algo == GMPO_ALGO_FAMILY) return launch_fam_fwd(a, nullptr, sums);
     if (dt == GMPO_DT_F64)
         GMPO_LAUNCH((gmpo_fwd_rows_kernel<double, 2>), grid, threads, 0, stream, *a,
                     (double *)nullptr, sums);

@@ -746,6 +746,107 @@ static void case_conversions_roundtrip(void) {
     end();
 }
 
+// The GRPO family (GMPO_ALGO_FAMILY) under the sanitizers: every loss type at
+// both levels with every option on (delta, off-policy mask with a NaN sampler
+// token, the bias-corrected KL, token_mask, per-token weights), fp64 and fp32;
+// forward_backward against forward + backward bit for bit (run()), the rows
+// split in two halves of the tokens (row_sums twice, summed, finish_sums)
+// against forward, masked tokens' gradient exactly 0, and the fp64 gradient
+// against finite differences for the types whose coefficients carry it.
+static void case_family(int32_t dt) {
+    begin(dt == GMPO_DT_F64 ? "family fp64 (8 types x 2 levels, every option)"
+                            : "family fp32 (8 types x 2 levels, every option)");
+    const int64_t B = 5, T = 11;
+    for (int lt = GMPO_LT_GRPO; lt <= GMPO_LT_VESPO; lt++) {
+        for (int seq = 0; seq <= 1; seq++) {
+            problem p = make_problem(B, T, 0, 1, 1, 1, 0);
+            double *slp = xcalloc((size_t)(B * T), sizeof(double));
+            double *tm = xcalloc((size_t)(B * T), sizeof(double));
+            for (int64_t k = 0; k < B * T; k++) {
+                slp[k] = p.olp[k] + (urand() - 0.5) * 0.4;
+                tm[k] = urand() < 0.7 ? 1.0 : 0.0;
+            }
+            slp[3] = NAN;   // a token the sampler could not score
+            options o = {GMPO_ALGO_FAMILY, 0, lt, 0.2, lt == GMPO_LT_CISPO ? 1.1 : 0.28, 0.05, 0, 2.0, 0};
+            layout ly = {dt, dt, GMPO_DT_BOOL, dt, dt, dt, 0, 0, 1};
+            call c = make_call(&p, &o, &ly);
+            buffer bs = make_buffer(slp, B, T, dt, T, 1), bt = make_buffer(tm, B, T, GMPO_DT_U8, T, 1);
+            c.a.samp_logp = bs.v;
+            c.a.tok_mask = bt.v;
+            c.a.fam.seq_level = seq;
+            c.a.fam.has_delta = 1; c.a.fam.delta = 1.3;
+            c.a.fam.off_policy = 1; c.a.fam.off_policy_threshold = 0.01;
+            c.a.fam.bias_corr_kl = 1;
+            c.a.fam.sapo_tpos = 1.0; c.a.fam.sapo_tneg = 1.05;
+            c.a.fam.vespo_kpos = 2.0; c.a.fam.vespo_lpos = 3.0;
+            c.a.fam.vespo_kneg = 3.0; c.a.fam.vespo_lneg = 2.0;
+            result r = run(&c, dt, 1.0);
+            CHECK(r.st_f == GMPO_OK && r.st_b == GMPO_OK, "type %d seq %d: status %d / %d: %s",
+                  lt, seq, r.st_f, r.st_b, c.a.err);
+            CHECK(isfinite(r.loss), "type %d seq %d: loss %g", lt, seq, r.loss);
+            for (int64_t k = 0; k < B * T; k++)
+                if (p.m[k] == 0) CHECK(r.grad[k] == 0, "type %d: masked grad[%lld] = %g", lt, (long long)k, r.grad[k]);
+            // the rows split over two "processes": tokens [0, 6) and [6, T)
+            double *sums = xcalloc((size_t)(2 * B * GMPO_SUM_STATS), sizeof(double));
+            gmpo_args h = c.a;
+            h.T = 6;
+            CHECK(gmpo_cpu_row_sums(&h, sums, B * GMPO_SUM_STATS) == GMPO_OK, "row_sums: %s", h.err);
+            size_t es = dtype_size(dt);
+            h.T = T - 6;
+            h.logp.data = (const char *)c.a.logp.data + 6 * es;
+            h.old_logp.data = (const char *)c.a.old_logp.data + 6 * es;
+            h.mask.data = (const char *)c.a.mask.data + 6;
+            h.ref_logp.data = (const char *)c.a.ref_logp.data + 6 * es;
+            h.is_w.data = (const char *)c.a.is_w.data + 6 * es;
+            h.samp_logp.data = (const char *)c.a.samp_logp.data + 6 * es;
+            h.tok_mask.data = (const char *)c.a.tok_mask.data + 6;
+            h.logp.extent -= 6; h.old_logp.extent -= 6; h.mask.extent -= 6; h.ref_logp.extent -= 6;
+            h.is_w.extent -= 6; h.samp_logp.extent -= 6; h.tok_mask.extent -= 6;
+            CHECK(gmpo_cpu_row_sums(&h, sums + B * GMPO_SUM_STATS, B * GMPO_SUM_STATS) == GMPO_OK,
+                  "row_sums: %s", h.err);
+            for (int64_t k = 0; k < B * GMPO_SUM_STATS; k++) sums[k] += sums[B * GMPO_SUM_STATS + k];
+            double rows[(5 + 1) * GMPO_ROW_STATS], out8[1 + GMPO_METRICS];
+            float out4[1 + GMPO_METRICS];
+            int32_t odt = dt == GMPO_DT_F64 ? GMPO_DT_F64 : GMPO_DT_F32;
+            void *ob = odt == GMPO_DT_F64 ? (void *)out8 : (void *)out4;
+            void *mb = odt == GMPO_DT_F64 ? (void *)(out8 + 1) : (void *)(out4 + 1);
+            CHECK(gmpo_cpu_finish_sums(&c.a, sums, B * GMPO_SUM_STATS, rows, ob, mb, odt) == GMPO_OK,
+                  "finish_sums: %s", c.a.err);
+            double split = get(ob, odt, 0);
+            CHECK(fabs(split - r.loss) <= (dt == GMPO_DT_F64 ? 1e-12 : 2e-6) * fmax(1.0, fabs(r.loss)),
+                  "type %d seq %d: split loss %.12g, whole %.12g", lt, seq, split, r.loss);
+            free(sums);
+            if (dt == GMPO_DT_F64 && lt != GMPO_LT_CISPO && lt != GMPO_LT_VESPO) {
+                // the keep of the off-policy mask is piecewise constant: finite
+                // differences see the same rows kept
+                double *lp = (double *)c.lp.data;
+                for (int64_t k = 0; k < B * T; k++) {
+                    double hh = 1e-6, x = lp[k], fp, fm;
+                    lp[k] = x + hh;
+                    gmpo_cpu_forward(&c.a, rows, out8, out8 + 1, GMPO_DT_F64);
+                    fp = out8[0];
+                    lp[k] = x - hh;
+                    gmpo_cpu_forward(&c.a, rows, out8, out8 + 1, GMPO_DT_F64);
+                    fm = out8[0];
+                    lp[k] = x;
+                    double fd = (fp - fm) / (2 * hh);
+                    CHECK(fabs(fd - r.grad[k]) <= 1e-6 * fmax(1e-3, fabs(r.grad[k])),
+                          "type %d seq %d: d/dlogp[%lld]: backward %.12g, finite difference %.12g",
+                          lt, seq, (long long)k, r.grad[k], fd);
+                }
+            }
+            free_result(&r);
+            free(bs.data);
+            free(bt.data);
+            free_call(&c);
+            free_problem(&p);
+            free(slp);
+            free(tm);
+        }
+    }
+    end();
+}
+
 static int convert_file(const char *in, const char *out) {
     FILE *fi = fopen(in, "rb"), *fo = fopen(out, "wb");
     if (!fi || !fo) { fprintf(stderr, "cannot open %s or %s\n", in, out); return 2; }
@@ -781,6 +882,8 @@ int main(int argc, char **argv) {
     case_nan();
     for (int lt = 0; lt < 4; lt++) case_grpo(lt);
     case_threads();
+    case_family(GMPO_DT_F64);
+    case_family(GMPO_DT_F32);
     case_bad_args();
     case_negative_dtype_codes();
     case_conversions_roundtrip();
