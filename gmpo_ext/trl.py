@@ -7,7 +7,7 @@
 
 Both share the fused-head machinery described below (``_FusedHeadMixin``);
 :class:`GRPOTrainer` computes TRL's GRPO-family loss with
-:func:`gmpo_ext.grpo_loss` (see its docstring and ``_FUSED_OPTIONS``), the
+:func:`gmpo_ext.grpo_loss` (see its docstring), the
 rest of this text is about GMPOTrainer.
 
 Everything but the loss is TRL's own (generation, rewards, advantages, weight
@@ -721,30 +721,10 @@ class GMPOTrainer(_FusedHeadMixin, TRLGMPOTrainer):
                                               reduction="sum").item())
 
 
-# GRPOConfig options -> the keyword arguments of gmpo_ext.grpo_loss that fuse
-# them. A batch whose options need an argument this build's grpo_loss does not
-# take goes to TRL's own loss, with a warning naming the option; loss types the
-# core does not know (_backend.LOSS_TYPES) likewise.
-_FUSED_OPTIONS = {
-    "importance_sampling_level='sequence'": ("importance_sampling_level",),
-    "delta": ("delta",),
-    "off_policy_mask_threshold": ("off_policy_mask_threshold", "sampling_logps"),
-    "use_bias_correction_kl": ("use_bias_correction_kl",),
-    "top_entropy_quantile": ("token_mask",),
-    "entropy_coef / use_adaptive_entropy": ("entropies", "entropy_coef"),
-    "loss_type='sapo'": ("sapo_temperature_pos", "sapo_temperature_neg"),
-    "loss_type='vespo'": ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
-}
-
 # TRL's loss types that divide by the generation batch's token count
 # (num_items_in_batch) rather than by gradient-accumulation steps
 _ITEM_NORMALISED = ("dapo", "cispo", "vespo")
 _CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-
-
-def _core_arguments():
-    """The keyword arguments gmpo_ext.grpo_loss takes (this build)."""
-    return frozenset(inspect.signature(grpo_loss).parameters)
 
 
 class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
@@ -769,8 +749,7 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
 
     Cases not fused go to TRL's own ``_compute_loss`` (TRL's fused head), one
     warning per reason naming it: vision-language inputs, a forward without
-    ``logits_to_keep``, per-token (B, T) advantages, and an option whose
-    argument this build's ``grpo_loss`` does not take (``_FUSED_OPTIONS``).
+    ``logits_to_keep``, per-token (B, T) advantages.
 
     Args:
         fused_lm_head: as in :class:`GMPOTrainer` (default True).
@@ -785,40 +764,11 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
         if self.fused_lm_head:
             self._install_fused_forward()
 
-    def _options_in_use(self, inputs):
-        """The _FUSED_OPTIONS keys this configuration (and batch) uses."""
-        args = self.args
-        used = []
-        if self.importance_sampling_level == "sequence":
-            used.append("importance_sampling_level='sequence'")
-        if args.delta is not None and self.loss_type in _CLIP_TYPES:
-            used.append("delta")
-        if self.off_policy_mask_threshold is not None:
-            used.append("off_policy_mask_threshold")
-        if self.beta != 0.0 and args.use_bias_correction_kl:
-            used.append("use_bias_correction_kl")
-        if self.top_entropy_quantile < 1.0:
-            used.append("top_entropy_quantile")
-        if self._entropy_bonus_enabled:
-            used.append("entropy_coef / use_adaptive_entropy")
-        if self.loss_type in ("sapo", "vespo"):
-            used.append(f"loss_type={self.loss_type!r}")
-        return used
-
     def _unfused(self, inputs):
-        """Why this batch cannot be fused (names the option), or None."""
-        if self.loss_type not in _backend.LOSS_TYPES:
-            return (f"loss_type={self.loss_type!r} is not in this build's fused core "
-                    f"(it has {', '.join(_backend.LOSS_TYPES)})")
+        """Why this batch cannot be fused, or None."""
         adv = inputs["advantages"]
         if adv.dim() == 2 and adv.shape[1] != 1:
             return "per-token (B, T) advantages"
-        have = _core_arguments()
-        for option in self._options_in_use(inputs):
-            missing = [a for a in _FUSED_OPTIONS[option] if a not in have]
-            if missing:
-                return (f"{option} is not fused in this build (gmpo_ext.grpo_loss takes no "
-                        f"{', '.join(missing)}=)")
         return None
 
     def _is_weights(self, inputs):

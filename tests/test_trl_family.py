@@ -13,16 +13,12 @@ beta > 0, num_iterations 2 and gradient accumulation 2, equal to TRL's.
 (d) GMPOTrainer's entropy bonus, off-policy mask, delta and MoE auxiliary loss
 against float32 torch formulas on TRL's own log-probs.
 
-Cases that need the fused core's GRPO family (the loss types beyond
-grpo/bnpo/dr_grpo/dapo, the sequence level and the options taken by
-``gmpo_ext.grpo_loss`` once issue 17 part 1 lands) skip, saying so, when this
-build's ``grpo_loss`` lacks them; the trainer itself sends such a batch to
-TRL's loss with a warning (tested below).
+A batch the trainer does not fuse (per-token advantages) goes to TRL's loss
+with a warning (tested below).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import warnings
@@ -55,15 +51,6 @@ RTOL = 1e-5
 B, P, T = 6, 3, 7
 
 TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-# what this build's core fuses without issue 17 part 1
-BASE_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-FAMILY_ARGS = ("importance_sampling_level", "delta", "off_policy_mask_threshold",
-               "sampling_logps", "use_bias_correction_kl", "token_mask", "sapo_temperature_pos",
-               "sapo_temperature_neg", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
-               "vespo_lambda_neg", "entropies", "entropy_coef")
-HAVE_FAMILY = (set(FAMILY_ARGS) <= set(inspect.signature(grpo_loss).parameters)
-               and set(TYPES) <= set(_backend.LOSS_TYPES))
-NEEDS_FAMILY = "needs the fused GRPO family (issue 17 part 1)"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +87,8 @@ def _trainer(cls, model, tok, tmp_path, trainer_kw=None, config=GRPOConfig, **kw
                **(trainer_kw or {}))
 
 
-def _batch(model, V, temperature, *, beta, tool=False, isr=None, sampling=False):
+def _batch(model, V, temperature, *, beta, tool=False, isr=None, sampling=False,
+           token_adv=False):
     """One batch shaped like GRPOTrainer's output: left-padded prompts, right-padded
     completions (one empty), a zero advantage, old log-probs off-policy by noise,
     the generation batch's token count; optionally the rollout engine's
@@ -132,6 +120,8 @@ def _batch(model, V, temperature, *, beta, tool=False, isr=None, sampling=False)
         inputs["sampling_per_token_logps"] = lp + far + 0.05 * torch.randn(B, T, generator=g)
     if isr is not None:
         inputs["importance_sampling_ratio"] = isr
+    if token_adv:   # (B, T) advantages, as a GRPOTrainer subclass may hand over
+        inputs["advantages"] = advantages[:, None] * torch.linspace(0.5, 1.5, T)
     return inputs, lp
 
 
@@ -141,7 +131,7 @@ def _isr(shape):
 
 
 def _run(cls, model_dir, tok, tmp_path, *, grad_accum=1, beta=0.0, tool=False, isr=None,
-         sampling=False, eval_mode=False, state=None, trainer_kw=None, **cfg):
+         sampling=False, eval_mode=False, state=None, trainer_kw=None, token_adv=False, **cfg):
     """One compute_loss + backward: (loss, grads, last metrics, trainer)."""
     model = _model(model_dir, tok)
     trainer = _trainer(cls, model, tok, tmp_path, trainer_kw, beta=beta, **cfg)
@@ -153,7 +143,7 @@ def _run(cls, model_dir, tok, tmp_path, *, grad_accum=1, beta=0.0, tool=False, i
     for k, v in (state or {}).items():
         setattr(trainer, k, v)
     inputs, _ = _batch(model, len(tok), trainer.temperature, beta=beta, tool=tool, isr=isr,
-                       sampling=sampling)
+                       sampling=sampling, token_adv=token_adv)
     loss = trainer.compute_loss(model, inputs)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -184,22 +174,9 @@ def _assert_same(ref, ours, what, all_params=True):
         assert nonzero == len(g_ref), what     # every parameter took part
 
 
-def _needs_family(cfg, beta=0.0):
-    """Whether a case needs grpo_loss's GRPO-family arguments (TRL's
-    use_bias_correction_kl defaults to True: any beta != 0 uses it)."""
-    return (cfg.get("loss_type", "dapo") not in BASE_TYPES
-            or (beta != 0 and cfg.get("use_bias_correction_kl", True))
-            or cfg.get("importance_sampling_level", "token") != "token"
-            or cfg.get("delta") is not None or cfg.get("off_policy_mask_threshold") is not None
-            or cfg.get("use_bias_correction_kl") or cfg.get("top_entropy_quantile", 1.0) < 1.0
-            or cfg.get("entropy_coef", 0.0) != 0.0 or cfg.get("use_adaptive_entropy"))
-
-
 def _parity(case, kw, model_dir, tok, tmp_path):
     cfg = {k: v for k, v in kw.items()
            if k not in ("grad_accum", "tool", "isr", "sampling", "eval_mode", "state", "beta")}
-    if _needs_family(cfg, kw.get("beta", 0.0)) and not HAVE_FAMILY:
-        pytest.skip(NEEDS_FAMILY)
     l_trl, g_trl, m_trl, t_trl = _run(TRLGRPOTrainer, model_dir, tok, tmp_path, **kw)
     l_ours, g_ours, m_ours, t_ours = _run(GRPOTrainer, model_dir, tok, tmp_path, **kw)
     assert t_ours.fused_lm_head and not t_ours._gmpo_fallback_warned, t_ours._gmpo_fallback_warned
@@ -286,27 +263,15 @@ def test_off_policy_mask_is_exercised(model_dir, tok):
     assert (keep[neg, 0] == 0).any() and (keep[neg, 0] == 1).any()
 
 
-def test_unfused_option_falls_back_with_a_warning(model_dir, tok, tmp_path, monkeypatch):
-    """An option whose argument this build's grpo_loss lacks sends the batch to TRL's
-    own loss with one warning naming the option; the result is TRL's."""
-    monkeypatch.setattr(gtrl, "_core_arguments",
-                        lambda: frozenset(inspect.signature(grpo_loss).parameters) - {"delta"})
-    kw = dict(loss_type="dapo", delta=1.3)
+def test_per_token_advantages_fall_back_with_a_warning(model_dir, tok, tmp_path):
+    """(B, T) advantages are not fused: TRL's own loss, one warning naming them,
+    TRL's result."""
+    kw = dict(loss_type="dapo", token_adv=True)
     l_trl, g_trl, _, _ = _run(TRLGRPOTrainer, model_dir, tok, tmp_path, **kw)
-    with pytest.warns(UserWarning, match="delta is not fused"):
+    with pytest.warns(UserWarning, match=r"per-token \(B, T\) advantages"):
         l_ours, g_ours, _, tr = _run(GRPOTrainer, model_dir, tok, tmp_path, **kw)
-    assert any("delta" in w for w in tr._gmpo_fallback_warned)
-    _assert_same((l_trl, g_trl), (l_ours, g_ours), "fallback")
-
-
-def test_unknown_loss_type_falls_back(model_dir, tok, tmp_path, monkeypatch):
-    """A loss type the core does not have: TRL's loss, a warning naming it."""
-    monkeypatch.setattr(_backend, "LOSS_TYPES", {k: v for k, v in _backend.LOSS_TYPES.items()
-                                                 if k != "bnpo"})
-    l_trl, g_trl, _, _ = _run(TRLGRPOTrainer, model_dir, tok, tmp_path, loss_type="bnpo")
-    with pytest.warns(UserWarning, match="loss_type='bnpo'"):
-        l_ours, g_ours, _, _ = _run(GRPOTrainer, model_dir, tok, tmp_path, loss_type="bnpo")
-    _assert_same((l_trl, g_trl), (l_ours, g_ours), "bnpo fallback")
+    assert tr._gmpo_fallback_warned
+    _assert_same((l_trl, g_trl), (l_ours, g_ours), "per-token advantages fallback")
 
 
 def test_fused_head_is_used(model_dir, tok, tmp_path, monkeypatch):
@@ -563,8 +528,6 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
     completions are sampled from the same RNG stream and must be identical (a
     flipped sample would show as a loss difference of order 0.1)."""
     cfg = TRAJECTORIES[name]
-    if _needs_family(cfg, beta=0.05) and not HAVE_FAMILY:
-        pytest.skip(NEEDS_FAMILY)
     ref, ref_logs, ref_params = _train(TRLGRPOTrainer, model_dir, tok, tmp_path, **cfg)
     ours, logs, params = _train(GRPOTrainer, model_dir, tok, tmp_path, **cfg)
     assert ours.fused_lm_head and not ours._gmpo_fallback_warned
@@ -585,45 +548,44 @@ def test_training_trajectory_matches_trl(name, model_dir, tok, tmp_path):
 # ----------------------------------------------------------------------------
 # docs/trl-verl.md's "GRPOConfig option -> gmpo_ext" table is written from this
 # list (tools/gen_docs.py, block grpo-options):
-# (option, what gmpo_ext.trl.GRPOTrainer does, needs issue 17 part 1's core,
-#  the parity cases above that show it)
+# (option, what gmpo_ext.trl.GRPOTrainer does, the parity cases above that show it)
 
 FUSED = "fused, same result"
 OPTION_TABLE = [
-    ("`loss_type` grpo, bnpo, dr_grpo, dapo", FUSED, False,
+    ("`loss_type` grpo, bnpo, dr_grpo, dapo", FUSED,
      ["grpo/token", "bnpo/token", "dr_grpo/token", "dapo/token"]),
-    ("`loss_type` cispo, sapo, luspo, vespo", FUSED, True,
+    ("`loss_type` cispo, sapo, luspo, vespo", FUSED,
      ["cispo/token", "sapo/token", "luspo/token", "vespo/token"]),
-    ("`importance_sampling_level=\"sequence\"` (GSPO: grpo at sequence level)", FUSED, True,
+    ("`importance_sampling_level=\"sequence\"` (GSPO: grpo at sequence level)", FUSED,
      [f"{t}/sequence" for t in TYPES]),
-    ("`epsilon`, `epsilon_high`, `temperature`", FUSED, False,
+    ("`epsilon`, `epsilon_high`, `temperature`", FUSED,
      ["grpo/token", "luspo_temperature"]),
-    ("`beta` (k3 KL to the reference model)", FUSED, False, ["beta_plain_kl", "dr_grpo_eval"]),
-    ("`use_bias_correction_kl` (TRL's default, with `beta != 0`)", FUSED, True,
+    ("`beta` (k3 KL to the reference model)", FUSED, ["beta_plain_kl", "dr_grpo_eval"]),
+    ("`use_bias_correction_kl` (TRL's default, with `beta != 0`)", FUSED,
      ["beta", "bias_corrected_kl", "bias_corrected_kl_gspo"]),
-    ("`delta` (two-sided clipping)", FUSED, True, ["delta", "delta_gspo"]),
+    ("`delta` (two-sided clipping)", FUSED, ["delta", "delta_gspo"]),
     ("`off_policy_mask_threshold` (with the batch's `sampling_per_token_logps`, else the old "
-     "log-probs)", FUSED, True, ["off_policy_mask_sampling_logps", "off_policy_mask_old_logps"]),
+     "log-probs)", FUSED, ["off_policy_mask_sampling_logps", "off_policy_mask_old_logps"]),
     ("vLLM `importance_sampling_ratio` (token or sequence modes; vespo: in its gamma weights)",
-     FUSED, False, ["is_ratio_token", "is_ratio_sequence", "is_ratio_cispo_sequence_level",
+     FUSED, ["is_ratio_token", "is_ratio_sequence", "is_ratio_cispo_sequence_level",
                     "is_ratio_vespo"]),
     ("`top_entropy_quantile` (TRL's `get_high_entropy_mask` on the fused head's entropies)",
-     FUSED, True, ["top_entropy_quantile", "entropy_bonus_with_quantile"]),
-    ("`entropy_coef` (fixed bonus)", FUSED, True, ["entropy_bonus", "entropy_bonus_with_quantile"]),
+     FUSED, ["top_entropy_quantile", "entropy_bonus_with_quantile"]),
+    ("`entropy_coef` (fixed bonus)", FUSED, ["entropy_bonus", "entropy_bonus_with_quantile"]),
     ("`use_adaptive_entropy`, `entropy_target`, `entropy_coef_min/max/delta` (TRL's controller "
-     "and its state)", FUSED, True, ["entropy_adaptive", "entropy_adaptive_gated_off"]),
-    ("`sapo_temperature_pos/neg`", FUSED, True, ["sapo_temperatures"]),
-    ("`vespo_k_pos`, `vespo_lambda_pos`, `vespo_k_neg`, `vespo_lambda_neg`", FUSED, True,
+     "and its state)", FUSED, ["entropy_adaptive", "entropy_adaptive_gated_off"]),
+    ("`sapo_temperature_pos/neg`", FUSED, ["sapo_temperatures"]),
+    ("`vespo_k_pos`, `vespo_lambda_pos`, `vespo_k_neg`, `vespo_lambda_neg`", FUSED,
      ["vespo_gamma"]),
-    ("`router_aux_loss_coef` (MoE models with `output_router_logits`)", FUSED, False,
+    ("`router_aux_loss_coef` (MoE models with `output_router_logits`)", FUSED,
      ["moe_aux_loss"]),
     ("`gradient_accumulation_steps`, `steps_per_generation`, `num_iterations`, "
-     "`num_items_in_batch`, `max_completion_length`, eval mode", FUSED, False,
+     "`num_items_in_batch`, `max_completion_length`, eval mode", FUSED,
      ["beta_grad_accum_tool", "dapo_eval_grad_accum", "dr_grpo_eval", "trajectory/dapo"]),
-    ("tool masks (`tool_mask` in the batch)", FUSED, False, ["beta_grad_accum_tool"]),
+    ("tool masks (`tool_mask` in the batch)", FUSED, ["beta_grad_accum_tool"]),
     ("vision-language inputs (`pixel_values`, ...), per-token (B, T) advantages, a forward "
      "without `logits_to_keep`", "TRL's own loss (TRL's fused head), a warning naming the "
-     "reason; same result", False, []),
+     "reason; same result", []),
 ]
 
 
@@ -637,10 +599,7 @@ def option_table():
     """The markdown table docs/trl-verl.md shows (between its option-table markers)."""
     rows = ["| TRL `GRPOConfig` option | `gmpo_ext.trl.GRPOTrainer` | parity cases "
             "(`tests/test_trl_family.py`) |", "| :--- | :--- | :--- |"]
-    for option, status, part1, cases in OPTION_TABLE:
-        if part1:
-            status += " (with issue 17 part 1's `grpo_loss`; before it: TRL's own loss, a " \
-                      "warning naming the option)"
+    for option, status, cases in OPTION_TABLE:
         rows.append(f"| {option} | {status} | {', '.join(cases) or '-'} |")
     return "\n".join(rows)
 
@@ -649,7 +608,7 @@ def test_readme_option_table_is_current():
     """docs/trl-verl.md's option table is option_table(), and every case it names is
     run above."""
     known = _known_cases()
-    for _, _, _, cases in OPTION_TABLE:
+    for _, _, cases in OPTION_TABLE:
         assert set(cases) <= known, set(cases) - known
     covered = {c for *_, cases in OPTION_TABLE for c in cases}
     assert set(OPTIONS) <= covered, set(OPTIONS) - covered     # every option case is in a row
