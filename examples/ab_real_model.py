@@ -23,10 +23,20 @@ plain number works too. Reward: 1 when the last number in the completion
 equals the answer's, else 0. The prompt is the question with an instruction
 to end on the number, in the model's chat template when it has one.
 
+The off-policy knob: TRL samples a generation batch every
+``--steps-per-generation`` x ``--num-iterations`` micro-batches, and an
+optimizer step takes ``--gradient-accumulation-steps`` micro-batches, so each
+generation batch is used for steps-per-generation x num-iterations /
+gradient-accumulation-steps optimizer steps (which must be a whole number).
+
 The recorder adds one no-grad forward of the policy per micro-batch (about a
-third of the loss step). Written to run as it is on one GPU with
-``pip install -e ".[demo]"``; it is tested here on CPU with a tiny local model
-and a tiny local dataset (tests/test_demo.py).
+third of the loss step), over chunks of rows whose logits stay within 256 MiB
+(gmpo_ext.demo.rows_per_forward), so it does not hold the (B, T, V) logits the
+fused trainers avoid. Written to run as it is on one CUDA GPU with
+``pip install -e ".[demo]"`` (the model and dataset are downloaded unless they
+are on disk); without a usable GPU it stops unless ``--use-cpu`` is given. It
+is tested here on CPU with a tiny local model and a tiny local dataset
+(tests/test_demo.py).
 """
 
 from __future__ import annotations
@@ -38,8 +48,8 @@ import sys
 import tempfile
 
 from gmpo_ext.demo import (METHOD_CONFIG, HelpFormatter, clip_ranges, config_class,
-                           methods_arg, positive_float, positive_int, quiet, run_comparison,
-                           summary_markdown, versions)
+                           methods_arg, output_dir_error, positive_float, positive_int, quiet,
+                           run_comparison, summary_markdown, versions)
 
 INSTRUCTION = "Solve the problem. End your answer with the final number alone on the last line."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -111,13 +121,17 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", dest="prompts_per_step",
                    type=positive_int("--prompts-per-step"), default=4)
     p.add_argument("--num-generations", dest="num_generations",
-                   type=positive_int("--num-generations"), default=8)
+                   type=positive_int("--num-generations"), default=8,
+                   help="completions per prompt (the group; at least 2)")
     p.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps",
                    type=positive_int("--gradient-accumulation-steps"), default=1)
     p.add_argument("--steps-per-generation", dest="steps_per_generation",
-                   type=positive_int("--steps-per-generation"), default=2)
+                   type=positive_int("--steps-per-generation"), default=2,
+                   help="micro-batches per generation batch")
     p.add_argument("--num-iterations", dest="num_iterations",
-                   type=positive_int("--num-iterations"), default=2)
+                   type=positive_int("--num-iterations"), default=2,
+                   help="passes over each generation batch; optimizer steps per generation batch "
+                   "= steps-per-generation x num-iterations / gradient-accumulation-steps")
     p.add_argument("--max-completion-length", dest="max_completion_length",
                    type=positive_int("--max-completion-length"), default=256)
     p.add_argument("--bf16", action="store_true",
@@ -128,13 +142,39 @@ def parse_args(argv=None):
     p.add_argument("--out", default="ab_out",
                    help="output folder (demo.csv, demo.png, summary.json, summary.md)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    return p.parse_args(argv)
+    o = p.parse_args(argv)
+    if o.num_generations < 2:
+        p.error("--num-generations must be at least 2 (the advantage compares a prompt's "
+                "completions with each other)")
+    gas = o.gradient_accumulation_steps
+    if (o.prompts_per_step * o.num_generations) % gas:
+        p.error("--gradient-accumulation-steps must divide --prompts-per-step x "
+                "--num-generations (the completions of one optimizer step)")
+    if (o.steps_per_generation * o.num_iterations) % gas:
+        p.error("--gradient-accumulation-steps must divide --steps-per-generation x "
+                "--num-iterations (a generation batch must last whole optimizer steps)")
+    why = output_dir_error(o.out)
+    if why:
+        p.error(f"--out: {why}")
+    return o
+
+
+def updates_per_generation_batch(opts) -> int:
+    """Optimizer steps that train on one generation batch: TRL samples every
+    steps_per_generation x num_iterations micro-batches; a step is
+    gradient_accumulation_steps micro-batches."""
+    return opts.steps_per_generation * opts.num_iterations // opts.gradient_accumulation_steps
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    quiet()
+    quiet(offline=False)        # the model and dataset may come from the hub
     import torch
+
+    if not opts.use_cpu and not torch.cuda.is_available():
+        raise SystemExit("ab_real_model.py: no usable CUDA GPU (torch.cuda.is_available() is "
+                         "False); this comparison is meant for a GPU. Pass --use-cpu to train on "
+                         "the CPU anyway (slow for a real model).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(opts.model, padding_side="left")
@@ -172,10 +212,8 @@ def main(argv=None) -> int:
         return dict(model=model, reward_funcs=last_number_reward, args=args,
                     train_dataset=rows.shuffle(seed=seed), processing_class=tok)
 
-    if batch % opts.gradient_accumulation_steps:
-        raise SystemExit("--gradient-accumulation-steps must divide --prompts-per-step x "
-                         "--num-generations")
-    upd = opts.steps_per_generation * opts.num_iterations
+    upd = updates_per_generation_batch(opts)
+    gen = batch // opts.gradient_accumulation_steps * opts.steps_per_generation
     name = os.path.basename(opts.model.rstrip("/")) or opts.model
     data = os.path.basename(opts.dataset) if os.path.exists(opts.dataset) else opts.dataset
     config = {
@@ -183,12 +221,14 @@ def main(argv=None) -> int:
         "split": opts.split, "lr": opts.lr, "completions_per_step": batch,
         "prompts_per_step": opts.prompts_per_step, "num_generations": opts.num_generations,
         "steps_per_generation": opts.steps_per_generation, "num_iterations": opts.num_iterations,
-        "updates_per_generation_batch": upd, "max_completion_length": opts.max_completion_length,
+        "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        "completions_per_generation_batch": gen, "updates_per_generation_batch": upd, "max_completion_length": opts.max_completion_length,
         "bf16": opts.bf16, "method_config": {m: METHOD_CONFIG[m] for m in opts.methods},
         "versions": versions(),
         "description": (f"{', '.join(m.upper() for m in opts.methods)} on {name}, {data}; "
                         f"{opts.seeds} seeds, {opts.steps} optimizer steps per run, {batch} "
-                        f"completions per step, {upd} updates per generation batch; "
+                        f"completions per step, {upd} optimizer steps per generation batch of "
+                        f"{gen} completions; "
                         f"{clip_ranges(opts.methods)}. Written by `examples/ab_real_model.py`."),
         "scope": (f"What this does not show: one model ({name}), one task and {opts.steps} "
                   "steps; other models, tasks and longer runs can differ."),

@@ -6,7 +6,8 @@ installed (the ``demo`` extra); this renders the same panels where it is not
 titles and legends, text in a 5x7 bitmap font (upper case). PNG written with
 zlib, 8-bit RGB, no filter.
 
-A panel is a dict: ``title``, ``xlabel``, ``ylabel``, ``hline`` (a y value or
+Points with an infinite or NaN coordinate are left out (the line joins
+the points on either side). A panel is a dict: ``title``, ``xlabel``, ``ylabel``, ``hline`` (a y value or
 None) and ``series``: a list of dicts with ``label``, ``color`` (an (r, g, b)
 tuple), ``x``, ``y`` and optionally ``lo``, ``hi`` (the band) and ``legend``
 (False: no legend entry). The figure has one legend, under its title: each
@@ -153,6 +154,10 @@ class Canvas:
             f.write(self.png())
 
 
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
 def nice_ticks(lo: float, hi: float, n: int = 5):
     """About ``n`` round tick values covering [lo, hi] (steps 1, 2, 2.5, 5 x 10^k)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -207,7 +212,7 @@ def render(path: str, panels, title: str = "", width: int = 1500, height: int = 
         x0 = int(k * pw) + 30 + 6 * _ADV * sc          # room for the y label and tick labels
         x1 = int((k + 1) * pw) - 16
         y0, y1 = top + ch + 10, height - 2 * ch - 26    # plot area, pixels (y0 top)
-        xs = [v for s in p["series"] for v in s["x"]]
+        xs = [v for s in p["series"] for v in s["x"] if _finite(v)]
         ys = [v for s in p["series"] for key in ("y", "lo", "hi") for v in s.get(key) or []
               if v == v and math.isfinite(v)]
         if p.get("hline") is not None:
@@ -248,13 +253,13 @@ def render(path: str, panels, title: str = "", width: int = 1500, height: int = 
             if s.get("lo") is None:
                 continue
             pts = [(X(a), Y(b), Y(c)) for a, b, c in zip(s["x"], s["lo"], s["hi"])
-                   if b == b and c == c]
+                   if _finite(a) and _finite(b) and _finite(c)]
             for (xa, la, ha), (xb, lb, hb) in zip(pts, pts[1:]):
                 for x in range(int(math.ceil(xa)), int(math.ceil(xb))):
                     t = (x - xa) / (xb - xa) if xb > xa else 0.0
                     cv.vspan(x, la + (lb - la) * t, ha + (hb - ha) * t, s["color"], 0.22)
         for s in p["series"]:
-            pts = [(X(a), Y(b)) for a, b in zip(s["x"], s["y"]) if b == b]
+            pts = [(X(a), Y(b)) for a, b in zip(s["x"], s["y"]) if _finite(a) and _finite(b)]
             for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
                 cv.line(xa, ya, xb, yb, s["color"], width=2)
             if len(pts) == 1:

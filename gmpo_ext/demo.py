@@ -18,13 +18,18 @@ the same prompts in the same order and the same sampling seed. Methods
 
 * ``gmpo``: :class:`gmpo_ext.trl.GMPOTrainer` (geometric mean of the
   per-token ratios, clip (e^-0.4, e^0.4) in log space, the paper's setting);
-* ``grpo``: GRPO (arithmetic mean; TRL's default loss ``dapo``, clip
-  (0.8, 1.2) in ratio space);
-* ``gspo``: GRPO with ``importance_sampling_level="sequence"`` (one ratio per
-  sequence, loss ``grpo``, clip (1 - 3e-4, 1 + 4e-4): the GSPO paper's).
+* ``grpo``: :class:`gmpo_ext.trl.GRPOTrainer` (arithmetic mean; TRL's default
+  loss ``dapo``, clip (0.8, 1.2) in ratio space);
+* ``gspo``: the same trainer with ``importance_sampling_level="sequence"``
+  (one ratio per sequence, loss ``grpo``, clip (1 - 3e-4, 1 + 4e-4): the GSPO
+  paper's).
 
-Which trainer class runs each method is decided in one place,
-:func:`trainer_class`, and printed (read from the class itself).
+Every method runs through gmpo_ext's fused trainers (the LM head and the loss
+fused), so the comparison is of the objectives, not of two code paths. Which
+trainer class runs each method is decided in one place, :func:`trainer_class`,
+and printed (read from the class itself). A fused trainer that falls back to
+TRL's own loss or to the logits path warns (the warning stays visible) and the
+run records it: ``config.fallbacks`` in summary.json.
 
 Each generation batch is used for several optimizer updates
 (``--steps-per-generation`` micro-batches x ``--num-iterations`` passes), so
@@ -202,22 +207,25 @@ def clip_ranges(methods) -> str:
 
 
 def trainer_class(method: str):
-    """The trainer class that runs ``method``: the ONE place that decides it."""
+    """The trainer class that runs ``method``: the ONE place that decides it.
+    gmpo: :class:`gmpo_ext.trl.GMPOTrainer`; grpo and gspo:
+    :class:`gmpo_ext.trl.GRPOTrainer` (the fused drop-in for TRL's)."""
     if method == "gmpo":
         from .trl import GMPOTrainer
         return GMPOTrainer
     if method in ("grpo", "gspo"):
-        from trl import GRPOTrainer     # TRL's own (a fused gmpo_ext GRPOTrainer: swap here)
+        from .trl import GRPOTrainer
         return GRPOTrainer
     raise ValueError(f"method must be one of {sorted(METHOD_CONFIG)}, got {method!r}")
 
 
 def config_class(method: str):
-    """GMPOConfig for gmpo, TRL's GRPOConfig for the GRPO family."""
+    """GMPOConfig for gmpo, GRPOConfig (TRL's, re-exported by gmpo_ext.trl) for the
+    GRPO family."""
     if method == "gmpo":
         from .trl import GMPOConfig
         return GMPOConfig
-    from trl import GRPOConfig
+    from .trl import GRPOConfig
     return GRPOConfig
 
 
@@ -272,11 +280,33 @@ def clipped_tokens(rule: str, log_ratio, advantages, mask, eps_low: float, eps_h
     return (((x > hi) & (adv > 0)) | ((x < lo) & (adv < 0))) & m
 
 
-def policy_measures(model, inputs, temperature: float, rows_per_forward: int = 64, autocast=None):
-    """(log_ratio, entropy, mask) of the current policy on a TRL batch: one no-grad
-    forward per ``rows_per_forward`` rows, log-probs and entropies with
-    :func:`gmpo_ext.selective_logps`. log_ratio = log pi_theta - log pi_old
-    (0 where the batch has no old log-probs: on-policy)."""
+def rows_per_forward(T: int, vocab: int, max_logits_bytes: int = 256 * 2**20) -> int:
+    """Rows per no-grad forward of :func:`policy_measures`: as many as keep one
+    forward's (rows, T + 1, V) fp32 logits within ``max_logits_bytes`` (at least 1).
+    Qwen2.5-0.5B (V = 151 936), T = 256: 1 row (156 MB); the demo's tiny model:
+    every row at once."""
+    per_row = (T + 1) * max(1, int(vocab)) * 4
+    return max(1, int(max_logits_bytes) // per_row)
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(head, "weight", None)
+    if w is not None and w.dim() == 2:
+        return int(w.shape[0])
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(getattr(cfg, "vocab_size", 0) or 1)
+
+
+def policy_measures(model, inputs, temperature: float, max_logits_bytes: int = 256 * 2**20,
+                    autocast=None):
+    """(log_ratio, entropy, mask) of the current policy on a TRL batch: no-grad
+    forwards over chunks of rows (:func:`rows_per_forward`: no chunk's logits
+    exceed ``max_logits_bytes``, so the whole (B, T, V) logits are never held),
+    log-probs and entropies with :func:`gmpo_ext.selective_logps`.
+    log_ratio = log pi_theta - log pi_old (0 where the batch has no old
+    log-probs: on-policy)."""
     import torch
     from .logits import selective_logps
 
@@ -285,10 +315,11 @@ def policy_measures(model, inputs, temperature: float, rows_per_forward: int = 6
     mask = c_mask if "tool_mask" not in inputs else c_mask * inputs["tool_mask"]
     ids, am = torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
     T = c_ids.shape[1]
+    chunk = rows_per_forward(T, _vocab_size(model), max_logits_bytes)
     lps, ents = [], []
     with torch.no_grad():
-        for r0 in range(0, ids.shape[0], rows_per_forward):
-            sl = slice(r0, r0 + rows_per_forward)
+        for r0 in range(0, ids.shape[0], chunk):
+            sl = slice(r0, r0 + chunk)
             with (autocast() if autocast is not None else contextlib.nullcontext()):
                 logits = model(input_ids=ids[sl], attention_mask=am[sl], logits_to_keep=T + 1,
                                use_cache=False).logits
@@ -302,6 +333,14 @@ def policy_measures(model, inputs, temperature: float, rows_per_forward: int = 6
     old = inputs.get("old_per_token_logps")
     log_ratio = torch.zeros_like(logps) if old is None else logps - old.float()
     return log_ratio, entropy, mask
+
+
+def k3(log_ratio):
+    """The k3 estimator per token, e^l - 1 - l with l = log pi_theta - log pi_old
+    (>= 0): its mean over tokens pi_old sampled estimates KL(pi_old || pi_theta)
+    (E_old[e^l] = 1, E_old[-l] = KL(pi_old || pi_theta))."""
+    import torch
+    return torch.exp(log_ratio) - 1.0 - log_ratio
 
 
 def _tqdm():
@@ -323,7 +362,9 @@ def recorder_class():
         """Per optimizer step of one run (method, seed): the measures in FIELDS.
 
         ``observe`` (called with each micro-batch before its loss) accumulates
-        token counts, sums, min and max; ``on_log`` (every optimizer step:
+        token counts, sums, min and max; the clip fraction counts tokens, or
+        rows for a sequence-level clip (GSPO: one ratio per row, counted once,
+        as TRL's ``clip_ratio`` counts it); ``on_log`` (every optimizer step:
         ``logging_steps=1``) turns them into one row, with the reward TRL
         logged for the step's generation batch (carried over the steps that
         reuse it) and the gradient norm the Trainer logged. Also the run's
@@ -346,14 +387,20 @@ def recorder_class():
             m = mask != 0
             clipped = clipped_tokens(self.rule, log_ratio, inputs["advantages"], mask,
                                      self.eps_low, self.eps_high)
-            k3 = torch.exp(log_ratio) - 1.0 - log_ratio     # >= 0; estimates KL(pi_old || pi)
-            a = self._acc or dict(n=0, ent=0.0, clip=0, kl=0.0, lo=math.inf, hi=-math.inf)
+            kl = k3(log_ratio)                  # >= 0; estimates KL(pi_old || pi)
+            a = self._acc or dict(n=0, ent=0.0, clip=0, clip_n=0, kl=0.0, lo=math.inf,
+                                  hi=-math.inf)
             n = int(m.sum())
+            if self.rule == "sequence_ratio":   # rows, every row counted (TRL's count)
+                a["clip"] += int(clipped.any(-1).sum())
+                a["clip_n"] += int(m.shape[0])
+            else:
+                a["clip"] += int(clipped.sum())
+                a["clip_n"] += n
             if n:
                 a["n"] += n
                 a["ent"] += float(entropy[m].double().sum())
-                a["clip"] += int(clipped.sum())
-                a["kl"] += float(k3[m].double().sum())
+                a["kl"] += float(kl[m].double().sum())
                 a["lo"] = min(a["lo"], float(log_ratio[m].min()))
                 a["hi"] = max(a["hi"], float(log_ratio[m].max()))
             self._acc = a
@@ -378,7 +425,8 @@ def recorder_class():
                 "method": self.method, "seed": self.seed, "step": state.global_step,
                 "reward": self._reward,
                 "log_ratio_min": a["lo"] if n else nan, "log_ratio_max": a["hi"] if n else nan,
-                "entropy": a["ent"] / n if n else nan, "clip_frac": a["clip"] / n if n else nan,
+                "entropy": a["ent"] / n if n else nan,
+                "clip_frac": a["clip"] / a["clip_n"] if n and a["clip_n"] else nan,
                 "kl_old": a["kl"] / n if n else nan,
                 "grad_norm": float(logs.get("grad_norm", nan)),
                 "loss": float(logs.get("loss", nan)),
@@ -427,14 +475,20 @@ def recording(cls):
 # running the comparison
 
 def train_one(method: str, seed: int, setup, steps: int, label: str = "", progress=True,
-              log_history=None):
+              log_history=None, fallbacks=None):
     """Train ``method`` on ``seed``; return (rows, wall seconds, implementation).
 
     ``setup(method, seed)`` returns the trainer's keyword arguments (``model``,
     ``reward_funcs``, ``args`` (a config with ``logging_steps=1`` and
     ``max_steps=steps``), ``train_dataset``, ``processing_class``, ...).
     ``log_history``: a list to extend with the trainer's own logs (what it
-    logged per step: TRL's metrics, loss, gradient norm)."""
+    logged per step: TRL's metrics, loss, gradient norm). ``fallbacks``: a list
+    to extend with the reasons a fused gmpo_ext trainer fell back (to TRL's
+    own loss or to the logits path; each also warned once). The trainer, its
+    model and optimizer state are freed before returning (and the CUDA cache
+    emptied), so two runs' models never coexist."""
+    import gc
+
     import torch
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -458,6 +512,13 @@ def train_one(method: str, seed: int, setup, steps: int, label: str = "", progre
     wall = time.perf_counter() - t0
     if log_history is not None:
         log_history.extend(trainer.state.log_history)
+    if fallbacks is not None:
+        fallbacks.extend(sorted(getattr(trainer, "_gmpo_fallback_warned", ())))
+    trainer.recorder = None
+    del trainer, kwargs, args
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rec.rows, wall, implementation(cls)
 
 
@@ -469,12 +530,16 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
     t_start = time.perf_counter()
     load_start = _loadavg()
     records, walls, impls, loads = [], {m: {} for m in methods}, {}, []
+    fallbacks = {m: [] for m in methods}
     runs = [(s, m) for s in seeds for m in methods]
     for m in methods:
         log(f"{m} runs through {implementation(trainer_class(m))}")
     for k, (seed, method) in enumerate(runs):
         label = f"[{k + 1}/{len(runs)}] {method} seed {seed}"
-        rows, wall, impl = train_one(method, seed, setup, steps, label=label, progress=progress)
+        fb = []
+        rows, wall, impl = train_one(method, seed, setup, steps, label=label, progress=progress,
+                                     fallbacks=fb)
+        fallbacks[method] += [f"seed {seed}: {why}" for why in fb]
         impls[method] = impl
         records += rows
         walls[method][seed] = wall
@@ -485,7 +550,11 @@ def run_comparison(methods, seeds, setup, steps: int, out: str, config: dict, ti
             log(f"    {wall:.1f} s; about {left:.0f} s left for the {len(runs) - k - 1} other runs")
     wall_total = time.perf_counter() - t_start
     config = dict(config, implementations=impls, methods=list(methods), seeds=list(seeds),
-                  steps=steps)
+                  steps=steps, fallbacks={m: v for m, v in fallbacks.items() if v})
+    # the summary is computed from the records as demo.csv holds them (6 significant
+    # digits), so that tools/gen_docs.py recomputes it from the CSV exactly
+    records = [dict(r, **{k: float(f"{r[k]:.6g}") for k in FIELDS if isinstance(r[k], float)})
+               for r in records]
     summary = summarize(records, methods, seeds, steps, config=config)
     summary["wall_s"] = {"total": wall_total, "per_run": {m: {str(s): w for s, w in ws.items()}
                                                           for m, ws in walls.items()}}
@@ -657,8 +726,11 @@ def summarize(records, methods, seeds, steps, config=None, reference="gmpo") -> 
     measures, per method their mean and 95% t-interval over seeds, per other
     method the paired comparison against ``reference`` (difference =
     reference - other, so a positive difference means the reference is
-    higher), and the generated sentences."""
-    seeds = list(seeds)
+    higher), and the generated sentences. Without ``reference`` among the
+    methods the first method is the reference."""
+    seeds, methods = list(seeds), list(methods)
+    if reference not in methods:
+        reference = methods[0]
     per = {m: {s: per_seed(records, m, s, steps) for s in seeds} for m in methods}
     stats = {m: {k: mean_ci([per[m][s][k] for s in seeds]) for k in
                  list(MEASURES) + ["first_reward"]} for m in methods}
@@ -709,38 +781,72 @@ def _name(m):
     return m.upper()
 
 
+def _pairs(summary, ref, m, key):
+    """(reference value, other value) per seed where both have one."""
+    a, b = summary["per_seed"][ref], summary["per_seed"][m]
+    out = []
+    for s in a:
+        x, y = a[s].get(key), (b.get(s) or {}).get(key)
+        if x is not None and y is not None and x == x and y == y:
+            out.append((x, y))
+    return out
+
+
+def _few_seeds(c, pairs, label, R, M):
+    """The sentence for a comparison a t-interval cannot make: n = 0, n = 1, or
+    every seed's difference the same; None otherwise."""
+    n = c["n"]
+    if n == 0:
+        return f"No seed has a {label} for both {R} and {M}: nothing to compare."
+    if n == 1:
+        (x, y), = pairs
+        return (f"One seed cannot show a difference in {label}: on it {R} has {_f(x)} and {M} "
+                f"{_f(y)} (a paired interval needs at least 2 seeds).")
+    if c["half"] == 0:
+        d = c["mean_diff"]
+        if d == 0:
+            return f"{R} and {M} have the same {label} on each of the {n} seeds."
+        return (f"{R}'s {label} minus {M}'s is {_f(d, sign=True)} on each of the {n} seeds: with "
+                "no spread between seeds the t-interval has no width and shows nothing.")
+    return None
+
+
 def sentences(summary) -> list:
     """Plain sentences stating what the numbers show and do not, generated
-    from them (a difference is "shown" only when its 95% interval excludes 0)."""
+    from them (a difference is "shown" only when its 95% interval excludes 0;
+    fewer than 2 seeds, or the same difference on every seed, shows nothing)."""
     ref, out = summary["reference"], []
     cfg = summary.get("config", {})
     for m, comp in summary["paired"].items():
         c = comp["final_reward"]
         n = c["n"]
         R, M = _name(ref), _name(m)
-        if n < 2:
-            out.append(f"With {n} seed there is no interval: the final rewards "
-                       f"({R} {_f(summary['methods'][ref]['final_reward']['mean'])}, {M} "
-                       f"{_f(summary['methods'][m]['final_reward']['mean'])}) show no difference "
-                       "either way.")
-            continue
-        head = (f"{R}'s final reward is higher than {M}'s on {c['higher']} of {n} seeds; the "
-                f"paired difference is {_f(c['mean_diff'], sign=True)} (95% CI "
-                f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}, paired t-test p = "
-                f"{_f(c['p'], 2)})")
-        if c["lo"] > 0 or c["hi"] < 0:
-            out.append(head + f": {R} {'higher' if c['lo'] > 0 else 'lower'} is shown at "
-                       f"n={n} on this task.")
+        few = _few_seeds(c, _pairs(summary, ref, m, "final_reward"), "final reward", R, M)
+        if few is not None:
+            out.append(few)
         else:
-            out.append(head + f": the interval includes 0, so no difference in final reward is "
-                       f"shown at n={n}.")
+            head = (f"{R}'s final reward is higher than {M}'s on {c['higher']} of {n} seeds; the "
+                    f"paired difference is {_f(c['mean_diff'], sign=True)} (95% CI "
+                    f"{_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}, paired t-test p = "
+                    f"{_f(c['p'], 2)})")
+            if c["lo"] > 0 or c["hi"] < 0:
+                out.append(head + f": {R} {'higher' if c['lo'] > 0 else 'lower'} is shown at "
+                           f"n={n} on this task.")
+            else:
+                out.append(head + f": the interval includes 0, so no difference in final reward "
+                           f"is shown at n={n}.")
         # the paper (arXiv 2507.20673) reports GMPO's log-ratio range narrower and its
         # entropy higher than GRPO's
         for k, word, paper in (("mean_log_ratio_range", ("wider", "narrower"), "narrower"),
                                ("final_entropy", ("higher", "lower"), "higher")):
             c = comp[k]
+            n = c["n"]
             label = MEASURES[k][0]
             vs_paper = ref == "gmpo" and m == "grpo"
+            few = _few_seeds(c, _pairs(summary, ref, m, k), label, R, M)
+            if few is not None:
+                out.append(few)
+                continue
             head = (f"{label[0].upper()}{label[1:]}, {R} - {M}: {_f(c['mean_diff'], sign=True)} "
                     f"(95% CI {_f(c['lo'], sign=True)} to {_f(c['hi'], sign=True)}; {R} higher "
                     f"on {c['higher']} of {n} seeds)")
@@ -755,10 +861,39 @@ def sentences(summary) -> list:
                 if vs_paper:
                     verdict += f", so the paper's observation ({paper} for GMPO) is not reproduced"
             out.append(f"{head}: {verdict} at n={n}.")
+    if summary["paired"]:
+        k = len(MEASURES) * len(summary["paired"])
+        out.append(f"The {k} comparisons are each made at the 5% level without a "
+                   "multiple-comparison correction: with no true difference anywhere, one or more "
+                   f"of them would read as shown with a chance of about "
+                   f"{100 * (1 - 0.95 ** k):.0f}%.")
+    clip = _clip_sentence(summary, cfg)
+    if clip:
+        out.append(clip)
     scope = cfg.get("scope")
     if scope:
         out.append(scope)
     return out
+
+
+def _clip_sentence(summary, cfg):
+    """GMPO's clip range against GRPO's, in log-ratio terms (they bear on the
+    log-ratio range), when both ran."""
+    methods = list(summary["methods"])
+    if "gmpo" not in methods or "grpo" not in methods:
+        return None
+    mc = cfg.get("method_config") or METHOD_CONFIG
+    g, r = mc.get("gmpo", METHOD_CONFIG["gmpo"]), mc.get("grpo", METHOD_CONFIG["grpo"])
+    glo, ghi = g["epsilon"], g.get("epsilon_high") or g["epsilon"]
+    rlo, rhi = r["epsilon"], r.get("epsilon_high") or r["epsilon"]
+    lo, hi = math.log(1 - rlo), math.log(1 + rhi)
+    wider = -glo <= lo and ghi >= hi and (ghi - (-glo)) > (hi - lo)
+    return (f"The clip ranges differ: GMPO clips the per-token log-ratio at {_f(-glo, sign=True)} "
+            f"and {_f(ghi, sign=True)}, GRPO the ratio at {1 - rlo:g} and {1 + rhi:g}, i.e. the "
+            f"log-ratio at {_f(lo, sign=True)} and {_f(hi, sign=True)}; GMPO's range is "
+            f"{'wider' if wider else 'not wider'}, so its tokens' ratios can move further "
+            "before the clip stops their gradient, which bears on the log-ratio ranges compared "
+            "here.")
 
 
 def summary_markdown(summary) -> str:
@@ -768,6 +903,9 @@ def summary_markdown(summary) -> str:
     impls = cfg.get("implementations", {})
     ref = summary["reference"]
     n = max(st["final_reward"]["n"] for st in summary["methods"].values())
+
+    def cell(st):       # a cell over fewer seeds than the table says its n
+        return _pm(st) if st["n"] == n else f"{_pm(st)} (n={st['n']})"
     lines = []
     if cfg.get("description"):
         lines += [cfg["description"], ""]
@@ -775,7 +913,7 @@ def summary_markdown(summary) -> str:
               "| :--- | :--- | " + " | ".join("---:" for _ in MEASURES) + " |"]
     for m, st in summary["methods"].items():
         lines.append(f"| {_name(m)} | `{impls.get(m, '?')}` | " +
-                     " | ".join(_pm(st[k]) for k in MEASURES) + " |")
+                     " | ".join(cell(st[k]) for k in MEASURES) + " |")
     lines += ["", f"Mean ± half-width of the 95% t-interval over {_plural(n, 'seed')}; "
               + "; ".join(f"{v[0]}: {summary['measures'][k]}" for k, v in MEASURES.items())
               + "."]
@@ -790,6 +928,19 @@ def summary_markdown(summary) -> str:
         lines += ["", "Paired over seeds (same initial weights and data per seed); "
                   f"test: {summary['test']}."]
     lines += [""] + [" ".join(summary["sentences"])]
+    wall = summary.get("wall_s")
+    if wall and wall.get("total") is not None:
+        per = wall.get("per_run", {})
+        runs = sum(len(v) for v in per.values())
+        each = ", ".join(f"{_name(m)} {_mean(list(v.values())):.1f} s" for m, v in per.items()
+                         if v)
+        la = summary.get("load_avg_1min") or {}
+        ok = [la.get(k) is not None and la[k] == la[k] for k in ("start", "end")]
+        load = (f"; 1-minute load average {la['start']:.1f} at the start, {la['end']:.1f} at the "
+                "end" if all(ok) else "")
+        cpus = f" on {cfg['cpus']} CPUs" if cfg.get("cpus") else ""
+        lines += ["", f"Wall time: {wall['total']:.0f} s of training for {_plural(runs, 'run')}"
+                  f"{cpus} (mean per run: {each}){load}."]
     return "\n".join(lines) + "\n"
 
 
@@ -802,6 +953,28 @@ def write_csv(path, records):
         w.writeheader()
         for r in records:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
+
+
+def read_csv(path):
+    """demo.csv back as records (method str, seed and step int, the rest float)."""
+    with open(path, newline="") as f:
+        return [{k: (r[k] if k == "method" else int(r[k]) if k in ("seed", "step") else
+                     float(r[k])) for k in FIELDS} for r in csv.DictReader(f)]
+
+
+def summary_from_outputs(out):
+    """The summary recomputed from a run's outputs in ``out``: the statistics from
+    demo.csv, the run's configuration, wall time and load from summary.json
+    (what tools/gen_docs.py checks summary.md and the README against)."""
+    with open(os.path.join(out, "summary.json")) as f:
+        saved = json.load(f)
+    cfg = saved["config"]
+    summary = summarize(read_csv(os.path.join(out, "demo.csv")), cfg["methods"], cfg["seeds"],
+                        cfg["steps"], config=cfg, reference=saved.get("reference", "gmpo"))
+    for k in ("wall_s", "load_avg_1min"):
+        if k in saved:
+            summary[k] = saved[k]
+    return summary
 
 
 def _band(records, method, key, per_batch: int = 1):
@@ -971,7 +1144,30 @@ def demo_setup(opts):
 # ----------------------------------------------------------------------------
 # command line
 
-QUICK = dict(seeds=1, steps=8)
+# the defaults, and --quick's (one seed, 8 steps over 2 generation batches of 4
+# updates each: the final step trains on a batch sampled after 4 updates, so the
+# methods' final rewards can differ); a flag given explicitly wins over both
+DEFAULTS = dict(seeds=5, steps=400, steps_per_generation=4, num_iterations=2)
+QUICK = dict(seeds=1, steps=8, steps_per_generation=2, num_iterations=2)
+
+
+def output_dir_error(path):
+    """Why ``path`` cannot be (or become) an output folder, or None: it or an
+    ancestor exists and is not a folder, or the nearest existing ancestor is not
+    writable. Nothing is created."""
+    p = os.path.abspath(path)
+    if os.path.exists(p):
+        if not os.path.isdir(p):
+            return f"{path!r} exists and is not a folder"
+        return None if os.access(p, os.W_OK) else f"{path!r} is not writable"
+    parent = os.path.dirname(p)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{path!r} cannot be created: {parent!r} is not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{path!r} cannot be created: {parent!r} is not writable"
+    return None
 
 
 def positive_int(name):
@@ -1012,30 +1208,36 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--methods", type=methods_arg, default="gmpo,grpo",
                    help="comma-separated subset of gmpo, grpo, gspo")
-    p.add_argument("--seeds", type=positive_int("--seeds"), default=5,
-                   help="seeds 0..N-1, every method on each")
+    p.add_argument("--seeds", type=positive_int("--seeds"), default=None,
+                   help=f"seeds 0..N-1, every method on each (default {DEFAULTS['seeds']}; "
+                   f"--quick: {QUICK['seeds']})")
     p.add_argument("--quick", action="store_true",
-                   help=f"one seed, {QUICK['steps']} steps (what the test suite runs)")
+                   help=f"{QUICK['seeds']} seed, {QUICK['steps']} steps, "
+                   f"{QUICK['steps_per_generation']} x {QUICK['num_iterations']} updates per "
+                   "generation batch (what the test suite runs); flags given explicitly win")
     p.add_argument("--out", default="gmpo_demo_out",
                    help="output folder (demo.csv, demo.png, summary.json, summary.md)")
     p.add_argument("--task", choices=sorted(TASKS), default="reverse",
                    help="reverse: reverse a digit string; repeat: repeat the prompt's digit")
     p.add_argument("--length", type=positive_int("--length"), default=4,
                    help="digits per reverse prompt (and the answer's length)")
-    p.add_argument("--steps", type=positive_int("--steps"), default=400,
-                   help="optimizer steps per run")
+    p.add_argument("--steps", type=positive_int("--steps"), default=None,
+                   help=f"optimizer steps per run (default {DEFAULTS['steps']}; --quick: "
+                   f"{QUICK['steps']})")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (AdamW)")
     p.add_argument("--prompts-per-step", dest="prompts_per_step",
                    type=positive_int("--prompts-per-step"), default=4)
     p.add_argument("--num-generations", dest="num_generations",
                    type=positive_int("--num-generations"), default=8,
-                   help="completions per prompt (the group)")
+                   help="completions per prompt (the group; at least 2)")
     p.add_argument("--steps-per-generation", dest="steps_per_generation",
-                   type=positive_int("--steps-per-generation"), default=4,
+                   type=positive_int("--steps-per-generation"), default=None,
                    help="micro-batches per generation batch; x --num-iterations = updates per "
-                   "generation batch (the off-policy knob)")
+                   f"generation batch (the off-policy knob; default "
+                   f"{DEFAULTS['steps_per_generation']}; --quick: {QUICK['steps_per_generation']})")
     p.add_argument("--num-iterations", dest="num_iterations", type=positive_int("--num-iterations"),
-                   default=2, help="passes over each generation batch")
+                   default=None, help=f"passes over each generation batch (default "
+                   f"{DEFAULTS['num_iterations']}; --quick: {QUICK['num_iterations']})")
     p.add_argument("--completion-length", dest="completion_length",
                    type=positive_int("--completion-length"), default=None,
                    help="max completion tokens (default: the answer's length)")
@@ -1045,8 +1247,15 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     opts = p.parse_args(argv)
-    if opts.quick:
-        opts.seeds, opts.steps = QUICK["seeds"], QUICK["steps"]
+    for k, v in (QUICK if opts.quick else DEFAULTS).items():
+        if getattr(opts, k) is None:
+            setattr(opts, k, v)
+    if opts.num_generations < 2:
+        p.error("--num-generations must be at least 2 (the advantage compares a prompt's "
+                "completions with each other)")
+    why = output_dir_error(opts.out)
+    if why:
+        p.error(f"--out: {why}")
     if opts.completion_length is None:
         opts.completion_length = opts.length if opts.task == "reverse" else 8
     if opts.task == "reverse" and opts.length + 1 + opts.completion_length > 64:
@@ -1056,13 +1265,30 @@ def parse_args(argv=None):
     return opts
 
 
-def quiet():
-    warnings.filterwarnings("ignore")
+# third-party packages whose warnings and logs the runs do not show (deprecation
+# notices, generation-config advice); gmpo_ext's own warnings stay visible
+NOISY = ("transformers", "trl", "accelerate", "datasets", "huggingface_hub", "tokenizers",
+         "deepspeed")
+
+
+def quiet(offline: bool = False):
+    """Quieter runs: warnings raised in the NOISY packages' modules ignored (by
+    module, not globally: gmpo_ext's warnings, among them a fused trainer's
+    fallback warning, are always shown), their loggers at ERROR. ``offline``:
+    set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE (where unset) before transformers
+    or datasets are imported: the demo downloads nothing; the real-model example
+    must not set them (it may download its model and data)."""
+    for name in NOISY:
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+    # first in the list, so it wins over the module filters: a warning of ours
+    # can be raised with a stacklevel that points into a third-party module
+    warnings.filterwarnings("default", message=r"gmpo_ext")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    for name in ("transformers", "trl", "accelerate", "datasets"):
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    for name in NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -1072,7 +1298,7 @@ def _param_count(vocab):
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    quiet()
+    quiet(offline=True)
     with contextlib.redirect_stderr(io.StringIO()):   # import-time notices of TRL/transformers
         import torch
         import transformers

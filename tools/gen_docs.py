@@ -15,8 +15,12 @@ so it is written by this script, never typed.
     python tools/gen_docs.py            # rewrite every block (and report what changed)
     python tools/gen_docs.py --check    # change nothing; exit 1 on any problem
 
---check (and tests/test_docs.py) fails when a block differs from what its
-sources render, when a block's source is missing, when a block names no
+FILES names whole files that are generated the same way (docs/demo/summary.md:
+the main job writes it, and it must equal what the run's demo.csv and
+summary.json render); the script rewrites them too and --check compares them.
+
+--check (and tests/test_docs.py) fails when a block or a file of FILES differs
+from what its sources render, when a block's source is missing, when a block names no
 registered NAME or a registered NAME has no block, when README.md is longer
 than README_MAX_LINES lines, or when a relative link (file or #anchor) in a
 markdown file of the repository does not resolve.
@@ -89,9 +93,18 @@ def _mib(x) -> str:
 # ----------------------------------------------------------------------------
 # renderers: (root, *source paths) -> markdown
 
-def render_demo_summary(root: Path, summary: str) -> str:
-    """The main job's summary (a markdown fragment written by gmpo_ext.demo), verbatim."""
-    return (root / summary).read_text(encoding="utf-8").strip()
+def render_demo_summary(root: Path, csv_path: str, json_path: str) -> str:
+    """The main job's summary (the markdown fragment gmpo_ext.demo writes as
+    summary.md), recomputed from the run's data: the statistics from demo.csv,
+    the configuration, wall time and load from summary.json, rendered by the
+    demo's own summarize() and summary_markdown() (the checkout's
+    gmpo_ext/demo.py). A number doctored in summary.md or in the README's copy
+    differs from this."""
+    demo = _module(ROOT, "gmpo_ext/demo.py")      # this checkout's, whatever root is
+    out = (root / csv_path).parent
+    if (root / json_path).parent != out:
+        raise ValueError(f"{csv_path} and {json_path} must be in one folder")
+    return demo.summary_markdown(demo.summary_from_outputs(str(out)))
 
 
 def render_engines(root: Path, test_file: str) -> str:
@@ -293,7 +306,7 @@ class Block:
 
 
 BLOCKS: dict[str, Block] = {
-    "demo-summary": Block(("docs/demo/summary.md",), render_demo_summary),
+    "demo-summary": Block(("docs/demo/demo.csv", "docs/demo/summary.json"), render_demo_summary),
     "api-signatures": Block(("gmpo_ext/__init__.py", "gmpo_ext/loss.py", "gmpo_ext/logits.py",
                              "gmpo_ext/hidden.py"), render_api_signatures),
     "engines": Block(("tests/test_trl_engines.py",), render_engines),
@@ -308,6 +321,13 @@ BLOCKS: dict[str, Block] = {
     "bench-trl-step": Block((f"{RESULTS}/bench_trl_step_cpu.csv",), render_bench_trl_step),
     "bench-distributed": Block((f"{RESULTS}/bench_distributed_cpu.csv",),
                                render_bench_distributed),
+}
+
+
+# whole generated files: path -> how it is made (checked and rewritten like a block)
+FILES: dict[str, Block] = {
+    "docs/demo/summary.md": Block(("docs/demo/demo.csv", "docs/demo/summary.json"),
+                                  render_demo_summary),
 }
 
 
@@ -367,12 +387,27 @@ class Report:
     changed: list[str]
 
 
-def run(root: Path = ROOT, write: bool = False, blocks=None, pending=None) -> Report:
-    """Check (and with ``write`` rewrite) every generated block, README.md's length
-    and every relative link."""
+def run(root: Path = ROOT, write: bool = False, blocks=None, pending=None, files=None) -> Report:
+    """Check (and with ``write`` rewrite) every generated block and file of
+    ``files`` (default FILES), README.md's length and every relative link."""
     blocks = BLOCKS if blocks is None else blocks
     pending = PENDING if pending is None else pending
+    files = FILES if files is None else files
     rep = Report([], [], [])
+    for rel, b in files.items():
+        missing = [s for s in b.sources if not (root / s).exists()]
+        if missing:
+            if not all(s in pending for s in missing):
+                rep.errors.append(f"{rel}: source missing: "
+                                  f"{', '.join(s for s in missing if s not in pending)}")
+            continue
+        want = b.render(root, *b.sources).strip("\n") + "\n"
+        path = root / rel
+        have = path.read_text(encoding="utf-8") if path.exists() else None
+        if have != want:
+            rep.changed.append(rel)
+            if write:
+                path.write_text(want, encoding="utf-8")
     seen = set()
     for p in pending:
         if (root / p).exists():
