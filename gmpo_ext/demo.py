@@ -845,6 +845,9 @@ def sentences(summary) -> list:
             vs_paper = ref == "gmpo" and m == "grpo"
             few = _few_seeds(c, _pairs(summary, ref, m, k), label, R, M)
             if few is not None:
+                if vs_paper and n >= 2 and c["mean_diff"] == 0:
+                    few = few[:-1] + (f", so the paper's observation ({paper} for GMPO) is not "
+                                      "reproduced.")
                 out.append(few)
                 continue
             head = (f"{label[0].upper()}{label[1:]}, {R} - {M}: {_f(c['mean_diff'], sign=True)} "

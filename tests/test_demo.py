@@ -17,6 +17,8 @@ import json
 import math
 import os
 import struct
+import warnings
+import weakref
 import zlib
 
 import pytest
@@ -85,10 +87,11 @@ def test_quick_end_to_end(tmp_path, capsys):
     assert demo.main(["--quick", "--out", out, "--no-progress"]) == 0
     steps = demo.QUICK["steps"]
     rows, summ, md = _check_outputs(out, ["gmpo", "grpo"], [0], steps)
-    # the implementation is read from the class that ran, and printed
+    # both methods through gmpo_ext's fused trainers (the same code path); the
+    # implementation is read from the class that ran, and printed; no fallback
     impl = summ["config"]["implementations"]
-    assert impl["gmpo"] == "gmpo_ext.trl.GMPOTrainer"
-    assert impl["grpo"] == demo.implementation(demo.trainer_class("grpo"))
+    assert impl == {"gmpo": "gmpo_ext.trl.GMPOTrainer", "grpo": "gmpo_ext.trl.GRPOTrainer"}
+    assert summ["config"]["fallbacks"] == {}
     printed = capsys.readouterr().out
     assert f"gmpo runs through {impl['gmpo']}" in printed
     assert f"grpo runs through {impl['grpo']}" in printed
@@ -100,9 +103,14 @@ def test_quick_end_to_end(tmp_path, capsys):
         if (int(r["step"]) - 1) % upd == 0:
             assert max(-lo, hi) < 1e-4 and float(r["clip_frac"]) == 0.0
     assert any(float(r["log_ratio_max"]) - float(r["log_ratio_min"]) > 1e-2 for r in rows)
+    # --quick compares after updates: its final window lies in a later generation
+    # batch than the first, sampled by a policy each method has updated
+    assert steps >= 2 * upd
+    assert steps - summ["final_window_steps"] >= upd
     # one seed: no interval, and the sentence says so
     assert summ["methods"]["gmpo"]["final_reward"]["half"] is None
-    assert "no interval" in summ["sentences"][0]
+    assert summ["sentences"][0].startswith("One seed cannot show a difference in final reward")
+    assert "Wall time:" in md
     # both methods start from the same weights and data: the first batch's reward is equal
     first = {r["method"]: r["reward"] for r in rows if r["step"] == "1"}
     assert first["gmpo"] == first["grpo"]
@@ -116,11 +124,16 @@ def _load_example():
     return mod
 
 
-@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
-def test_ab_real_model_wiring(tmp_path, chat):
+@pytest.mark.parametrize("chat", [False, True], ids=["plain_gas2", "chat_template"])
+def test_ab_real_model_wiring(tmp_path, chat, monkeypatch):
     """examples/ab_real_model.py end to end on CPU: a tiny model saved to disk, a local
-    jsonl dataset, one seed, two steps per method (GSM8K-style answers); prompts as
-    text, or as chat messages when the tokenizer has a chat template."""
+    jsonl dataset, one seed, a few steps per method (GSM8K-style answers); prompts as
+    text, or as chat messages when the tokenizer has a chat template. It leaves Hugging
+    Face's offline switches alone (a GPU box downloads the model and data). The plain
+    case accumulates 2 micro-batches per step: a generation batch then lasts
+    steps-per-generation x iterations / 2 optimizer steps."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     ex = _load_example()
     tok = demo.build_tokenizer("0123456789+-=?#:. \nQuestionAnswerSolvhpmdilyfbcwkt,<>|")
     if chat:
@@ -136,13 +149,41 @@ def test_ab_real_model_wiring(tmp_path, chat):
         for a, b in [(1, 2), (3, 4), (5, 6), (7, 1)]:
             f.write(json.dumps({"q": f"{a}+{b}?", "a": f"#### {a + b}"}) + "\n")
     out = str(tmp_path / "out")
+    steps = 2 if chat else 4
+    if not chat:    # a reward that varies within a group, so that the updates move the policy
+        monkeypatch.setattr(ex, "last_number_reward", lambda completions, answer, **kw: [
+            sum(ch.isdigit() for ch in c) / 4 for c in completions])
+    gas = [] if chat else ["--gradient-accumulation-steps", "2", "--steps-per-generation", "2",
+                           "--num-iterations", "2"]
     assert ex.main(["--model", str(model_dir), "--dataset", str(data), "--question-field", "q",
-                    "--answer-field", "a", "--seeds", "1", "--steps", "2", "--use-cpu",
+                    "--answer-field", "a", "--seeds", "1", "--steps", str(steps), "--use-cpu",
                     "--prompts-per-step", "2", "--num-generations", "2",
                     "--max-completion-length", "4", "--lr", "1e-3", "--out", out,
-                    "--no-progress"]) == 0
-    _, summ, _ = _check_outputs(out, ["gmpo", "grpo"], [0], 2)
+                    "--no-progress"] + gas) == 0
+    rows, summ, _ = _check_outputs(out, ["gmpo", "grpo"], [0], steps)
     assert summ["config"]["model"] == str(model_dir)
+    assert summ["config"]["implementations"]["grpo"] == "gmpo_ext.trl.GRPOTrainer"
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    if not chat:
+        # TRL samples every 2 x 2 micro-batches = 2 optimizer steps of 2 micro-batches:
+        # steps 1 and 3 train on fresh samples (on-policy), steps 2 and 4 reuse them
+        assert summ["config"]["updates_per_generation_batch"] == 2
+        assert summ["config"]["completions_per_generation_batch"] == 4
+        for r in rows:
+            rng = max(-float(r["log_ratio_min"]), float(r["log_ratio_max"]))
+            if r["step"] in ("1", "3"):
+                assert rng < 1e-5, r
+        assert all(max(-float(r["log_ratio_min"]), float(r["log_ratio_max"])) > 1e-4
+                   for r in rows if r["step"] in ("2", "4"))
+
+
+def test_ab_real_model_needs_cuda_or_use_cpu(tmp_path, monkeypatch):
+    """Without a usable GPU the example stops with a message naming --use-cpu, before
+    it loads anything (the model path does not even exist)."""
+    ex = _load_example()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--use-cpu"):
+        ex.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
 
 
 def test_ab_real_model_arguments(tmp_path):
@@ -154,9 +195,18 @@ def test_ab_real_model_arguments(tmp_path):
     o = ex.parse_args(["--methods", "gmpo,gspo", "--seeds", "4", "--steps", "50", "--bf16",
                        "--model", "/m"])
     assert (o.methods, o.seeds, o.steps, o.bf16, o.model) == (["gmpo", "gspo"], 4, 50, True, "/m")
-    for bad in (["--methods", "gmpo,ppo"], ["--seeds", "0"], ["--steps", "x"]):
+    for bad in (["--methods", "gmpo,ppo"], ["--seeds", "0"], ["--steps", "x"],
+                ["--num-generations", "1"], ["--out", str(tmp_path / "f" / "x")],
+                # 4 micro-batches per step, a generation batch lasts 2 x 1: not whole steps
+                ["--gradient-accumulation-steps", "4", "--steps-per-generation", "2",
+                 "--num-iterations", "1"],
+                ["--gradient-accumulation-steps", "3"]):   # 4 x 8 completions per step
+        (tmp_path / "f").write_text("a file")
         with pytest.raises(SystemExit):
             ex.parse_args(bad)
+    o = ex.parse_args(["--gradient-accumulation-steps", "4", "--steps-per-generation", "4",
+                       "--num-iterations", "2"])
+    assert ex.updates_per_generation_batch(o) == 2
     # the reward: the completion's last number against GSM8K's "#### n"
     assert ex.gold_number("so 3 + 4 = 7\n#### 1,234") == 1234.0
     assert ex.last_number_reward(["it is 1,234", "1234 or 12", "none"],
@@ -281,8 +331,10 @@ def test_summary_sentences_follow_the_numbers(tmp_path):
     recs = _records({"gmpo": [0.9, 0.4, 0.6, 0.5], "grpo": [0.5, 0.8, 0.55, 0.5]})
     s = demo.summarize(recs, ["gmpo", "grpo"], range(4), 10)
     assert "includes 0, so no difference in final reward is shown at n=4" in s["sentences"][0]
-    # the same log-ratio ranges and entropies for both: no difference shown
-    assert "no difference shown" in s["sentences"][1] and "no difference shown" in s["sentences"][2]
+    # the same log-ratio ranges and entropies for both on every seed: no difference
+    assert s["sentences"][1].startswith("GMPO and GRPO have the same mean log-ratio range on "
+                                        "each of the 4 seeds, so")
+    assert s["sentences"][2].startswith("GMPO and GRPO have the same final entropy on each")
     assert "the paper's observation (narrower for GMPO) is not reproduced" in s["sentences"][1]
     assert "the paper's observation (higher for GMPO) is not reproduced" in s["sentences"][2]
     # GMPO's range wider on every seed: shown, and said to be the opposite of the paper's
@@ -298,6 +350,73 @@ def test_summary_sentences_follow_the_numbers(tmp_path):
     demo.write_outputs(str(tmp_path), recs, dict(s, config={"methods": ["gmpo", "grpo"],
                                                            "steps": 10}), "t")
     assert sorted(os.listdir(tmp_path)) == ["demo.csv", "demo.png", "summary.json", "summary.md"]
+
+
+def test_summary_sentences_edge_cases():
+    """Few seeds, NaN, identical differences and a run without GMPO: the sentences
+    say what the numbers can show, each measure with its own n."""
+    # one seed: no interval
+    s = demo.summarize(_records({"gmpo": [0.6], "grpo": [0.5]}), ["gmpo", "grpo"], [0], 10)
+    assert s["sentences"][0] == ("One seed cannot show a difference in final reward: on it GMPO "
+                                 "has 0.600 and GRPO 0.500 (a paired interval needs at least 2 "
+                                 "seeds).")
+    # NaN final rewards on seeds 1 and 2 of GRPO: the reward's comparison has n=1 (seed
+    # 0 only), the other measures keep n=3; the table's GRPO cell says n=1
+    recs = _records({"gmpo": [0.6, 0.7, 0.8], "grpo": [0.5, 0.6, 0.7]})
+    for r in recs:
+        if r["method"] == "grpo" and r["seed"] > 0:
+            r["reward"] = float("nan")
+    s = demo.summarize(recs, ["gmpo", "grpo"], range(3), 10)
+    assert s["paired"]["grpo"]["final_reward"]["n"] == 1
+    assert s["sentences"][0].startswith("One seed cannot show a difference in final reward: on "
+                                        "it GMPO has 0.600 and GRPO 0.500")
+    assert "on each of the 3 seeds" in s["sentences"][1]
+    assert "on each of the 3 seeds" in s["sentences"][2]
+    md = demo.summary_markdown(s)
+    assert "| GRPO | `?` | 0.500 (n=1) |" in md and "over 3 seeds" in md
+    # no seed with a value
+    for r in recs:
+        if r["method"] == "grpo":
+            r["reward"] = float("nan")
+    s = demo.summarize(recs, ["gmpo", "grpo"], range(3), 10)
+    assert s["sentences"][0] == "No seed has a final reward for both GMPO and GRPO: nothing to compare."
+    # the same difference on every seed: a zero-width interval shows nothing
+    s = demo.summarize(_records({"gmpo": [0.6, 0.7], "grpo": [0.5, 0.6]}), ["gmpo", "grpo"],
+                       range(2), 10)
+    assert s["sentences"][0] == ("GMPO's final reward minus GRPO's is +0.100 on each of the 2 "
+                                 "seeds: with no spread between seeds the t-interval has no "
+                                 "width and shows nothing.")
+    assert s["sentences"][1].startswith("GMPO and GRPO have the same mean log-ratio range on "
+                                        "each of the 2 seeds")
+    # 3 comparisons without a multiplicity correction; the clip ranges in log-ratio terms
+    assert any("3 comparisons are each made at the 5% level without a multiple-comparison "
+               "correction" in x and "about 14%" in x for x in s["sentences"])
+    clip = [x for x in s["sentences"] if x.startswith("The clip ranges differ")]
+    assert clip and "GMPO clips the per-token log-ratio at -0.400 and +0.400" in clip[0]
+    assert "i.e. the log-ratio at -0.223 and +0.182; GMPO's range is wider" in clip[0]
+    # without GMPO the first method is the reference; no paper or clip sentence
+    recs = _records({"grpo": [0.9, 0.8, 0.85, 0.95], "gspo": [0.5, 0.45, 0.5, 0.55]})
+    s = demo.summarize(recs, ["grpo", "gspo"], range(4), 10)
+    assert s["reference"] == "grpo" and list(s["paired"]) == ["gspo"]
+    assert "GRPO higher is shown at n=4" in s["sentences"][0]
+    assert not any("paper" in x or "clip ranges" in x for x in s["sentences"])
+
+
+def test_summary_recomputed_from_the_outputs(tmp_path):
+    """summary_from_outputs (what tools/gen_docs.py checks the docs with) gives back
+    the markdown the run wrote, from demo.csv and summary.json alone."""
+    recs = _records({"gmpo": [0.9, 0.4, 0.6], "grpo": [0.5, 0.8, 0.55]})
+    cfg = {"methods": ["gmpo", "grpo"], "seeds": [0, 1, 2], "steps": 10, "description": "d",
+           "scope": "s", "implementations": {"gmpo": "a.B", "grpo": "c.D"}}
+    s = demo.summarize(recs, cfg["methods"], cfg["seeds"], 10, config=cfg)
+    s["wall_s"] = {"total": 12.5, "per_run": {"gmpo": {"0": 2.0, "1": 2.2, "2": 2.1},
+                                              "grpo": {"0": 2.0, "1": 2.0, "2": 2.2}}}
+    s["load_avg_1min"] = {"start": 1.5, "after_each_run": [2.0], "end": 2.25}
+    demo.write_outputs(str(tmp_path), recs, s, "t")
+    md = (tmp_path / "summary.md").read_text()
+    assert "Wall time: 12 s of training for 6 runs (mean per run: GMPO 2.1 s, GRPO 2.1 s); " \
+           "1-minute load average 1.5 at the start, 2.2 at the end." in md
+    assert demo.summary_markdown(demo.summary_from_outputs(str(tmp_path))) == md
 
 
 # ----------------------------------------------------------------------------
@@ -323,6 +442,23 @@ def test_builtin_png(tmp_path):
                      backend="builtin") == "builtin"
 
 
+def test_builtin_png_survives_inf_and_nan(tmp_path):
+    """Infinite and NaN values (a run that diverged) are left out, not a crash."""
+    inf, nan = float("inf"), float("nan")
+    series = [{"label": "A", "color": (255, 0, 0), "x": [1, 2, 3, 4, inf],
+               "y": [0.0, inf, -inf, 0.5, 1.0], "lo": [nan, 0.9, -inf, 0.4, 0.0],
+               "hi": [0.1, inf, 1.0, 0.6, 0.0]},
+              {"label": "B", "color": (0, 0, 255), "x": [1, 2], "y": [nan, nan]}]
+    path = str(tmp_path / "p.png")
+    render(path, [{"title": "t", "xlabel": "x", "ylabel": "y", "series": series, "hline": None}],
+           width=300, height=150)
+    assert _png_size(path) == (300, 150)
+    recs = _records({"gmpo": [0.5, 0.6]})
+    recs[3]["log_ratio_max"] = inf
+    recs[4]["reward"] = -inf
+    assert demo.plot(path, recs, ["gmpo"], "t", 2, backend="builtin") == "builtin"
+
+
 # ----------------------------------------------------------------------------
 # flags
 
@@ -337,8 +473,14 @@ def test_builtin_png(tmp_path):
     (["--task", "sort"], "--task"),
     (["--steps-per-generation", "0"], "--steps-per-generation"),
     (["--length", "40", "--completion-length", "40"], "--length"),
+    (["--num-generations", "1"], "--num-generations"),
+    (["--out", "@FILE/x"], "--out"),
+    (["--out", "@FILE"], "--out"),
 ])
-def test_bad_flags_rejected(argv, flag, capsys):
+def test_bad_flags_rejected(argv, flag, capsys, tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    argv = [a.replace("@FILE", str(f)) for a in argv]
     with pytest.raises(SystemExit) as e:
         demo.parse_args(argv)
     assert e.value.code == 2
@@ -349,10 +491,15 @@ def test_flags():
     o = demo.parse_args([])
     assert o.seeds == 5 and o.methods == ["gmpo", "grpo"] and o.task == "reverse"
     assert o.completion_length == o.length
-    o = demo.parse_args(["--methods", "GMPO, grpo,gspo", "--seeds", "3", "--quick"])
+    assert (o.steps, o.steps_per_generation, o.num_iterations) == (400, 4, 2)
+    o = demo.parse_args(["--methods", "GMPO, grpo,gspo", "--quick"])
     assert o.methods == ["gmpo", "grpo", "gspo"]
-    assert (o.seeds, o.steps) == (demo.QUICK["seeds"], demo.QUICK["steps"])
-    assert demo.trainer_class("gspo") is demo.trainer_class("grpo")
+    assert (o.seeds, o.steps, o.steps_per_generation, o.num_iterations) == (1, 8, 2, 2)
+    # flags given with --quick win over its values
+    o = demo.parse_args(["--quick", "--seeds", "3", "--steps", "5", "--num-iterations", "1"])
+    assert (o.seeds, o.steps, o.steps_per_generation, o.num_iterations) == (3, 5, 2, 1)
+    from gmpo_ext.trl import GRPOTrainer
+    assert demo.trainer_class("gspo") is demo.trainer_class("grpo") is GRPOTrainer
     assert demo.METHOD_CONFIG["gspo"]["importance_sampling_level"] == "sequence"
     with pytest.raises(ValueError, match="method"):
         demo.trainer_class("ppo")
@@ -378,16 +525,24 @@ def test_band_per_generation_batch():
     assert [x for x, _, _ in got] == [1, 2, 3, 4] and got[1][1] == pytest.approx(-0.3)
 
 
-@pytest.mark.parametrize("method", ["gmpo", "grpo"])
+@pytest.mark.parametrize("method", ["gmpo", "grpo", "gspo"])
 def test_recorder_matches_the_trainers_own_metrics(method, tmp_path):
     """The recorder computes every method's measures with one code path; where the
-    trainer logs the same quantity (entropy, clip fraction; GMPO also the log-ratio
-    range), the two agree step by step."""
+    trainer logs the same quantity (entropy, clip fraction: tokens, or rows for
+    GSPO's sequence-level clip; GMPO also the log-ratio range), the two agree step by
+    step. The run's model is freed when train_one returns."""
     opts = demo.parse_args(["--quick", "--out", str(tmp_path)])
     opts.trainer_dir = str(tmp_path)
-    logs = []
-    rows, _, _ = demo.train_one(method, 0, demo.demo_setup(opts), opts.steps, progress=False,
+    logs, models = [], []
+    setup = demo.demo_setup(opts)
+
+    def tracked(m, seed):
+        kw = setup(m, seed)
+        models.append(weakref.ref(kw["model"]))
+        return kw
+    rows, _, _ = demo.train_one(method, 0, tracked, opts.steps, progress=False,
                                 log_history=logs)
+    assert models and models[0]() is None           # no model left behind
     logs = {h["step"]: h for h in logs if "loss" in h}
     assert sorted(logs) == [r["step"] for r in rows]
     for r in rows:
@@ -401,6 +556,89 @@ def test_recorder_matches_the_trainers_own_metrics(method, tmp_path):
             assert r["log_ratio_min"] == pytest.approx(h["gmpo/log_ratio_min"], abs=1e-4)
             assert r["log_ratio_max"] == pytest.approx(h["gmpo/log_ratio_max"], abs=1e-4)
     assert any(r["clip_frac"] > 0 for r in rows)
+
+
+def test_fallback_is_visible_and_recorded(tmp_path, monkeypatch):
+    """A fused trainer that cannot fuse the LM head warns (quiet() keeps gmpo_ext's
+    warnings visible, while it ignores transformers' by module) and the run records
+    the reason in summary.json."""
+    from gmpo_ext import trl as gtrl
+    monkeypatch.setattr(gtrl._FusedHeadMixin, "_head", lambda self, base, cfg: "a test reason")
+    out = tmp_path / "out"
+    with warnings.catch_warnings(record=True) as caught:
+        assert demo.main(["--quick", "--steps", "1", "--methods", "grpo", "--out", str(out),
+                          "--no-progress"]) == 0
+    msgs = [str(w.message) for w in caught]
+    assert any("fused LM head unavailable: a test reason; using the logits path" in m
+               for m in msgs), msgs
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["config"]["fallbacks"] == {"grpo": ["seed 0: fused LM head unavailable: a test "
+                                                    "reason"]}
+
+
+def test_quiet_filters_by_module(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")         # what shows without quiet(): everything
+        demo.quiet()
+        warnings.warn_explicit("noise", UserWarning, "trainer.py", 1,
+                               module="transformers.trainer")
+        warnings.warn_explicit("gmpo_ext.trl.GRPOTrainer: x; this batch uses TRL's own loss",
+                               UserWarning, "trainer.py", 2, module="transformers.trainer")
+        warnings.warn_explicit("ours", UserWarning, "demo.py", 3, module="gmpo_ext.demo")
+    assert [str(w.message) for w in caught] == [
+        "gmpo_ext.trl.GRPOTrainer: x; this batch uses TRL's own loss", "ours"]
+    assert "HF_HUB_OFFLINE" not in os.environ        # only the demo's main sets offline
+
+
+def test_policy_measures_in_chunks_and_kl_direction():
+    """policy_measures over chunks of rows (a logits budget) equals one forward, and
+    the recorder's kl_old is KL(pi_old || pi_theta), exactly, on a case where the
+    completions are pi_old's outcomes in proportion (1/2, 1/4, 1/4)."""
+    from types import SimpleNamespace
+    import contextlib
+
+    assert demo.rows_per_forward(256, 151936) == 1
+    assert demo.rows_per_forward(8, 13) == (256 * 2**20) // (9 * 13 * 4)
+    assert demo.rows_per_forward(8, 13, max_logits_bytes=1) == 1
+
+    new = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64)
+    old = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+
+    class Fixed(torch.nn.Module):     # the same next-token distribution everywhere
+        def __init__(self):
+            super().__init__()
+            self.calls, self.config = 0, SimpleNamespace(vocab_size=3)
+
+        def forward(self, input_ids, attention_mask, logits_to_keep, use_cache):
+            self.calls += 1
+            B = input_ids.shape[0]
+            return SimpleNamespace(logits=new.log().float().expand(B, logits_to_keep, 3).clone())
+    c_ids = torch.tensor([[0], [0], [1], [2]])
+    inputs = {"prompt_ids": torch.zeros(4, 2, dtype=torch.long),
+              "prompt_mask": torch.ones(4, 2, dtype=torch.long), "completion_ids": c_ids,
+              "completion_mask": torch.ones(4, 1, dtype=torch.long),
+              "old_per_token_logps": old.log()[c_ids].float(),
+              "advantages": torch.tensor([1.0, -1.0, 1.0, -1.0])}
+    model = Fixed()
+    one = demo.policy_measures(model, inputs, 1.0)
+    assert model.calls == 1
+    model.calls = 0
+    chunked = demo.policy_measures(model, inputs, 1.0, max_logits_bytes=2 * 2 * 3 * 4)
+    assert model.calls == 2
+    for a, b in zip(one, chunked):
+        assert torch.equal(a, b)
+    rec = demo.recorder_class()("grpo", 0, "token_ratio", 0.2, 0.2, 1, progress=False)
+    trainer = SimpleNamespace(temperature=1.0, args=SimpleNamespace(temperature=1.0),
+                              accelerator=SimpleNamespace(autocast=contextlib.nullcontext))
+    rec.observe(trainer, model, inputs)
+    rec.on_log(None, SimpleNamespace(global_step=1), None, logs={"loss": 0.0})
+    kl_old_new = float((old * (old / new).log()).sum())     # KL(pi_old || pi_theta)
+    kl_new_old = float((new * (new / old).log()).sum())
+    assert rec.rows[0]["kl_old"] == pytest.approx(kl_old_new, rel=1e-5)
+    assert abs(kl_old_new - kl_new_old) > 0.05               # the direction matters here
+    # the entropy of pi_theta per token
+    assert rec.rows[0]["entropy"] == pytest.approx(float(-(new * new.log()).sum()), rel=1e-5)
 
 
 def test_matplotlib_backend(tmp_path):
