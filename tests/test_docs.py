@@ -45,7 +45,10 @@ def test_readme_keeps_the_two_setup_commands():
     """.ci/run runs the README's test command verbatim; both commands stay in it."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert '\npip install -e ".[test]" && python -m pytest -q\n' in text
-    assert '\npip install -e ".[demo]" && python -m gmpo_ext.demo --out docs/demo\n' in text
+    # the main job writes to its default folder: the set-up command rewrites no tracked
+    # file (the maintainers' regeneration into docs/demo is in docs/demo.md)
+    assert '\npip install -e ".[demo]" && python -m gmpo_ext.demo\n' in text
+    assert "--out docs/demo" not in text
     assert 'pip install -e ".[test]" && python -m pytest -q' in (ROOT / ".ci/run").read_text()
 
 
@@ -145,15 +148,63 @@ def test_pending_source_is_reported_then_must_be_flipped(tmp_path):
     assert "| 5 |" in (root / "README.md").read_text()
 
 
-def test_demo_summary_is_spliced_verbatim(tmp_path):
+def _demo_run(root: Path):
+    """A small run's outputs in root/docs/demo, written by the demo's own writers."""
+    from gmpo_ext import demo
+    recs = []
+    for m, vals in (("gmpo", [0.9, 0.4, 0.6]), ("grpo", [0.5, 0.8, 0.55])):
+        for seed, v in enumerate(vals):
+            for t in range(1, 11):
+                recs.append({"method": m, "seed": seed, "step": t, "reward": v + 0.001 * t,
+                             "log_ratio_min": -0.1 * (seed + 1), "log_ratio_max": 0.2,
+                             "entropy": 1.0 + 0.01 * seed, "clip_frac": 0.0, "kl_old": 0.0,
+                             "grad_norm": 1.0, "loss": 0.0})
+    cfg = {"methods": ["gmpo", "grpo"], "seeds": [0, 1, 2], "steps": 10, "description": "A run.",
+           "implementations": {"gmpo": "gmpo_ext.trl.GMPOTrainer",
+                               "grpo": "gmpo_ext.trl.GRPOTrainer"}}
+    s = demo.summarize(recs, cfg["methods"], cfg["seeds"], 10, config=cfg)
+    s["wall_s"] = {"total": 30.0, "per_run": {"gmpo": {"0": 5.0}, "grpo": {"0": 5.0}}}
+    out = root / "docs" / "demo"
+    out.mkdir(parents=True)
+    demo.write_outputs(str(out), recs, s, "t")
+    return out
+
+
+def test_demo_summary_is_checked_against_the_runs_data(tmp_path):
+    """The README's demo block and docs/demo/summary.md are rendered from the run's
+    demo.csv and summary.json by the demo's own functions: a number doctored in
+    either (or in the CSV) fails the check, and the write mode restores them."""
     root = _toy(tmp_path, "# t\n\n<!-- generated:demo-summary -->\n"
                           "<!-- /generated:demo-summary -->\n")
-    (root / "docs/demo").mkdir()
-    summary = "| method | final reward |\n| :--- | ---: |\n| GMPO | 0.5 +- 0.1 |\n\nGMPO won 3 of 5.\n"
-    (root / "docs/demo/summary.md").write_text(summary)
+    out = _demo_run(root)
     blocks = {"demo-summary": gen_docs.BLOCKS["demo-summary"]}
-    assert gen_docs.run(root, write=True, blocks=blocks, pending={}).errors == []
-    assert summary.strip() in (root / "README.md").read_text()
+    files = gen_docs.FILES
+    assert set(files) == {"docs/demo/summary.md"}
+    assert gen_docs.run(root, write=True, blocks=blocks, pending={}, files=files).errors == []
+    md = (out / "summary.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert md.strip() in readme and "| GMPO | `gmpo_ext.trl.GMPOTrainer` |" in md
+    assert gen_docs.run(root, blocks=blocks, pending={}, files=files).errors == []
+    cell = md.split("| GMPO | `gmpo_ext.trl.GMPOTrainer` | ")[1].split(" ")[0]   # GMPO's reward
+    doctored = f"{float(cell) + 0.05:.3f}"
+    # a doctored number in summary.md and the README together (the old check's blind spot)
+    (out / "summary.md").write_text(md.replace(cell, doctored, 1))
+    (root / "README.md").write_text(readme.replace(cell, doctored, 1))
+    errs = gen_docs.run(root, blocks=blocks, pending={}, files=files).errors
+    assert sorted(errs) == [
+        "README.md: demo-summary: differs from its sources (run python tools/gen_docs.py)",
+        "docs/demo/summary.md: differs from its sources (run python tools/gen_docs.py)"]
+    assert gen_docs.run(root, write=True, blocks=blocks, pending={}, files=files).errors == []
+    assert (out / "summary.md").read_text() == md and (root / "README.md").read_text() == readme
+    # a number in summary.md alone
+    (out / "summary.md").write_text(md.replace(cell, doctored, 1))
+    assert gen_docs.run(root, blocks=blocks, pending={}, files=files).errors == [
+        "docs/demo/summary.md: differs from its sources (run python tools/gen_docs.py)"]
+    (out / "summary.md").write_text(md)
+    # the data changed (another run's CSV): both differ until regenerated
+    csv_text = (out / "demo.csv").read_text()
+    (out / "demo.csv").write_text(csv_text.replace("gmpo,0,10,0.91,", "gmpo,0,10,0.31,"))
+    assert len(gen_docs.run(root, blocks=blocks, pending={}, files=files).errors) == 2
 
 
 def test_check_catches_a_long_readme(tmp_path):

@@ -389,10 +389,12 @@ class Report:
 
 def run(root: Path = ROOT, write: bool = False, blocks=None, pending=None, files=None) -> Report:
     """Check (and with ``write`` rewrite) every generated block and file of
-    ``files`` (default FILES), README.md's length and every relative link."""
+    ``files``, README.md's length and every relative link. ``files`` defaults to
+    FILES with the default ``blocks``, to none with blocks of the caller's."""
+    if files is None:
+        files = FILES if blocks is None else {}
     blocks = BLOCKS if blocks is None else blocks
     pending = PENDING if pending is None else pending
-    files = FILES if files is None else files
     rep = Report([], [], [])
     for rel, b in files.items():
         missing = [s for s in b.sources if not (root / s).exists()]
