@@ -42,14 +42,16 @@ were picked for signal and run time, before looking at which method wins: the
 reward climbs from about 0.07 to about 0.3, the per-token log-ratio reaches a
 few nats within a batch's 8 updates (with 4 updates the ranges were smaller
 and the reward lower at the same number of steps), and the whole default run
-(5 seeds x 2 methods) takes 68 to 133 s on a busy 2-core machine.
+(5 seeds x 2 methods) took 68 to 133 s on a busy 2-core machine (each run's
+wall time is in its summary.md).
 
 Per optimizer step and seed a recorder (:func:`recorder_class`: the same code
 for every method, from the batch the loss sees and one extra no-grad forward
-of the policy) records: the mean reward of the generation batch the step
+of the policy, over chunks of rows: :func:`policy_measures`) records: the mean reward of the generation batch the step
 trains on, the min and max of the per-token log importance ratio
 ``log pi_theta - log pi_old``, the policy's entropy, the fraction of tokens
-the method's clip cuts from the gradient, the KL to the old policy (k3
+(of rows for GSPO's sequence-level clip) the method's clip cuts from the
+gradient, the KL to the old policy (k3
 estimator: the token mean of e^l - 1 - l, l the log-ratio; it estimates
 KL(pi_old || pi_theta) on tokens pi_old sampled) and the gradient norm
 (before clipping). Writes in ``--out``: ``demo.csv`` (every step of every
