@@ -1295,6 +1295,16 @@ def quiet(offline: bool = False):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed (imported by accelerate when installed) sets its own logger's level
+    # when it creates it ("Setting accelerator to CPU"); a filter outlives that
+    ds = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _ErrorsOnly) for f in ds.filters):
+        ds.addFilter(_ErrorsOnly())
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record):
+        return record.levelno >= logging.ERROR
 
 
 def _param_count(vocab):

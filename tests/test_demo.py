@@ -589,6 +589,11 @@ def test_quiet_filters_by_module(monkeypatch):
     assert [str(w.message) for w in caught] == [
         "gmpo_ext.trl.GRPOTrainer: x; this batch uses TRL's own loss", "ours"]
     assert "HF_HUB_OFFLINE" not in os.environ        # only the demo's main sets offline
+    import logging
+    ds = logging.getLogger("DeepSpeed")
+    ds.setLevel(logging.INFO)                         # what DeepSpeed does when it starts
+    mk = lambda lvl: logging.LogRecord("DeepSpeed", lvl, "f.py", 1, "m", None, None)  # noqa: E731
+    assert not ds.filter(mk(logging.WARNING)) and ds.filter(mk(logging.ERROR))
 
 
 def test_policy_measures_in_chunks_and_kl_direction():
