@@ -76,10 +76,11 @@ Differences from TRL's GMPOTrainer, on purpose:
   metrics); ``off_policy_mask_threshold`` (TRL GRPOTrainer's off-policy
   sequence mask: a dropped row's advantage is set to 0, so its policy term and
   gradient are exactly 0 while its KL term stays, as in TRL's GRPO); ``delta``
-  (each token's clipped log-ratio capped at ``log(delta)``: ``y = min(y,
-  log delta)``, so the geometric-mean ratio is at most ``delta``, the meaning
-  TRL's GRPO gives delta per token; capped tokens get no gradient, the KL uses
-  the uncapped log-probs). The MoE router's load-balancing loss is added with
+  (>= 1: each token's log-ratio capped at ``log(delta)`` before GMPO's clip,
+  which for delta >= 1 is the same as capping the clipped value, ``y = min(y,
+  log delta)``; the geometric-mean ratio is then at most ``delta``, the
+  meaning TRL's GRPO gives delta per token; capped tokens get no gradient, the
+  KL uses the uncapped log-probs). The MoE router's load-balancing loss is added with
   ``router_aux_loss=True`` (default False, as TRL's GMPOTrainer). If a batch
   must fall back to TRL's GMPO loss while one of these is set, the trainer
   raises instead of training without it.
@@ -560,7 +561,7 @@ class GMPOTrainer(_FusedHeadMixin, TRLGMPOTrainer):
     (each off unless set): ``entropy_coef`` / ``use_adaptive_entropy`` (the
     entropy bonus, fixed or adaptive, TRL GRPOTrainer's definition and
     controller), ``off_policy_mask_threshold`` (a dropped row's policy term is
-    0; its KL term stays), ``delta`` (each token's clipped log-ratio is capped
+    0; its KL term stays), ``delta`` (>= 1; each token's log-ratio is capped
     at ``log(delta)``, so the row's geometric-mean ratio never exceeds
     ``delta``). See the module docstring.
     """
@@ -575,9 +576,11 @@ class GMPOTrainer(_FusedHeadMixin, TRLGMPOTrainer):
         self._fused_setup(fused_lm_head)
         super().__init__(*args, **kwargs)
         delta = getattr(self.args, "delta", None)
-        if delta is not None and not (isinstance(delta, (int, float)) and delta > 0):
-            raise ValueError(f"delta must be a number > 0 (the cap of the geometric-mean "
-                             f"ratio) or None, got {delta!r}")
+        if delta is not None and not (isinstance(delta, (int, float))
+                                      and not isinstance(delta, bool) and delta >= 1):
+            raise ValueError(f"delta must be a number >= 1 (the cap of the geometric-mean "
+                             f"ratio; below 1 it would cap inside GMPO's own clip range) or "
+                             f"None, got {delta!r}")
         if self.fused_lm_head:
             self._install_fused_forward()
 
@@ -630,7 +633,8 @@ class GMPOTrainer(_FusedHeadMixin, TRLGMPOTrainer):
                                             self.off_policy_mask_threshold)
             loss_adv = advantages * keep.reshape(-1).to(advantages.dtype)
 
-        # delta: each token's log-ratio capped at log(delta) after GMPO's clip
+        # delta (>= 1): each token's log-ratio capped at log(delta); as log(delta)
+        # >= 0 > -epsilon_low, capping before GMPO's clip equals capping after it
         # (the capped tokens get no gradient, as under TRL GRPO's clamp); the
         # geometric mean then never exceeds delta
         delta = getattr(self.args, "delta", None)
@@ -905,6 +909,8 @@ class GRPOTrainer(_FusedHeadMixin, TRLGRPOTrainer):
             metrics["kl"].append(global_masked_mean(kl))
         metrics["entropy"].append(global_masked_mean(entropies))
         if self.loss_type in _CLIP_TYPES:
+            if self.args.delta is not None:   # TRL clips with the ratio capped at delta
+                coef_1 = coef_1.clamp(max=self.args.delta)
             low = ((coef_1 < 1 - self.epsilon_low) & (adv < 0)).float()
             high = ((coef_1 > 1 + self.epsilon_high) & (adv > 0)).float()
             region = ((low + high) > 0).float()

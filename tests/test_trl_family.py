@@ -215,6 +215,7 @@ OPTIONS = {
     "bias_corrected_kl_gspo": dict(loss_type="grpo", importance_sampling_level="sequence",
                                    beta=0.1, use_bias_correction_kl=True),
     "delta": dict(loss_type="dapo", delta=1.3),
+    "delta_at_clip": dict(loss_type="dapo", delta=1.2),   # the high clip metric then 0
     "delta_gspo": dict(loss_type="grpo", importance_sampling_level="sequence", delta=1.05),
     "off_policy_mask_sampling_logps": dict(loss_type="dapo", off_policy_mask_threshold=0.5,
                                            sampling=True, beta=0.1),
@@ -477,10 +478,13 @@ def test_gmpo_refuses_a_fallback_that_would_drop_an_option(model_dir, tok, tmp_p
         tr.compute_loss(model, inputs)
 
 
-def test_gmpo_delta_must_be_positive(model_dir, tok, tmp_path):
-    with pytest.raises(ValueError, match="delta must be a number > 0"):
+@pytest.mark.parametrize("delta", [-1.0, 0.5])
+def test_gmpo_delta_must_be_at_least_one(model_dir, tok, tmp_path, delta):
+    """Below 1 the cap would act inside GMPO's clip range, where capping before
+    and after the clip differ: refused."""
+    with pytest.raises(ValueError, match="delta must be a number >= 1"):
         _trainer(GMPOTrainer, _model(model_dir, tok), tok, tmp_path, config=GMPOConfig,
-                 delta=-1.0)
+                 delta=delta)
 
 
 # ----------------------------------------------------------------------------
@@ -563,7 +567,7 @@ OPTION_TABLE = [
     ("`beta` (k3 KL to the reference model)", FUSED, ["beta_plain_kl", "dr_grpo_eval"]),
     ("`use_bias_correction_kl` (TRL's default, with `beta != 0`)", FUSED,
      ["beta", "bias_corrected_kl", "bias_corrected_kl_gspo"]),
-    ("`delta` (two-sided clipping)", FUSED, ["delta", "delta_gspo"]),
+    ("`delta` (two-sided clipping)", FUSED, ["delta", "delta_at_clip", "delta_gspo"]),
     ("`off_policy_mask_threshold` (with the batch's `sampling_per_token_logps`, else the old "
      "log-probs)", FUSED, ["off_policy_mask_sampling_logps", "off_policy_mask_old_logps"]),
     ("vLLM `importance_sampling_ratio` (token or sequence modes; vespo: in its gamma weights)",
