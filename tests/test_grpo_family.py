@@ -581,3 +581,29 @@ def test_equals_trl_compute_loss(loss_type, level):
         for k in ("clip_ratio/low_mean", "cispo_clip_ratio", "vespo/phi_seq_mean", "kl",
                   "entropy"):
             assert (k in wm) == (k in gm), f"{loss_type} {level} {name}: metric {k}"
+
+
+def test_from_hidden_packed_vespo_token_weights():
+    """Packed rows: the padding of the (B, T_max) layout adds nothing to
+    vespo's unmasked sum of log importance weights (padded with weight 1)."""
+    g = torch.Generator().manual_seed(14)
+    lens, H, V = [4, 2, 5], 6, 11
+    N, Bq, Tq = sum(lens), 3, 5
+    hid = torch.randn(N, H, generator=g)
+    W = 0.3 * torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+    old = -torch.rand(N, generator=g) * 3
+    isw = torch.rand(N, generator=g) + 0.5
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    cu = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    loss = gmpo_ext.grpo_loss_from_hidden(hid, W, ids, old, adv, torch.ones(N, dtype=torch.bool),
+                                          cu_seqlens=cu, loss_type="vespo", is_weights=isw)
+    lp = torch.log_softmax(hid.double() @ W.double().T, -1).gather(-1, ids[:, None].long())[:, 0]
+    want = 0.0
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        phi = gamma_weights_reference(adv[i].double().reshape(1, 1),
+                                      (lp[a:b] - old[a:b].double()).reshape(1, -1),
+                                      torch.ones(1, b - a, dtype=torch.float64),
+                                      isw[a:b].double().reshape(1, -1))
+        want = want - (phi * adv[i] * lp[a:b]).sum()
+    torch.testing.assert_close(loss.double(), want / N, rtol=2e-5, atol=1e-6)
