@@ -263,6 +263,26 @@ def render_bench_trl_step(root: Path, step: str) -> str:
     return "\n".join(out)
 
 
+def render_bench_family(root: Path, fam: str) -> str:
+    """bench_family.py's CSV as a table (one row per loss type and dtype)."""
+    rs = _rows(root, fam)
+    out = ["| loss (level) | dtype | B x T | TRL step s | ours step s | x TRL | TRL peak MiB | "
+           "ours peak MiB | peak / TRL's | fused |",
+           "| :--- | :--- | :--- | ---: | ---: | ---: | ---: | ---: | ---: | :---: |"]
+    trl = {(r["loss"], r["dtype"], r["B"], r["T"]): r for r in rs if r["trainer"] == "trl"}
+    for r in rs:
+        if r["trainer"] != "ours":
+            continue
+        t = trl[(r["loss"], r["dtype"], r["B"], r["T"])]
+        out.append(f"| {r['loss']} ({r['level']}) | {r['dtype']} | {r['B']} x {r['T']} | "
+                   f"{_f(t['seconds'])} | {_f(r['seconds'])} | {r['speedup_vs_trl']}x | "
+                   f"{_f(t['peak_mib'], 1)} | {_f(r['peak_mib'], 1)} | {r['peak_vs_trl']} | "
+                   f"{r['fused']} |")
+    out += ["", f"{rs[0]['device']}, {rs[0]['threads']} threads, H={rs[0]['H']}, V={rs[0]['V']}; "
+            "each trainer's losses checked equal first (the `loss_value` column of the CSV)."]
+    return "\n".join(out)
+
+
 def render_bench_distributed(root: Path, dist: str) -> str:
     """bench_distributed.py's table, and the collectives' share of the fused head's call."""
     bd = _module(root, "benchmarks/bench_distributed.py")
@@ -319,6 +339,7 @@ BLOCKS: dict[str, Block] = {
     "bench-hidden": Block((f"{RESULTS}/bench_hidden_cpu.csv",
                            f"{RESULTS}/bench_hidden_rows_cpu.csv"), render_bench_hidden),
     "bench-trl-step": Block((f"{RESULTS}/bench_trl_step_cpu.csv",), render_bench_trl_step),
+    "bench-family": Block((f"{RESULTS}/bench_family_cpu.csv",), render_bench_family),
     "bench-distributed": Block((f"{RESULTS}/bench_distributed_cpu.csv",),
                                render_bench_distributed),
 }
