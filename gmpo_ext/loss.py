@@ -328,8 +328,9 @@ def grpo_loss(
     if importance_sampling_level != "token":
         _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
-    if el > 1 and loss_type != "cispo":
-        raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
+    if el > 1 and loss_type in _CLIP_TYPES:   # cispo, sapo, vespo do not use it (as TRL)
+        raise ValueError(f"epsilon_low must be <= 1 for the clip types (the ratio's lower "
+                         f"bound is 1 - epsilon_low), got {el}")
     _check_number("beta", beta)
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
     if delta is not None:
@@ -392,6 +393,10 @@ def grpo_loss(
                          "loss_type='vespo' (a row quantity decides the row's loss)")
     if group is not None:
         _distributed().check_group("group", group)
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("group= with loss_type='dr_grpo' needs max_completion_length: "
+                             "its default, the padded width T, is each rank's own local "
+                             "width")
     norm = float(normalizer)
     if num_rows is not None:
         if loss_type not in ("grpo", "dr_grpo", "sapo", "luspo"):
