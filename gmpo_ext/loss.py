@@ -309,6 +309,22 @@ def grpo_loss(
 
     Per-token advantages (B, T) work at token level; the sequence level,
     off_policy_mask_threshold and vespo need one advantage per row.
+
+    Non-finite inputs: a NaN or +-inf log-prob on a real token gives a NaN (or
+    inf) loss counted in ``gmpo/nonfinite_rows``, as TRL's loss is NaN, also
+    where the row's multiplier is 0 (vespo's phi, cispo's coef or A == 0:
+    0 * NaN). Padding (mask == 0) never enters the arithmetic, and vespo
+    differs from TRL there: with NaN or inf in a padded ``logps`` /
+    ``old_logps`` TRL's loss is finite only because its unmasked
+    ``clamp(l) * mask`` is NaN * 0, so phi becomes 0 and the whole row drops
+    out; here the padding is masked and the row keeps its true phi. Where
+    ``old_logps`` is NaN on a real token the loss is NaN on both paths, but
+    the gradient of that token differs: the family's kernels give NaN (as
+    TRL's autograd), the common types' own kernels (grpo, bnpo, dr_grpo,
+    dapo at token level without the family's options) give 0.
+    ``epsilon_low`` bounds the ratio of the clip types only (grpo, bnpo,
+    dr_grpo, dapo, luspo: <= 1); cispo, sapo and vespo ignore it, as TRL.
+
     Metrics (``return_metrics``), TRL's names: ``clip_ratio/low_mean``,
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (grpo, bnpo,
     dr_grpo, dapo, luspo), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
@@ -320,7 +336,8 @@ def grpo_loss(
     :func:`gmpo_loss` (the per-row sums, the entropy sums too, are
     all-reduced once). ``num_rows``: the whole batch's row count, for the
     types that average over rows ("grpo", "dr_grpo", "sapo", "luspo"; dr_grpo
-    needs max_completion_length): rows are summed and divided by num_rows
+    needs max_completion_length, with ``group`` too: its default T would be
+    each rank's local width): rows are summed and divided by num_rows
     instead of B. Shapes, dtypes: as :func:`gmpo_loss`; sampling_logps and
     token_mask (B, T) (token_mask bool, integer or float).
     """
