@@ -318,10 +318,8 @@ def grpo_loss(
     ``old_logps`` TRL's loss is finite only because its unmasked
     ``clamp(l) * mask`` is NaN * 0, so phi becomes 0 and the whole row drops
     out; here the padding is masked and the row keeps its true phi. Where
-    ``old_logps`` is NaN on a real token the loss is NaN on both paths, but
-    the gradient of that token differs: the family's kernels give NaN (as
-    TRL's autograd), the common types' own kernels (grpo, bnpo, dr_grpo,
-    dapo at token level without the family's options) give 0.
+    ``old_logps`` is NaN on a real token that token's gradient is NaN (as
+    TRL's autograd), the other tokens' are finite.
     ``epsilon_low`` bounds the ratio of the clip types only (grpo, bnpo,
     dr_grpo, dapo, luspo: <= 1); cispo, sapo and vespo ignore it, as TRL.
 

@@ -661,3 +661,28 @@ def test_epsilon_low_above_one_ignored_where_trl_ignores_it(loss_type):
         with pytest.raises(ValueError, match="epsilon_low"):
             gmpo_ext.grpo_loss(x["lp"], x["old"], x["adv"], x["mask"], loss_type=clip,
                                epsilon_low=1.5)
+
+
+def test_nan_old_logp_gradient_same_on_both_kernels(backend, device):
+    """old_logps NaN on a real token: the common types' own kernels (grpo,
+    bnpo, dr_grpo, dapo at token level) and the family's kernels (the same
+    type with a token_mask of ones) give the same NaN loss and the same
+    gradient, NaN on that token and TRL's finite values elsewhere."""
+    lp = torch.tensor([[-1.0, -1.2, -1.1, -0.9], [-1.1, -0.8, -1.0, -1.3]], dtype=torch.float64)
+    old = lp + 0.05
+    old[0, 2] = float("nan")
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=device)
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for dtype in (torch.float32, torch.float64):
+            grads = []
+            for kw in ({}, dict(token_mask=torch.ones(2, 4, device=device))):
+                x = lp.to(dtype).to(device).requires_grad_(True)
+                loss = gmpo_ext.grpo_loss(x, old.to(dtype).to(device), adv.to(dtype).to(device),
+                                          mask, loss_type=loss_type, **kw)
+                assert torch.isnan(loss), (loss_type, kw)
+                grads.append(torch.autograd.grad(loss, x)[0].cpu())
+            what = (backend, loss_type, dtype)
+            assert torch.isnan(grads[0][0, 2]) and torch.isnan(grads[1][0, 2]), what
+            assert int(torch.isnan(grads[0]).sum()) == 1, what
+            torch.testing.assert_close(grads[0], grads[1], equal_nan=True, msg=str(what))
