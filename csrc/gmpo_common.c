@@ -138,8 +138,12 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
         return fail(a, "%s: must be a finite number >= 0", "epsilon_low");
     if (!(a->eps_high >= 0) || isinf(a->eps_high))
         return fail(a, "%s: must be a finite number >= 0", "epsilon_high");
-    if (a->algo != GMPO_ALGO_GMPO && a->eps_low > 1.0)
-        return fail(a, "%s: must be <= 1 for GRPO (the ratio's lower bound is 1 - epsilon_low)", "epsilon_low");
+    // the clip types' lower bound 1 - epsilon_low; cispo, sapo, vespo do not use it (as TRL)
+    if (a->eps_low > 1.0 &&
+        (a->algo == GMPO_ALGO_GRPO ||
+         (a->algo == GMPO_ALGO_FAMILY && (a->loss_type <= GMPO_LT_DAPO || a->loss_type == GMPO_LT_LUSPO))))
+        return fail(a, "%s: must be <= 1 for the clip types (the ratio's lower bound is "
+                       "1 - epsilon_low)", "epsilon_low");
     if (!isfinite(a->beta)) return fail(a, "%s: must be finite", "beta");
     if (a->beta != 0 && !a->ref_logp.data && a->B * a->T > 0)
         return fail(a, "%s: beta != 0 needs ref_logps", "ref_logps");
@@ -160,8 +164,9 @@ gmpo_status gmpo_check_args(gmpo_args *a) {
             return fail(a, "%s: only the GRPO family (algo 2) takes sampling_logps and token_mask",
                         a->samp_logp.data ? "sampling_logps" : "token_mask");
     }
-    if (isnan(a->denom) || isinf(a->denom))
-        return fail(a, "%s: must be a finite number", "denominator");
+    // 0: the loss type's default (the Python layer's None); no other value < 0
+    if (!(a->denom >= 0) || isinf(a->denom))
+        return fail(a, "%s: must be a finite number >= 0 (0: the default)", "denominator");
     return GMPO_OK;
 }
 

@@ -285,7 +285,9 @@ GMPO_HD void gmpo_family_row_finish(const gmpo_args *a, const double *sm, double
             }
         }
         double phi = gmpo_vespo_phi(a, slr, A);
-        policy = keep * (phi == 0.0 ? 0.0 : -phi * A * sm[GMPO_SM_MY]);
+        // the exact-0 shortcut only for a finite sum: 0 * NaN / inf is NaN (TRL's too)
+        double my = sm[GMPO_SM_MY];
+        policy = keep * ((phi == 0.0 && my - my == 0) ? 0.0 : -phi * A * my);
         c1 = keep * phi;
         m0 = phi;
         if (seq && a->fam.bias_corr_kl) {
@@ -305,7 +307,8 @@ GMPO_HD void gmpo_family_row_finish(const gmpo_args *a, const double *sm, double
             double c = exp(s < lh ? s : lh);
             if (s != s) c = s;
             c1 = keep * c;
-            policy = (c1 == 0.0 || A == 0.0) ? 0.0 : -c1 * A * W;
+            double cw = c1 * W;   // finite unless c1 (s NaN) or W (a logp) is not
+            policy = ((c1 == 0.0 || A == 0.0) && cw - cw == 0) ? 0.0 : -c1 * A * W;
             m0 = (s > lh && A > 0) ? 1.0 : 0.0;
         } else if (type == GMPO_LT_SAPO) {
             double tau = A > 0 ? a->fam.sapo_tpos : a->fam.sapo_tneg;

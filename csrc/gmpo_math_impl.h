@@ -199,7 +199,8 @@ GMPO_HD GMPO_T GMPO_S(gmpo_token_grad_o)(const GMPO_S(gmpo_opts) *o, GMPO_T pg, 
     GMPO_T g;
     if (o->grpo) {
         GMPO_T rho = GMPO_EXP(lp - olp);
-        int pass = (adv > 0 ? rho <= o->eh : rho >= o->el) & (adv != 0);
+        // a NaN ratio (old_logps or logps NaN) passes its NaN, as TRL's autograd
+        int pass = ((adv > 0 ? rho <= o->eh : rho >= o->el) & (adv != 0)) | (rho != rho);
         GMPO_T v = -adv * rho * pg;
         if (o->isw) v *= w;
         g = pass ? v : (GMPO_T)0;

@@ -102,7 +102,16 @@ typedef struct {
 
 // the family's options tuple into c->a.fam (None: zeros)
 static int parse_family(call *c) {
-    if (c->fam_obj == Py_None) return 0;
+    if (c->fam_obj == Py_None) {
+        if (c->a.algo != GMPO_ALGO_FAMILY) return 0;
+        PyErr_SetString(PyExc_ValueError,
+                        "family: family options required with algo 2 (the GRPO family)");
+        return -1;
+    }
+    if (!PyTuple_Check(c->fam_obj)) {
+        PyErr_SetString(PyExc_TypeError, "family: must be a tuple of 12 options or None");
+        return -1;
+    }
     gmpo_family *f = &c->a.fam;
     if (!PyArg_ParseTuple(c->fam_obj, "iiiidddddddd:family", &f->seq_level, &f->has_delta,
                           &f->off_policy, &f->bias_corr_kl, &f->delta, &f->off_policy_threshold,

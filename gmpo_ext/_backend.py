@@ -39,10 +39,14 @@ IS_LEVELS = {"token": 0, "sequence": 1}
 # has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold, sapo_tpos,
 # sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg
 FAMILY_OPTS = 12
-NO_FAMILY = None   # the C module reads None as the family's options all zero
+NO_FAMILY = None   # the other algorithms (the C module: family options all zero; algo 2 needs them)
 
 
 _NOT_FAMILY = (ABSENT, ABSENT, NO_FAMILY)   # the family's arguments of the other algorithms
+
+
+# the names of the four integer family options (family_tuple's messages)
+_FAMILY_FLAGS = ("seq_level", "has_delta", "off_policy", "bias_corr_kl")
 
 
 def family_tuple(fopts):
@@ -52,7 +56,13 @@ def family_tuple(fopts):
         return NO_FAMILY
     if len(fopts) != FAMILY_OPTS:
         raise ValueError(f"family options: {FAMILY_OPTS} values expected, got {len(fopts)}")
-    return tuple(int(x) for x in fopts[:4]) + tuple(float(x) for x in fopts[4:])
+    flags = []
+    for name, x in zip(_FAMILY_FLAGS, fopts[:4]):
+        x = float(x)
+        if x != x or x in (float("inf"), -float("inf")) or x != int(x):
+            raise ValueError(f"family options: {name} must be an integer, got {x}")
+        flags.append(int(x))
+    return tuple(flags) + tuple(float(x) for x in fopts[4:])
 
 # Test hook: a module built from the same sources whose "CUDA" entry points run
 # the CUDA kernels under the SIMT emulation (tests/simt). When set, CPU tensors

@@ -309,6 +309,20 @@ def grpo_loss(
 
     Per-token advantages (B, T) work at token level; the sequence level,
     off_policy_mask_threshold and vespo need one advantage per row.
+
+    Non-finite inputs: a NaN or +-inf log-prob on a real token gives a NaN (or
+    inf) loss counted in ``gmpo/nonfinite_rows``, as TRL's loss is NaN, also
+    where the row's multiplier is 0 (vespo's phi, cispo's coef or A == 0:
+    0 * NaN). Padding (mask == 0) never enters the arithmetic, and vespo
+    differs from TRL there: with NaN or inf in a padded ``logps`` /
+    ``old_logps`` TRL's loss is finite only because its unmasked
+    ``clamp(l) * mask`` is NaN * 0, so phi becomes 0 and the whole row drops
+    out; here the padding is masked and the row keeps its true phi. Where
+    ``old_logps`` is NaN on a real token that token's gradient is NaN (as
+    TRL's autograd), the other tokens' are finite.
+    ``epsilon_low`` bounds the ratio of the clip types only (grpo, bnpo,
+    dr_grpo, dapo, luspo: <= 1); cispo, sapo and vespo ignore it, as TRL.
+
     Metrics (``return_metrics``), TRL's names: ``clip_ratio/low_mean``,
     ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (grpo, bnpo,
     dr_grpo, dapo, luspo), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
@@ -320,7 +334,8 @@ def grpo_loss(
     :func:`gmpo_loss` (the per-row sums, the entropy sums too, are
     all-reduced once). ``num_rows``: the whole batch's row count, for the
     types that average over rows ("grpo", "dr_grpo", "sapo", "luspo"; dr_grpo
-    needs max_completion_length): rows are summed and divided by num_rows
+    needs max_completion_length, with ``group`` too: its default T would be
+    each rank's local width): rows are summed and divided by num_rows
     instead of B. Shapes, dtypes: as :func:`gmpo_loss`; sampling_logps and
     token_mask (B, T) (token_mask bool, integer or float).
     """
@@ -328,8 +343,9 @@ def grpo_loss(
     if importance_sampling_level != "token":
         _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
     el, eh = _epsilons(epsilon_low, epsilon_high)
-    if el > 1 and loss_type != "cispo":
-        raise ValueError(f"epsilon_low must be <= 1 for GRPO (ratio space), got {el}")
+    if el > 1 and loss_type in _CLIP_TYPES:   # cispo, sapo, vespo do not use it (as TRL)
+        raise ValueError(f"epsilon_low must be <= 1 for the clip types (the ratio's lower "
+                         f"bound is 1 - epsilon_low), got {el}")
     _check_number("beta", beta)
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
     if delta is not None:
@@ -392,6 +408,10 @@ def grpo_loss(
                          "loss_type='vespo' (a row quantity decides the row's loss)")
     if group is not None:
         _distributed().check_group("group", group)
+        if loss_type == "dr_grpo" and max_completion_length is None:
+            raise ValueError("group= with loss_type='dr_grpo' needs max_completion_length: "
+                             "its default, the padded width T, is each rank's own local "
+                             "width")
     norm = float(normalizer)
     if num_rows is not None:
         if loss_type not in ("grpo", "dr_grpo", "sapo", "luspo"):

@@ -271,6 +271,8 @@ C_BAD = {
     "normalizer-zero": ("normalizer", lambda c: setattr(c, "normalizer", 0.0)),
     "normalizer-nan": ("normalizer", lambda c: setattr(c, "normalizer", float("nan"))),
     "denominator-inf": ("denominator", lambda c: setattr(c, "denom", float("inf"))),
+    # 0 is the default; a negative one was silently the default too
+    "denominator-negative": ("denominator", lambda c: setattr(c, "denom", -3.0)),
     "size-negative": ("logps", lambda c: setattr(c, "B", -1)),
     # extents: shapes and strides that address memory outside a buffer
     "logps-extent": ("logps", lambda c: setattr(c, "logp", _view(c.logp, extent=B * T - 1))),
@@ -345,6 +347,61 @@ def test_c_module_grpo_eps_low_above_one():
     c.eps_low = 1.5
     with pytest.raises(ValueError, match="epsilon_low"):
         c.forward()
+
+
+_FAMILY_GOOD = (0, 0, 0, 0, 0.0, 0.0, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0)
+
+
+def test_c_module_family_options_checked():
+    """The family's options tuple: a list is a TypeError naming family (not
+    SystemError), algo 2 without it says the options are required (not a
+    message about sapo_temperature_pos), and the family's call with it runs."""
+    c = CCall(algo=_backend.ALGO_FAMILY, beta=0.0)
+    c.ref_logp = (0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="family options required"):
+        c.forward()
+    c.family = list(_FAMILY_GOOD)
+    with pytest.raises(TypeError, match="family"):
+        c.forward()
+    c.family = _FAMILY_GOOD
+    c.forward()
+    assert torch.isfinite(c.loss)
+
+
+def test_op_family_options_checked():
+    """torch.ops.gmpo_ext.loss_fwd: algo 2 without family, and a NaN integer
+    option, name the problem."""
+    import gmpo_ext.ops  # noqa: F401  (registers the ops)
+    c = make_case(B, T, seed=3)
+    args = (c.logps, c.old_logps, c.advantages, c.mask, None, None, _backend.ALGO_FAMILY, 0, 3,
+            0.2, 0.28, 0.0, 0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="family options required"):
+        torch.ops.gmpo_ext.loss_fwd(*args)
+    bad = [float("nan")] + list(_FAMILY_GOOD[1:])
+    with pytest.raises(ValueError, match="seq_level"):
+        torch.ops.gmpo_ext.loss_fwd(*args, family=bad)
+    bad = [0.0, 0.0, 0.5] + list(_FAMILY_GOOD[3:])
+    with pytest.raises(ValueError, match="off_policy"):
+        torch.ops.gmpo_ext.loss_fwd(*args, family=bad)
+    loss = torch.ops.gmpo_ext.loss_fwd(*args, family=[float(v) for v in _FAMILY_GOOD])[0]
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("loss_type,ok", [(4, True), (5, True), (7, True), (0, False),
+                                          (3, False), (6, False)])
+def test_c_module_family_eps_low_above_one(loss_type, ok):
+    """epsilon_low > 1 is an error only where it is a clip bound (grpo, bnpo,
+    dr_grpo, dapo, luspo); cispo (4), sapo (5) and vespo (7) ignore it, as TRL."""
+    c = CCall(algo=_backend.ALGO_FAMILY, beta=0.0)
+    c.ref_logp = (0, 0, 0, 0, 0)
+    c.family, c.loss_type, c.eps_low = _FAMILY_GOOD, loss_type, 1.5
+    c.adv = _view(c.adv, st=0)   # vespo: one advantage per row
+    if ok:
+        c.forward()
+        assert torch.isfinite(c.loss)
+    else:
+        with pytest.raises(ValueError, match="epsilon_low"):
+            c.forward()
 
 
 def test_c_module_cuda_without_cuda_build():

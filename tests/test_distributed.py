@@ -289,6 +289,22 @@ def test_bad_arguments(one_rank):
         gmpo_ext.grpo_loss(lp, old, adv, mask, group=1)
 
 
+def test_dr_grpo_group_needs_max_completion_length(one_rank):
+    """dr_grpo divides by B * max_completion_length, by default the padded
+    width T: with group= each rank holds its own part of every row, so the
+    default would be each rank's local width (a wrong loss on every rank)."""
+    lp, old, adv, mask = _inputs()
+    for level in ("token", "sequence"):   # the GRPO kernels and the family's
+        with pytest.raises(ValueError, match="max_completion_length"):
+            gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo", group=one_rank,
+                               importance_sampling_level=level)
+        got = gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo", group=one_rank,
+                                 importance_sampling_level=level, max_completion_length=8)
+        want = gmpo_ext.grpo_loss(lp, old, adv, mask, loss_type="dr_grpo",
+                                  importance_sampling_level=level)
+        torch.testing.assert_close(got, want)
+
+
 def test_shard_of_one_rank_equals_whole_vocabulary(one_rank):
     """vocab_group of one rank (the whole vocabulary as one shard): the same
     logp, entropy and gradient as the plain path."""

@@ -607,3 +607,82 @@ def test_from_hidden_packed_vespo_token_weights():
                                       isw[a:b].double().reshape(1, -1))
         want = want - (phi * adv[i] * lp[a:b]).sum()
     torch.testing.assert_close(loss.double(), want / N, rtol=2e-5, atol=1e-6)
+
+
+NONFINITE_CASES = [("vespo", "token", (1.0, -0.5)), ("vespo", "sequence", (1.0, -0.5)),
+                   ("cispo", "sequence", (0.0, -0.5)), ("cispo", "sequence", (1.0, -0.5))]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -float("inf")], ids=["nan", "-inf"])
+def test_nonfinite_logp_on_real_token_is_not_hidden(backend, device, bad):
+    """A NaN or -inf log-prob on a real token: vespo's phi is 0 there (TRL's
+    nan_to_num) and sequence-level cispo's multiplier 0 (or A == 0), and
+    0 * (a non-finite sum) is NaN in TRL: the loss is not finite and the row
+    is counted in gmpo/nonfinite_rows, on the C core and the CUDA kernels. The
+    same token as padding drops out (finite loss)."""
+    GRPOTrainer = _trl()
+    lp = torch.tensor([[-1.0, -1.2, bad, -0.9], [-1.1, -0.8, -1.0, -1.3]])
+    old = lp.nan_to_num(-1.0, neginf=-1.0) + 0.05
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    for loss_type, level, adv in NONFINITE_CASES:
+        adv = torch.tensor(adv)
+        kw = dict(loss_type=loss_type, importance_sampling_level=level,
+                  epsilon_high=4.0 if loss_type == "cispo" else 0.28)
+        want, _ = _trl_compute_loss(GRPOTrainer, dict(mask=mask, adv=adv, old=old), lp,
+                                    torch.zeros(2, 4), loss_type, level, kw, 1, 1, 8.0)
+        assert not torch.isfinite(want), (loss_type, level, "TRL")
+        for dtype in (torch.float32, torch.float64):
+            d = lambda t: t.to(dtype).to(device)  # noqa: E731
+            loss, m = gmpo_ext.grpo_loss(d(lp), d(old), d(adv), mask.to(device),
+                                         num_items_in_batch=8.0, return_metrics=True, **kw)
+            what = (backend, loss_type, level, tuple(adv.tolist()), dtype)
+            assert torch.isnan(loss) == torch.isnan(want), what
+            assert not torch.isfinite(loss), what
+            assert float(m["gmpo/nonfinite_rows"]) == 1.0, what
+            pad = mask.clone()
+            pad[0, 2] = False
+            loss = gmpo_ext.grpo_loss(d(lp), d(old), d(adv), pad.to(device),
+                                      num_items_in_batch=8.0, **kw)
+            assert torch.isfinite(loss), what
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "vespo"])
+def test_epsilon_low_above_one_ignored_where_trl_ignores_it(loss_type):
+    """cispo, sapo and vespo do not use epsilon_low (TRL's GRPOTrainer with
+    loss_type='cispo', epsilon=1.5 trains): any value gives the same result;
+    the clip types still reject epsilon_low > 1 (their bound 1 - epsilon_low)."""
+    x = _inputs(torch.float64, seed=11)
+    for level in LEVELS:
+        kw = _kwargs(x, loss_type, level, OPTIONS["plain"], torch.float64)
+        want = _run(x, torch.float64, epsilon_low=0.2, **kw)
+        got = _run(x, torch.float64, epsilon_low=1.5, **kw)
+        _compare(got, want, 0.0, 0.0, f"{loss_type} {level} epsilon_low=1.5")
+    for clip in ("grpo", "luspo"):
+        with pytest.raises(ValueError, match="epsilon_low"):
+            gmpo_ext.grpo_loss(x["lp"], x["old"], x["adv"], x["mask"], loss_type=clip,
+                               epsilon_low=1.5)
+
+
+def test_nan_old_logp_gradient_same_on_both_kernels(backend, device):
+    """old_logps NaN on a real token: the common types' own kernels (grpo,
+    bnpo, dr_grpo, dapo at token level) and the family's kernels (the same
+    type with a token_mask of ones) give the same NaN loss and the same
+    gradient, NaN on that token and TRL's finite values elsewhere."""
+    lp = torch.tensor([[-1.0, -1.2, -1.1, -0.9], [-1.1, -0.8, -1.0, -1.3]], dtype=torch.float64)
+    old = lp + 0.05
+    old[0, 2] = float("nan")
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=device)
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for dtype in (torch.float32, torch.float64):
+            grads = []
+            for kw in ({}, dict(token_mask=torch.ones(2, 4, device=device))):
+                x = lp.to(dtype).to(device).requires_grad_(True)
+                loss = gmpo_ext.grpo_loss(x, old.to(dtype).to(device), adv.to(dtype).to(device),
+                                          mask, loss_type=loss_type, **kw)
+                assert torch.isnan(loss), (loss_type, kw)
+                grads.append(torch.autograd.grad(loss, x)[0].cpu())
+            what = (backend, loss_type, dtype)
+            assert torch.isnan(grads[0][0, 2]) and torch.isnan(grads[1][0, 2]), what
+            assert int(torch.isnan(grads[0]).sum()) == 1, what
+            torch.testing.assert_close(grads[0], grads[1], equal_nan=True, msg=str(what))
