@@ -389,6 +389,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
     GMPO_S(gmpo_fam_opts) foc = *fo0;
     GMPO_FAM_FLAGS_SET(foc);
     const GMPO_S(gmpo_fam_opts) *fo = &foc;
+    const int f_verl_seq = fo->verl && f_seq;
     int j;
     for (int64_t k0 = 0; k0 < n; k0 += GMPO_LANES) {
         int lanes = n - k0 < GMPO_LANES ? (int)(n - k0) : GMPO_LANES;
@@ -407,6 +408,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
                 if (f_beta) L->kk[j] += on ? c.k : 0;
                 L->m0[j] += on ? c.m0 : 0;
                 L->m1[j] += on ? c.m1 : 0;
+                if (f_verl_seq) L->m2[j] += on ? c.m2 : 0;   // verl's gspo only
             }
         } else {
             for (j = 0; j < lanes; j++) {
@@ -416,7 +418,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
                 GMPO_S(gmpo_acc) c = GMPO_S(gmpo_fam_token)(fo, mk, tm[k], lp[k], olp[k], slp[k],
                                                             adv[k], ref[k], w[k]);
                 L->my[j] += c.my; L->nn[j] += c.n; L->am[j] += c.am; L->kk[j] += c.k;
-                L->m0[j] += c.m0; L->m1[j] += c.m1;
+                L->m0[j] += c.m0; L->m1[j] += c.m1; L->m2[j] += c.m2;
             }
         }
     }
