@@ -205,7 +205,7 @@ def test_float16_runs_and_matches():
     loss.backward()
     want, _ = ref_loss("cispo", old.double(), lp.detach().double(), adv.double(),
                        mask.double(), "token-mean", config(False), isw.double())
-    assert abs(float(loss) - float(want)) <= 1e-4 * abs(float(want)) + 1e-6
+    assert abs(float(loss.detach()) - float(want)) <= 1e-4 * abs(float(want)) + 1e-6
     assert lp.grad.dtype == torch.float16 and torch.isfinite(lp.grad).all()
 
 
@@ -390,3 +390,30 @@ def test_against_verl(mode, agg, with_is, with_gbi):
         return fused(old, lp, adv, mask, agg_, cfg, w)
 
     check(mode, agg, with_is, with_gbi, fused_fn=ours, ref_fn=ref)
+
+
+@pytest.mark.parametrize("mode", ["gspo", "vanilla"])
+def test_opcheck_verl_family(mode):
+    """The registered ops (what torch.compile and export call) take verl's
+    options: the family's 14 numbers."""
+    from gmpo_ext import _backend
+
+    old, lp, adv, mask, isw = make_inputs(6, dtype=torch.float32, with_is=True)
+    lp.requires_grad_()
+    seq = float(mode == "gspo")
+    agg = 2.0 if mode == "gspo" else 1.0
+    cc = 0.0 if mode == "gspo" else 3.0
+    fam = [seq, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0, agg, cc]
+    args = (lp, old, adv, mask, None, isw, _backend.ALGO_FAMILY, 1, 0, 0.2, 0.28, 0.0, 0.0,
+            0.5, 0.0)
+    torch.library.opcheck(torch.ops.gmpo_ext.loss_fwd.default, args, {"family": fam})
+    loss, _, rows = torch.ops.gmpo_ext.loss_fwd(*args, family=fam)
+    gl = torch.tensor(0.37)
+    torch.library.opcheck(torch.ops.gmpo_ext.loss_bwd.default,
+                          (gl, rows) + tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                                             for a in args), {"family": fam})
+    # the op's loss is grpo_loss's (normalizer 0.5: dp_size 2)
+    want = gmpo_ext.grpo_loss(lp, old, adv, mask, convention="verl", loss_type=mode,
+                              epsilon_low=0.2, epsilon_high=0.28, is_weights=isw,
+                              loss_agg_mode="seq-mean-token-sum", global_batch_info={"dp_size": 2})
+    assert float(loss.detach()) == float(want.detach())
