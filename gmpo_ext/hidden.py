@@ -920,11 +920,11 @@ def _packed_index(cu_seqlens, N, device):
     return idx, valid
 
 
-def _pad(x, idx):
-    """(N,) -> (B, T_max), zeros where idx == N (differentiable)."""
+def _pad(x, idx, fill=0.0):
+    """(N,) -> (B, T_max), ``fill`` where idx == N (differentiable)."""
     if x is None:
         return None
-    ext = torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))])
+    ext = torch.cat([x, x.new_full((1,) + tuple(x.shape[1:]), fill)])
     return ext[idx]
 
 
@@ -937,7 +937,9 @@ def _packed_is_weights(isw, idx, N):
     _check_tensor("is_weights", isw, _backend.FLOAT_DTYPES)
     B = idx.shape[0]
     if tuple(isw.shape) == (N,):
-        return _pad(isw, idx)
+        # padded with 1: vespo sums log w over every token of the (B, T_max)
+        # layout (as TRL's get_gamma_weights does), where the padding must add 0
+        return _pad(isw, idx, 1.0)
     if tuple(isw.shape) == (B, 1):
         return isw
     raise ValueError(f"is_weights: with packed inputs (cu_seqlens) pass per-token weights as "

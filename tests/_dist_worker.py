@@ -317,6 +317,20 @@ def vocab_split(rank, world, group):
         # one-pass kernel round differently) moves small elements by more
         _close(f"vocab {conv} grad", g, ref_g[:, :, lo:hi], floor=1.0)
 
+    # the GRPO family from vocabulary-sharded logits, the entropy bonus's
+    # gradient through the shards' merged entropy
+    def fam(x, **kw):
+        return gmpo_ext.grpo_loss_from_logits(
+            x, ids, old, adv, mask, temperature=0.7, loss_type="sapo",
+            importance_sampling_level="sequence", beta=0.04, ref_logps=ref,
+            use_bias_correction_kl=True, entropy_coef=0.05, return_metrics=True, **kw)
+
+    ref_loss, ref_m, ref_g = _grad_of(fam, logits)
+    loss, m, g = _grad_of(fam, shard, vocab_group=group, vocab_start=lo)
+    _close("vocab family loss", loss, ref_loss)
+    _metrics_close("vocab family", m, ref_m, 2e-6)
+    _close("vocab family grad", g, ref_g[:, :, lo:hi], floor=1.0)
+
     # an id outside the whole vocabulary is still an error, naming the argument
     bad = ids.clone()
     bad[0, 0] = V

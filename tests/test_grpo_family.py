@@ -8,7 +8,9 @@ transcription of TRL's formulas (gmpo_ext.reference.grpo_family_reference):
 - fp32, bf16 and fp16 with per-dtype tolerances;
 - the CUDA kernels under the SIMT emulation ("simt" backend) on a modest subset;
 - gradcheck in fp64 (the types whose coefficients are not detached);
-- TRL's own static functions (get_gamma_weights, get_off_policy_mask);
+- TRL's own static functions (get_gamma_weights, get_off_policy_mask), and TRL's
+  own GRPOTrainer._compute_loss on a stand-in trainer for every type and level
+  (loss, gradients, metrics: the documented argument mapping);
 - the sequence ratio e^100: ours finite and right, TRL's formula inf / NaN;
 - bad arguments raise naming the argument.
 Rows split over ranks (group=) are tested in tests/_dist_worker.py (seq_split).
@@ -479,3 +481,129 @@ def test_compile_fullgraph_family_equals_eager():
         outs.append((loss.detach(), e, lp.grad, ent.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+class _Acc:
+    """The few accelerate calls _compute_loss makes, for one process."""
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+
+def _trl_compute_loss(GRPOTrainer, x, lp, ent, loss_type, level, kw, ga, spg, items):
+    """TRL's own GRPOTrainer._compute_loss on a stand-in trainer whose model
+    returns these log-probs and entropies: (loss, metrics)."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+    B_, T_ = lp.shape
+    args = SimpleNamespace(use_bias_correction_kl=kw.get("use_bias_correction_kl", False),
+                           delta=kw.get("delta"), sapo_temperature_pos=1.0,
+                           sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                           vespo_k_neg=3.0, vespo_lambda_neg=2.0, steps_per_generation=spg,
+                           entropy_target=0.0)
+    entropy_mask = kw.get("token_mask")
+    self = SimpleNamespace(
+        args=args, loss_type=loss_type, importance_sampling_level=level,
+        epsilon_low=0.2, epsilon_high=kw["epsilon_high"], beta=kw.get("beta", 0.0),
+        off_policy_mask_threshold=kw.get("off_policy_mask_threshold"),
+        top_entropy_quantile=0.5 if entropy_mask is not None else 1.0,
+        use_vllm=kw.get("is_weights") is not None, vllm_importance_sampling_correction=True,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=ga,
+        max_completion_length=T_, accelerator=_Acc(), aux_loss_enabled=False,
+        _entropy_bonus_enabled=kw.get("entropy_coef", 0.0) != 0, use_adaptive_entropy=False,
+        entropy_coef=kw.get("entropy_coef", 0.0), _metrics={"train": defaultdict(list)},
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
+        get_high_entropy_mask=lambda e, m, thr: entropy_mask,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, ent, None))
+    inputs = dict(prompt_ids=torch.zeros(B_, 1, dtype=torch.long),
+                  prompt_mask=torch.ones(B_, 1, dtype=torch.long),
+                  completion_ids=torch.zeros(B_, T_, dtype=torch.long),
+                  completion_mask=x["mask"].long(), advantages=x["adv"].float(),
+                  old_per_token_logps=x["old"].float(), num_items_in_batch=torch.tensor(items))
+    if kw.get("beta"):
+        inputs["ref_per_token_logps"] = kw["ref_logps"].float()
+    if kw.get("sampling_logps") is not None:
+        inputs["sampling_per_token_logps"] = kw["sampling_logps"].float()
+    if kw.get("is_weights") is not None:
+        inputs["importance_sampling_ratio"] = kw["is_weights"].float().reshape(B_, -1)
+    loss = GRPOTrainer._compute_loss(self, None, inputs)
+    return loss, {k: v[-1] for k, v in self._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("loss_type", TYPES)
+def test_equals_trl_compute_loss(loss_type, level):
+    """TRL 1.16's own GRPOTrainer._compute_loss (on a stand-in trainer) against
+    grpo_loss with the documented mapping: loss, d loss / d logps, d loss /
+    d entropies and the metrics, fp32, every option on (is_weights per token,
+    the entropy mask as token_mask, the entropy bonus, gradient accumulation 2,
+    steps_per_generation 2)."""
+    GRPOTrainer = _trl()
+    x = _inputs(torch.float32, seed=13)
+    ga, spg, items = 2, 2, 123.0
+    for name in ("plain", "all"):
+        kw = _kwargs(x, loss_type, level, OPTIONS[name], torch.float32)
+        kw = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+              for k, v in kw.items()}
+        lp = x["lp"].float().requires_grad_(True)
+        ent = x["ent"].float().requires_grad_(True)
+        want, wm = _trl_compute_loss(GRPOTrainer, x, lp, ent, loss_type, level, kw, ga, spg,
+                                     items)
+        gw = torch.autograd.grad(want, [lp, ent], allow_unused=True)
+        lp2 = x["lp"].float().requires_grad_(True)
+        ent2 = x["ent"].float().requires_grad_(True)
+        mine = dict(kw)
+        mine["entropies"] = ent2   # TRL always logs the entropy
+
+        got, gm = gmpo_ext.grpo_loss(lp2, x["old"].float(), x["adv"].float(), x["mask"],
+                                     normalizer=ga, num_items_in_batch=items / 1 / spg,
+                                     return_metrics=True, **mine)
+        gg = torch.autograd.grad(got, [lp2] + ([ent2] if mine.get("entropy_coef") else []))
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6,
+                                   msg=f"{loss_type} {level} {name}: loss")
+        torch.testing.assert_close(gg[0], gw[0], rtol=2e-5, atol=1e-6,
+                                   msg=f"{loss_type} {level} {name}: grad")
+        if mine.get("entropy_coef"):
+            torch.testing.assert_close(gg[1], gw[1], rtol=2e-5, atol=1e-7)
+        for k, v in wm.items():
+            if k in gm:
+                assert abs(float(gm[k]) - v) <= 2e-5 * (1 + abs(v)), f"{loss_type} {level} {k}"
+        for k in ("clip_ratio/low_mean", "cispo_clip_ratio", "vespo/phi_seq_mean", "kl",
+                  "entropy"):
+            assert (k in wm) == (k in gm), f"{loss_type} {level} {name}: metric {k}"
+
+
+def test_from_hidden_packed_vespo_token_weights():
+    """Packed rows: the padding of the (B, T_max) layout adds nothing to
+    vespo's unmasked sum of log importance weights (padded with weight 1)."""
+    g = torch.Generator().manual_seed(14)
+    lens, H, V = [4, 2, 5], 6, 11
+    N, Bq, Tq = sum(lens), 3, 5
+    hid = torch.randn(N, H, generator=g)
+    W = 0.3 * torch.randn(V, H, generator=g)
+    ids = torch.randint(0, V, (N,), generator=g)
+    old = -torch.rand(N, generator=g) * 3
+    isw = torch.rand(N, generator=g) + 0.5
+    adv = torch.tensor([1.0, -0.5, 0.3])
+    cu = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
+    loss = gmpo_ext.grpo_loss_from_hidden(hid, W, ids, old, adv, torch.ones(N, dtype=torch.bool),
+                                          cu_seqlens=cu, loss_type="vespo", is_weights=isw)
+    lp = torch.log_softmax(hid.double() @ W.double().T, -1).gather(-1, ids[:, None].long())[:, 0]
+    want = 0.0
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        phi = gamma_weights_reference(adv[i].double().reshape(1, 1),
+                                      (lp[a:b] - old[a:b].double()).reshape(1, -1),
+                                      torch.ones(1, b - a, dtype=torch.float64),
+                                      isw[a:b].double().reshape(1, -1))
+        want = want - (phi * adv[i] * lp[a:b]).sum()
+    torch.testing.assert_close(loss.double(), want / N, rtol=2e-5, atol=1e-6)

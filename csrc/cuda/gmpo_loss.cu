@@ -24,8 +24,8 @@
  *                                    device
  *   family    gmpo_fam_fwd_kernel    TRL's GRPO family (GMPO_ALGO_FAMILY: cispo, sapo,
  *             gmpo_fam_bwd_kernel    luspo, vespo, the sequence level, delta, the
- *                                    off-policy mask, ...): the same shapes, a token
- *                                    per thread, the per-row finish in fp64
+ *                                    off-policy mask, ...): the same grids and loads
+ *                                    as the two above, the per-row finish in fp64
  *
  * Launched on the caller's stream; no host synchronisation, no allocation, no
  * float atomics: safe in a CUDA graph and the same bits on every run.
@@ -375,9 +375,12 @@ gmpo_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ 
 // ----------------------------------------------------------------------------
 // GMPO_ALGO_FAMILY: TRL's GRPO family with its options (gmpo_math_impl.h's
 // gmpo_fam_token / gmpo_fam_grad, the row finish gmpo_family_row_finish in
-// fp64). A token per thread, scalar loads (any dtype, any stride): the family's
-// types are new; the common types keep the vector kernels above.
+// fp64). The grids, loads and reductions of the kernels above (gmpo_rows,
+// gmpo_load_group), plus the family's sampler log-probs and token mask.
 
+template <class Acc> struct gmpo_fam_m;
+template <> struct gmpo_fam_m<float> { typedef gmpo_fam_opts_f opts; };
+template <> struct gmpo_fam_m<double> { typedef gmpo_fam_opts_d opts; };
 GMPO_DEV gmpo_fam_opts_f gmpo_fam_opts(const gmpo_args *a, float) { return gmpo_fam_opts_make_f(a); }
 GMPO_DEV gmpo_fam_opts_d gmpo_fam_opts(const gmpo_args *a, double) { return gmpo_fam_opts_make_d(a); }
 GMPO_DEV gmpo_acc_f gmpo_fam_tok(const gmpo_fam_opts_f *o, float m, float tm, float lp, float olp,
@@ -399,45 +402,91 @@ GMPO_DEV double gmpo_fam_g(const gmpo_fam_opts_d *o, double pg1, double pc, doub
 GMPO_DEV float gmpo_fam_lw(float w) { return gmpo_fam_logis_f(w); }
 GMPO_DEV double gmpo_fam_lw(double w) { return gmpo_fam_logis_d(w); }
 
-// element (i, t) of a (B,T) or (B,) view as Acc; `absent` where the view is absent
-template <class Acc>
-GMPO_DEV Acc gmpo_fam_at(const gmpo_view &v, int64_t i, int64_t t, Acc absent) {
-    if (!v.data) return absent;
-    return gmpo_m<Acc>::load(v.data, v.dtype, i * v.stride_b + t * v.stride_t);
+// The family's two extra inputs of row i (sampler log-probs, token mask) and
+// whether each takes vector loads; with gmpo_rows, every input of the row.
+struct gmpo_fam_rows {
+    const char *slp, *tm;
+    bool vslp, vtm;
+};
+
+template <int VEC>
+GMPO_DEV gmpo_fam_rows gmpo_make_fam_rows(const gmpo_args &a, const gmpo_rows &r, int64_t i,
+                                          bool opm) {
+    gmpo_fam_rows f;
+    f.slp = opm ? gmpo_row_ptr(a.samp_logp, i) : nullptr;
+    f.tm = gmpo_row_ptr(a.tok_mask, i);
+    f.vslp = gmpo_row_vec<VEC>(a.samp_logp, f.slp, r.head);
+    f.vtm = gmpo_row_vec<VEC>(a.tok_mask, f.tm, r.head);
+    return f;
+}
+
+// VEC tokens t.. of one of the family's extra rows; `absent` where it is absent
+template <class Acc, int VEC>
+GMPO_DEV void gmpo_fam_load(const gmpo_view &v, const char *p, bool vec, int64_t t, Acc absent,
+                            Acc (&out)[VEC]) {
+    if (p) {
+        gmpo_load_tokens<Acc, VEC>(v, p, vec, t, out);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) out[k] = absent;
+    }
 }
 
 #define GMPO_FAM_THREADS 256
 
+// VEC tokens t.. of a row into the thread's sums; vespo with per-token
+// weights also adds every token's clamped log weight into *logw (TRL's sum is
+// unmasked), whatever the mask
+template <class Acc, int VEC>
+GMPO_DEV void gmpo_fam_fwd_group(const gmpo_args &a, const typename gmpo_fam_m<Acc>::opts &fo,
+                                 const gmpo_rows &r, const gmpo_fam_rows &f, int64_t t,
+                                 Acc adv_row, Acc w_row, bool vw,
+                                 typename gmpo_m<Acc>::acc *s, Acc *logw) {
+    Acc m[VEC], lp[VEC], olp[VEC], adv[VEC], ref[VEC], w[VEC], slp[VEC], tm[VEC];
+    if (vw) {
+        gmpo_load_tokens<Acc, VEC>(a.is_w, r.w, r.vw, t, w);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) *logw += gmpo_fam_lw(w[k]);
+    }
+    if (!gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) return;
+    gmpo_fam_load<Acc, VEC>(a.samp_logp, f.slp, f.vslp, t, (Acc)0, slp);
+    gmpo_fam_load<Acc, VEC>(a.tok_mask, f.tm, f.vtm, t, (Acc)1, tm);
+#pragma unroll
+    for (int k = 0; k < VEC; k++) {
+        if (m[k] != 0) {
+            typename gmpo_m<Acc>::acc c =
+                gmpo_fam_tok(&fo, m[k], tm[k], lp[k], olp[k], f.slp ? slp[k] : lp[k], adv[k],
+                             ref[k], w[k]);
+            gmpo_m<Acc>::merge(s, &c);
+        }
+    }
+}
+
 // Row blockIdx.x: its statistics into rows[i], or (sums != NULL) its raw sums
 // into sums[i]. Inputs (B,T): logp, old_logp, mask, ref_logp, samp_logp,
-// tok_mask; adv, is_w (B,) or (B,T)
-template <class Acc>
+// tok_mask; adv, is_w (B,) or (B,T). Loads as gmpo_fwd_rows_kernel's.
+template <class Acc, int VEC>
 __global__ void __launch_bounds__(GMPO_FAM_THREADS, 1)
 gmpo_fam_fwd_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ rows,
                     double *__restrict__ sums) {
     typedef typename gmpo_m<Acc>::acc acc_t;
     const int64_t i = blockIdx.x, T = a.T;
     const auto fo = gmpo_fam_opts(&a, (Acc)0);
+    const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
+    const gmpo_fam_rows f = gmpo_make_fam_rows<VEC>(a, r, i, fo.opm);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
-    const bool w_tok = a.is_w.data && a.is_w.stride_t;
-    const bool vw = a.loss_type == GMPO_LT_VESPO && w_tok;   // vespo: every token's log w
+    const bool vw = a.loss_type == GMPO_LT_VESPO && r.w_tok;   // vespo: every token's log w
     acc_t s;
     gmpo_m<Acc>::zero(&s);
     Acc logw = 0;
-    for (int64_t t = threadIdx.x; t < T; t += blockDim.x) {
-        const Acc w = w_tok ? gmpo_fam_at<Acc>(a.is_w, i, t, (Acc)1) : w_row;
-        if (vw) logw += gmpo_fam_lw(w);
-        const Acc m = gmpo_fam_at<Acc>(a.mask, i, t, (Acc)0);
-        if (m == 0) continue;   // padding never enters the arithmetic
-        const Acc lp = gmpo_fam_at<Acc>(a.logp, i, t, (Acc)0);
-        const Acc slp = fo.opm ? gmpo_fam_at<Acc>(a.samp_logp, i, t, (Acc)0) : lp;
-        const Acc A = a.adv.stride_t ? gmpo_fam_at<Acc>(a.adv, i, t, (Acc)0) : adv_row;
-        const Acc ref = fo.beta_on ? gmpo_fam_at<Acc>(a.ref_logp, i, t, (Acc)0) : (Acc)0;
-        acc_t c = gmpo_fam_tok(&fo, m, gmpo_fam_at<Acc>(a.tok_mask, i, t, (Acc)1), lp,
-                               gmpo_fam_at<Acc>(a.old_logp, i, t, (Acc)0), slp, A, ref, w);
-        gmpo_m<Acc>::merge(&s, &c);
-    }
+    const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x)
+        gmpo_fam_fwd_group<Acc, VEC>(a, fo, r, f, r.head + j * VEC, adv_row, w_row, vw, &s, &logw);
+    const int64_t nscalar = r.head + (T - tail);
+    for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
+        gmpo_fam_fwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + (j - r.head), adv_row,
+                                   w_row, vw, &s, &logw);
     s.logw = logw;
     Acc v[GMPO_ACC_FIELDS];
     gmpo_acc_pack<Acc>(s, v);
@@ -456,8 +505,33 @@ gmpo_fam_fwd_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ ro
     }
 }
 
-// grad[i, :] for row i = blockIdx.x, tokens strided over blockIdx.y
-template <class Acc>
+// VEC tokens t.. of a row: their gradient into gr (grad's row); a fully masked
+// group writes zeros and reads nothing but its mask
+template <class Acc, int VEC>
+GMPO_DEV void gmpo_fam_bwd_group(const gmpo_args &a, const typename gmpo_fam_m<Acc>::opts &fo,
+                                 const gmpo_rows &r, const gmpo_fam_rows &f, int64_t t,
+                                 Acc adv_row, Acc w_row, Acc pg1, Acc pc, Acc kl, char *gr,
+                                 int32_t gdt, bool vg) {
+    Acc m[VEC], lp[VEC], olp[VEC], adv[VEC], ref[VEC], w[VEC], tm[VEC], g[VEC];
+    if (gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) {
+        gmpo_fam_load<Acc, VEC>(a.tok_mask, f.tm, f.vtm, t, (Acc)1, tm);
+#pragma unroll
+        for (int k = 0; k < VEC; k++)
+            g[k] = gmpo_fam_g(&fo, pg1, pc, kl, m[k], tm[k], lp[k], olp[k], adv[k], ref[k], w[k]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) g[k] = 0;
+    }
+    if (VEC > 1 && vg) {
+        gmpo_store_vec<Acc, VEC>(gr, gdt, t, g);
+    } else {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) gmpo_m<Acc>::store(gr, gdt, t + k, g[k]);
+    }
+}
+
+// grad[i, :] for row i = blockIdx.x, the token vectors strided over blockIdx.y
+template <class Acc, int VEC>
 __global__ void __launch_bounds__(GMPO_FAM_THREADS, 1)
 gmpo_fam_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restrict__ rows,
                     const void *__restrict__ grad_out, int32_t go_dt, void *__restrict__ grad,
@@ -468,22 +542,23 @@ gmpo_fam_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restric
     gmpo_family_grad_factors(&a, rows, i, go, &pg1_d, &pc_d, &kl_d);
     const Acc pg1 = (Acc)pg1_d, pc = (Acc)pc_d, kl = (Acc)kl_d;
     const auto fo = gmpo_fam_opts(&a, (Acc)0);
+    const gmpo_rows r = gmpo_make_rows<VEC>(a, i);
+    const gmpo_fam_rows f = gmpo_make_fam_rows<VEC>(a, r, i, false);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
-    const bool w_tok = a.is_w.data && a.is_w.stride_t;
+    char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);
+    const bool vg = VEC > 1 && (uintptr_t)(gr + r.head * gmpo_dtype_size(gdt)) %
+                                       (uintptr_t)gmpo_vec_align<VEC>(gdt) == 0;
+    const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
     const int64_t stride = (int64_t)gridDim.y * blockDim.x;
-    for (int64_t t = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; t < T; t += stride) {
-        const Acc m = gmpo_fam_at<Acc>(a.mask, i, t, (Acc)0);
-        Acc g = 0;
-        if (m != 0) {
-            const Acc w = w_tok ? gmpo_fam_at<Acc>(a.is_w, i, t, (Acc)1) : w_row;
-            const Acc A = a.adv.stride_t ? gmpo_fam_at<Acc>(a.adv, i, t, (Acc)0) : adv_row;
-            const Acc ref = fo.beta_on ? gmpo_fam_at<Acc>(a.ref_logp, i, t, (Acc)0) : (Acc)0;
-            g = gmpo_fam_g(&fo, pg1, pc, kl, m, gmpo_fam_at<Acc>(a.tok_mask, i, t, (Acc)1),
-                           gmpo_fam_at<Acc>(a.logp, i, t, (Acc)0),
-                           gmpo_fam_at<Acc>(a.old_logp, i, t, (Acc)0), A, ref, w);
-        }
-        gmpo_m<Acc>::store(grad, gdt, i * T + t, g);
+    for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < nvec; j += stride)
+        gmpo_fam_bwd_group<Acc, VEC>(a, fo, r, f, r.head + j * VEC, adv_row, w_row, pg1, pc, kl,
+                                     gr, gdt, vg);
+    if (blockIdx.y == 0) {   // the unaligned head and the tail, a token per thread
+        const int64_t nscalar = r.head + (T - tail);
+        for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
+            gmpo_fam_bwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + (j - r.head),
+                                       adv_row, w_row, pg1, pc, kl, gr, gdt, false);
     }
 }
 
@@ -522,12 +597,14 @@ static dim3 bwd_grid(int64_t B, int64_t T, int vec, unsigned *threads) {
 // the family's forward rows (sums == NULL) or row sums, one block per row
 static gmpo_status launch_fam_fwd(gmpo_args *a, double *rows, double *sums) {
     cudaStream_t stream = (cudaStream_t)a->stream;
-    const unsigned threads = pow2_clamp(a->T, 32, GMPO_FAM_THREADS);
+    const int vec = vec_of(a->logp.dtype);
+    unsigned threads = fwd_threads(a->T, vec);
+    if (threads > GMPO_FAM_THREADS) threads = GMPO_FAM_THREADS;
     const dim3 grid((unsigned)a->B);
     if (a->logp.dtype == GMPO_DT_F64)
-        GMPO_LAUNCH(gmpo_fam_fwd_kernel<double>, grid, threads, 0, stream, *a, rows, sums);
+        GMPO_LAUNCH((gmpo_fam_fwd_kernel<double, 2>), grid, threads, 0, stream, *a, rows, sums);
     else
-        GMPO_LAUNCH(gmpo_fam_fwd_kernel<float>, grid, threads, 0, stream, *a, rows, sums);
+        GMPO_LAUNCH((gmpo_fam_fwd_kernel<float, 4>), grid, threads, 0, stream, *a, rows, sums);
     GMPO_CHECK_LAUNCH(a, "gmpo_fam_fwd_kernel");
     return GMPO_OK;
 }
@@ -577,12 +654,11 @@ extern "C" gmpo_status gmpo_cuda_backward(gmpo_args *a, const double *rows, cons
     unsigned threads;
     const dim3 grid = bwd_grid(a->B, a->T, vec_of(dt), &threads);
     if (a->algo == GMPO_ALGO_FAMILY) {
-        const dim3 fgrid = bwd_grid(a->B, a->T, 1, &threads);
         if (dt == GMPO_DT_F64)
-            GMPO_LAUNCH(gmpo_fam_bwd_kernel<double>, fgrid, threads, 0, stream, *a, rows,
+            GMPO_LAUNCH((gmpo_fam_bwd_kernel<double, 2>), grid, threads, 0, stream, *a, rows,
                         grad_out, grad_out_dtype, grad, grad_dtype);
         else
-            GMPO_LAUNCH(gmpo_fam_bwd_kernel<float>, fgrid, threads, 0, stream, *a, rows,
+            GMPO_LAUNCH((gmpo_fam_bwd_kernel<float, 4>), grid, threads, 0, stream, *a, rows,
                         grad_out, grad_out_dtype, grad, grad_dtype);
         GMPO_CHECK_LAUNCH(a, "gmpo_fam_bwd_kernel");
         return GMPO_OK;
