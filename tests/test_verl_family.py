@@ -417,3 +417,23 @@ def test_opcheck_verl_family(mode):
                               epsilon_low=0.2, epsilon_high=0.28, is_weights=isw,
                               loss_agg_mode="seq-mean-token-sum", global_batch_info={"dp_size": 2})
     assert float(loss.detach()) == float(want.detach())
+
+
+@needs_verl
+def test_every_mode_loaded_through_verl_hooks():
+    """A fresh process that only imports verl (VERL_USE_EXTERNAL_MODULES) finds
+    the four modes registered next to gmpo_fused."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "gmpo_ext.verl",
+           "VERL_USE_EXTERNAL_PLUGINS": "none"}
+    code = ("import verl\n"
+            "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+            "for m in ('vanilla', 'gspo', 'cispo', 'sapo'):\n"
+            "    print(get_policy_loss_fn(m + '_fused').__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [f"compute_policy_loss_{m}_fused" for m in MODES]
