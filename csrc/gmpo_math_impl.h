@@ -352,15 +352,18 @@ GMPO_HD GMPO_T GMPO_S(gmpo_verl_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T l, 
         GMPO_T cr = rho < o->lo ? o->lo : (rho > o->hi ? o->hi : rho);
         return -cr * A;   // the ratio is detached: the gradient is logp's own
     }
-    if (!pass) return 0;
+    // selects, no early return on the data: the CPU loops stay vector code
+    GMPO_T d;
     if (o->type == GMPO_LT_SAPO) {
         GMPO_T tau = A > 0 ? o->tpos : o->tneg;
-        return -A * 4 * GMPO_S(gmpo_dsigmoid_scaled)(tau * (rho - 1), lc);
+        d = -A * 4 * GMPO_S(gmpo_dsigmoid_scaled)(tau * (rho - 1), lc);
+    } else {
+        GMPO_T dP;
+        int lower;
+        GMPO_S(gmpo_verl_vanilla)(o, rho, A, &dP, &lower);
+        d = dP == 0 ? (GMPO_T)0 : dP * rho;
     }
-    GMPO_T dP;
-    int lower;
-    GMPO_S(gmpo_verl_vanilla)(o, rho, A, &dP, &lower);
-    return dP == 0 ? (GMPO_T)0 : dP * rho;
+    return pass ? d : (GMPO_T)0;
 }
 
 // One masked token's sums (m != 0; the caller skips padding). tm: its token
