@@ -483,8 +483,8 @@ gmpo_fam_fwd_kernel(const __grid_constant__ gmpo_args a, double *__restrict__ ro
     const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
     for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x)
         gmpo_fam_fwd_group<Acc, VEC>(a, fo, r, f, r.head + j * VEC, adv_row, w_row, vw, &s, &logw);
-    const int64_t nscalar = r.head + (T - tail);
-    for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
+    const int64_t nedge = r.head + (T - tail);   // head and tail tokens
+    for (int64_t j = threadIdx.x; j < nedge; j += blockDim.x)
         gmpo_fam_fwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + (j - r.head), adv_row,
                                    w_row, vw, &s, &logw);
     s.logw = logw;
@@ -546,17 +546,17 @@ gmpo_fam_bwd_kernel(const __grid_constant__ gmpo_args a, const double *__restric
     const gmpo_fam_rows f = gmpo_make_fam_rows<VEC>(a, r, i, false);
     const Acc adv_row = gmpo_row_value<Acc>(a.adv, i, (Acc)0);
     const Acc w_row = gmpo_row_value<Acc>(a.is_w, i, (Acc)1);
-    char *gr = (char *)grad + i * T * gmpo_dtype_size(gdt);
+    char *gr = (char *)grad + gmpo_dtype_size(gdt) * (i * T);   // row i of grad
     const bool vg = VEC > 1 && (uintptr_t)(gr + r.head * gmpo_dtype_size(gdt)) %
                                        (uintptr_t)gmpo_vec_align<VEC>(gdt) == 0;
     const int64_t nvec = (T - r.head) / VEC, tail = r.head + nvec * VEC;
-    const int64_t stride = (int64_t)gridDim.y * blockDim.x;
-    for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < nvec; j += stride)
+    const int64_t ystride = (int64_t)gridDim.y * blockDim.x;
+    for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < nvec; j += ystride)
         gmpo_fam_bwd_group<Acc, VEC>(a, fo, r, f, r.head + j * VEC, adv_row, w_row, pg1, pc, kl,
                                      gr, gdt, vg);
     if (blockIdx.y == 0) {   // the unaligned head and the tail, a token per thread
-        const int64_t nscalar = r.head + (T - tail);
-        for (int64_t j = threadIdx.x; j < nscalar; j += blockDim.x)
+        const int64_t nedge = r.head + (T - tail);   // head and tail tokens
+        for (int64_t j = threadIdx.x; j < nedge; j += blockDim.x)
             gmpo_fam_bwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + (j - r.head),
                                        adv_row, w_row, pg1, pc, kl, gr, gdt, false);
     }
