@@ -90,7 +90,23 @@ typedef struct {
     double delta, off_policy_threshold;
     double sapo_tpos, sapo_tneg;                    /* sapo temperatures */
     double vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg;   /* vespo k, lambda */
+    /* convention GMPO_CONV_VERL (verl's core_algos policy losses: loss_type
+     * GRPO = vanilla, GRPO at sequence level = gspo, CISPO, SAPO; see
+     * gmpo_verl_row_finish in gmpo_math.h): */
+    int32_t verl_agg;         /* GMPO_VA_*: verl's loss_agg_mode */
+    double clip_c;            /* vanilla's dual clip (clip_ratio_c > 1); 0: none */
 } gmpo_family;
+
+/* verl's agg_loss modes (convention verl). denom: token-mean batch_num_tokens,
+ * seq-mean-* global_batch_size, seq-mean-token-sum-norm loss_scale_factor
+ * (<= 0: the default: the mask's sum, the non-empty rows, T); normalizer:
+ * 1 / dp_size (the caller's; verl's sum-norm mode takes no dp_size). */
+enum {
+    GMPO_VA_TOKEN_MEAN = 0,
+    GMPO_VA_SEQ_MEAN_TOKEN_SUM = 1,
+    GMPO_VA_SEQ_MEAN_TOKEN_MEAN = 2,
+    GMPO_VA_SEQ_MEAN_TOKEN_SUM_NORM = 3,
+};
 
 typedef struct {
     const void *data;     /* NULL when the tensor is absent */
@@ -137,7 +153,7 @@ typedef struct {
     gmpo_view samp_logp;      /* family: (B,T) sampler log-probs for the off-policy mask */
     gmpo_view tok_mask;       /* family: (B,T) multiplier of the policy term (absent: 1) */
     gmpo_family fam;          /* family options (GMPO_ALGO_FAMILY only) */
-    int32_t convention;       /* gmpo_convention (gmpo only) */
+    int32_t convention;       /* gmpo_convention (gmpo; the family: verl's modes) */
     int32_t loss_type;        /* gmpo_loss_type (grpo only) */
     double eps_low, eps_high; /* gmpo: log space; grpo: ratio space */
     double beta;              /* k3 KL coefficient; needs ref_logp when != 0 */
@@ -211,7 +227,16 @@ enum {
  * gradient, COEF_KL beta (times exp(s) for the sequence-level bias-corrected
  * KL), M2 the gradient every masked token of the row gets (the sequence
  * ratio's), M0 and M1 the row's metric values, MU the sequence log-ratio s (0
- * at token level); the metric M2 (region) is M0 + M1. */
+ * at token level); the metric M2 (region) is M0 + M1.
+ * Convention verl (fam.verl_agg, clip_c; every token's l clamped to [-20, 20]
+ * except gspo's):
+ *   token level (vanilla, cispo, sapo): MY sum m*w*P_t, AM sum m*(-clamp(l)),
+ *     M0 pg_clipfrac count, M1 pg_clipfrac_lower count (vanilla)
+ *   gspo: MY sum m*l, AM sum m*w*A over A > 0, M2 sum m*w*A over A <= 0,
+ *     M0 sum m over A > 0, M1 sum m over A < 0
+ *   rows: COEF_PG the gradient factor (gspo: of the A > 0 tokens; M2 of the
+ *   others), COEF_KL the ppo_kl sum, M0 / M1 the metric sums, KL 1 for a
+ *   non-empty row (the totals count them for verl's seq-mean modes). */
 gmpo_status gmpo_cpu_row_sums(gmpo_args *a, double *sums, int64_t sums_extent);
 gmpo_status gmpo_cpu_finish_sums(gmpo_args *a, const double *sums, int64_t sums_extent,
                                  double *rows, void *out_loss, void *out_metrics,

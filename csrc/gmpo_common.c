@@ -92,8 +92,27 @@ static gmpo_status check_family(gmpo_args *a) {
                        "'luspo', 'vespo'", "loss_type");
     if (f->seq_level != 0 && f->seq_level != 1)
         return fail(a, "%s: must be 'token' or 'sequence'", "importance_sampling_level");
-    if (a->convention != GMPO_CONV_TRL)
-        return fail(a, "%s: the GRPO family follows TRL ('trl')", "convention");
+    if (a->convention == GMPO_CONV_VERL) {   // verl's vanilla, gspo, cispo, sapo
+        if (a->loss_type != GMPO_LT_GRPO && a->loss_type != GMPO_LT_CISPO &&
+            a->loss_type != GMPO_LT_SAPO)
+            return fail(a, "%s: convention 'verl' has 'vanilla' and 'gspo' (code 0), 'cispo', "
+                           "'sapo'", "loss_type");
+        if (f->seq_level && a->loss_type != GMPO_LT_GRPO)
+            return fail(a, "%s: the sequence level is verl's gspo (loss type code 0) only",
+                        "importance_sampling_level");
+        if (f->verl_agg < GMPO_VA_TOKEN_MEAN || f->verl_agg > GMPO_VA_SEQ_MEAN_TOKEN_SUM_NORM)
+            return fail(a, "%s: must be 'token-mean', 'seq-mean-token-sum', "
+                           "'seq-mean-token-mean' or 'seq-mean-token-sum-norm'", "loss_agg_mode");
+        if (f->clip_c != 0 && !(f->clip_c > 1 && isfinite(f->clip_c)))
+            return fail(a, "%s: must be a finite number > 1 (verl's dual clip)", "clip_ratio_c");
+        if (f->has_delta || f->off_policy || f->bias_corr_kl || a->beta != 0 || a->tok_mask.data)
+            return fail(a, "%s: verl's policy losses take no delta, off-policy mask, KL or "
+                           "token mask", "convention");
+    } else if (a->convention != GMPO_CONV_TRL) {
+        return fail(a, "%s: must be 'trl' or 'verl'", "convention");
+    } else if (f->verl_agg != 0 || f->clip_c != 0) {
+        return fail(a, "%s: loss_agg_mode and clip_ratio_c are verl's ('verl')", "convention");
+    }
     if (a->log_ratio_clamp != 0)
         return fail(a, "%s: not an option of the GRPO family", "log_ratio_clamp");
     if (f->has_delta && !(f->delta > 0 && isfinite(f->delta)))
@@ -109,7 +128,7 @@ static gmpo_status check_family(gmpo_args *a) {
     if (!isfinite(f->vespo_kneg)) return fail(a, "%s: must be finite", "vespo_k_neg");
     if (!isfinite(f->vespo_lneg)) return fail(a, "%s: must be finite", "vespo_lambda_neg");
     // a row quantity decides the row's loss: the advantage must be one per row
-    if (a->adv.stride_t != 0 && a->T > 1 &&
+    if (a->adv.stride_t != 0 && a->T > 1 && a->convention == GMPO_CONV_TRL &&
         (f->seq_level || f->off_policy || a->loss_type == GMPO_LT_VESPO))
         return fail(a, "%s: must be one per row, (B,) or (B, 1), with importance_sampling_level="
                        "'sequence', off_policy_mask_threshold or loss_type 'vespo'", "advantages");

@@ -197,8 +197,25 @@ GMPO_HD int gmpo_dtype_is_float(int32_t dt) {
 // the batch divisor alone) of a batch with N tokens; TRL's normalisers: grpo,
 // sapo: B * max(n, 1); bnpo: max(N, 1); dr_grpo: B * max_completion_length;
 // dapo, cispo, vespo: num_items_in_batch (default max(N, 1)); luspo: B
-GMPO_HD double gmpo_family_row_weight(const gmpo_args *a, double n, double N) {
+// Convention verl: verl's agg_loss (R the batch's non-empty rows; n < 0: the
+// loss's divisor, whose rows already hold seq-mean-token-mean's 1 / (n + 1e-8)).
+// An all-empty batch gives 0 where verl's 0 / 0 is NaN.
+GMPO_HD double gmpo_verl_row_weight(const gmpo_args *a, double n, double N, double R) {
+    double d;
+    switch (a->fam.verl_agg) {
+    case GMPO_VA_TOKEN_MEAN: d = a->denom > 0 ? a->denom : N; break;
+    case GMPO_VA_SEQ_MEAN_TOKEN_SUM: d = a->denom > 0 ? a->denom : R; break;
+    case GMPO_VA_SEQ_MEAN_TOKEN_MEAN:
+        d = (a->denom > 0 ? a->denom : R) * (n >= 0 ? n + 1e-8 : 1.0);
+        break;
+    default: d = a->denom > 0 ? a->denom : (double)a->T; break;
+    }
+    return 1.0 / ((d != 0 ? d : 1.0) * a->normalizer);
+}
+
+GMPO_HD double gmpo_family_row_weight(const gmpo_args *a, double n, double N, double R) {
     double B = a->B > 1 ? (double)a->B : 1.0, d;
+    if (a->convention == GMPO_CONV_VERL) return gmpo_verl_row_weight(a, n, N, R);
     switch (a->loss_type) {
     case GMPO_LT_GRPO:
     case GMPO_LT_SAPO: d = B * (n > 1.0 ? n : 1.0); break;
@@ -258,11 +275,56 @@ GMPO_HD double gmpo_family_seq_clip(const gmpo_args *a, double s, double A, doub
     return -A * r;
 }
 
+// Convention verl: a row's sums (gmpo.h's verl slots) -> its statistics.
+// gspo (verl's compute_policy_loss_gspo): s = exp(min(mu, 10)), mu = sum m l /
+// max(n, 1); every token's ratio is s with the gradient of its own logp
+// (sg[s] * p / sg[p]), none past the clamp (mu > 10); the token's loss
+// max(-A s, -A clamp(s, 1-el, 1+eh)), so the row's sum is -Wpos * min(s, c) -
+// Wneg * max(s, c) (Wpos, Wneg: sum m*w*A over A > 0, over A <= 0).
+GMPO_HD void gmpo_verl_row_finish(const gmpo_args *a, const double *sm, double *rs) {
+    const double n = sm[GMPO_SM_N];
+    double L, c1 = 1.0, c2 = 0.0, m0 = sm[GMPO_SM_M0], m1 = sm[GMPO_SM_M1];
+    double kl = sm[GMPO_SM_AM], mu = 0.0;
+    if (a->fam.seq_level) {
+        mu = sm[GMPO_SM_MY] / (n > 1.0 ? n : 1.0);
+        double lsc = mu > 10.0 ? 10.0 : mu;   // NaN stays NaN
+        double s = exp(lsc), lo = 1.0 - a->eps_low, hi = 1.0 + a->eps_high;
+        double cs = s < lo ? lo : (s > hi ? hi : s);
+        double wp = sm[GMPO_SM_AM], wn = sm[GMPO_SM_M2];
+        double pol = (wp == 0.0 ? 0.0 : -wp * (s < cs ? s : cs))
+                     + (wn == 0.0 ? 0.0 : -wn * (s > cs ? s : cs));
+        int gate = mu <= 10.0;
+        c1 = (gate && s <= hi) ? s : 0.0;   // A > 0: min(s, c) follows s up to 1+eh
+        c2 = (gate && s >= lo) ? s : 0.0;   // A < 0: max(s, c) follows s down to 1-el
+        m0 = (s > hi ? sm[GMPO_SM_M0] : 0.0) + (s < lo ? sm[GMPO_SM_M1] : 0.0);
+        m1 = 0.0;
+        kl = -sm[GMPO_SM_MY];   // ppo_kl of the unclamped l
+        L = pol / (n + 1e-8);
+    } else {
+        L = sm[GMPO_SM_MY];
+        if (a->fam.verl_agg == GMPO_VA_SEQ_MEAN_TOKEN_MEAN) L /= n + 1e-8;
+    }
+    rs[GMPO_RS_COEF_PG] = c1;
+    rs[GMPO_RS_COEF_KL] = kl;
+    rs[GMPO_RS_LOSS] = L;
+    rs[GMPO_RS_MU] = mu;
+    rs[GMPO_RS_N] = n;
+    rs[GMPO_RS_M0] = m0;
+    rs[GMPO_RS_M1] = m1;
+    rs[GMPO_RS_M2] = c2;
+    rs[GMPO_RS_KL] = n > 0 ? 1.0 : 0.0;
+    rs[GMPO_RS_BAD] = (L - L == 0) ? 0.0 : 1.0;
+}
+
 // Row sums (GMPO_SUM_STATS fp64, the family's slots of gmpo.h) -> the row's
 // statistics. adv_row, w_row: the row's advantage and importance weight when
 // they are per row (w_row 1 without weights).
 GMPO_HD void gmpo_family_row_finish(const gmpo_args *a, const double *sm, double adv_row,
                                     double w_row, double *rs) {
+    if (a->convention == GMPO_CONV_VERL) {
+        gmpo_verl_row_finish(a, sm, rs);
+        return;
+    }
     const int type = a->loss_type, seq = a->fam.seq_level != 0;
     const double n = sm[GMPO_SM_N], D = n > 1.0 ? n : 1.0, A = adv_row;
     const double beta = a->beta;
@@ -355,8 +417,8 @@ GMPO_HD void gmpo_family_row_finish(const gmpo_args *a, const double *sm, double
 GMPO_HD void gmpo_family_grad_factors(const gmpo_args *a, const double *rows, int64_t i,
                                       double go, double *pg1, double *pc, double *kl) {
     const double *rs = rows + i * GMPO_ROW_STATS;
-    double c = go * gmpo_family_row_weight(a, rs[GMPO_RS_N],
-                                           rows[a->B * GMPO_ROW_STATS + GMPO_RS_N]);
+    const double *tot = rows + a->B * GMPO_ROW_STATS;
+    double c = go * gmpo_family_row_weight(a, rs[GMPO_RS_N], tot[GMPO_RS_N], tot[GMPO_RS_KL]);
     *pg1 = c * rs[GMPO_RS_COEF_PG];
     *pc = rs[GMPO_RS_M2] == 0.0 ? 0.0 : c * rs[GMPO_RS_M2];
     *kl = c * rs[GMPO_RS_COEF_KL];
@@ -376,7 +438,9 @@ GMPO_HD void gmpo_finish_totals(const gmpo_args *a, const double *tot, double *o
     if (a->algo == GMPO_ALGO_GMPO) {
         out[0] = tot[GMPO_RS_LOSS] / (B > 1.0 ? B : 1.0) / norm;
     } else if (a->algo == GMPO_ALGO_FAMILY) {
-        out[0] = tot[GMPO_RS_LOSS] * gmpo_family_row_weight(a, 1.0, N);
+        const int verl = a->convention == GMPO_CONV_VERL;
+        out[0] = tot[GMPO_RS_LOSS] * gmpo_family_row_weight(a, verl ? -1.0 : 1.0, N,
+                                                            tot[GMPO_RS_KL]);
     } else {
         double S = tot[GMPO_RS_LOSS];
         switch (a->loss_type) {
@@ -394,6 +458,18 @@ GMPO_HD void gmpo_finish_totals(const gmpo_args *a, const double *tot, double *o
             break;
         }
         }
+    }
+    if (a->algo == GMPO_ALGO_FAMILY && a->convention == GMPO_CONV_VERL) {
+        // verl's masked_mean: / (sum of mask + 1e-8); M2 = ppo_kl
+        cnt = N + 1e-8;
+        mx[GMPO_MX_M0] = tot[GMPO_RS_M0] / cnt;
+        mx[GMPO_MX_M1] = tot[GMPO_RS_M1] / cnt;
+        mx[GMPO_MX_M2] = tot[GMPO_RS_COEF_KL] / cnt;
+        mx[GMPO_MX_KL] = 0.0;
+        mx[GMPO_MX_MAX_MU] = tot[GMPO_RS_MU];
+        mx[GMPO_MX_NONFINITE] = tot[GMPO_RS_BAD];
+        mx[GMPO_MX_TOKENS] = N;
+        return;
     }
     if (a->algo == GMPO_ALGO_FAMILY) {
         // TRL's global_masked_mean: over tokens, or over rows where the metric

@@ -230,6 +230,8 @@ typedef struct {
     int delta_on, opm, bc, beta_on, isw;
     GMPO_T lo, hi;   // 1 - eps_low, 1 + eps_high (clip types); cispo: hi = eps_high
     GMPO_T delta, tpos, tneg;
+    int verl;        // convention verl (verl's vanilla, gspo, cispo, sapo)
+    GMPO_T cc;       // verl vanilla's dual clip clip_ratio_c (0: none)
 } GMPO_S(gmpo_fam_opts);
 
 GMPO_HD GMPO_S(gmpo_fam_opts) GMPO_S(gmpo_fam_opts_make)(const gmpo_args *a) {
@@ -242,7 +244,10 @@ GMPO_HD GMPO_S(gmpo_fam_opts) GMPO_S(gmpo_fam_opts_make)(const gmpo_args *a) {
     o.beta_on = a->beta != 0;
     o.isw = a->is_w.data != 0;
     o.lo = (GMPO_T)(1.0 - a->eps_low);
-    o.hi = (GMPO_T)(a->loss_type == GMPO_LT_CISPO ? a->eps_high : 1.0 + a->eps_high);
+    o.verl = a->convention == GMPO_CONV_VERL;
+    o.cc = (GMPO_T)(o.verl ? a->fam.clip_c : 0.0);
+    // cispo: TRL caps the ratio at eps_high itself, verl clips it to [1-el, 1+eh]
+    o.hi = (GMPO_T)(a->loss_type == GMPO_LT_CISPO && !o.verl ? a->eps_high : 1.0 + a->eps_high);
     o.delta = (GMPO_T)a->fam.delta;
     o.tpos = (GMPO_T)a->fam.sapo_tpos;
     o.tneg = (GMPO_T)a->fam.sapo_tneg;
@@ -286,6 +291,82 @@ GMPO_HD GMPO_T GMPO_S(gmpo_fam_clip)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T rho,
     return -(v2 < v1 ? v2 : v1);
 }
 
+// verl's per-token maps (convention verl; core_algos of verl 0.6 to 0.9): l is
+// clamped to [-20, 20] before exp (no gradient outside) in vanilla, cispo and
+// sapo; vanilla's loss is the clip surrogate, for A < 0 capped at -A * clip_c
+// (dual clip); cispo's is -sg(clamp(r, 1-el, 1+eh)) A logp; sapo's TRL's gate.
+// gspo only sums here (its ratio is the row's, gmpo_verl_row_finish).
+GMPO_HD GMPO_T GMPO_S(gmpo_verl_clamp20)(GMPO_T l) {
+    return l < -20 ? (GMPO_T)-20 : (l > 20 ? (GMPO_T)20 : l);   // NaN stays NaN
+}
+
+// vanilla's loss at ratio rho: P and dP/drho (the dual clip's tie passes half)
+GMPO_HD GMPO_T GMPO_S(gmpo_verl_vanilla)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T rho, GMPO_T A,
+                                         GMPO_T *dP, int *lower) {
+    GMPO_T P = GMPO_S(gmpo_fam_clip)(o, rho, A, dP);
+    *lower = 0;
+    if (o->cc > 0 && A < 0) {
+        GMPO_T P3 = -A * o->cc;
+        *lower = P > P3;
+        if (P > P3) { *dP = 0; P = P3; }
+        else if (P == P3) *dP *= (GMPO_T)0.5;
+    }
+    return P;
+}
+
+GMPO_HD void GMPO_S(gmpo_verl_token)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T m, GMPO_T l,
+                                     GMPO_T lp, GMPO_T A, GMPO_T wt, GMPO_S(gmpo_acc) *c) {
+    if (o->seq) {   // gspo
+        c->my = m * l;
+        c->am = A > 0 ? m * wt * A : (GMPO_T)0;
+        c->m2 = A > 0 ? (GMPO_T)0 : m * wt * A;
+        c->m0 = A > 0 ? m : (GMPO_T)0;
+        c->m1 = A < 0 ? m : (GMPO_T)0;
+        return;
+    }
+    GMPO_T lc = GMPO_S(gmpo_verl_clamp20)(l);
+    GMPO_T rho = GMPO_EXP(lc);
+    c->am = -m * lc;
+    if (o->type == GMPO_LT_CISPO) {
+        GMPO_T cr = rho < o->lo ? o->lo : (rho > o->hi ? o->hi : rho);
+        c->my = m * wt * (-cr * A * lp);
+        c->m0 = rho != cr ? m : (GMPO_T)0;
+    } else if (o->type == GMPO_LT_SAPO) {
+        GMPO_T tau = A > 0 ? o->tpos : o->tneg;
+        c->my = m * wt * (-GMPO_S(gmpo_sigmoid)(tau * (rho - 1)) * 4 / tau * A);
+    } else {
+        GMPO_T dP, cr = rho < o->lo ? o->lo : (rho > o->hi ? o->hi : rho);
+        int lower;
+        GMPO_T P = GMPO_S(gmpo_verl_vanilla)(o, rho, A, &dP, &lower);
+        c->my = m * wt * P;
+        c->m0 = -A * cr > -A * rho ? m : (GMPO_T)0;   // verl: pg_losses2 > pg_losses1
+        c->m1 = lower ? m : (GMPO_T)0;
+    }
+}
+
+// d P_t / d logp of a verl token (times w; gspo: 0, its factor is the row's)
+GMPO_HD GMPO_T GMPO_S(gmpo_verl_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T l, GMPO_T A) {
+    GMPO_T lc = GMPO_S(gmpo_verl_clamp20)(l);
+    GMPO_T rho = GMPO_EXP(lc);
+    int pass = l >= -20 && l <= 20;   // clamp passes the gradient at its bounds
+    if (o->type == GMPO_LT_CISPO) {
+        GMPO_T cr = rho < o->lo ? o->lo : (rho > o->hi ? o->hi : rho);
+        return -cr * A;   // the ratio is detached: the gradient is logp's own
+    }
+    // selects, no early return on the data: the CPU loops stay vector code
+    GMPO_T d;
+    if (o->type == GMPO_LT_SAPO) {
+        GMPO_T tau = A > 0 ? o->tpos : o->tneg;
+        d = -A * 4 * GMPO_S(gmpo_dsigmoid_scaled)(tau * (rho - 1), lc);
+    } else {
+        GMPO_T dP;
+        int lower;
+        GMPO_S(gmpo_verl_vanilla)(o, rho, A, &dP, &lower);
+        d = dP == 0 ? (GMPO_T)0 : dP * rho;
+    }
+    return pass ? d : (GMPO_T)0;
+}
+
 // One masked token's sums (m != 0; the caller skips padding). tm: its token
 // mask, slp: the sampler's log-prob, w: its importance weight (1 if none).
 GMPO_HD GMPO_S(gmpo_acc) GMPO_S(gmpo_fam_token)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T m,
@@ -304,6 +385,10 @@ GMPO_HD GMPO_S(gmpo_acc) GMPO_S(gmpo_fam_token)(const GMPO_S(gmpo_fam_opts) *o, 
     }
     c.my = 0; c.m0 = 0; c.m1 = 0; c.m2 = 0;
     GMPO_T wt = o->isw ? w : (GMPO_T)1;
+    if (o->verl) {
+        GMPO_S(gmpo_verl_token)(o, m, l, lp, A, wt, &c);
+        return c;
+    }
     if (o->type == GMPO_LT_VESPO) {
         c.my = m * tm * lp;
         c.m0 = m * (l < -20 ? (GMPO_T)-20 : (l > 20 ? (GMPO_T)20 : l));
@@ -345,6 +430,13 @@ GMPO_HD GMPO_T GMPO_S(gmpo_fam_grad)(const GMPO_S(gmpo_fam_opts) *o, GMPO_T pg1,
     GMPO_T l = lp - olp;
     GMPO_T wt = o->isw ? w : (GMPO_T)1;
     GMPO_T t = 0;   // d P_t / d logp, times tm (and w)
+    if (o->verl) {
+        // gspo: the row's factor by the sign of A (pg1 for A > 0, pc otherwise)
+        GMPO_T f = o->seq ? (A > 0 ? pg1 : pc) : pg1;
+        t = o->seq ? -A : GMPO_S(gmpo_verl_grad)(o, l, A);
+        GMPO_T gv = (t == 0 || f == 0) ? (GMPO_T)0 : f * t * wt;
+        return m != 0 ? m * gv : (GMPO_T)0;
+    }
     if (o->type == GMPO_LT_VESPO) {
         t = -A * tm;
     } else if (o->seq) {

@@ -113,10 +113,11 @@ static int parse_family(call *c) {
         return -1;
     }
     gmpo_family *f = &c->a.fam;
-    if (!PyArg_ParseTuple(c->fam_obj, "iiiidddddddd:family", &f->seq_level, &f->has_delta,
+    // 12 values (TRL's options), or 14 with verl's loss_agg_mode code and clip_ratio_c
+    if (!PyArg_ParseTuple(c->fam_obj, "iiiidddddddd|id:family", &f->seq_level, &f->has_delta,
                           &f->off_policy, &f->bias_corr_kl, &f->delta, &f->off_policy_threshold,
                           &f->sapo_tpos, &f->sapo_tneg, &f->vespo_kpos, &f->vespo_lpos,
-                          &f->vespo_kneg, &f->vespo_lneg))
+                          &f->vespo_kneg, &f->vespo_lneg, &f->verl_agg, &f->clip_c))
         return -1;
     return 0;
 }

@@ -37,8 +37,13 @@ FAMILY_LOSS_TYPES = {**LOSS_TYPES, "cispo": 4, "sapo": 5, "luspo": 6, "vespo": 7
 IS_LEVELS = {"token": 0, "sequence": 1}
 # the family's options as the C core takes them (gmpo.h's gmpo_family): seq_level,
 # has_delta, off_policy, bias_corr_kl, delta, off_policy_threshold, sapo_tpos,
-# sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg
+# sapo_tneg, vespo_kpos, vespo_lpos, vespo_kneg, vespo_lneg; and for
+# convention="verl" two more: verl_agg (VERL_AGG_MODES) and clip_c
 FAMILY_OPTS = 12
+FAMILY_OPTS_VERL = 14
+# verl's agg_loss modes (gmpo.h's GMPO_VA_*)
+VERL_AGG_MODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2,
+                  "seq-mean-token-sum-norm": 3}
 NO_FAMILY = None   # the other algorithms (the C module: family options all zero; algo 2 needs them)
 
 
@@ -50,19 +55,23 @@ _FAMILY_FLAGS = ("seq_level", "has_delta", "off_policy", "bias_corr_kl")
 
 
 def family_tuple(fopts):
-    """The 12 family options as the C module's tuple (4 ints, 8 floats); None
-    for the other algorithms."""
+    """The 12 family options as the C module's tuple (4 ints, 8 floats), or 14
+    with verl's two (an int, a float); None for the other algorithms."""
     if fopts is None:
         return NO_FAMILY
-    if len(fopts) != FAMILY_OPTS:
-        raise ValueError(f"family options: {FAMILY_OPTS} values expected, got {len(fopts)}")
+    if len(fopts) not in (FAMILY_OPTS, FAMILY_OPTS_VERL):
+        raise ValueError(f"family options: {FAMILY_OPTS} or {FAMILY_OPTS_VERL} values "
+                         f"expected, got {len(fopts)}")
     flags = []
     for name, x in zip(_FAMILY_FLAGS, fopts[:4]):
         x = float(x)
         if x != x or x in (float("inf"), -float("inf")) or x != int(x):
             raise ValueError(f"family options: {name} must be an integer, got {x}")
         flags.append(int(x))
-    return tuple(flags) + tuple(float(x) for x in fopts[4:])
+    out = tuple(flags) + tuple(float(x) for x in fopts[4:12])
+    if len(fopts) == FAMILY_OPTS_VERL:
+        out += (int(fopts[12]), float(fopts[13]))
+    return out
 
 # Test hook: a module built from the same sources whose "CUDA" entry points run
 # the CUDA kernels under the SIMT emulation (tests/simt). When set, CPU tensors

@@ -246,8 +246,13 @@ def grpo_loss(
     num_rows: Optional[int] = None,
     group=None,
     return_metrics: bool = False,
+    convention: str = "trl",
+    loss_agg_mode: Optional[str] = None,
+    clip_ratio_c: Optional[float] = None,
+    global_batch_info=None,
 ):
-    """TRL 1.16's GRPO loss family, fused, exactly as ``GRPOTrainer._compute_loss``.
+    """TRL 1.16's GRPO loss family, fused, exactly as ``GRPOTrainer._compute_loss``;
+    with ``convention="verl"``, verl's policy losses instead (see below).
 
     Per token, with ``coef = exp(logps - old_logps)`` (token level) or the
     row's ``exp(sum m*l / max(n, 1))`` (``importance_sampling_level=
@@ -338,7 +343,69 @@ def grpo_loss(
     each rank's local width): rows are summed and divided by num_rows
     instead of B. Shapes, dtypes: as :func:`gmpo_loss`; sampling_logps and
     token_mask (B, T) (token_mask bool, integer or float).
+
+    ``convention="verl"``: verl's ``compute_policy_loss_{vanilla,gspo,cispo,sapo}``
+    (verl/trainer/ppo/core_algos.py, verl 0.6 to 0.9), ``loss_type`` one of
+    "vanilla", "gspo", "cispo", "sapo". With ``l = logps - old_logps`` clamped
+    to [-20, 20] (no gradient outside) and ``r = exp(l)``, per token:
+
+    - "vanilla": ``max(-A r, -A clamp(r, 1-epsilon_low, 1+epsilon_high))``, for
+      A < 0 capped at ``-A * clip_ratio_c`` (dual clip; default 3.0, > 1);
+    - "gspo": every token's ratio is the row's ``s = exp(min(mu, 10))``, ``mu``
+      the row's mean of the UNclamped l (over max(n, 1)), with the gradient of
+      the token's own logp (verl's ``sg[s] * p / sg[p]``; none where mu > 10);
+      then vanilla's surrogate without the dual clip;
+    - "cispo": ``-sg(clamp(r, 1-epsilon_low, 1+epsilon_high)) * A * logps``;
+    - "sapo": ``-(4/tau) sigmoid(tau (r - 1)) A``, tau = sapo_temperature_pos
+      where A > 0, sapo_temperature_neg elsewhere.
+
+    ``is_weights`` (verl's ``rollout_is_weights``, (B, T) or per row)
+    multiply the token's loss. Aggregation is verl's ``agg_loss`` with
+    ``loss_agg_mode`` (vanilla, cispo; gspo and sapo always use
+    "seq-mean-token-mean", as verl's do) and ``global_batch_info`` (a dict or
+    object with ``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
+    ``loss_scale_factor``, each optional): "token-mean" ``sum m*loss /
+    batch_num_tokens * dp_size`` (default the mask's sum); "seq-mean-token-sum"
+    and "seq-mean-token-mean" the rows' sums (or token means over ``n + 1e-8``)
+    summed ``/ global_batch_size * dp_size`` (default the non-empty rows);
+    "seq-mean-token-sum-norm" ``sum m*loss / loss_scale_factor`` (default T,
+    no dp_size). Then ``/ normalizer``. Advantages may vary inside a row (per
+    token, as verl's (B, T)). Metrics, verl's: ``actor/pg_clipfrac``,
+    ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (0 for gspo, cispo, sapo;
+    0 pg_clipfrac for sapo), as 0-d tensors, means over the mask's sum + 1e-8;
+    and ``gmpo/nonfinite_rows``. Differences, none changing a finite result:
+    masked tokens never enter the arithmetic (NaN padding stays out), an
+    all-empty batch gives 0 where verl's 0 / 0 is NaN, and everything
+    accumulates in fp32 (fp64 for fp64 inputs) where verl computes in the
+    inputs' dtype. TRL's options (beta, delta, the off-policy mask, token_mask,
+    entropies, num_items_in_batch, num_rows, group, ...) are not verl's and
+    raise.
     """
+    if convention != "trl":
+        _check_choice("convention", convention, _backend.CONVENTIONS)
+        trl_only = dict(beta=beta != 0, ref_logps=ref_logps is not None,
+                        importance_sampling_level=importance_sampling_level != "token",
+                        delta=delta is not None,
+                        off_policy_mask_threshold=off_policy_mask_threshold is not None,
+                        sampling_logps=sampling_logps is not None,
+                        use_bias_correction_kl=use_bias_correction_kl is not False,
+                        token_mask=token_mask is not None, entropies=entropies is not None,
+                        entropy_coef=entropy_coef != 0,
+                        max_completion_length=max_completion_length is not None,
+                        num_items_in_batch=num_items_in_batch is not None,
+                        num_rows=num_rows is not None, group=group is not None)
+        for name, given in trl_only.items():
+            if given:
+                raise ValueError(f"{name} is an option of convention='trl' (TRL's GRPO "
+                                 "family); verl's policy losses (convention='verl') do not "
+                                 "take it")
+        return _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low,
+                               epsilon_high, is_weights, loss_agg_mode, clip_ratio_c,
+                               global_batch_info, sapo_temperature_pos, sapo_temperature_neg,
+                               normalizer, return_metrics)
+    if loss_agg_mode is not None or clip_ratio_c is not None or global_batch_info is not None:
+        raise ValueError("loss_agg_mode, clip_ratio_c and global_batch_info are options of "
+                         "convention='verl'")
     _check_choice("loss_type", loss_type, _backend.FAMILY_LOSS_TYPES)
     if importance_sampling_level != "token":
         _check_choice("importance_sampling_level", importance_sampling_level, _backend.IS_LEVELS)
@@ -485,6 +552,92 @@ def grpo_loss(
         out["entropy"] = (reduced[2] / metrics[6].to(reduced.dtype).clamp(min=1.0)).to(
             metrics.dtype)
     out[NONFINITE_ROWS] = metrics[5]
+    return loss, out
+
+
+VERL_LOSS_TYPES = ("vanilla", "gspo", "cispo", "sapo")
+_VERL_GBI_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
+
+
+def _gbi_value(info, key):
+    if info is None:
+        return None
+    if isinstance(info, dict):
+        v = info.get(key)
+    elif hasattr(info, "get") and not isinstance(info, Tensor):   # DictConfig
+        v = info.get(key, None)
+    else:
+        v = getattr(info, key, None)
+    if v is None:
+        return None
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"global_batch_info[{key!r}] must be a number or a one-element "
+                             f"tensor, got shape {tuple(v.shape)}")
+        v = v.item()
+    name = f"global_batch_info[{key!r}]"
+    _check_number(name, v, allow_zero=False, min_value=0.0)
+    if key in ("dp_size", "global_batch_size") and v != int(v):
+        raise ValueError(f"{name} must be an integer, got {v}")
+    return float(v)
+
+
+def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, epsilon_high,
+                    is_weights, loss_agg_mode, clip_ratio_c, global_batch_info, tau_pos,
+                    tau_neg, normalizer, return_metrics):
+    """grpo_loss(convention="verl"): verl's vanilla, gspo, cispo, sapo (see grpo_loss)."""
+    _check_choice("loss_type", loss_type, VERL_LOSS_TYPES)
+    el, eh = _epsilons(epsilon_low, epsilon_high)
+    if el > 1:
+        raise ValueError(f"epsilon_low must be <= 1 (ratio space), got {el}")
+    _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
+    if loss_type in ("gspo", "sapo"):
+        mode = "seq-mean-token-mean"   # verl's gspo and sapo ignore loss_agg_mode
+        if loss_agg_mode is not None:
+            _check_choice("loss_agg_mode", loss_agg_mode, _backend.VERL_AGG_MODES)
+    else:
+        mode = "token-mean" if loss_agg_mode is None else loss_agg_mode
+        _check_choice("loss_agg_mode", mode, _backend.VERL_AGG_MODES)
+    cc = 0.0
+    if loss_type == "vanilla":
+        cc = 3.0 if clip_ratio_c is None else clip_ratio_c
+        _check_number("clip_ratio_c", cc)
+        if not cc > 1:
+            raise ValueError(f"clip_ratio_c must be > 1 (the dual clip's lower bound of the "
+                             f"ratio), got {cc}")
+    elif clip_ratio_c is not None:
+        raise ValueError("clip_ratio_c is vanilla's (the dual clip); loss_type="
+                         f"{loss_type!r} does not take it")
+    if loss_type == "sapo":
+        for name, x in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+            _check_number(name, x, allow_zero=False, min_value=0.0)
+    if global_batch_info is not None and not isinstance(global_batch_info, dict) \
+            and not hasattr(global_batch_info, "get") \
+            and not any(hasattr(global_batch_info, k) for k in _VERL_GBI_KEYS):
+        raise TypeError("global_batch_info must be a dict (or DictConfig, or an object) with "
+                        f"{', '.join(_VERL_GBI_KEYS)}; got {type(global_batch_info).__name__}")
+    dp = _gbi_value(global_batch_info, "dp_size")
+    code = _backend.VERL_AGG_MODES[mode]
+    denom_key = ("batch_num_tokens", "global_batch_size", "global_batch_size",
+                 "loss_scale_factor")[code]
+    denom = _gbi_value(global_batch_info, denom_key) or 0.0
+    norm = float(normalizer)
+    if dp is not None and mode != "seq-mean-token-sum-norm":
+        norm = norm / dp      # verl multiplies by dp_size (sum-norm does not)
+    _check_inputs(logps, old_logps, advantages, mask, None, is_weights, 0.0)
+    _warn_constant_grads(old_logps=old_logps, advantages=advantages, is_weights=is_weights)
+    lt = 0 if loss_type in ("vanilla", "gspo") else _backend.FAMILY_LOSS_TYPES[loss_type]
+    fopts = (int(loss_type == "gspo"), 0, 0, 0, 0.0, 0.0, float(tau_pos), float(tau_neg),
+             2.0, 3.0, 3.0, 2.0, code, float(cc))
+    opts = (_backend.ALGO_FAMILY, _backend.CONVENTIONS["verl"], lt, el, eh, 0.0, 0.0, norm,
+            float(denom))
+    loss, metrics, _ = fused_loss(logps, old_logps, advantages, mask, None, is_weights, *opts,
+                                  family=(None, None, fopts))
+    if not return_metrics:
+        return loss
+    names = _METRIC_NAMES["verl"]
+    out = {names[0]: metrics[0], names[2]: metrics[2], names[1]: metrics[1],
+           NONFINITE_ROWS: metrics[5]}
     return loss, out
 
 

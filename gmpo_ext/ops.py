@@ -13,7 +13,7 @@ out of bounds.
 
 TRL's GRPO family (algo ALGO_FAMILY) passes three more arguments, last and
 optional: ``sampling_logps`` and ``token_mask`` ((B, T) or None) and
-``family``, its 12 options as floats (_backend.FAMILY_OPTS); the other
+``family``, its 12 options as floats (_backend.FAMILY_OPTS; 14 with verl's two); the other
 algorithms leave them None.
 
 ``rows`` carries the per-row statistics from forward to backward (B+1 rows
@@ -233,7 +233,8 @@ def fused_loss(logps, old_logps, advantages, mask, ref_logps, is_weights, *opts,
     """(loss, metrics, rows) through the eager fast path or the custom op.
 
     family: the GRPO family's (sampling_logps, token_mask, options) for
-    ALGO_FAMILY (options: the 12 numbers of _backend.FAMILY_OPTS), else None.
+    ALGO_FAMILY (options: the 12 numbers of _backend.FAMILY_OPTS, 14 with
+    convention="verl"), else None.
 
     The inputs have passed _backend.check_loss_inputs (the public functions
     call it); the op checks them again itself. Meta tensors take the op (its

@@ -45,9 +45,24 @@ legacy workers, ``global_batch_size`` None), the loss is the plain mean over
 the micro-batch's rows, exactly ``geo_mean``, and inherits its dependence on
 the cut; a warning says so once when the micro-batches seen differ in size.
 
-Importing this module without verl installed defines
-:func:`compute_policy_loss_gmpo_fused` and registers nothing (``REGISTERED`` is
-False); :func:`register` registers it by hand.
+verl's own policy losses, fused. Next to ``gmpo_fused`` the module registers
+``vanilla_fused``, ``gspo_fused``, ``cispo_fused`` and ``sapo_fused``
+(:func:`compute_policy_loss_vanilla_fused` and the others): verl's
+``vanilla``, ``gspo``, ``cispo`` and ``sapo`` with the same signature, return
+and metrics, computed by :func:`gmpo_ext.grpo_loss` with ``convention="verl"``
+(one pass over the tokens, the gradient written by the same kernels). They
+read the config as verl does: ``clip_ratio_low`` / ``clip_ratio_high``
+(falling back to ``clip_ratio``) in RATIO space, ``clip_ratio_c`` (vanilla's
+dual clip, default 3.0), ``tau_pos`` / ``tau_neg`` (sapo) and
+``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
+``global_batch_size``, ``loss_scale_factor``, handed to verl's ``agg_loss``).
+vanilla and cispo aggregate by ``loss_agg_mode``; gspo and sapo always by
+"seq-mean-token-mean", as verl's do. Select one with, e.g.,
+``actor_rollout_ref.actor.policy_loss.loss_mode=gspo_fused``.
+
+Importing this module without verl installed defines the functions and
+registers nothing (``REGISTERED`` is False); :func:`register` registers
+``gmpo_fused`` by hand, :func:`register_all` every mode of ``LOSS_MODES``.
 """
 
 from __future__ import annotations
@@ -57,9 +72,12 @@ from typing import Any, Optional
 
 import torch
 
-from .loss import gmpo_loss
+from .loss import gmpo_loss, grpo_loss
 
-__all__ = ["LOSS_MODE", "compute_policy_loss_gmpo_fused", "register", "REGISTERED"]
+__all__ = ["LOSS_MODE", "LOSS_MODES", "compute_policy_loss_gmpo_fused",
+           "compute_policy_loss_vanilla_fused", "compute_policy_loss_gspo_fused",
+           "compute_policy_loss_cispo_fused", "compute_policy_loss_sapo_fused", "register",
+           "register_all", "REGISTERED"]
 
 LOSS_MODE = "gmpo_fused"
 REGISTERED = False
@@ -73,9 +91,9 @@ def _option(config, name):
     return getattr(config, name, None)
 
 
-def _clip_range(config):
+def _clip_range(config, mode=LOSS_MODE):
     if config is None:
-        raise ValueError("gmpo_fused: config (verl's actor config) is required: it carries "
+        raise ValueError(f"{mode}: config (verl's actor config) is required: it carries "
                          "clip_ratio, clip_ratio_low and clip_ratio_high")
     clip = _option(config, "clip_ratio")
     low = _option(config, "clip_ratio_low")
@@ -83,7 +101,7 @@ def _clip_range(config):
     low = clip if low is None else low
     high = clip if high is None else high
     if low is None or high is None:
-        raise ValueError("gmpo_fused: config has no clip_ratio (nor clip_ratio_low and "
+        raise ValueError(f"{mode}: config has no clip_ratio (nor clip_ratio_low and "
                          "clip_ratio_high)")
     return float(low), float(high)
 
@@ -170,6 +188,91 @@ def compute_policy_loss_gmpo_fused(
     return loss, metrics
 
 
+def _verl_mode(mode, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode,
+               config, rollout_is_weights):
+    name = f"{mode}_fused"
+    if config is None:
+        raise ValueError(f"{name}: config (verl's actor config) is required")
+    kw = {}
+    if mode != "sapo":
+        kw["epsilon_low"], kw["epsilon_high"] = _clip_range(config, name)
+    if mode == "vanilla":
+        cc = _option(config, "clip_ratio_c")
+        kw["clip_ratio_c"] = 3.0 if cc is None else float(cc)   # verl's default
+    if mode == "sapo":
+        for key, arg in (("tau_pos", "sapo_temperature_pos"), ("tau_neg", "sapo_temperature_neg")):
+            v = _option(config, key)
+            if v is None:
+                raise ValueError(f"{name}: config has no {key} (SAPO's temperature)")
+            kw[arg] = float(v)
+    loss, m = grpo_loss(log_prob, old_log_prob, advantages, response_mask, convention="verl",
+                        loss_type=mode, is_weights=rollout_is_weights,
+                        loss_agg_mode=loss_agg_mode,
+                        global_batch_info=_option(config, "global_batch_info"),
+                        return_metrics=True, **kw)
+    metrics = {k: m[k].item() for k in ("actor/pg_clipfrac", "actor/ppo_kl",
+                                         "actor/pg_clipfrac_lower")}
+    return loss, metrics
+
+
+def compute_policy_loss_vanilla_fused(old_log_prob, log_prob, advantages, response_mask,
+                                      loss_agg_mode: str = "token-mean", config=None,
+                                      rollout_is_weights=None):
+    """verl's ``vanilla`` (PPO clip with the dual clip ``clip_ratio_c``), fused.
+
+    Args and return as verl's ``compute_policy_loss_vanilla``: ``(pg_loss,
+    {"actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"})``, the
+    metrics as floats. ``config``: ``clip_ratio``, ``clip_ratio_low``,
+    ``clip_ratio_high`` (ratio space), ``clip_ratio_c`` (default 3.0),
+    ``global_batch_info``. See :func:`gmpo_ext.grpo_loss`, ``convention="verl"``.
+    """
+    return _verl_mode("vanilla", old_log_prob, log_prob, advantages, response_mask,
+                      loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_gspo_fused(old_log_prob, log_prob, advantages, response_mask,
+                                   loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                                   rollout_is_weights=None):
+    """verl's ``gspo`` (sequence-level ratio, clamped at e^10), fused; always
+    "seq-mean-token-mean" whatever ``loss_agg_mode`` says, as verl's."""
+    return _verl_mode("gspo", old_log_prob, log_prob, advantages, response_mask,
+                      loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_cispo_fused(old_log_prob, log_prob, advantages, response_mask,
+                                    loss_agg_mode: str = "token-mean", config=None,
+                                    rollout_is_weights=None):
+    """verl's ``cispo`` (``-sg(clip(r, 1-low, 1+high)) * A * log_prob``), fused."""
+    return _verl_mode("cispo", old_log_prob, log_prob, advantages, response_mask,
+                      loss_agg_mode, config, rollout_is_weights)
+
+
+def compute_policy_loss_sapo_fused(old_log_prob, log_prob, advantages, response_mask,
+                                   loss_agg_mode: str = "seq-mean-token-mean", config=None,
+                                   rollout_is_weights=None):
+    """verl's ``sapo`` (the soft gate, ``config.tau_pos`` / ``tau_neg``), fused;
+    always "seq-mean-token-mean", as verl's."""
+    return _verl_mode("sapo", old_log_prob, log_prob, advantages, response_mask,
+                      loss_agg_mode, config, rollout_is_weights)
+
+
+LOSS_MODES = {
+    LOSS_MODE: compute_policy_loss_gmpo_fused,
+    "vanilla_fused": compute_policy_loss_vanilla_fused,
+    "gspo_fused": compute_policy_loss_gspo_fused,
+    "cispo_fused": compute_policy_loss_cispo_fused,
+    "sapo_fused": compute_policy_loss_sapo_fused,
+}
+
+
+def register_all():
+    """Register every function of ``LOSS_MODES`` in verl's policy-loss registry."""
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    for name, fn in LOSS_MODES.items():
+        register_policy_loss(name)(fn)
+
+
 def register(name: str = LOSS_MODE):
     """Register :func:`compute_policy_loss_gmpo_fused` in verl's policy-loss registry."""
     from verl.trainer.ppo.core_algos import register_policy_loss
@@ -183,5 +286,5 @@ try:
 except ImportError:   # verl not installed (or one of its own imports missing)
     pass
 else:
-    register()
+    register_all()
     REGISTERED = True

@@ -106,7 +106,9 @@ typedef struct {
     int adv_tok, isw;          // isw: 0 none, 1 per row, 2 per token
     double beta, clamp;
     int strided;               // 1: logp from a (B, T+1) buffer at +1, mask interleaved, adv per row stride 2
-    int fam;                   // GMPO_ALGO_FAMILY: 1 token level, 2 sequence level (every option on)
+    int fam;                   // GMPO_ALGO_FAMILY: 1 token level, 2 sequence level (every option on);
+                               // 3 verl's token-level modes, 4 verl's gspo (seq-mean-token-sum,
+                               // the dual clip, the global batch's divisor)
 } spec;
 
 static const spec CASES[] = {
@@ -129,6 +131,10 @@ static const spec CASES[] = {
     {"family bf16 sapo token token-w", 4, 39, GMPO_ALGO_FAMILY, 0, GMPO_LT_SAPO, GMPO_DT_BF16, GMPO_DT_U8, GMPO_DT_F32, 0, 2, 0, 0, 0, 1},
     {"family fp64 vespo token token-w kl", 4, 33, GMPO_ALGO_FAMILY, 0, GMPO_LT_VESPO, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 0, 2, 0.04, 0, 0, 1},
     {"family fp32 cispo sequence row longer than a block", 2, 2600, GMPO_ALGO_FAMILY, 0, GMPO_LT_CISPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 0, 1, 0.02, 0, 0, 2},
+    {"verl fp32 vanilla token-adv token-w", 5, 45, GMPO_ALGO_FAMILY, GMPO_CONV_VERL, GMPO_LT_GRPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 1, 2, 0, 0, 0, 3},
+    {"verl fp32 gspo strided token-adv", 4, 41, GMPO_ALGO_FAMILY, GMPO_CONV_VERL, GMPO_LT_GRPO, GMPO_DT_F32, GMPO_DT_BOOL, GMPO_DT_F32, 1, 2, 0, 0, 1, 4},
+    {"verl bf16 sapo token-w", 4, 39, GMPO_ALGO_FAMILY, GMPO_CONV_VERL, GMPO_LT_SAPO, GMPO_DT_BF16, GMPO_DT_U8, GMPO_DT_F32, 1, 2, 0, 0, 0, 3},
+    {"verl fp64 cispo row longer than a block", 2, 2600, GMPO_ALGO_FAMILY, GMPO_CONV_VERL, GMPO_LT_CISPO, GMPO_DT_F64, GMPO_DT_BOOL, GMPO_DT_F64, 1, 1, 0, 0, 0, 3},
 };
 
 static int close_to(double got, double want, double tol, double scale) {
@@ -182,7 +188,12 @@ static int run_case(const spec *c) {
     a.loss_type = c->loss_type;
     a.eps_low = c->algo != GMPO_ALGO_GMPO ? 0.2 : 0.4;
     a.eps_high = c->algo != GMPO_ALGO_GMPO ? 0.28 : 0.4;
-    if (c->fam) {   // TRL's GRPO family, every option on
+    if (c->fam >= 3) {   // verl's modes
+        a.fam.seq_level = c->fam == 4;
+        a.fam.verl_agg = c->fam == 4 ? GMPO_VA_SEQ_MEAN_TOKEN_MEAN : GMPO_VA_SEQ_MEAN_TOKEN_SUM;
+        a.fam.clip_c = c->loss_type == GMPO_LT_GRPO && c->fam == 3 ? 3.0 : 0.0;
+        a.fam.sapo_tpos = 1.0; a.fam.sapo_tneg = 1.05;
+    } else if (c->fam) {   // TRL's GRPO family, every option on
         a.samp_logp = slp.v;
         a.tok_mask = tm.v;
         a.fam.seq_level = c->fam == 2;
@@ -196,7 +207,7 @@ static int run_case(const spec *c) {
     a.beta = c->beta;
     a.log_ratio_clamp = c->clamp;
     a.normalizer = 2.0;
-    a.denom = 0;
+    a.denom = c->fam == 4 ? 11.0 : 0;   // verl: global_batch_size
     a.num_threads = 1;
     a.rows_extent = (B + 1) * GMPO_ROW_STATS;
     a.loss_extent = a.grad_out_extent = 1;

@@ -367,13 +367,13 @@ typedef struct {
     GMPO_T slp[GMPO_TILE], tm[GMPO_TILE], ones[GMPO_TILE];
 } GMPO_S(fam_scratch);
 
-#define GMPO_FAM_FLAGS_DECL const int f_kind, const int f_seq, const int f_beta
-#define GMPO_FAM_FLAGS_PASS f_kind, f_seq, f_beta
+#define GMPO_FAM_FLAGS_DECL const int f_kind, const int f_seq, const int f_beta, const int f_verl
+#define GMPO_FAM_FLAGS_PASS f_kind, f_seq, f_beta, f_verl
 // the options with the literal flags set (the loss type stands for its kind)
 #define GMPO_FAM_FLAGS_SET(fo)                                                         \
     ((fo).type = f_kind == 0 ? GMPO_LT_DAPO                                            \
                  : f_kind == 1 ? GMPO_LT_CISPO : f_kind == 2 ? GMPO_LT_SAPO : GMPO_LT_VESPO, \
-     (fo).seq = f_seq, (fo).beta_on = f_beta)
+     (fo).seq = f_seq, (fo).beta_on = f_beta, (fo).verl = f_verl)
 
 static int GMPO_S(fam_kind)(int type) {
     return type == GMPO_LT_CISPO ? 1 : type == GMPO_LT_SAPO ? 2 : type == GMPO_LT_VESPO ? 3 : 0;
@@ -389,6 +389,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
     GMPO_S(gmpo_fam_opts) foc = *fo0;
     GMPO_FAM_FLAGS_SET(foc);
     const GMPO_S(gmpo_fam_opts) *fo = &foc;
+    const int f_verl_seq = f_verl && f_seq;
     int j;
     for (int64_t k0 = 0; k0 < n; k0 += GMPO_LANES) {
         int lanes = n - k0 < GMPO_LANES ? (int)(n - k0) : GMPO_LANES;
@@ -407,6 +408,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
                 if (f_beta) L->kk[j] += on ? c.k : 0;
                 L->m0[j] += on ? c.m0 : 0;
                 L->m1[j] += on ? c.m1 : 0;
+                if (f_verl_seq) L->m2[j] += on ? c.m2 : 0;   // verl's gspo only
             }
         } else {
             for (j = 0; j < lanes; j++) {
@@ -416,7 +418,7 @@ GMPO_INLINE void GMPO_S(fam_tile_sums)(const GMPO_S(gmpo_fam_opts) *fo0, GMPO_FA
                 GMPO_S(gmpo_acc) c = GMPO_S(gmpo_fam_token)(fo, mk, tm[k], lp[k], olp[k], slp[k],
                                                             adv[k], ref[k], w[k]);
                 L->my[j] += c.my; L->nn[j] += c.n; L->am[j] += c.am; L->kk[j] += c.k;
-                L->m0[j] += c.m0; L->m1[j] += c.m1;
+                L->m0[j] += c.m0; L->m1[j] += c.m1; L->m2[j] += c.m2;
             }
         }
     }
@@ -496,18 +498,25 @@ static void GMPO_S(fam_opts_pair)(const gmpo_args *a, GMPO_S(gmpo_opts) *o,
     GMPO_S(fill)(fs->ones, GMPO_TILE, 1);
 }
 
-// the instances: kind (4) x level (2) x KL (2)
+// the instances: TRL's kind (4) x level (2) x KL (2), then verl's (convention
+// verl, a literal flag too, so that TRL's loops carry none of verl's branches):
+// vanilla, gspo, cispo, sapo
 #define GMPO_FAM_INSTANCES(MAKE)                                                      \
-    MAKE(0, 0, 0, 0) MAKE(1, 0, 0, 1) MAKE(2, 0, 1, 0) MAKE(3, 0, 1, 1)                \
-    MAKE(4, 1, 0, 0) MAKE(5, 1, 0, 1) MAKE(6, 1, 1, 0) MAKE(7, 1, 1, 1)                \
-    MAKE(8, 2, 0, 0) MAKE(9, 2, 0, 1) MAKE(10, 2, 1, 0) MAKE(11, 2, 1, 1)              \
-    MAKE(12, 3, 0, 0) MAKE(13, 3, 0, 1) MAKE(14, 3, 1, 0) MAKE(15, 3, 1, 1)
+    MAKE(0, 0, 0, 0, 0) MAKE(1, 0, 0, 1, 0) MAKE(2, 0, 1, 0, 0) MAKE(3, 0, 1, 1, 0)    \
+    MAKE(4, 1, 0, 0, 0) MAKE(5, 1, 0, 1, 0) MAKE(6, 1, 1, 0, 0) MAKE(7, 1, 1, 1, 0)    \
+    MAKE(8, 2, 0, 0, 0) MAKE(9, 2, 0, 1, 0) MAKE(10, 2, 1, 0, 0) MAKE(11, 2, 1, 1, 0)  \
+    MAKE(12, 3, 0, 0, 0) MAKE(13, 3, 0, 1, 0) MAKE(14, 3, 1, 0, 0) MAKE(15, 3, 1, 1, 0)\
+    MAKE(16, 0, 0, 0, 1) MAKE(17, 0, 1, 0, 1) MAKE(18, 1, 0, 0, 1) MAKE(19, 2, 0, 0, 1)
+#define GMPO_FAM_N_INSTANCES 20
 
 static int GMPO_S(fam_instance)(const gmpo_args *a) {
-    return 4 * GMPO_S(fam_kind)(a->loss_type) + 2 * (a->fam.seq_level != 0) + (a->beta != 0);
+    int kind = GMPO_S(fam_kind)(a->loss_type);
+    if (a->convention == GMPO_CONV_VERL)   // (checked: kinds 0-2, the level for kind 0 only)
+        return 16 + (kind == 0 ? (a->fam.seq_level != 0) : kind + 1);
+    return 4 * kind + 2 * (a->fam.seq_level != 0) + (a->beta != 0);
 }
 
-#define GMPO_FAM_MAKE(K, KIND, SEQ, BETA)                                              \
+#define GMPO_FAM_MAKE(K, KIND, SEQ, BETA, VERL)                                        \
     GMPO_CLONES static void GMPO_S(fam_sums_##K)(const gmpo_args *a, int64_t r0, int64_t r1, \
                                                  double *sums) {                       \
         GMPO_S(gmpo_opts) o;                                                           \
@@ -515,7 +524,7 @@ static int GMPO_S(fam_instance)(const gmpo_args *a) {
         GMPO_S(fam_scratch) fs;                                                        \
         GMPO_S(fam_opts_pair)(a, &o, &fo, &fs);                                        \
         for (int64_t i = r0; i < r1; i++)                                              \
-            GMPO_S(fam_row_sums_o)(a, &o, &fo, KIND, SEQ, BETA, i, &fs,                \
+            GMPO_S(fam_row_sums_o)(a, &o, &fo, KIND, SEQ, BETA, VERL, i, &fs,          \
                                    sums + (i - r0) * GMPO_SUM_STATS);                  \
     }                                                                                  \
     GMPO_CLONES static void GMPO_S(fam_bwd_##K)(const gmpo_args *a, int64_t r0, int64_t r1, \
@@ -526,7 +535,8 @@ static int GMPO_S(fam_instance)(const gmpo_args *a) {
         GMPO_S(fam_scratch) fs;                                                        \
         GMPO_S(fam_opts_pair)(a, &o, &fo, &fs);                                        \
         for (int64_t i = r0; i < r1; i++)                                              \
-            GMPO_S(fam_row_backward_o)(a, &o, &fo, KIND, SEQ, BETA, i, &fs, rows, go,  \
+            GMPO_S(fam_row_backward_o)(a, &o, &fo, KIND, SEQ, BETA, VERL, i, &fs, rows,\
+                                       go,                                             \
                                        grad, gdt);                                     \
     }
 GMPO_FAM_INSTANCES(GMPO_FAM_MAKE)
@@ -535,11 +545,11 @@ GMPO_FAM_INSTANCES(GMPO_FAM_MAKE)
 typedef void (*GMPO_S(fam_sums_fn))(const gmpo_args *, int64_t, int64_t, double *);
 typedef void (*GMPO_S(fam_bwd_fn))(const gmpo_args *, int64_t, int64_t, const double *, double,
                                    void *, int32_t);
-#define GMPO_FAM_SUMS_ENTRY(K, KIND, SEQ, BETA) GMPO_S(fam_sums_##K),
-#define GMPO_FAM_BWD_ENTRY(K, KIND, SEQ, BETA) GMPO_S(fam_bwd_##K),
-static const GMPO_S(fam_sums_fn) GMPO_S(fam_sums_table)[16] = {
+#define GMPO_FAM_SUMS_ENTRY(K, KIND, SEQ, BETA, VERL) GMPO_S(fam_sums_##K),
+#define GMPO_FAM_BWD_ENTRY(K, KIND, SEQ, BETA, VERL) GMPO_S(fam_bwd_##K),
+static const GMPO_S(fam_sums_fn) GMPO_S(fam_sums_table)[GMPO_FAM_N_INSTANCES] = {
     GMPO_FAM_INSTANCES(GMPO_FAM_SUMS_ENTRY)};
-static const GMPO_S(fam_bwd_fn) GMPO_S(fam_bwd_table)[16] = {
+static const GMPO_S(fam_bwd_fn) GMPO_S(fam_bwd_table)[GMPO_FAM_N_INSTANCES] = {
     GMPO_FAM_INSTANCES(GMPO_FAM_BWD_ENTRY)};
 #undef GMPO_FAM_SUMS_ENTRY
 #undef GMPO_FAM_BWD_ENTRY

@@ -847,6 +847,101 @@ static void case_family(int32_t dt) {
     end();
 }
 
+// verl's policy losses (convention verl): vanilla (with the dual clip), gspo,
+// cispo, sapo, each aggregation mode vanilla and cispo take, with and without
+// the global batch's divisor; token-level advantages of mixed signs, per-token
+// weights, tokens past the +-20 clamp. forward_backward against forward +
+// backward bit for bit (run()), the rows split in two halves against forward,
+// masked gradients exactly 0, and the fp64 gradient against finite differences
+// where it is the loss's own derivative (vanilla, sapo; cispo's and gspo's
+// carry verl's stop-gradients).
+static void case_verl(int32_t dt) {
+    begin(dt == GMPO_DT_F64 ? "verl family fp64 (vanilla, gspo, cispo, sapo x aggregation)"
+                            : "verl family fp32 (vanilla, gspo, cispo, sapo x aggregation)");
+    const int64_t B = 5, T = 11;
+    for (int mode = 0; mode < 4; mode++) {
+        int lt = mode == 2 ? GMPO_LT_CISPO : mode == 3 ? GMPO_LT_SAPO : GMPO_LT_GRPO;
+        int seq = mode == 1;
+        for (int agg = 0; agg < 4; agg++) {
+            if ((mode == 1 || mode == 3) && agg != GMPO_VA_SEQ_MEAN_TOKEN_MEAN) continue;
+            for (int gb = 0; gb <= 1; gb++) {
+                problem p = make_problem(B, T, 1, 0, 1, 1, 0);
+                p.lp[0] = p.olp[0] + 25.0;    // past the clamp (row 0 is never empty)
+                p.lp[1] = p.olp[1] - 23.0;
+                options o = {GMPO_ALGO_FAMILY, 1, lt, 0.2, 0.28, 0.0, 0, 0.5, gb ? 37.0 : 0.0};
+                layout ly = {dt, dt, GMPO_DT_BOOL, dt, dt, dt, 0, 0, 1};
+                call c = make_call(&p, &o, &ly);
+                c.a.fam.seq_level = seq;
+                c.a.fam.verl_agg = agg;
+                c.a.fam.clip_c = mode == 0 ? 3.0 : 0.0;
+                c.a.fam.sapo_tpos = 1.0; c.a.fam.sapo_tneg = 1.05;
+                result r = run(&c, dt, 1.0);
+                CHECK(r.st_f == GMPO_OK && r.st_b == GMPO_OK, "mode %d agg %d: status %d / %d: %s",
+                      mode, agg, r.st_f, r.st_b, c.a.err);
+                CHECK(isfinite(r.loss) && r.loss != 0, "mode %d agg %d: loss %g", mode, agg, r.loss);
+                for (int64_t k = 0; k < B * T; k++)
+                    if (p.m[k] == 0) CHECK(r.grad[k] == 0, "mode %d: masked grad[%lld] = %g", mode,
+                                           (long long)k, r.grad[k]);
+                if (mode == 0 || mode == 3)
+                    CHECK(r.grad[0] == 0 && r.grad[1] == 0, "mode %d: past the clamp: %g %g", mode,
+                          r.grad[0], r.grad[1]);
+                double *sums = xcalloc((size_t)(2 * B * GMPO_SUM_STATS), sizeof(double));
+                gmpo_args h = c.a;
+                h.T = 6;
+                CHECK(gmpo_cpu_row_sums(&h, sums, B * GMPO_SUM_STATS) == GMPO_OK, "row_sums: %s", h.err);
+                size_t es = dtype_size(dt);
+                h.T = T - 6;
+                h.logp.data = (const char *)c.a.logp.data + 6 * es;
+                h.old_logp.data = (const char *)c.a.old_logp.data + 6 * es;
+                h.mask.data = (const char *)c.a.mask.data + 6;
+                h.adv.data = (const char *)c.a.adv.data + 6 * es;
+                h.is_w.data = (const char *)c.a.is_w.data + 6 * es;
+                h.logp.extent -= 6; h.old_logp.extent -= 6; h.mask.extent -= 6; h.adv.extent -= 6;
+                h.is_w.extent -= 6;
+                CHECK(gmpo_cpu_row_sums(&h, sums + B * GMPO_SUM_STATS, B * GMPO_SUM_STATS) == GMPO_OK,
+                      "row_sums: %s", h.err);
+                for (int64_t k = 0; k < B * GMPO_SUM_STATS; k++) sums[k] += sums[B * GMPO_SUM_STATS + k];
+                double rows[(5 + 1) * GMPO_ROW_STATS], out8[1 + GMPO_METRICS];
+                float out4[1 + GMPO_METRICS];
+                int32_t odt = dt == GMPO_DT_F64 ? GMPO_DT_F64 : GMPO_DT_F32;
+                void *ob = odt == GMPO_DT_F64 ? (void *)out8 : (void *)out4;
+                void *mb = odt == GMPO_DT_F64 ? (void *)(out8 + 1) : (void *)(out4 + 1);
+                CHECK(gmpo_cpu_finish_sums(&c.a, sums, B * GMPO_SUM_STATS, rows, ob, mb, odt) == GMPO_OK,
+                      "finish_sums: %s", c.a.err);
+                double split = get(ob, odt, 0);
+                CHECK(fabs(split - r.loss) <= (dt == GMPO_DT_F64 ? 1e-12 : 2e-6) * fmax(1.0, fabs(r.loss)),
+                      "mode %d agg %d: split loss %.12g, whole %.12g", mode, agg, split, r.loss);
+                free(sums);
+                if (dt == GMPO_DT_F64 && (mode == 0 || mode == 3)) {
+                    double *lp = (double *)c.lp.data;
+                    for (int64_t k = 0; k < B * T; k++) {
+                        double hh = 1e-6, x = lp[k], fp, fm;
+                        lp[k] = x + hh;
+                        gmpo_cpu_forward(&c.a, rows, out8, out8 + 1, GMPO_DT_F64);
+                        fp = out8[0];
+                        lp[k] = x - hh;
+                        gmpo_cpu_forward(&c.a, rows, out8, out8 + 1, GMPO_DT_F64);
+                        fm = out8[0];
+                        lp[k] = x;
+                        double fd = (fp - fm) / (2 * hh);
+                        CHECK(fabs(fd - r.grad[k]) <= 1e-6 * fmax(1e-3, fabs(r.grad[k])),
+                              "mode %d agg %d: d/dlogp[%lld]: backward %.12g, finite difference %.12g",
+                              mode, agg, (long long)k, r.grad[k], fd);
+                    }
+                }
+                // a bad option is a status and a message, never an exit
+                c.a.fam.verl_agg = 9;
+                CHECK(gmpo_cpu_forward(&c.a, rows, out8, out8 + 1, GMPO_DT_F64) == GMPO_EINVAL &&
+                      strstr(c.a.err, "loss_agg_mode"), "verl_agg 9: %s", c.a.err);
+                free_result(&r);
+                free_call(&c);
+                free_problem(&p);
+            }
+        }
+    }
+    end();
+}
+
 static int convert_file(const char *in, const char *out) {
     FILE *fi = fopen(in, "rb"), *fo = fopen(out, "wb");
     if (!fi || !fo) { fprintf(stderr, "cannot open %s or %s\n", in, out); return 2; }
@@ -884,6 +979,8 @@ int main(int argc, char **argv) {
     case_threads();
     case_family(GMPO_DT_F64);
     case_family(GMPO_DT_F32);
+    case_verl(GMPO_DT_F64);
+    case_verl(GMPO_DT_F32);
     case_bad_args();
     case_negative_dtype_codes();
     case_conversions_roundtrip();
