@@ -207,6 +207,19 @@ def test_demo_summary_is_checked_against_the_runs_data(tmp_path):
     assert len(gen_docs.run(root, blocks=blocks, pending={}, files=files).errors) == 2
 
 
+def test_committed_summary_json_matches_its_csv():
+    """The statistics stored in docs/demo/summary.json (per seed, per method, paired,
+    the sentences) are the ones demo.csv gives: summary.md and the README are
+    checked by the generator, this covers the JSON a reader may load instead."""
+    import json
+    from gmpo_ext import demo
+    out = ROOT / "docs" / "demo"
+    saved = json.loads((out / "summary.json").read_text())
+    again = json.loads(json.dumps(demo.summary_from_outputs(str(out))))
+    for key in ("per_seed", "methods", "paired", "measures", "final_window_steps", "sentences"):
+        assert again[key] == saved[key], key     # the same code on the same CSV: equal
+
+
 def test_check_catches_a_long_readme(tmp_path):
     root = _toy(tmp_path, "# t\n" + "line\n" * gen_docs.README_MAX_LINES)
     errs = gen_docs.run(root, blocks={}, pending={}).errors
