@@ -441,6 +441,24 @@ def selective_logps(
     return (logp, ent) if return_entropy else logp
 
 
+def _loss_inputs(logits, completion_ids, mask, temperature, vocab_group, vocab_start,
+                 vocab_size, validate):
+    """The checks the loss-from-logits functions share: (temperature, B, T, V,
+    vocab_start), V the whole vocabulary when the logits are a vocab_group shard."""
+    temperature = _check_temperature(temperature)
+    B, T = _check_logits(logits, completion_ids, mask, "completion_ids")
+    if mask is None:
+        raise TypeError("mask must be a torch.Tensor, got None")
+    V = logits.shape[2]
+    if vocab_group is not None:
+        from . import distributed
+        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size,
+                                                 device=logits.device)
+    if validate:
+        _validate(completion_ids, mask, V, "completion_ids")
+    return temperature, B, T, V, vocab_start
+
+
 def gmpo_loss_from_logits(
     logits: Tensor,
     completion_ids: Tensor,
@@ -517,17 +535,8 @@ def gmpo_loss_from_logits(
     Returns:
         The 0-d loss (float32), or ``(loss, metrics)``.
     """
-    temperature = _check_temperature(temperature)
-    B, T = _check_logits(logits, completion_ids, mask, "completion_ids")
-    if mask is None:
-        raise TypeError("mask must be a torch.Tensor, got None")
-    V = logits.shape[2]
-    if vocab_group is not None:
-        from . import distributed
-        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size,
-                                                 device=logits.device)
-    if validate:
-        _validate(completion_ids, mask, V, "completion_ids")
+    temperature, B, T, V, vocab_start = _loss_inputs(
+        logits, completion_ids, mask, temperature, vocab_group, vocab_start, vocab_size, validate)
     try:
         if vocab_group is not None:
             logps, entropy, _ = distributed.shard_logits(
@@ -596,17 +605,8 @@ def grpo_loss_from_logits(
     if "entropies" in loss_kwargs:
         raise TypeError("grpo_loss_from_logits computes the entropies from the logits; "
                         "do not pass entropies")
-    temperature = _check_temperature(temperature)
-    B, T = _check_logits(logits, completion_ids, mask, "completion_ids")
-    if mask is None:
-        raise TypeError("mask must be a torch.Tensor, got None")
-    V = logits.shape[2]
-    if vocab_group is not None:
-        from . import distributed
-        vocab_start, V = distributed.check_vocab(V, vocab_group, vocab_start, vocab_size,
-                                                 device=logits.device)
-    if validate:
-        _validate(completion_ids, mask, V, "completion_ids")
+    temperature, B, T, V, vocab_start = _loss_inputs(
+        logits, completion_ids, mask, temperature, vocab_group, vocab_start, vocab_size, validate)
     coef = loss_kwargs.get("entropy_coef", 0.0)
     want_entropy = bool(return_metrics) or (not isinstance(coef, bool) and coef != 0)
     try:
