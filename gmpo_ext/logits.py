@@ -539,6 +539,7 @@ def gmpo_loss_from_logits(
         logits, completion_ids, mask, temperature, vocab_group, vocab_start, vocab_size, validate)
     try:
         if vocab_group is not None:
+            from . import distributed
             logps, entropy, _ = distributed.shard_logits(
                 logits, completion_ids, mask, temperature, bool(return_metrics),
                 bool(inplace_backward), vocab_start, V, vocab_group, "completion_ids")
@@ -611,6 +612,7 @@ def grpo_loss_from_logits(
     want_entropy = bool(return_metrics) or (not isinstance(coef, bool) and coef != 0)
     try:
         if vocab_group is not None:
+            from . import distributed
             logps, entropy, _ = distributed.shard_logits(
                 logits, completion_ids, mask, temperature, want_entropy,
                 bool(inplace_backward), vocab_start, V, vocab_group, "completion_ids")
