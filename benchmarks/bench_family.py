@@ -39,7 +39,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (device_name, resolve_device, set_threads, synchronizer,  # noqa: E402
                      write_csv)
-from bench_trl_step import MiB, batch, build, peak_beyond, step  # noqa: E402
+from bench_trl_step import (MiB, batch, build, peak_beyond, step,  # noqa: E402
+                            step_arguments)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (loss_type, importance_sampling_level)
@@ -78,16 +79,10 @@ def cuda_peak_beyond(t, model, inputs, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="4x256,8x512", help="BxT completions, comma-separated")
+    step_arguments(ap)
     ap.add_argument("--losses", default=",".join(CASES),
                     help="comma-separated, of " + ", ".join(CASES))
     ap.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (autocast)")
-    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
-    ap.add_argument("--hidden", type=int, default=896)
-    ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="CSV (default results/bench_family_<device>.csv)")
     args = ap.parse_args(argv)

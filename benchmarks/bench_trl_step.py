@@ -102,8 +102,9 @@ def peak_beyond(t, model, inputs):
     return cpu_alloc_peak(lambda: step(t, model, inputs))[0]
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_arguments(ap):
+    """The model, batch and timing flags of the trainer-step benchmarks (this
+    script and bench_family.py)."""
     ap.add_argument("--shapes", default="4x256,8x512", help="BxT completions, comma-separated")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     ap.add_argument("--hidden", type=int, default=896)
@@ -111,6 +112,11 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    step_arguments(ap)
     ap.add_argument("--out", default=str(RESULTS / "bench_trl_step_cpu.csv"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
