@@ -8,9 +8,15 @@ The step, the model (a 2-layer Qwen2 with the Qwen2.5-0.5B head, H=896,
 V=151936, untied, random weights), the batch and the peak-memory measure are
 bench_trl_step.py's (imported from it): ``loss = trainer.compute_loss(model,
 inputs); loss.backward()``, generation excluded. Per loss type and dtype the
-two trainers run in turn, ``--repeats`` rounds after a warm-up round that
-checks the losses agree; the median per trainer and the ratios TRL / ours
-(time) and ours / TRL (peak) are reported. A loss type whose fused arguments
+two trainers run in turn: first a warm-up round, untimed, that checks the
+losses agree and measures each step's peak memory (torch.profiler's allocator
+events, with every parameter gradient allocated beforehand so neither trainer
+pays for them), then ``--repeats`` timed rounds; the median wall time per
+trainer and the ratios TRL / ours (time) and ours / TRL (peak) are reported,
+with the process CPU time of the same steps and the 1-minute load average at
+the end of each case (a loaded machine shows there). Each case's rows are
+merged into the CSV as soon as it ends (same loss, dtype and shape replaced),
+so a long run can be split over several calls with ``--losses``. A loss type whose fused arguments
 this build's ``gmpo_ext.grpo_loss`` lacks runs TRL's own loss inside our
 trainer (a warning; column ``fused`` = no): its row compares TRL with itself.
 
@@ -37,10 +43,9 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (device_name, resolve_device, set_threads, synchronizer,  # noqa: E402
-                     write_csv)
-from bench_trl_step import (MiB, batch, build, peak_beyond, step,  # noqa: E402
-                            step_arguments)
+from _common import (cpu_alloc_peak, device_name, read_csv, resolve_device, set_threads,  # noqa: E402
+                     synchronizer, write_csv)
+from bench_trl_step import MiB, batch, build, step, step_arguments  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (loss_type, importance_sampling_level)
@@ -119,25 +124,37 @@ def main(argv=None):
                     "ours": family_trainer(GRPOTrainer, model, tok, tmp / "ours", B, T,
                                            loss_type, level, bf16, device),
                 }
-                losses = {k: float(step(t, model, inputs)) for k, t in trainers.items()}  # warm-up
+                for p in model.parameters():   # both trainers' steps find them allocated
+                    if p.requires_grad and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                losses, peaks = {}, {}
+                for k, t in trainers.items():   # warm-up: parity and peak memory
+                    if device.type == "cuda":
+                        peaks[k] = cuda_peak_beyond(t, model, inputs, device)
+                        losses[k] = float(step(t, model, inputs))
+                    else:
+                        peaks[k], loss = cpu_alloc_peak(lambda: step(t, model, inputs))
+                        losses[k] = float(loss)
                 fused = trainers["ours"].fused_lm_head and \
                     not trainers["ours"]._gmpo_fallback_warned
                 rel = abs(losses["ours"] - losses["trl"]) / max(abs(losses["trl"]), 1e-12)
                 assert rel < (2e-2 if bf16 else 1e-4), \
                     f"{name} {dtype}: loss {losses['ours']} differs from TRL's {losses['trl']}"
                 times = {k: [] for k in trainers}
+                cpu = {k: [] for k in trainers}
                 for _ in range(args.repeats):
                     for k, t in trainers.items():
                         sync()
-                        t0 = time.perf_counter()
+                        t0, c0 = time.perf_counter(), time.process_time()
                         step(t, model, inputs)
                         sync()
                         times[k].append(time.perf_counter() - t0)
-                peaks = {k: (cuda_peak_beyond(t, model, inputs, device) if device.type == "cuda"
-                             else peak_beyond(t, model, inputs)) for k, t in trainers.items()}
+                        cpu[k].append(time.process_time() - c0)
                 med = {k: statistics.median(v) for k, v in times.items()}
+                load = os.getloadavg()[0]
+                case_rows = []
                 for k in trainers:
-                    rows.append(dict(loss=name, loss_type=loss_type, level=level, dtype=dtype,
+                    case_rows.append(dict(loss=name, loss_type=loss_type, level=level, dtype=dtype,
                                      B=B, T=T, P=args.prompt, H=args.hidden, V=args.vocab,
                                      trainer=k, fused=("yes" if fused else "no") if k == "ours"
                                      else "-", seconds=f"{med[k]:.4f}",
@@ -145,15 +162,34 @@ def main(argv=None):
                                      speedup_vs_trl=f"{med['trl'] / med[k]:.2f}",
                                      peak_vs_trl=f"{peaks[k] / max(peaks['trl'], 1):.3f}",
                                      loss_value=f"{losses[k]:.6g}", threads=threads,
-                                     device=dev_name))
+                                     device=dev_name, repeats=args.repeats,
+                                     cpu_seconds=f"{statistics.median(cpu[k]):.4f}",
+                                     load_1min=f"{load:.2f}"))
+                rows = merge_rows(out, case_rows)
                 print(f"{name:8s} {dtype} B={B} T={T}: TRL {med['trl']:.4f} s "
                       f"{peaks['trl'] / MiB:.1f} MiB; ours {med['ours']:.4f} s "
                       f"{peaks['ours'] / MiB:.1f} MiB (fused: {'yes' if fused else 'no'}); "
                       f"TRL/ours time {med['trl'] / med['ours']:.2f}x, ours/TRL peak "
-                      f"{peaks['ours'] / max(peaks['trl'], 1):.3f}")
+                      f"{peaks['ours'] / max(peaks['trl'], 1):.3f}; load {load:.2f}")
                 del trainers, model, inputs
-    write_csv(out, rows, list(rows[0]))
-    print(f"wrote {out}")
+    print(f"wrote {out} ({len(rows)} rows)")
+
+
+KEY = ("loss", "dtype", "B", "T", "H", "V", "trainer")
+
+
+def merge_rows(out: Path, new_rows: list) -> list:
+    """Write ``new_rows`` into the CSV at ``out``, replacing the rows of the
+    same case (KEY) and keeping the others; return the rows written."""
+    fields = list(new_rows[0])
+    old = read_csv(out) if out.exists() else []
+    if old and list(old[0]) != fields:
+        print(f"{out}: other columns than this version writes; its rows are replaced")
+        old = []
+    keys = {tuple(str(r[k]) for k in KEY) for r in new_rows}
+    rows = [r for r in old if tuple(r[k] for k in KEY) not in keys] + new_rows
+    write_csv(out, rows, fields)
+    return rows
 
 
 if __name__ == "__main__":
