@@ -97,15 +97,17 @@ typedef struct {
     double clip_c;            /* vanilla's dual clip (clip_ratio_c > 1); 0: none */
 } gmpo_family;
 
-/* verl's agg_loss modes (convention verl). denom: token-mean batch_num_tokens,
- * seq-mean-* global_batch_size, seq-mean-token-sum-norm loss_scale_factor
- * (<= 0: the default: the mask's sum, the non-empty rows, T); normalizer:
- * 1 / dp_size (the caller's; verl's sum-norm mode takes no dp_size). */
+/* verl's agg_loss aggregations (convention verl). denom: token-mean
+ * batch_num_tokens, seq-mean-* global_batch_size (<= 0: the default: the
+ * mask's sum, the non-empty rows); normalizer: the caller's divisor (1 /
+ * dp_size, ...). verl 0.9's other two modes are these with the caller's
+ * numbers (gmpo_ext.grpo_loss): token-sum is token-mean with denom 1,
+ * seq-mean-token-sum-norm seq-mean-token-sum with loss_scale_factor in the
+ * normalizer. */
 enum {
     GMPO_VA_TOKEN_MEAN = 0,
     GMPO_VA_SEQ_MEAN_TOKEN_SUM = 1,
     GMPO_VA_SEQ_MEAN_TOKEN_MEAN = 2,
-    GMPO_VA_SEQ_MEAN_TOKEN_SUM_NORM = 3,
 };
 
 typedef struct {

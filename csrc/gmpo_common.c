@@ -100,9 +100,9 @@ static gmpo_status check_family(gmpo_args *a) {
         if (f->seq_level && a->loss_type != GMPO_LT_GRPO)
             return fail(a, "%s: the sequence level is verl's gspo (loss type code 0) only",
                         "importance_sampling_level");
-        if (f->verl_agg < GMPO_VA_TOKEN_MEAN || f->verl_agg > GMPO_VA_SEQ_MEAN_TOKEN_SUM_NORM)
-            return fail(a, "%s: must be 'token-mean', 'seq-mean-token-sum', "
-                           "'seq-mean-token-mean' or 'seq-mean-token-sum-norm'", "loss_agg_mode");
+        if (f->verl_agg < GMPO_VA_TOKEN_MEAN || f->verl_agg > GMPO_VA_SEQ_MEAN_TOKEN_MEAN)
+            return fail(a, "%s: the kernel's code must be 0 (token-mean), 1 "
+                           "(seq-mean-token-sum) or 2 (seq-mean-token-mean)", "loss_agg_mode");
         if (f->clip_c != 0 && !(f->clip_c > 1 && isfinite(f->clip_c)))
             return fail(a, "%s: must be a finite number > 1 (verl's dual clip)", "clip_ratio_c");
         if (f->has_delta || f->off_policy || f->bias_corr_kl || a->beta != 0 || a->tok_mask.data)

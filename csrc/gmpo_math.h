@@ -204,11 +204,10 @@ GMPO_HD double gmpo_verl_row_weight(const gmpo_args *a, double n, double N, doub
     double d;
     switch (a->fam.verl_agg) {
     case GMPO_VA_TOKEN_MEAN: d = a->denom > 0 ? a->denom : N; break;
-    case GMPO_VA_SEQ_MEAN_TOKEN_SUM: d = a->denom > 0 ? a->denom : R; break;
     case GMPO_VA_SEQ_MEAN_TOKEN_MEAN:
         d = (a->denom > 0 ? a->denom : R) * (n >= 0 ? n + 1e-8 : 1.0);
         break;
-    default: d = a->denom > 0 ? a->denom : (double)a->T; break;
+    default: d = a->denom > 0 ? a->denom : R; break;   // seq-mean-token-sum
     }
     return 1.0 / ((d != 0 ? d : 1.0) * a->normalizer);
 }
@@ -299,11 +298,11 @@ GMPO_HD void gmpo_verl_row_finish(const gmpo_args *a, const double *sm, double *
         m0 = (s > hi ? sm[GMPO_SM_M0] : 0.0) + (s < lo ? sm[GMPO_SM_M1] : 0.0);
         m1 = 0.0;
         kl = -sm[GMPO_SM_MY];   // ppo_kl of the unclamped l
-        L = pol / (n + 1e-8);
+        L = pol;
     } else {
         L = sm[GMPO_SM_MY];
-        if (a->fam.verl_agg == GMPO_VA_SEQ_MEAN_TOKEN_MEAN) L /= n + 1e-8;
     }
+    if (a->fam.verl_agg == GMPO_VA_SEQ_MEAN_TOKEN_MEAN) L /= n + 1e-8;
     rs[GMPO_RS_COEF_PG] = c1;
     rs[GMPO_RS_COEF_KL] = kl;
     rs[GMPO_RS_LOSS] = L;

@@ -41,9 +41,9 @@ IS_LEVELS = {"token": 0, "sequence": 1}
 # convention="verl" two more: verl_agg (VERL_AGG_MODES) and clip_c
 FAMILY_OPTS = 12
 FAMILY_OPTS_VERL = 14
-# verl's agg_loss modes (gmpo.h's GMPO_VA_*)
-VERL_AGG_MODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2,
-                  "seq-mean-token-sum-norm": 3}
+# the kernel's aggregations for verl's agg_loss modes (gmpo.h's GMPO_VA_*; loss.py
+# maps verl 0.9's five onto these three)
+VERL_AGG_MODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2}
 NO_FAMILY = None   # the other algorithms (the C module: family options all zero; algo 2 needs them)
 
 

@@ -345,7 +345,7 @@ def grpo_loss(
     token_mask (B, T) (token_mask bool, integer or float).
 
     ``convention="verl"``: verl's ``compute_policy_loss_{vanilla,gspo,cispo,sapo}``
-    (verl/trainer/ppo/core_algos.py, verl 0.6 to 0.9), ``loss_type`` one of
+    (verl/trainer/ppo/core_algos.py, verl 0.9), ``loss_type`` one of
     "vanilla", "gspo", "cispo", "sapo". With ``l = logps - old_logps`` clamped
     to [-20, 20] (no gradient outside) and ``r = exp(l)``, per token:
 
@@ -360,16 +360,17 @@ def grpo_loss(
       where A > 0, sapo_temperature_neg elsewhere.
 
     ``is_weights`` (verl's ``rollout_is_weights``, (B, T) or per row)
-    multiply the token's loss. Aggregation is verl's ``agg_loss`` with
-    ``loss_agg_mode`` (vanilla, cispo; gspo and sapo always use
-    "seq-mean-token-mean", as verl's do) and ``global_batch_info`` (a dict or
-    object with ``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
-    ``loss_scale_factor``, each optional): "token-mean" ``sum m*loss /
-    batch_num_tokens * dp_size`` (default the mask's sum); "seq-mean-token-sum"
-    and "seq-mean-token-mean" the rows' sums (or token means over ``n + 1e-8``)
-    summed ``/ global_batch_size * dp_size`` (default the non-empty rows);
-    "seq-mean-token-sum-norm" ``sum m*loss / loss_scale_factor`` (default T,
-    no dp_size). Then ``/ normalizer``. Advantages may vary inside a row (per
+    multiply the token's loss. Aggregation is verl 0.9's ``agg_loss`` with
+    ``loss_agg_mode`` (default "token-mean"; gspo's "seq-mean-token-mean", as
+    the defaults of verl's functions; sapo always "seq-mean-token-mean", as
+    verl's) and ``global_batch_info`` (a dict or object with ``dp_size``,
+    ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``, each
+    optional): "token-mean" ``sum m*loss / batch_num_tokens * dp_size``
+    (default the mask's sum); "token-sum" ``sum m*loss * dp_size``;
+    "seq-mean-token-sum" and "seq-mean-token-mean" the rows' sums (or token
+    means over ``n + 1e-8``) summed ``/ global_batch_size * dp_size`` (default
+    the non-empty rows); "seq-mean-token-sum-norm" seq-mean-token-sum's value
+    ``/ loss_scale_factor`` (default the horizon T). Then ``/ normalizer``. Advantages may vary inside a row (per
     token, as verl's (B, T)). Metrics, verl's: ``actor/pg_clipfrac``,
     ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (0 for gspo, cispo, sapo;
     0 pg_clipfrac for sapo), as 0-d tensors, means over the mask's sum + 1e-8;
@@ -556,6 +557,9 @@ def grpo_loss(
 
 
 VERL_LOSS_TYPES = ("vanilla", "gspo", "cispo", "sapo")
+# verl's agg_loss modes (verl 0.9)
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                  "seq-mean-token-sum-norm")
 _VERL_GBI_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
@@ -591,13 +595,14 @@ def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, 
     if el > 1:
         raise ValueError(f"epsilon_low must be <= 1 (ratio space), got {el}")
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
-    if loss_type in ("gspo", "sapo"):
-        mode = "seq-mean-token-mean"   # verl's gspo and sapo ignore loss_agg_mode
-        if loss_agg_mode is not None:
-            _check_choice("loss_agg_mode", loss_agg_mode, _backend.VERL_AGG_MODES)
+    if loss_agg_mode is not None:
+        _check_choice("loss_agg_mode", loss_agg_mode, VERL_AGG_MODES)
+    if loss_type == "sapo":
+        mode = "seq-mean-token-mean"   # verl's sapo ignores loss_agg_mode
+    elif loss_agg_mode is None:        # the defaults of verl's functions
+        mode = "seq-mean-token-mean" if loss_type == "gspo" else "token-mean"
     else:
-        mode = "token-mean" if loss_agg_mode is None else loss_agg_mode
-        _check_choice("loss_agg_mode", mode, _backend.VERL_AGG_MODES)
+        mode = loss_agg_mode
     cc = 0.0
     if loss_type == "vanilla":
         cc = 3.0 if clip_ratio_c is None else clip_ratio_c
@@ -617,14 +622,29 @@ def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, 
         raise TypeError("global_batch_info must be a dict (or DictConfig, or an object) with "
                         f"{', '.join(_VERL_GBI_KEYS)}; got {type(global_batch_info).__name__}")
     dp = _gbi_value(global_batch_info, "dp_size")
-    code = _backend.VERL_AGG_MODES[mode]
-    denom_key = ("batch_num_tokens", "global_batch_size", "global_batch_size",
-                 "loss_scale_factor")[code]
-    denom = _gbi_value(global_batch_info, denom_key) or 0.0
-    norm = float(normalizer)
-    if dp is not None and mode != "seq-mean-token-sum-norm":
-        norm = norm / dp      # verl multiplies by dp_size (sum-norm does not)
     _check_inputs(logps, old_logps, advantages, mask, None, is_weights, 0.0)
+    # verl's agg_loss on the kernel's three aggregations (csrc/gmpo_math.h,
+    # gmpo_verl_row_weight): the loss divided by the mode's denominator (0:
+    # the kernel's default, the mask's sum or the non-empty rows) times
+    # normalizer / dp_size; token-sum is token-mean over 1, and
+    # seq-mean-token-sum-norm is seq-mean-token-sum over loss_scale_factor
+    # (default: the horizon, mask.shape[-1])
+    code = {"token-mean": _backend.VERL_AGG_MODES["token-mean"],
+            "token-sum": _backend.VERL_AGG_MODES["token-mean"],
+            "seq-mean-token-mean": _backend.VERL_AGG_MODES["seq-mean-token-mean"]}.get(
+                mode, _backend.VERL_AGG_MODES["seq-mean-token-sum"])
+    if mode == "token-mean":
+        denom = _gbi_value(global_batch_info, "batch_num_tokens") or 0.0
+    elif mode == "token-sum":
+        denom = 1.0
+    else:
+        denom = _gbi_value(global_batch_info, "global_batch_size") or 0.0
+    norm = float(normalizer)
+    if dp is not None:
+        norm = norm / dp      # verl multiplies every mode by dp_size
+    if mode == "seq-mean-token-sum-norm":
+        lsf = _gbi_value(global_batch_info, "loss_scale_factor")
+        norm = norm * (lsf if lsf is not None else float(mask.shape[-1]))
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, is_weights=is_weights)
     lt = 0 if loss_type in ("vanilla", "gspo") else _backend.FAMILY_LOSS_TYPES[loss_type]
     fopts = (int(loss_type == "gspo"), 0, 0, 0, 0.0, 0.0, float(tau_pos), float(tau_neg),

@@ -56,8 +56,12 @@ read the config as verl does: ``clip_ratio_low`` / ``clip_ratio_high``
 dual clip, default 3.0), ``tau_pos`` / ``tau_neg`` (sapo) and
 ``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
 ``global_batch_size``, ``loss_scale_factor``, handed to verl's ``agg_loss``).
-vanilla and cispo aggregate by ``loss_agg_mode``; gspo and sapo always by
-"seq-mean-token-mean", as verl's do. Select one with, e.g.,
+vanilla, cispo and gspo aggregate by ``loss_agg_mode`` (gspo as verl 0.9.1's
+does; with verl 0.9.0 installed, always by "seq-mean-token-mean" as that
+release's gspo), sapo always by "seq-mean-token-mean", as verl's. The modes
+are verl 0.9's ``agg_loss``: "token-mean", "token-sum", "seq-mean-token-sum",
+"seq-mean-token-mean", "seq-mean-token-sum-norm" (over ``loss_scale_factor``,
+default the horizon). Select one with, e.g.,
 ``actor_rollout_ref.actor.policy_loss.loss_mode=gspo_fused``.
 
 Importing this module without verl installed defines the functions and
@@ -233,10 +237,43 @@ def compute_policy_loss_vanilla_fused(old_log_prob, log_prob, advantages, respon
 def compute_policy_loss_gspo_fused(old_log_prob, log_prob, advantages, response_mask,
                                    loss_agg_mode: str = "seq-mean-token-mean", config=None,
                                    rollout_is_weights=None):
-    """verl's ``gspo`` (sequence-level ratio, clamped at e^10), fused; always
-    "seq-mean-token-mean" whatever ``loss_agg_mode`` says, as verl's."""
+    """verl's ``gspo`` (sequence-level ratio, clamped at e^10), fused; aggregated
+    by ``loss_agg_mode`` as verl 0.9.1's, or always by "seq-mean-token-mean"
+    where the installed verl is 0.9.0 (that release's gspo ignores the mode)."""
+    if _gspo_ignores_agg_mode():
+        loss_agg_mode = "seq-mean-token-mean"
     return _verl_mode("gspo", old_log_prob, log_prob, advantages, response_mask,
                       loss_agg_mode, config, rollout_is_weights)
+
+
+_GSPO_IGNORES = None
+
+
+def _gspo_ignores_agg_mode() -> bool:
+    """True where the installed verl's gspo aggregates by "seq-mean-token-mean"
+    whatever loss_agg_mode says (verl 0.9.0 and older; 0.9.1 honours it)."""
+    global _GSPO_IGNORES
+    if _GSPO_IGNORES is None:
+        from importlib import metadata
+        try:
+            version = metadata.version("verl")
+        except metadata.PackageNotFoundError:
+            _GSPO_IGNORES = False
+        else:
+            _GSPO_IGNORES = _release(version) < (0, 9, 1)
+    return _GSPO_IGNORES
+
+
+def _release(version: str) -> tuple:
+    """(major, minor, micro) of a version string: "0.9.1.dev0+abc" -> (0, 9, 1)."""
+    import re
+    nums = []
+    for part in version.split("+")[0].split(".")[:3]:
+        m = re.match(r"\d+", part)
+        nums.append(int(m.group()) if m else 0)
+        if not m or m.end() < len(part):   # "1rc1": stop after the pre-release's number
+            break
+    return tuple(nums + [0] * (3 - len(nums)))
 
 
 def compute_policy_loss_cispo_fused(old_log_prob, log_prob, advantages, response_mask,
