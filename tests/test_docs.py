@@ -44,12 +44,17 @@ def test_pending_is_only_the_main_jobs_output():
 def test_readme_keeps_the_two_setup_commands():
     """.ci/run runs the README's test command verbatim; both commands stay in it."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert '\npip install -e ".[test]" && python -m pytest -q\n' in text
+    test_cmd = ('pip install -e ".[test]" && pip install --no-deps -r tests/requirements-verl.txt'
+                ' && python -m pytest -q')
+    assert f"\n{test_cmd}\n" in text
     # the main job writes to its default folder: the set-up command rewrites no tracked
     # file (the maintainers' regeneration into docs/demo is in docs/demo.md)
     assert '\npip install -e ".[demo]" && python -m gmpo_ext.demo\n' in text
     assert "--out docs/demo" not in text
-    assert 'pip install -e ".[test]" && python -m pytest -q' in (ROOT / ".ci/run").read_text()
+    assert test_cmd in (ROOT / ".ci/run").read_text()
+    # the verl tests compare with verl itself: the command installs it
+    reqs = (ROOT / "tests/requirements-verl.txt").read_text()
+    assert "verl==" in reqs
 
 
 def test_demo_extra_has_what_the_demo_imports():
