@@ -442,3 +442,54 @@ def test_every_mode_loaded_through_verl_hooks():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [f"compute_policy_loss_{m}_fused" for m in MODES]
+
+
+def test_gspo_follows_the_installed_verl_release(monkeypatch):
+    """verl 0.9.1's gspo aggregates by loss_agg_mode, 0.9.0's always by
+    seq-mean-token-mean: gspo_fused follows the installed release."""
+    old, lp, adv, mask, _ = make_inputs(7)
+    cfg = config(False)
+    kw = dict(convention="verl", loss_type="gspo", epsilon_low=0.2, epsilon_high=0.28)
+    by_mode = {agg: float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode=agg, **kw))
+               for agg in ("token-mean", "seq-mean-token-mean")}
+    assert by_mode["token-mean"] != by_mode["seq-mean-token-mean"]
+    monkeypatch.setattr(gverl, "_GSPO_IGNORES", False)      # 0.9.1 and later
+    got, _ = gverl.compute_policy_loss_gspo_fused(old, lp, adv, mask, "token-mean", cfg)
+    assert float(got) == by_mode["token-mean"]
+    monkeypatch.setattr(gverl, "_GSPO_IGNORES", True)       # 0.9.0
+    got, _ = gverl.compute_policy_loss_gspo_fused(old, lp, adv, mask, "token-mean", cfg)
+    assert float(got) == by_mode["seq-mean-token-mean"]
+
+
+@pytest.mark.parametrize("version,want", [("0.9.1", False), ("0.9.0", True), ("0.8.0", True),
+                                          ("0.9.1.dev0+g0abc", False), ("0.10.0rc1", False),
+                                          ("1.0", False), ("0.9", True)])
+def test_release_parsing(version, want):
+    assert (gverl._release(version) < (0, 9, 1)) == want
+
+
+def test_agg_modes_token_sum_and_sum_norm():
+    """verl 0.9's token-sum (the masked sum times dp_size) and
+    seq-mean-token-sum-norm (seq-mean-token-sum over loss_scale_factor, by
+    default the horizon T) in terms of the other modes."""
+    old, lp, adv, mask, _ = make_inputs(8)
+    kw = dict(convention="verl", loss_type="vanilla", epsilon_low=0.2, epsilon_high=0.28)
+    T = mask.shape[-1]
+    tm = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="token-mean", **kw))
+    ts = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="token-sum", **kw))
+    assert abs(ts - tm * float(mask.sum())) <= 1e-12 * abs(ts)
+    ts2 = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="token-sum",
+                                   global_batch_info={"dp_size": 4, "batch_num_tokens": 7}, **kw))
+    assert abs(ts2 - 4 * ts) <= 1e-12 * abs(ts2)
+    ss = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="seq-mean-token-sum", **kw))
+    sn = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="seq-mean-token-sum-norm",
+                                  **kw))
+    assert abs(sn - ss / T) <= 1e-12 * abs(sn)
+    gbi = {"dp_size": 2, "global_batch_size": 13, "loss_scale_factor": 50}
+    ss2 = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="seq-mean-token-sum",
+                                   global_batch_info=gbi, **kw))
+    sn2 = float(gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="seq-mean-token-sum-norm",
+                                   global_batch_info=gbi, **kw))
+    assert abs(sn2 - ss2 / 50) <= 1e-12 * abs(sn2)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="token_mean", **kw)

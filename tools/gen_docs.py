@@ -137,7 +137,8 @@ def _hidden_key(r) -> tuple:
     return (r["H"], r["V"], r["B"], r["T"], r["dtype"])
 
 
-def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str) -> str:
+def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str,
+                    family: str) -> str:
     """The README's performance table: one headline ratio per benchmark."""
     by = _loss_both(root, loss)
     fused = sorted(((float(r["speedup_vs_eager"]), B, T) for (B, T, p), r in by.items()
@@ -151,8 +152,13 @@ def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str) 
     st = _rows(root, step)
     st_ours = [r for r in st if r["trainer"] == "ours_fused"]
     st_trl = {(r["B"], r["T"]): r for r in st if r["trainer"] == "trl"}
+    fam = [r for r in _rows(root, family) if r["trainer"] == "ours"]
+    fam_lo = min(fam, key=lambda r: float(r["speedup_vs_trl"]))
+    fam_hi = max(fam, key=lambda r: float(r["speedup_vs_trl"]))
+    fam_peak = max(fam, key=lambda r: float(r["peak_vs_trl"]))
+    fam_shapes = sorted({f"{r['B']} x {r['T']}" for r in fam})
     cpus = sorted({lg0["device_name"], next(iter(by.values()))["device_name"],
-                   hd[0]["device"], st[0]["cpu"]})
+                   hd[0]["device"], st[0]["cpu"], fam[0]["device"]})
 
     def logit_cell(dt):
         return (f"{dt}: {_f(lg[(dt, 'fused')]['speedup_vs_trl'])}x, "
@@ -178,13 +184,22 @@ def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str) 
          "; ".join(f"B x T = {r['B']} x {r['T']}: {_f(r['speedup_vs_trl'])}x" for r in st_ours),
          "; ".join(f"{_mib(r['peak_mib'])}; TRL's {_mib(st_trl[(r['B'], r['T'])]['peak_mib'])}"
                    for r in st_ours)],
+        [f"the GRPO family's trainer step ({len({r['loss'] for r in fam})} loss types with GSPO, "
+         f"B x T = {', '.join(fam_shapes)}, "
+         f"{' and '.join(sorted({r['dtype'] for r in fam}, reverse=True))})",
+         "TRL's `GRPOTrainer`, same loss type",
+         f"{_f(fam_lo['speedup_vs_trl'])}x ({fam_lo['loss']}, {fam_lo['dtype']}) to "
+         f"{_f(fam_hi['speedup_vs_trl'])}x ({fam_hi['loss']}, {fam_hi['dtype']})",
+         f"at most {_f(fam_peak['peak_vs_trl'])} of TRL's ({fam_peak['loss']}, "
+         f"{fam_peak['dtype']})"],
     ]
     head = ["forward + backward of", "against", "faster by (median)", "peak memory"]
     out = ["| " + " | ".join(head) + " |", "| :--- | :--- | :--- | :--- |"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
     out.append(f"CPU only so far ({', '.join(cpus)}; 2 threads, shared machines); "
-               "sources: `" + "`, `".join(Path(p).name for p in (loss, logits, hidden, step)) +
+               "sources: `" + "`, `".join(Path(p).name for p in (loss, logits, hidden, step,
+                                                                 family)) +
                "` in `benchmarks/results/`.")
     return "\n".join(out)
 
@@ -278,8 +293,12 @@ def render_bench_family(root: Path, fam: str) -> str:
                    f"{_f(t['seconds'])} | {_f(r['seconds'])} | {r['speedup_vs_trl']}x | "
                    f"{_f(t['peak_mib'], 1)} | {_f(r['peak_mib'], 1)} | {r['peak_vs_trl']} | "
                    f"{r['fused']} |")
+    loads = sorted(float(r["load_1min"]) for r in rs if r.get("load_1min"))
+    load = (f"; 1-minute load average at the end of each case {loads[0]:.1f} to {loads[-1]:.1f}"
+            if loads else "")
     out += ["", f"{rs[0]['device']}, {rs[0]['threads']} threads, H={rs[0]['H']}, V={rs[0]['V']}; "
-            "each trainer's losses checked equal first (the `loss_value` column of the CSV)."]
+            "each trainer's losses checked equal first (the `loss_value` column of the CSV)"
+            f"{load}."]
     return "\n".join(out)
 
 
@@ -332,7 +351,8 @@ BLOCKS: dict[str, Block] = {
     "engines": Block(("tests/test_trl_engines.py",), render_engines),
     "grpo-options": Block(("tests/test_trl_family.py",), render_grpo_options),
     "headline": Block((f"{RESULTS}/bench_loss_cpu.csv", f"{RESULTS}/bench_logits_cpu.csv",
-                       f"{RESULTS}/bench_hidden_cpu.csv", f"{RESULTS}/bench_trl_step_cpu.csv"),
+                       f"{RESULTS}/bench_hidden_cpu.csv", f"{RESULTS}/bench_trl_step_cpu.csv",
+                       f"{RESULTS}/bench_family_cpu.csv"),
                       render_headline),
     "bench-loss": Block((f"{RESULTS}/bench_loss_cpu.csv",), render_bench_loss),
     "bench-logits": Block((f"{RESULTS}/bench_logits_cpu.csv",), render_bench_logits),
