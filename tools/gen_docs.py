@@ -293,9 +293,10 @@ def render_bench_family(root: Path, fam: str) -> str:
                    f"{_f(t['seconds'])} | {_f(r['seconds'])} | {r['speedup_vs_trl']}x | "
                    f"{_f(t['peak_mib'], 1)} | {_f(r['peak_mib'], 1)} | {r['peak_vs_trl']} | "
                    f"{r['fused']} |")
-    loads = sorted(float(r["load_1min"]) for r in rs if r.get("load_1min"))
-    load = (f"; 1-minute load average at the end of each case {loads[0]:.1f} to {loads[-1]:.1f}"
-            if loads else "")
+    use = sorted(float(r["cpu_seconds"]) / float(r["seconds"]) for r in rs
+                 if r.get("cpu_seconds"))
+    load = (f"; each timed step's process CPU time over its wall time {use[0]:.2f} to "
+            f"{use[-1]:.2f} (2.00: both cores throughout)" if use else "")
     out += ["", f"{rs[0]['device']}, {rs[0]['threads']} threads, H={rs[0]['H']}, V={rs[0]['V']}; "
             "each trainer's losses checked equal first (the `loss_value` column of the CSV)"
             f"{load}."]
