@@ -188,6 +188,10 @@ def merge_rows(out: Path, new_rows: list) -> list:
         old = []
     keys = {tuple(str(r[k]) for k in KEY) for r in new_rows}
     rows = [r for r in old if tuple(r[k] for k in KEY) not in keys] + new_rows
+    order = list(CASES)
+    rows.sort(key=lambda r: (str(r["dtype"]) != "fp32", int(r["B"]), int(r["T"]),
+                             order.index(r["loss"]) if r["loss"] in order else len(order),
+                             str(r["trainer"]) != "trl"))
     write_csv(out, rows, fields)
     return rows
 
