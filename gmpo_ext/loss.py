@@ -379,8 +379,11 @@ def grpo_loss(
     all-empty batch gives 0 where verl's 0 / 0 is NaN, and everything
     accumulates in fp32 (fp64 for fp64 inputs) where verl computes in the
     inputs' dtype. TRL's options (beta, delta, the off-policy mask, token_mask,
-    entropies, num_items_in_batch, num_rows, group, ...) are not verl's and
-    raise.
+    entropies, entropy_coef, num_items_in_batch, num_rows, group, ...) are not
+    verl's and raise, naming the argument and verl's counterpart where it has
+    one (``group``: verl's data parallelism goes through ``global_batch_info``).
+    :func:`gmpo_ext.grpo_loss_from_logits` and
+    :func:`gmpo_ext.grpo_loss_from_hidden` take the same convention and options.
     """
     if convention != "trl":
         _check_choice("convention", convention, _backend.CONVENTIONS)
