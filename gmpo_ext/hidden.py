@@ -62,6 +62,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from . import loss as _loss
 from .loss import _check_tensor, _check_number, gmpo_loss, grpo_loss
 
 __all__ = ["linear_logps", "gmpo_loss_from_hidden", "grpo_loss_from_hidden", "default_tiles"]
@@ -1315,6 +1316,10 @@ def grpo_loss_from_hidden(
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
     entropy_coef: float = 0.0,
+    convention: str = "trl",
+    loss_agg_mode: Optional[str] = None,
+    clip_ratio_c: Optional[float] = None,
+    global_batch_info=None,
 ):
     """TRL's GRPO loss family (:func:`gmpo_ext.grpo_loss`, every loss type and
     option) from hidden states, the LM head fused, for A/B runs against
@@ -1323,7 +1328,42 @@ def grpo_loss_from_hidden(
     ``token_mask`` are laid out like ``old_logps`` (packed (N,) with
     ``cu_seqlens``); with ``entropy_coef != 0`` the entropy bonus uses the
     fused head's per-token entropy, its gradient flowing into hidden, weight
-    and bias."""
+    and bias.
+
+    ``convention="verl"`` with ``loss_agg_mode``, ``clip_ratio_c`` and
+    ``global_batch_info``: verl's policy losses (``loss_type`` "vanilla",
+    "gspo", "cispo", "sapo"), exactly as :func:`gmpo_ext.grpo_loss` with
+    ``convention="verl"`` on the fused head's log-probs; ``vocab_group``
+    works with it as with TRL's convention. Packed rows (``cu_seqlens``) are
+    unpacked to (B, T_max) padded rows for the loss, which every aggregation
+    but one leaves unchanged; "seq-mean-token-sum-norm" divides by verl's
+    horizon (``mask.shape[-1]`` of padded rows), which packed rows do not
+    have: there ``global_batch_info["loss_scale_factor"]`` is required.
+    Packed advantages are one per row, (B,) or (B, 1). TRL's options
+    (``beta``, ``entropy_coef``, ``num_items_in_batch``, ``num_rows``,
+    ``group``, ...) raise, naming the argument: verl's data parallelism goes
+    through ``global_batch_info``. ``return_metrics``: verl's metrics plus
+    ``entropy``; ``return_entropy`` gives the per-token entropy with its
+    gradient, for verl's entropy bonus outside the policy loss."""
+    if convention == "verl":
+        # before the head projects anything: the options verl does not take
+        # raise, naming the argument, and packed rows need an explicit horizon
+        _loss._reject_trl_options(
+            beta=beta, ref_logps=ref_logps, importance_sampling_level=importance_sampling_level,
+            delta=delta, off_policy_mask_threshold=off_policy_mask_threshold,
+            sampling_logps=sampling_logps, use_bias_correction_kl=use_bias_correction_kl,
+            token_mask=token_mask, entropy_coef=entropy_coef,
+            max_completion_length=max_completion_length,
+            num_items_in_batch=num_items_in_batch, num_rows=num_rows, group=group)
+        _loss._check_gbi_kind(global_batch_info)
+        if (cu_seqlens is not None
+                and _loss._verl_agg_mode(loss_type, loss_agg_mode) == "seq-mean-token-sum-norm"
+                and _loss._gbi_value(global_batch_info, "loss_scale_factor") is None):
+            raise ValueError("cu_seqlens with convention='verl' and loss_agg_mode="
+                             "'seq-mean-token-sum-norm' needs global_batch_info"
+                             "['loss_scale_factor']: its default, verl's horizon "
+                             "mask.shape[-1], does not exist for packed rows (pass the padded "
+                             "width verl would use, e.g. the maximum response length)")
     return _from_hidden(
         grpo_loss, hidden, weight, completion_ids, old_logps, advantages, mask, bias,
         temperature, logit_scale, final_logit_softcapping, cu_seqlens, ref_logps, is_weights,
@@ -1339,5 +1379,7 @@ def grpo_loss_from_hidden(
              vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
              vespo_lambda_neg=vespo_lambda_neg, entropy_coef=entropy_coef,
              **({} if num_rows is None else dict(num_rows=num_rows)),
-             **({} if group is None else dict(group=group))),
+             **({} if group is None else dict(group=group)),
+             convention=convention, loss_agg_mode=loss_agg_mode, clip_ratio_c=clip_ratio_c,
+             global_batch_info=global_batch_info),
         vocab=(vocab_group, vocab_start, vocab_size))

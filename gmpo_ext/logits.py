@@ -26,6 +26,7 @@ lse, entropy = lse - sum softmax(x) * x; d/dx = G (onehot(id) - p) - Gh p
 # the schema from the annotation objects themselves and rejects strings
 # ('Tensor'), so the op signatures' annotations must be evaluated.
 
+import inspect
 import math
 import numbers
 import re
@@ -45,6 +46,8 @@ ID_DTYPES = (torch.int64, torch.int32)
 _MASK_DTYPES = tuple(_backend.DTYPE_CODES)
 INVALID_IDS = "gmpo/invalid_ids"
 ENTROPY = "entropy"
+# grpo_loss's TRL-only keywords (convention="verl" rejects them before the kernels run)
+_TRL_ONLY = frozenset(inspect.signature(_loss._reject_trl_options).parameters)
 
 # torch 2.4's AOTAutograd (torch.compile's training graphs) rejects a backward
 # that writes into a graph input which requires grad ("Found a graph input that
@@ -584,6 +587,10 @@ def grpo_loss_from_logits(
     vocab_start: int = 0,
     vocab_size: Optional[int] = None,
     return_metrics: bool = False,
+    convention: str = "trl",
+    loss_agg_mode: Optional[str] = None,
+    clip_ratio_c: Optional[float] = None,
+    global_batch_info=None,
     **loss_kwargs,
 ):
     """TRL's GRPO loss family (:func:`gmpo_ext.grpo_loss`) straight from the
@@ -602,10 +609,25 @@ def grpo_loss_from_logits(
     entropy in the same pass, and the entropy bonus's gradient flows into the
     logits through the same backward. ``return_metrics`` adds ``entropy`` and
     ``gmpo/invalid_ids`` to grpo_loss's metrics.
+
+    ``convention="verl"`` with ``loss_agg_mode``, ``clip_ratio_c`` and
+    ``global_batch_info``: verl's policy losses (``loss_type`` "vanilla",
+    "gspo", "cispo", "sapo"), exactly as :func:`gmpo_ext.grpo_loss` with
+    ``convention="verl"`` on the log-probs of these logits (padded rows,
+    verl's layout: the horizon of "seq-mean-token-sum-norm" is T).
+    ``vocab_group`` works with it as with TRL's convention. TRL's options
+    (``beta``, ``entropy_coef``, ``num_items_in_batch``, ``num_rows``,
+    ``group``, ...) raise before the logits are read, naming the argument:
+    verl's data parallelism goes through ``global_batch_info``.
+    ``return_metrics``: verl's metrics plus ``entropy`` (the mask-weighted
+    mean entropy of the counted tokens) and ``gmpo/invalid_ids``.
     """
     if "entropies" in loss_kwargs:
         raise TypeError("grpo_loss_from_logits computes the entropies from the logits; "
                         "do not pass entropies")
+    verl = convention == "verl"
+    if verl:   # before the logits are read: TRL's options raise, naming the argument
+        _loss._reject_trl_options(**{k: v for k, v in loss_kwargs.items() if k in _TRL_ONLY})
     temperature, B, T, V, vocab_start = _loss_inputs(
         logits, completion_ids, mask, temperature, vocab_group, vocab_start, vocab_size, validate)
     coef = loss_kwargs.get("entropy_coef", 0.0)
@@ -623,10 +645,17 @@ def grpo_loss_from_logits(
         msg = str(e)
         raise IndexError("completion_ids" + msg[3:] if msg.startswith("ids:") else msg) from None
     out = _loss.grpo_loss(logps, old_logps, advantages, mask,
-                          entropies=entropy if want_entropy else None,
-                          return_metrics=return_metrics, **loss_kwargs)
+                          entropies=entropy if want_entropy and not verl else None,
+                          return_metrics=return_metrics, convention=convention,
+                          loss_agg_mode=loss_agg_mode, clip_ratio_c=clip_ratio_c,
+                          global_batch_info=global_batch_info, **loss_kwargs)
     if not return_metrics:
         return out
     loss, metrics = out
+    if verl:   # grpo_loss's entropy metric comes with TRL's entropy bonus only
+        with torch.no_grad():
+            m = mask.to(torch.float32)
+            e = torch.where(m != 0, entropy.detach() * m, torch.zeros_like(m))
+            metrics[ENTROPY] = e.sum() / m.sum().clamp(min=1.0)
     metrics[INVALID_IDS] = _invalid_ids(completion_ids, mask, V).to(torch.float32)
     return loss, metrics

@@ -379,27 +379,24 @@ def grpo_loss(
     all-empty batch gives 0 where verl's 0 / 0 is NaN, and everything
     accumulates in fp32 (fp64 for fp64 inputs) where verl computes in the
     inputs' dtype. TRL's options (beta, delta, the off-policy mask, token_mask,
-    entropies, num_items_in_batch, num_rows, group, ...) are not verl's and
-    raise.
+    entropies, entropy_coef, num_items_in_batch, num_rows, group, ...) are not
+    verl's and raise, naming the argument and verl's counterpart where it has
+    one (``group``: verl's data parallelism goes through ``global_batch_info``).
+    :func:`gmpo_ext.grpo_loss_from_logits` and
+    :func:`gmpo_ext.grpo_loss_from_hidden` take the same convention and options.
     """
     if convention != "trl":
         _check_choice("convention", convention, _backend.CONVENTIONS)
-        trl_only = dict(beta=beta != 0, ref_logps=ref_logps is not None,
-                        importance_sampling_level=importance_sampling_level != "token",
-                        delta=delta is not None,
-                        off_policy_mask_threshold=off_policy_mask_threshold is not None,
-                        sampling_logps=sampling_logps is not None,
-                        use_bias_correction_kl=use_bias_correction_kl is not False,
-                        token_mask=token_mask is not None, entropies=entropies is not None,
-                        entropy_coef=entropy_coef != 0,
-                        max_completion_length=max_completion_length is not None,
-                        num_items_in_batch=num_items_in_batch is not None,
-                        num_rows=num_rows is not None, group=group is not None)
-        for name, given in trl_only.items():
-            if given:
-                raise ValueError(f"{name} is an option of convention='trl' (TRL's GRPO "
-                                 "family); verl's policy losses (convention='verl') do not "
-                                 "take it")
+        _reject_trl_options(beta=beta, ref_logps=ref_logps,
+                            importance_sampling_level=importance_sampling_level, delta=delta,
+                            off_policy_mask_threshold=off_policy_mask_threshold,
+                            sampling_logps=sampling_logps,
+                            use_bias_correction_kl=use_bias_correction_kl,
+                            token_mask=token_mask, entropies=entropies,
+                            entropy_coef=entropy_coef,
+                            max_completion_length=max_completion_length,
+                            num_items_in_batch=num_items_in_batch, num_rows=num_rows,
+                            group=group)
         return _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low,
                                epsilon_high, is_weights, loss_agg_mode, clip_ratio_c,
                                global_batch_info, sapo_temperature_pos, sapo_temperature_neg,
@@ -563,6 +560,75 @@ VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-tok
 _VERL_GBI_KEYS = ("dp_size", "batch_num_tokens", "global_batch_size", "loss_scale_factor")
 
 
+# the TRL-only options of grpo_loss, and what verl has in their place (the
+# error names the argument and, where verl has one, its counterpart)
+_VERL_INSTEAD = {
+    "group": "group= splits each row's tokens over ranks, which verl's losses do not do "
+             "(verl gathers a row's log-probs before its policy loss); verl's data "
+             "parallelism goes through global_batch_info (dp_size, batch_num_tokens, "
+             "global_batch_size), the supported route: each rank passes its own rows and "
+             "the global counts",
+    "num_rows": "the whole batch's row count is global_batch_info['global_batch_size'] "
+                "(the seq-mean loss_agg_modes)",
+    "num_items_in_batch": "the whole batch's token count is "
+                          "global_batch_info['batch_num_tokens'] (loss_agg_mode='token-mean')",
+    "max_completion_length": "a fixed length divisor is global_batch_info['loss_scale_factor'] "
+                             "with loss_agg_mode='seq-mean-token-sum-norm'",
+    "entropy_coef": "verl adds its entropy bonus outside the policy loss",
+    "entropies": "verl adds its entropy bonus outside the policy loss",
+}
+
+
+def _reject_trl_options(beta=0.0, ref_logps=None, importance_sampling_level="token", delta=None,
+                        off_policy_mask_threshold=None, sampling_logps=None,
+                        use_bias_correction_kl=False, token_mask=None, entropies=None,
+                        entropy_coef=0.0, max_completion_length=None, num_items_in_batch=None,
+                        num_rows=None, group=None):
+    """convention="verl": raise, naming the first of grpo_loss's TRL-only
+    options that is set (the defaults are grpo_loss's)."""
+    given = dict(beta=beta != 0, ref_logps=ref_logps is not None,
+                 importance_sampling_level=importance_sampling_level != "token",
+                 delta=delta is not None,
+                 off_policy_mask_threshold=off_policy_mask_threshold is not None,
+                 sampling_logps=sampling_logps is not None,
+                 use_bias_correction_kl=use_bias_correction_kl is not False,
+                 token_mask=token_mask is not None,
+                 # entropy_coef before entropies: the loss-from-logits / -hidden
+                 # functions pass entropies themselves when entropy_coef is set
+                 entropy_coef=entropy_coef != 0, entropies=entropies is not None,
+                 max_completion_length=max_completion_length is not None,
+                 num_items_in_batch=num_items_in_batch is not None,
+                 num_rows=num_rows is not None, group=group is not None)
+    for name, is_set in given.items():
+        if is_set:
+            hint = _VERL_INSTEAD.get(name)
+            raise ValueError(f"{name} is an option of convention='trl' (TRL's GRPO family); "
+                             "verl's policy losses (convention='verl') do not take it"
+                             + (f": {hint}" if hint else ""))
+
+
+def _verl_agg_mode(loss_type, loss_agg_mode):
+    """The loss_agg_mode verl's ``loss_type`` aggregates with: sapo always
+    seq-mean-token-mean (verl's sapo ignores it); None: the defaults of verl's
+    functions (gspo seq-mean-token-mean, the others token-mean)."""
+    _check_choice("loss_type", loss_type, VERL_LOSS_TYPES)
+    if loss_agg_mode is not None:
+        _check_choice("loss_agg_mode", loss_agg_mode, VERL_AGG_MODES)
+    if loss_type == "sapo":
+        return "seq-mean-token-mean"
+    if loss_agg_mode is None:
+        return "seq-mean-token-mean" if loss_type == "gspo" else "token-mean"
+    return loss_agg_mode
+
+
+def _check_gbi_kind(global_batch_info):
+    if global_batch_info is not None and not isinstance(global_batch_info, dict) \
+            and not hasattr(global_batch_info, "get") \
+            and not any(hasattr(global_batch_info, k) for k in _VERL_GBI_KEYS):
+        raise TypeError("global_batch_info must be a dict (or DictConfig, or an object) with "
+                        f"{', '.join(_VERL_GBI_KEYS)}; got {type(global_batch_info).__name__}")
+
+
 def _gbi_value(info, key):
     if info is None:
         return None
@@ -590,19 +656,11 @@ def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, 
                     is_weights, loss_agg_mode, clip_ratio_c, global_batch_info, tau_pos,
                     tau_neg, normalizer, return_metrics):
     """grpo_loss(convention="verl"): verl's vanilla, gspo, cispo, sapo (see grpo_loss)."""
-    _check_choice("loss_type", loss_type, VERL_LOSS_TYPES)
+    mode = _verl_agg_mode(loss_type, loss_agg_mode)
     el, eh = _epsilons(epsilon_low, epsilon_high)
     if el > 1:
         raise ValueError(f"epsilon_low must be <= 1 (ratio space), got {el}")
     _check_number("normalizer", normalizer, allow_zero=False, min_value=0.0)
-    if loss_agg_mode is not None:
-        _check_choice("loss_agg_mode", loss_agg_mode, VERL_AGG_MODES)
-    if loss_type == "sapo":
-        mode = "seq-mean-token-mean"   # verl's sapo ignores loss_agg_mode
-    elif loss_agg_mode is None:        # the defaults of verl's functions
-        mode = "seq-mean-token-mean" if loss_type == "gspo" else "token-mean"
-    else:
-        mode = loss_agg_mode
     cc = 0.0
     if loss_type == "vanilla":
         cc = 3.0 if clip_ratio_c is None else clip_ratio_c
@@ -616,11 +674,7 @@ def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, 
     if loss_type == "sapo":
         for name, x in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
             _check_number(name, x, allow_zero=False, min_value=0.0)
-    if global_batch_info is not None and not isinstance(global_batch_info, dict) \
-            and not hasattr(global_batch_info, "get") \
-            and not any(hasattr(global_batch_info, k) for k in _VERL_GBI_KEYS):
-        raise TypeError("global_batch_info must be a dict (or DictConfig, or an object) with "
-                        f"{', '.join(_VERL_GBI_KEYS)}; got {type(global_batch_info).__name__}")
+    _check_gbi_kind(global_batch_info)
     dp = _gbi_value(global_batch_info, "dp_size")
     _check_inputs(logps, old_logps, advantages, mask, None, is_weights, 0.0)
     # verl's agg_loss on the kernel's three aggregations (csrc/gmpo_math.h,

@@ -10,6 +10,8 @@ Scenarios (B rows, T tokens, V vocabulary):
             and row importance weights, token advantages; fp32 and fp64; GRPO
   vocab     logits (B, T+1, V/P) sharded on the vocabulary: selective_logps
             (logp, entropy, gradient) and gmpo_loss_from_logits
+  verl      convention="verl" (verl's vanilla, gspo, cispo, sapo) from
+            vocabulary-sharded logits and head (tests/test_verl_paths.py)
   both      (4 ranks) 2 sequence x 2 vocabulary ranks, gmpo_loss_from_logits
   dp        data parallel with unequal micro-batches and accumulation steps:
             num_rows makes the summed losses and gradients the whole batch's
@@ -509,6 +511,58 @@ def head_split(rank, world, group):
             raise AssertionError("head: an invalid id's logp is not NaN alone")
 
 
+def verl_split(rank, world, group):
+    """verl's policy losses (convention="verl") from vocabulary-sharded logits
+    and from the vocabulary-sharded head: the loss, metrics and gradients of
+    the single process, on every rank."""
+    import gmpo_ext
+
+    gbi = {"dp_size": 2, "global_batch_size": 5, "loss_scale_factor": 11}
+    cases = (("vanilla", "seq-mean-token-sum-norm"), ("cispo", "token-mean"),
+             ("gspo", "seq-mean-token-mean"), ("sapo", None))
+    B, T, V = 4, 9, 40
+    logits, ids, mask, old, adv, _ = _logits_batch(310, B, T, V)
+    adv = adv.abs() + 0.5   # one sign: no cancellation below fp32's resolution (head_split)
+    lo, hi = V * rank // world, V * (rank + 1) // world
+    shard = logits[:, :, lo:hi].contiguous()
+    for loss_type, agg in cases:
+        def f(x, **kw):
+            return gmpo_ext.grpo_loss_from_logits(
+                x, ids, old, adv, mask, temperature=0.7, convention="verl",
+                loss_type=loss_type, loss_agg_mode=agg, global_batch_info=gbi,
+                epsilon_low=0.2, epsilon_high=0.28, return_metrics=True, **kw)
+
+        ref_loss, ref_m, ref_g = _grad_of(f, logits)
+        loss, m, g = _grad_of(f, shard, vocab_group=group, vocab_start=lo)
+        _close(f"verl logits {loss_type} loss", loss, ref_loss)
+        _metrics_close(f"verl logits {loss_type}", m, ref_m, 2e-6)
+        _close(f"verl logits {loss_type} grad", g, ref_g[:, :, lo:hi], floor=1.0)
+
+    B, T, H, V = 4, 13, 16, 75           # unequal shards with vocab_size
+    lo, hi = V * rank // world, V * (rank + 1) // world
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        d = _head_batch(610, B, T, H, V, dtype)
+        adv = d["adv"].abs() + 0.5 if dtype == torch.float32 else d["adv"]
+        for loss_type, agg in cases:
+            def fh(h, w, b, **kw):
+                return gmpo_ext.grpo_loss_from_hidden(
+                    h, w, d["ids"], d["old"], adv, d["mask"], bias=b, temperature=0.9,
+                    convention="verl", loss_type=loss_type, loss_agg_mode=agg,
+                    global_batch_info=gbi, is_weights=d["isw"], return_metrics=True,
+                    tile_tokens=16, **kw)
+
+            ref = _head_grads(fh, d["hidden"], d["weight"], d["bias"])
+            got = _head_grads(lambda h, w, b: fh(h, w, b, vocab_group=group, vocab_start=lo,
+                                                 vocab_size=V),
+                              d["hidden"], d["weight"][lo:hi], d["bias"][lo:hi])
+            name = f"verl head {dtype} {loss_type}"
+            _close(f"{name} loss", got[0], ref[0], 1e-6 if dtype == torch.float32 else tol)
+            _metrics_close(name, got[1], ref[1], 2e-6 if dtype == torch.float32 else tol)
+            _close(f"{name} grad hidden", got[2], ref[2], tol, floor=1.0)
+            _close(f"{name} grad weight", got[3], ref[3][lo:hi], tol, floor=1.0)
+            _close(f"{name} grad bias", got[4], ref[4][lo:hi], tol, floor=1.0)
+
+
 def _all_raise(what, fn, match):
     """fn() must raise ValueError naming ``match`` (on every rank: the caller
     runs it on each; a rank that did not raise would leave the others in a
@@ -713,6 +767,8 @@ def run(rank, world, port, backend_name, scenarios):
                 head_agree(rank, world, world_group)
             elif s == "dp":
                 data_parallel(rank, world, world_group)
+            elif s == "verl":
+                verl_split(rank, world, world_group)
             elif s == "both":
                 # rank = 2 * seq_rank + vocab_rank: sequence groups {0, 2} and
                 # {1, 3} (same vocabulary shard), vocabulary groups {0, 1}, {2, 3}

@@ -313,9 +313,9 @@ def render_bench_distributed(root: Path, dist: str) -> str:
             "call.")
 
 
-API_FUNCTIONS = ("gmpo_loss", "grpo_loss", "gmpo_loss_from_logits", "selective_logps",
-                 "gmpo_loss_from_hidden", "grpo_loss_from_hidden", "linear_logps", "GMPOLoss",
-                 "GRPOLoss")
+API_FUNCTIONS = ("gmpo_loss", "grpo_loss", "gmpo_loss_from_logits", "grpo_loss_from_logits",
+                 "selective_logps", "gmpo_loss_from_hidden", "grpo_loss_from_hidden",
+                 "linear_logps", "GMPOLoss", "GRPOLoss")
 
 
 def render_api_signatures(root: Path, *sources: str) -> str:
@@ -334,7 +334,13 @@ def render_api_signatures(root: Path, *sources: str) -> str:
             if p.kind is p.KEYWORD_ONLY and not star:
                 parts.append("*")
                 star = True
-            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+            if p.kind is p.VAR_KEYWORD:
+                parts.append(f"**{p.name}")
+            elif p.kind is p.VAR_POSITIONAL:
+                parts.append(f"*{p.name}")
+                star = True
+            else:
+                parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
         out.append(f"| `{name}` | `{', '.join(parts)}` |")
     return "\n".join(out)
 
