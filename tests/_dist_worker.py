@@ -519,7 +519,7 @@ def verl_split(rank, world, group):
 
     gbi = {"dp_size": 2, "global_batch_size": 5, "loss_scale_factor": 11}
     cases = (("vanilla", "seq-mean-token-sum-norm"), ("cispo", "token-mean"),
-             ("gspo", "seq-mean-token-mean"), ("sapo", None))
+             ("gspo", "seq-mean-token-mean"), ("gspo", "token-sum"), ("sapo", None))
     B, T, V = 4, 9, 40
     logits, ids, mask, old, adv, _ = _logits_batch(310, B, T, V)
     adv = adv.abs() + 0.5   # one sign: no cancellation below fp32's resolution (head_split)

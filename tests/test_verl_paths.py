@@ -65,9 +65,9 @@ GBI = {"dp_size": 2, "batch_num_tokens": 41, "global_batch_size": 9, "loss_scale
 TEMPERATURE = 0.7
 EPS = dict(epsilon_low=0.2, epsilon_high=0.28)
 
-# (loss_type, loss_agg_mode, options): vanilla with all five aggregations;
-# gspo with seq-mean-token-mean only (see GSPO_AFTER_REBUILD); sapo ignores
-# loss_agg_mode, as verl's does
+# (loss_type, loss_agg_mode, options): vanilla and gspo with all five
+# aggregations (verl 0.9.1's gspo honours loss_agg_mode); sapo ignores it, as
+# verl's does
 CASES = [
     ("vanilla", "token-mean", dict()),
     ("vanilla", "token-sum", dict(isw=True)),
@@ -79,21 +79,14 @@ CASES = [
     ("cispo", "seq-mean-token-sum-norm", dict(gbi=True)),
     ("gspo", "seq-mean-token-mean", dict(isw=True, gbi=True)),
     ("gspo", None, dict()),   # verl's default for gspo: seq-mean-token-mean
-    ("sapo", None, dict(isw=True, sapo_temperature_pos=0.8, sapo_temperature_neg=1.3)),
-    ("sapo", "token-sum", dict(gbi=True)),   # ignored: seq-mean-token-mean
-]
-CASE_IDS = [f"{lt}-{agg or 'default'}" for lt, agg, _ in CASES]
-
-# gspo with every other loss_agg_mode (verl 0.9.1's gspo honours it) needs the
-# kernel fix of fc3ffa0, which the prebuilt _C.abi3.so of this checkout
-# predates; add these to CASES once the extension is rebuilt
-GSPO_AFTER_REBUILD = [
     ("gspo", "token-mean", dict(isw=True)),
     ("gspo", "token-sum", dict(gbi=True)),
     ("gspo", "seq-mean-token-sum", dict(isw=True, gbi=True)),
     ("gspo", "seq-mean-token-sum-norm", dict()),
+    ("sapo", None, dict(isw=True, sapo_temperature_pos=0.8, sapo_temperature_neg=1.3)),
+    ("sapo", "token-sum", dict(gbi=True)),   # ignored: seq-mean-token-mean
 ]
-
+CASE_IDS = [f"{lt}-{agg or 'default'}" for lt, agg, _ in CASES]
 
 # ----------------------------------------------------------------------------
 # inputs
@@ -343,7 +336,8 @@ def _pack(d):
 
 @pytest.mark.parametrize("loss_type,agg", [
     ("vanilla", "token-mean"), ("vanilla", "token-sum"), ("cispo", "seq-mean-token-sum"),
-    ("gspo", "seq-mean-token-mean"), ("sapo", None), ("vanilla", "seq-mean-token-sum-norm")])
+    ("gspo", "seq-mean-token-mean"), ("sapo", None), ("vanilla", "seq-mean-token-sum-norm"),
+    ("gspo", "seq-mean-token-sum-norm")])
 def test_packed_equals_padded(loss_type, agg):
     """Packed (N, H) rows with cu_seqlens give the padded layout's loss, metrics
     and gradients (fp64): unpacked to (B, T_max) rows, which leave every
@@ -484,7 +478,7 @@ def test_trl_convention_unchanged():
 @needs_verl
 @pytest.mark.parametrize("loss_type,agg", [
     ("vanilla", "token-mean"), ("vanilla", "seq-mean-token-sum-norm"),
-    ("cispo", "seq-mean-token-sum"), ("gspo", "seq-mean-token-mean"),
+    ("cispo", "seq-mean-token-sum"), ("gspo", "seq-mean-token-mean"), ("gspo", "token-mean"),
     ("sapo", "seq-mean-token-mean")])
 def test_from_hidden_against_verl(loss_type, agg):
     """grpo_loss_from_hidden(convention="verl") against verl's own registered
