@@ -420,7 +420,8 @@ def test_opcheck_verl_family(mode):
     # the op's loss is grpo_loss's (normalizer 0.5: dp_size 2)
     want = gmpo_ext.grpo_loss(lp, old, adv, mask, convention="verl", loss_type=mode,
                               epsilon_low=0.2, epsilon_high=0.28, is_weights=isw,
-                              loss_agg_mode="seq-mean-token-sum", global_batch_info={"dp_size": 2})
+                              loss_agg_mode="seq-mean-token-mean" if mode == "gspo"
+                              else "seq-mean-token-sum", global_batch_info={"dp_size": 2})
     assert float(loss.detach()) == float(want.detach())
 
 

@@ -184,7 +184,8 @@ def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str,
          "; ".join(f"B x T = {r['B']} x {r['T']}: {_f(r['speedup_vs_trl'])}x" for r in st_ours),
          "; ".join(f"{_mib(r['peak_mib'])}; TRL's {_mib(st_trl[(r['B'], r['T'])]['peak_mib'])}"
                    for r in st_ours)],
-        [f"the GRPO family's trainer step ({len({r['loss'] for r in fam})} loss types with GSPO, "
+        [f"the GRPO family's trainer step ({len({r['loss'] for r in fam} - {'gspo'})} loss types "
+         f"and GSPO, "
          f"B x T = {', '.join(fam_shapes)}, "
          f"{' and '.join(sorted({r['dtype'] for r in fam}, reverse=True))})",
          "TRL's `GRPOTrainer`, same loss type",
