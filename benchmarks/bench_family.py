@@ -116,6 +116,7 @@ def main(argv=None):
                 loss_type, level = CASES[name]
                 model = build(args.hidden, args.vocab, args.layers).to(device)
                 inputs = batch(model, args.vocab, B, args.prompt, T)
+                inputs["old_per_token_logps"] = near_policy_logps(model, inputs)
                 inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 trainers = {
@@ -127,7 +128,7 @@ def main(argv=None):
                 for p in model.parameters():   # both trainers' steps find them allocated
                     if p.requires_grad and p.grad is None:
                         p.grad = torch.zeros_like(p)
-                losses, peaks = {}, {}
+                losses, peaks, grads = {}, {}, {}
                 for k, t in trainers.items():   # warm-up: parity and peak memory
                     if device.type == "cuda":
                         peaks[k] = cuda_peak_beyond(t, model, inputs, device)
@@ -135,11 +136,18 @@ def main(argv=None):
                     else:
                         peaks[k], loss = cpu_alloc_peak(lambda: step(t, model, inputs))
                         losses[k] = float(loss)
+                    grads[k] = {n: p.grad.detach().double().clone() for n, p in
+                                model.named_parameters() if n in CHECKED_GRADS}
                 fused = trainers["ours"].fused_lm_head and \
                     not trainers["ours"]._gmpo_fallback_warned
                 rel = abs(losses["ours"] - losses["trl"]) / max(abs(losses["trl"]), 1e-12)
                 assert rel < (2e-2 if bf16 else 1e-4), \
                     f"{name} {dtype}: loss {losses['ours']} differs from TRL's {losses['trl']}"
+                grad_err = max(float((grads["ours"][n] - g).norm() / g.norm().clamp(min=1e-30))
+                               for n, g in grads["trl"].items())
+                assert grad_err < (5e-2 if bf16 else 1e-3), \
+                    f"{name} {dtype}: gradients differ from TRL's by {grad_err:.3g} (relative)"
+                del grads
                 times = {k: [] for k in trainers}
                 cpu = {k: [] for k in trainers}
                 for _ in range(args.repeats):
@@ -161,7 +169,8 @@ def main(argv=None):
                                      peak_mib=f"{peaks[k] / MiB:.1f}",
                                      speedup_vs_trl=f"{med['trl'] / med[k]:.2f}",
                                      peak_vs_trl=f"{peaks[k] / max(peaks['trl'], 1):.3f}",
-                                     loss_value=f"{losses[k]:.6g}", threads=threads,
+                                     loss_value=f"{losses[k]:.6g}",
+                                     grad_rel_err=f"{grad_err:.2e}", threads=threads,
                                      device=dev_name, repeats=args.repeats,
                                      cpu_seconds=f"{statistics.median(cpu[k]):.4f}",
                                      load_1min=f"{load:.2f}"))
@@ -176,6 +185,29 @@ def main(argv=None):
 
 
 KEY = ("loss", "dtype", "B", "T", "H", "V", "trainer")
+# the parameters whose gradients the warm-up compares (the head's and one
+# attention projection's, upstream of the head's backward)
+CHECKED_GRADS = ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight")
+
+
+@torch.no_grad()
+def near_policy_logps(model, inputs, noise=0.1, seed=2):
+    """Old log-probs as a training step sees them: the model's own log-probs
+    of the completion tokens plus N(0, noise^2), so the ratios sit around 1
+    (inside and outside the clip range) and every loss type's value and
+    gradient depend on the log-probs the step computes (random old log-probs
+    far from the model's clip every ratio, and a loss of constants compares
+    nothing)."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    T = inputs["completion_ids"].shape[1]
+    hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -T - 1:-1]
+    out = torch.empty(hidden.shape[:2], dtype=torch.float32)
+    for b in range(hidden.shape[0]):   # one row's logits at a time
+        lp = torch.log_softmax(model.lm_head(hidden[b]).float(), -1)
+        out[b] = lp.gather(-1, inputs["completion_ids"][b, :, None])[:, 0]
+    g = torch.Generator().manual_seed(seed)
+    return out + noise * torch.randn(out.shape, generator=g)
 
 
 def merge_rows(out: Path, new_rows: list) -> list:
