@@ -687,18 +687,29 @@ def _grpo_loss_verl(logps, old_logps, advantages, mask, loss_type, epsilon_low, 
             "token-sum": _backend.VERL_AGG_MODES["token-mean"],
             "seq-mean-token-mean": _backend.VERL_AGG_MODES["seq-mean-token-mean"]}.get(
                 mode, _backend.VERL_AGG_MODES["seq-mean-token-sum"])
+    key = None
     if mode == "token-mean":
-        denom = _gbi_value(global_batch_info, "batch_num_tokens") or 0.0
-    elif mode == "token-sum":
-        denom = 1.0
-    else:
-        denom = _gbi_value(global_batch_info, "global_batch_size") or 0.0
+        key = "batch_num_tokens"
+    elif mode != "token-sum":
+        key = "global_batch_size"
+    denom = 1.0 if key is None else (_gbi_value(global_batch_info, key) or 0.0)
+    if key is not None and denom == 0.0 and dp is not None and dp > 1:
+        # verl's agg_loss refuses too: the local count would scale the loss wrongly
+        raise ValueError(f"global_batch_info[{key!r}] (the global count) is required with "
+                         f"dp_size > 1 and loss_agg_mode={mode!r}, as in verl's agg_loss")
     norm = float(normalizer)
     if dp is not None:
         norm = norm / dp      # verl multiplies every mode by dp_size
     if mode == "seq-mean-token-sum-norm":
         lsf = _gbi_value(global_batch_info, "loss_scale_factor")
-        norm = norm * (lsf if lsf is not None else float(mask.shape[-1]))
+        if lsf is None:
+            if mask.shape[-1] == 0:
+                raise ValueError("loss_agg_mode='seq-mean-token-sum-norm' divides by "
+                                 "global_batch_info['loss_scale_factor'], by default the "
+                                 "horizon mask.shape[-1], which is 0 here: pass "
+                                 "loss_scale_factor")
+            lsf = float(mask.shape[-1])
+        norm = norm * lsf
     _warn_constant_grads(old_logps=old_logps, advantages=advantages, is_weights=is_weights)
     lt = 0 if loss_type in ("vanilla", "gspo") else _backend.FAMILY_LOSS_TYPES[loss_type]
     fopts = (int(loss_type == "gspo"), 0, 0, 0, 0.0, 0.0, float(tau_pos), float(tau_neg),

@@ -517,7 +517,7 @@ def verl_split(rank, world, group):
     the single process, on every rank."""
     import gmpo_ext
 
-    gbi = {"dp_size": 2, "global_batch_size": 5, "loss_scale_factor": 11}
+    gbi = {"dp_size": 2, "global_batch_size": 5, "loss_scale_factor": 11, "batch_num_tokens": 23}
     cases = (("vanilla", "seq-mean-token-sum-norm"), ("cispo", "token-mean"),
              ("gspo", "seq-mean-token-mean"), ("gspo", "token-sum"), ("sapo", None))
     B, T, V = 4, 9, 40

@@ -421,7 +421,9 @@ def test_opcheck_verl_family(mode):
     want = gmpo_ext.grpo_loss(lp, old, adv, mask, convention="verl", loss_type=mode,
                               epsilon_low=0.2, epsilon_high=0.28, is_weights=isw,
                               loss_agg_mode="seq-mean-token-mean" if mode == "gspo"
-                              else "seq-mean-token-sum", global_batch_info={"dp_size": 2})
+                              else "seq-mean-token-sum",
+                              global_batch_info={"dp_size": 2,
+                                                 "global_batch_size": int((mask.sum(-1) > 0).sum())})
     assert float(loss.detach()) == float(want.detach())
 
 
@@ -494,3 +496,35 @@ def test_agg_modes_token_sum_and_sum_norm():
     assert abs(sn2 - ss2 / 50) <= 1e-12 * abs(sn2)
     with pytest.raises(ValueError, match="loss_agg_mode"):
         gmpo_ext.grpo_loss(lp, old, adv, mask, loss_agg_mode="token_mean", **kw)
+
+
+@pytest.mark.parametrize("agg,key", [("token-mean", "batch_num_tokens"),
+                                     ("seq-mean-token-sum", "global_batch_size"),
+                                     ("seq-mean-token-mean", "global_batch_size"),
+                                     ("seq-mean-token-sum-norm", "global_batch_size")])
+def test_dp_size_needs_the_global_count(agg, key):
+    """dp_size > 1 without the mode's global count raises, as verl's agg_loss
+    (the micro-batch's own count would scale the loss wrongly); token-sum and
+    dp_size 1 need none."""
+    old, lp, adv, mask, _ = make_inputs(9)
+    kw = dict(convention="verl", loss_type="vanilla", loss_agg_mode=agg)
+    with pytest.raises(ValueError, match=f"global_batch_info\\['{key}'\\].*dp_size > 1"):
+        gmpo_ext.grpo_loss(lp, old, adv, mask, global_batch_info={"dp_size": 2}, **kw)
+    with pytest.raises(ValueError, match=key):
+        gverl.compute_policy_loss_vanilla_fused(
+            old, lp, adv, mask, agg, SimpleNamespace(**{**vars(config(False)),
+                                                        "global_batch_info": {"dp_size": 4}}))
+    gmpo_ext.grpo_loss(lp, old, adv, mask, global_batch_info={"dp_size": 2, key: 30}, **kw)
+    gmpo_ext.grpo_loss(lp, old, adv, mask, global_batch_info={"dp_size": 1}, **kw)
+    gmpo_ext.grpo_loss(lp, old, adv, mask, convention="verl", loss_type="vanilla",
+                       loss_agg_mode="token-sum", global_batch_info={"dp_size": 2})
+
+
+def test_sum_norm_without_a_horizon_names_loss_scale_factor():
+    z = torch.zeros(3, 0, dtype=torch.float64)
+    kw = dict(convention="verl", loss_type="vanilla", loss_agg_mode="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        gmpo_ext.grpo_loss(z, z, torch.ones(3, dtype=torch.float64), z, **kw)
+    loss = gmpo_ext.grpo_loss(z, z, torch.ones(3, dtype=torch.float64), z,
+                              global_batch_info={"loss_scale_factor": 8}, **kw)
+    assert float(loss) == 0.0

@@ -298,9 +298,19 @@ def render_bench_family(root: Path, fam: str) -> str:
                  if r.get("cpu_seconds"))
     load = (f"; each timed step's process CPU time over its wall time {use[0]:.2f} to "
             f"{use[-1]:.2f} (2.00: both cores throughout)" if use else "")
+    trl_s = {}
+    for r in rs:
+        if r["trainer"] == "trl":
+            trl_s.setdefault(r["dtype"], []).append(float(r["seconds"]))
+    spread = "; TRL's steps " + ", ".join(f"{min(v):.1f} to {max(v):.1f} s in {d}"
+                                         for d, v in trl_s.items())
+    gerr = [float(r["grad_rel_err"]) for r in rs if r.get("grad_rel_err")]
+    checked = ("each case's loss and gradients checked against TRL's first (columns "
+               "`loss_value`, `grad_rel_err` of the CSV: largest relative gradient difference "
+               f"{max(gerr):.1e})" if gerr else
+               "each trainer's losses checked equal first (the `loss_value` column of the CSV)")
     out += ["", f"{rs[0]['device']}, {rs[0]['threads']} threads, H={rs[0]['H']}, V={rs[0]['V']}; "
-            "each trainer's losses checked equal first (the `loss_value` column of the CSV)"
-            f"{load}."]
+            f"{checked}{load}{spread}."]
     return "\n".join(out)
 
 
