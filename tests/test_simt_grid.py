@@ -11,7 +11,7 @@ bits as the default build's (no kernel reduces across blocks, so the grid
 never changes a value) and match the C core / a float64 reference.
 
 Every kernel and dtype: loss forward + backward (fp32, bf16, fp16, fp64; GMPO
-and GRPO), logits forward + backward (fp32, bf16, fp16; entropy on and off;
+and GRPO; the GRPO family's backward in fp32, bf16, fp64), logits forward + backward (fp32, bf16, fp16; entropy on and off;
 T + 1 positions with the ignored last one; masked tokens), the LM-head tile
 kernels' fold and grad (fp32, bf16, fp16; strided tiles through the module's
 entry points; in the driver: ids at every tile boundary and outside [0, V),
@@ -39,7 +39,8 @@ if shutil.which(os.environ.get("SIMT_CXX", "g++")) is None:
     pytest.skip("no C++ compiler for the SIMT emulation", allow_module_level=True)
 
 import simt_backend  # noqa: E402
-from test_simt_kernels import GMPO, GRPO, _Counting, assert_matches_c, run  # noqa: E402
+from test_simt_kernels import (FAMILY, GMPO, GRPO, _Counting, assert_matches_c, family_extras,  # noqa: E402
+                               family_options, run)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,36 @@ def test_loss_tiny_grid(default_mod, tiny_mod, algo, dtype, B, T):
     for a, b, what in zip(got, want, ("loss", "metrics", "rows", "grad")):
         assert_same_bits(a, b, what)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_matches_c(got, run(None, case, **opts), case, tol)
+
+
+# (dtype, B, T, loss_type, level): B >= 3 rows, so that grid.x's size is not grid.y's
+FAMILY_CASES = [
+    (torch.float32, 5, 2900, "grpo", 0),
+    (torch.bfloat16, 4, 2300, "sapo", 1),
+    (torch.float64, 4, 1700, "cispo", 0),
+]
+
+
+@pytest.mark.parametrize("dtype,B,T,loss_type,level", FAMILY_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_family_tiny_grid(default_mod, tiny_mod, dtype, B, T, loss_type, level):
+    """The GRPO family's backward (gmpo_fam_bwd_kernel) loops over its token
+    chunks on grid.y like gmpo_bwd_kernel: on the tiny grid, 3+ chunks on 2
+    blocks; every option on, per-token importance weights, token_mask and
+    sampling_logps."""
+    case = make_case(B, T, dtype=dtype, seed=T + B + 1, ref=True, is_weights="BT",
+                     mask_kind="int", spread=0.4)
+    slp, tm = family_extras(case, T)
+    fam = dict(sampling_logps=slp, token_mask=tm, family=family_options(level))
+    opts = dict(algo=FAMILY, loss_type=loss_type, eps_low=0.2,
+                eps_high=2.0 if loss_type == "cispo" else 0.28, beta=0.04, normalizer=2.0,
+                family=fam)
+    got = run(tiny_mod, case, **opts)
+    want = run(default_mod, case, **opts)
+    for a, b, what in zip(got, want, ("loss", "metrics", "rows", "grad")):
+        assert_same_bits(a, b, what)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert_matches_c(got, run(None, case, **opts), case, tol)
 
 
@@ -334,8 +365,8 @@ def test_asan_tiles_run_clean():
 
 
 def test_row_offsets_past_2_32():
-    # the loss, logits and tile kernels with element offsets past 2^32 (inputs
-    # and outputs) on reserved, mostly untouched mappings
+    # the loss (GMPO's and the GRPO family's), logits and tile kernels with element
+    # offsets past 2^32 (inputs and outputs) on reserved, mostly untouched mappings
     proc = run_kernel_driver(build_kernel_driver(max_grid=None), None, "offset")
     if proc.returncode == 77:
         pytest.skip(f"no room to reserve the mappings: {proc.stdout.strip()}")

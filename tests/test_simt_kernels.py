@@ -5,7 +5,9 @@ check: the emulated kernels against the C core directly, rows included (fp32
 within 1e-5 relative); the same bits on every run, however the blocks are spread
 over the emulation's worker threads; more rows than a grid's y dimension
 allows (65 535); a row longer than a block; misaligned and strided views that
-take the scalar loads; and a standalone driver (tests/gmpo_simt_driver.c) built
+take the scalar loads (the GRPO family's too, its sampling_logps and
+token_mask laid out unlike logps and the mask); the family with per-token
+advantages; and a standalone driver (tests/gmpo_simt_driver.c) built
 with ASan+UBSan and with TSan, which must run clean and which catches a bug
 planted in a copy of the kernels.
 """
@@ -73,7 +75,7 @@ def run(mod, case, algo=GMPO, convention="trl", loss_type="grpo", eps_low=None, 
     kw = dict(logps=case.logps, old_logps=case.old_logps, advantages=case.advantages,
               mask=case.mask, ref_logps=case.ref_logps if beta else None,
               is_weights=case.is_weights, algo=algo, convention=CONV[convention],
-              loss_type=LOSS_TYPES[loss_type], eps_low=eps_low, eps_high=eps_high, beta=beta,
+              loss_type=(FAMILY_TYPES if algo == FAMILY else LOSS_TYPES)[loss_type], eps_low=eps_low, eps_high=eps_high, beta=beta,
               log_ratio_clamp=log_ratio_clamp, normalizer=normalizer, denom=denom)
     if family is not None:
         kw.update(family)
@@ -195,16 +197,48 @@ def test_family_matches_c_core(simt, B, T, dtype, loss_type, level, mask_kind, i
                family=[float(level), 1.0, 1.0, 1.0, 1.4, 0.02, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0])
     kw = dict(algo=FAMILY, loss_type=loss_type, eps_low=0.2,
               eps_high=2.0 if loss_type == "cispo" else 0.28, beta=beta, normalizer=2.0)
-    lt = dict(LOSS_TYPES)
-    LOSS_TYPES.update(FAMILY_TYPES)
-    try:
-        want = run(None, case, family=fam, **kw)
-        got = run(simt, case, family=fam, **kw)
-    finally:
-        LOSS_TYPES.clear()
-        LOSS_TYPES.update(lt)
+    want = run(None, case, family=fam, **kw)
+    got = run(simt, case, family=fam, **kw)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert_matches_c(got, want, case, tol=tol)
+
+
+def family_options(level=0, off_policy=True):
+    """The family's 12 options (gmpo_ext._backend.FAMILY_OPTS): every one on
+    (delta 1.4, the off-policy mask at 0.02 unless off_policy=False, the
+    bias-corrected KL), sapo's and vespo's constants."""
+    return [float(level), 1.0, 1.0 if off_policy else 0.0, 1.0, 1.4, 0.02, 1.0, 1.05, 2.0, 3.0, 3.0, 2.0]
+
+
+def family_extras(case, seed, dtype=None):
+    """sampling_logps near logps (the off-policy KL of rows 3 and 5 past the
+    threshold of family_options, the others' within it; a NaN the mask takes
+    as 0) and a token_mask 70% on, for a case of make_case."""
+    B, T = case.logps.shape
+    g = torch.Generator().manual_seed(seed)
+    off = torch.zeros(B, 1, dtype=torch.float64)
+    off[3::2] = 0.1
+    slp = case.logps.double() + off + 0.005 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    if B * T:
+        slp.view(-1)[0] = float("nan")
+    tm = torch.rand(B, T, generator=g) < 0.7
+    return slp.to(dtype or case.logps.dtype), tm
+
+
+@pytest.mark.parametrize("loss_type,dtype", [("grpo", torch.float32), ("sapo", torch.bfloat16),
+                                             ("cispo", torch.float64), ("dr_grpo", torch.float16)])
+def test_family_token_advantages(simt, loss_type, dtype):
+    """Per-token (B, T) advantages (token level, no off-policy mask: what TRL's
+    convention allows them with) and per-token importance weights: every
+    token's own A and w, never the row's (0 and 1 for per-token tensors)."""
+    case = make_case(5, 77, dtype=dtype, seed=31, adv_shape="BT", ref=True, is_weights="BT",
+                     mask_kind="float")
+    _, tm = family_extras(case, 32)
+    fam = dict(sampling_logps=None, token_mask=tm, family=family_options(0, off_policy=False))
+    kw = dict(algo=FAMILY, loss_type=loss_type, eps_low=0.2,
+              eps_high=2.0 if loss_type == "cispo" else 0.28, beta=0.04, normalizer=2.0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_matches_c(run(simt, case, family=fam, **kw), run(None, case, family=fam, **kw), case, tol)
 
 
 # ----------------------------------------------------------------------------
@@ -305,6 +339,44 @@ def test_misaligned_and_strided_views(simt, dtype, layout):
         # and the same values as the contiguous, aligned inputs take (vector loads)
         aligned = run(simt, base, algo=algo, beta=0.04)
         assert_matches_c(got, aligned, base, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["misaligned", "row_padded", "strided"])
+def test_family_misaligned_and_strided_views(simt, dtype, layout):
+    """The GRPO family's kernels on the layouts above, with its own two inputs
+    (sampling_logps, token_mask) laid out unlike logps and the mask: each
+    input's vector loads decided by its own view (stride, dtype, alignment at
+    the row's head), the gradient's vector stores by grad's alignment at the
+    head. misaligned: logps' rows start off the 16-byte grid, grad's on it;
+    row_padded: sampling_logps' rows at other alignments than logps', a float
+    token_mask; strided: token_mask transposed under a contiguous mask,
+    sampling_logps interleaved."""
+    base = make_case(6, 131, dtype=dtype, seed=9, ref=True, is_weights="BT", mask_kind="int")
+    slp, tm = family_extras(base, 10)
+    if layout == "misaligned":
+        f = _misaligned
+        case = base.with_(logps=f(base.logps), old_logps=f(base.old_logps), mask=f(base.mask),
+                          ref_logps=f(base.ref_logps), is_weights=f(base.is_weights))
+        slp_v, tm_v = f(slp), f(tm)
+    elif layout == "row_padded":
+        case = base.with_(logps=_row_padded(base.logps, 1), old_logps=_row_padded(base.old_logps, 3),
+                          mask=_row_padded(base.mask, 2), ref_logps=_row_padded(base.ref_logps, 1),
+                          is_weights=base.is_weights)
+        slp_v, tm_v = _row_padded(slp, 2), _row_padded(tm.float(), 1)
+    else:
+        case = base.with_(logps=_interleaved(base.logps), old_logps=_transposed(base.old_logps),
+                          ref_logps=base.ref_logps, is_weights=_transposed(base.is_weights))
+        slp_v, tm_v = _interleaved(slp), _transposed(tm)
+    assert not case.logps.is_contiguous() or case.logps.data_ptr() % 16
+    kw = dict(algo=FAMILY, loss_type="grpo", eps_low=0.2, eps_high=0.28, beta=0.04, normalizer=2.0)
+    fam = dict(sampling_logps=slp_v, token_mask=tm_v, family=family_options(0))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    got = run(simt, case, family=fam, **kw)
+    assert_matches_c(got, run(None, case, family=fam, **kw), case, tol)
+    # and the same values as the contiguous, aligned inputs take (vector loads)
+    aligned = run(simt, base, family=dict(fam, sampling_logps=slp, token_mask=tm), **kw)
+    assert_matches_c(got, aligned, base, tol)
 
 
 # ----------------------------------------------------------------------------

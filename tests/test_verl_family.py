@@ -335,6 +335,7 @@ def test_registered_names():
     assert gverl.REGISTERED == (core_algos is not None)
 
 
+@pytest.mark.simt
 def test_simt_case_per_mode():
     """The CUDA kernels (gmpo_fam_fwd_kernel / gmpo_fam_bwd_kernel) under the
     SIMT emulation against the C core, one case per mode."""

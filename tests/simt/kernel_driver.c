@@ -24,7 +24,8 @@
  *   kernel_driver offset   element offsets past 2^32 in every kernel that
  *                          computes one, on reserved, mostly untouched mappings
  *                          (only the rows used are touched):
- *                          - the loss forward and backward over (140000, 32768)
+ *                          - the loss forward and backward (GMPO's kernels and
+ *                            the GRPO family's) over (140000, 32768)
  *                            inputs with a real row stride and an 18 GB
  *                            gradient; only the blocks of rows 0 and B-1 run
  *                            (SIMT_ONLY_BLOCKS_X). Row B-1 holds row 0's values:
@@ -489,8 +490,10 @@ static void *reserve(size_t n) {
 /* The loss kernels over (140000, 32768) inputs with row stride T: row B-1
  * (element offset 4.59e9) holds row 0's values, and only the blocks of rows 0
  * and B-1 run. Its statistics (forward: input offsets) and its gradient
- * (backward: input and gradient offsets) must be row 0's bits. */
-static int loss_offset_case(void) {
+ * (backward: input and gradient offsets) must be row 0's bits. algo: GMPO's
+ * kernels or the GRPO family's (gmpo_fam_fwd_kernel / gmpo_fam_bwd_kernel, sapo
+ * at token level: every token's gradient depends on its own values). */
+static int loss_offset_case(int32_t algo) {
     const int64_t B = 140000, T = 32768;   /* (B - 1) * T = 4.59e9 > 2^32 */
     const int32_t dt = GMPO_DT_F32;
     const size_t fbytes = (size_t)B * (size_t)T * 4;
@@ -514,8 +517,13 @@ static int loss_offset_case(void) {
     memcpy(maskm + last, mask.p, (size_t)T);
     float adv1 = 0.8f;
     gmpo_args a;
-    args_init(&a, GMPO_ALGO_GMPO, 2, T);
+    args_init(&a, algo, 2, T);
     a.beta = 0;
+    if (algo == GMPO_ALGO_FAMILY) {
+        a.loss_type = GMPO_LT_SAPO;
+        a.fam.sapo_tpos = 1.0;
+        a.fam.sapo_tneg = 1.05;
+    }
     a.adv = (gmpo_view){&adv1, GMPO_DT_F32, 0, 0, 1};
     /* the per-row statistics of two such rows (broadcast: stride_b 0), copied to every row */
     a.logp = lp.v; a.old_logp = olp.v; a.mask = mask.v;
@@ -567,7 +575,8 @@ static int loss_offset_case(void) {
         snprintf(why, sizeof why, "row 0 has %lld nonzero gradients of %lld", (long long)nonzero, (long long)T);
         rc = 1;
     }
-    result("loss forward and backward, row offsets past 2^32 elements", rc, why);
+    result(algo == GMPO_ALGO_FAMILY ? "loss (GRPO family) forward and backward, row offsets past 2^32 elements"
+                                    : "loss forward and backward, row offsets past 2^32 elements", rc, why);
     munmap(lpm, fbytes); munmap(olpm, fbytes); munmap(grad, fbytes); munmap(maskm, (size_t)B * (size_t)T);
     free(rows); free(lp.p); free(olp.p); free(mask.p);
     return rc;
@@ -677,8 +686,9 @@ static int tile_offset_case(void) {
 }
 
 static int offset_cases(void) {
-    int rc[3] = {loss_offset_case(), logits_offset_case(), tile_offset_case()}, worst = 0;
-    for (int k = 0; k < 3; k++) {
+    int rc[4] = {loss_offset_case(GMPO_ALGO_GMPO), loss_offset_case(GMPO_ALGO_FAMILY), logits_offset_case(),
+                 tile_offset_case()}, worst = 0;
+    for (int k = 0; k < 4; k++) {
         if (rc[k] == 77) return 77;
         if (rc[k] > worst) worst = rc[k];
     }

@@ -39,6 +39,11 @@ CUDA = REPO / "csrc" / "cuda"
 SCRATCH = REPO / "build" / "simt" / "plant"
 
 GRID = "tests/test_simt_grid.py"
+# the GRPO family's SIMT cases: the emulated kernels against the C core / TRL's formulas
+FAM = ["tests/test_simt_kernels.py::test_family_matches_c_core",
+       "tests/test_simt_kernels.py::test_family_token_advantages",
+       "tests/test_simt_kernels.py::test_family_misaligned_and_strided_views",
+       "tests/test_grpo_family.py::test_backends", "tests/test_verl_family.py::test_simt_case_per_mode"]
 
 
 @dataclass
@@ -145,6 +150,72 @@ BUGS = [
         "if (local >= 0 && local < a.vn) st[3]",
         "if (local >= 0 && local <= a.vn) st[3]",
         [f"{GRID}::test_asan_tiles_run_clean", f"{GRID}::test_driver_tiny_grid_matches_c"]),
+    # the GRPO family's kernels (gmpo_fam_fwd_kernel, gmpo_fam_bwd_kernel): their own
+    # code, not gmpo_math.h's formulas (which the C core shares and its tests see)
+    Bug("fam_bwd_stride_from_grid_x", "grid-stride loop: grid.x's size as grid.y's stride",
+        "gmpo_loss.cu",
+        "const int64_t ystride = (int64_t)gridDim.y * blockDim.x;",
+        "const int64_t ystride = (int64_t)gridDim.x * blockDim.x;",
+        [*FAM, f"{GRID}::test_family_tiny_grid"]),
+    Bug("fam_bwd_grad_row_offset_32bit", "32-bit truncation of the gradient's row offset",
+        "gmpo_loss.cu",
+        "char *gr = (char *)grad + gmpo_dtype_size(gdt) * (i * T);",
+        "char *gr = (char *)grad + gmpo_dtype_size(gdt) * (int32_t)(i * T);",
+        [*FAM, f"{GRID}::test_row_offsets_past_2_32"]),
+    Bug("fam_bwd_store_align_at_row_start", "vector store alignment checked at the row, not its head",
+        "gmpo_loss.cu",
+        "   // row i of grad\n    const bool vg = VEC > 1 && (uintptr_t)(gr + r.head * gmpo_dtype_size(gdt)) %",
+        "   // row i of grad\n    const bool vg = VEC > 1 && (uintptr_t)gr %",
+        [*FAM]),
+    Bug("fam_tok_mask_vec_from_mask_view", "token_mask's vector flag from the mask's view (stride, dtype)",
+        "gmpo_loss.cu",
+        "f.vtm = gmpo_row_vec<VEC>(a.tok_mask, f.tm, r.head);",
+        "f.vtm = gmpo_row_vec<VEC>(a.mask, f.tm, r.head);",
+        [*FAM]),
+    Bug("fam_samp_logp_vec_from_logp", "sampling_logps' vector flag copied from logp's",
+        "gmpo_loss.cu",
+        "f.vslp = gmpo_row_vec<VEC>(a.samp_logp, f.slp, r.head);",
+        "f.vslp = r.vlp;",
+        [*FAM]),
+    Bug("fam_bwd_row_weight_for_token_weights", "per-row is_weights where per-token ones were loaded (grad)",
+        "gmpo_loss.cu",
+        "tm[k], lp[k], olp[k], adv[k], ref[k], w[k]);",
+        "tm[k], lp[k], olp[k], adv[k], ref[k], w_row);",
+        [*FAM]),
+    Bug("fam_fwd_row_adv_for_token_adv", "per-row advantage where per-token ones were loaded (forward)",
+        "gmpo_loss.cu",
+        "f.slp ? slp[k] : lp[k], adv[k],",
+        "f.slp ? slp[k] : lp[k], adv_row,",
+        [*FAM]),
+    Bug("fam_bwd_tail_index_no_head", "the tail tokens' index forgets the row's head (grad)",
+        "gmpo_loss.cu",
+        "gmpo_fam_bwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + (j - r.head),",
+        "gmpo_fam_bwd_group<Acc, 1>(a, fo, r, f, j < r.head ? j : tail + j,",
+        [*FAM]),
+    Bug("fam_bwd_absent_tok_mask_zero", "an absent token_mask read as 0, not 1 (grad)",
+        "gmpo_loss.cu",
+        "        gmpo_fam_load<Acc, VEC>(a.tok_mask, f.tm, f.vtm, t, (Acc)1, tm);",
+        "        gmpo_fam_load<Acc, VEC>(a.tok_mask, f.tm, f.vtm, t, (Acc)0, tm);",
+        [*FAM]),
+    Bug("fam_fwd_logw_skips_padding", "vespo's unmasked log-weight sum moved below the padding early-out",
+        "gmpo_loss.cu",
+        "    if (vw) {\n        gmpo_load_tokens<Acc, VEC>(a.is_w, r.w, r.vw, t, w);\n#pragma unroll\n"
+        "        for (int k = 0; k < VEC; k++) *logw += gmpo_fam_lw(w[k]);\n    }\n"
+        "    if (!gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) return;\n",
+        "    if (!gmpo_load_group<Acc, VEC>(a, r, t, adv_row, w_row, m, lp, olp, adv, ref, w)) return;\n"
+        "    if (vw) {\n        gmpo_load_tokens<Acc, VEC>(a.is_w, r.w, r.vw, t, w);\n#pragma unroll\n"
+        "        for (int k = 0; k < VEC; k++) *logw += gmpo_fam_lw(w[k]);\n    }\n",
+        [*FAM]),
+    Bug("fam_fwd_sums_at_row_stride", "split rows' sums written at the rows' stride (10), not the sums' (8)",
+        "gmpo_loss.cu",
+        "sums[i * GMPO_SUM_STATS + k] = sm[k];",
+        "sums[i * GMPO_ROW_STATS + k] = sm[k];",
+        [*FAM, "tests/test_distributed.py::test_two_ranks[simt]"]),
+    Bug("fam_fwd_samp_logp_not_loaded", "the forward's sampler rows not loaded (the backward's false)",
+        "gmpo_loss.cu",
+        "gmpo_make_fam_rows<VEC>(a, r, i, fo.opm);",
+        "gmpo_make_fam_rows<VEC>(a, r, i, false);",
+        [*FAM]),
 ]
 
 
