@@ -191,8 +191,7 @@ def render_headline(root: Path, loss: str, logits: str, hidden: str, step: str,
          "TRL's `GRPOTrainer`, same loss type",
          f"{_f(fam_lo['speedup_vs_trl'])}x ({fam_lo['loss']}, {fam_lo['dtype']}) to "
          f"{_f(fam_hi['speedup_vs_trl'])}x ({fam_hi['loss']}, {fam_hi['dtype']})",
-         f"at most {_f(fam_peak['peak_vs_trl'])} of TRL's ({fam_peak['loss']}, "
-         f"{fam_peak['dtype']})"],
+         f"at most {_f(fam_peak['peak_vs_trl'])} of TRL's ({fam_peak['dtype']})"],
     ]
     head = ["forward + backward of", "against", "faster by (median)", "peak memory"]
     out = ["| " + " | ".join(head) + " |", "| :--- | :--- | :--- | :--- |"]
@@ -304,10 +303,13 @@ def render_bench_family(root: Path, fam: str) -> str:
             trl_s.setdefault(r["dtype"], []).append(float(r["seconds"]))
     spread = "; TRL's steps " + ", ".join(f"{min(v):.1f} to {max(v):.1f} s in {d}"
                                          for d, v in trl_s.items())
-    gerr = [float(r["grad_rel_err"]) for r in rs if r.get("grad_rel_err")]
+    gerr = {}
+    for r in rs:
+        if r.get("grad_rel_err"):
+            gerr[r["dtype"]] = max(gerr.get(r["dtype"], 0.0), float(r["grad_rel_err"]))
     checked = ("each case's loss and gradients checked against TRL's first (columns "
                "`loss_value`, `grad_rel_err` of the CSV: largest relative gradient difference "
-               f"{max(gerr):.1e})" if gerr else
+               + ", ".join(f"{v:.1e} in {d}" for d, v in gerr.items()) + ")" if gerr else
                "each trainer's losses checked equal first (the `loss_value` column of the CSV)")
     out += ["", f"{rs[0]['device']}, {rs[0]['threads']} threads, H={rs[0]['H']}, V={rs[0]['V']}; "
             f"{checked}{load}{spread}."]
