@@ -106,3 +106,20 @@ def backend(request):
 def device(backend):
     """Where a test creates its tensors for the current backend."""
     return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-process gloo group (the distributed paths' arguments and
+    single-process equivalences), or the group already initialised."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield dist.group.WORLD
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -41,7 +41,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import gmpo_ext
@@ -115,18 +114,7 @@ def test_example_trl_context_parallel(backend, grads):
 # ----------------------------------------------------------------------------
 # one process: argument checks and the single-process equivalences
 
-@pytest.fixture(scope="module")
-def one_rank():
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+# one_rank: the one-process gloo group (conftest.py)
 
 
 def _inputs(B=3, T=8):

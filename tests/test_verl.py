@@ -21,15 +21,7 @@ import torch
 
 import gmpo_ext.verl as gverl
 
-try:
-    from verl.trainer.ppo import core_algos
-except Exception as e:  # noqa: BLE001  (verl missing, or one of its own imports)
-    core_algos = None
-    VERL_MISSING = f"verl does not import here ({type(e).__name__}: {e})"
-else:
-    VERL_MISSING = ""
-
-needs_verl = pytest.mark.skipif(core_algos is None, reason=VERL_MISSING or "verl present")
+from _verl import VERL_MISSING, core_algos, needs_verl  # noqa: F401
 
 
 def geo_mean_transcribed(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",

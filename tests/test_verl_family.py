@@ -19,15 +19,7 @@ import torch
 import gmpo_ext
 import gmpo_ext.verl as gverl
 
-try:
-    from verl.trainer.ppo import core_algos
-except Exception as e:  # noqa: BLE001  (verl missing, or one of its own imports)
-    core_algos = None
-    VERL_MISSING = f"verl does not import here ({type(e).__name__}: {e})"
-else:
-    VERL_MISSING = ""
-
-needs_verl = pytest.mark.skipif(core_algos is None, reason=VERL_MISSING or "verl present")
+from _verl import VERL_MISSING, core_algos, needs_verl  # noqa: F401
 
 MODES = ("vanilla", "gspo", "cispo", "sapo")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",

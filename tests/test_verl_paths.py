@@ -51,15 +51,7 @@ import torch
 
 import gmpo_ext
 
-try:
-    from verl.trainer.ppo import core_algos
-except Exception as e:  # noqa: BLE001  (verl missing, or one of its own imports)
-    core_algos = None
-    VERL_MISSING = f"verl does not import here ({type(e).__name__}: {e})"
-else:
-    VERL_MISSING = ""
-
-needs_verl = pytest.mark.skipif(core_algos is None, reason=VERL_MISSING or "verl present")
+from _verl import VERL_MISSING, core_algos, needs_verl  # noqa: F401
 
 GBI = {"dp_size": 2, "batch_num_tokens": 41, "global_batch_size": 9, "loss_scale_factor": 12}
 TEMPERATURE = 0.7
@@ -406,19 +398,7 @@ def _call(path, d, **kw):
                                           bias=d.bias, **kw)
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield dist.group.WORLD
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
+# one_rank: the one-process gloo group (conftest.py)
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
