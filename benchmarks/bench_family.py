@@ -116,9 +116,9 @@ def main(argv=None):
                 loss_type, level = CASES[name]
                 model = build(args.hidden, args.vocab, args.layers).to(device)
                 inputs = batch(model, args.vocab, B, args.prompt, T)
+                inputs = {k: v.to(device) for k, v in inputs.items()}
                 inputs["old_per_token_logps"] = near_policy_logps(model, inputs)
                 inputs["num_items_in_batch"] = inputs["completion_mask"].sum()
-                inputs = {k: v.to(device) for k, v in inputs.items()}
                 trainers = {
                     "trl": family_trainer(TRLGRPOTrainer, model, tok, tmp / "trl", B, T,
                                           loss_type, level, bf16, device),
@@ -136,14 +136,15 @@ def main(argv=None):
                     else:
                         peaks[k], loss = cpu_alloc_peak(lambda: step(t, model, inputs))
                         losses[k] = float(loss)
-                    grads[k] = {n: p.grad.detach().double().clone() for n, p in
+                    grads[k] = {n: p.grad.detach().float().clone() for n, p in
                                 model.named_parameters() if n in CHECKED_GRADS}
                 fused = trainers["ours"].fused_lm_head and \
                     not trainers["ours"]._gmpo_fallback_warned
                 rel = abs(losses["ours"] - losses["trl"]) / max(abs(losses["trl"]), 1e-12)
                 assert rel < (2e-2 if bf16 else 1e-4), \
                     f"{name} {dtype}: loss {losses['ours']} differs from TRL's {losses['trl']}"
-                grad_err = max(float((grads["ours"][n] - g).norm() / g.norm().clamp(min=1e-30))
+                grad_err = max(float((grads["ours"][n] - g).double().norm()
+                                     / g.double().norm().clamp(min=1e-30))
                                for n, g in grads["trl"].items())
                 assert grad_err < (5e-2 if bf16 else 1e-3), \
                     f"{name} {dtype}: gradients differ from TRL's by {grad_err:.3g} (relative)"
@@ -202,12 +203,12 @@ def near_policy_logps(model, inputs, noise=0.1, seed=2):
     att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     T = inputs["completion_ids"].shape[1]
     hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state[:, -T - 1:-1]
-    out = torch.empty(hidden.shape[:2], dtype=torch.float32)
+    out = torch.empty(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
     for b in range(hidden.shape[0]):   # one row's logits at a time
         lp = torch.log_softmax(model.lm_head(hidden[b]).float(), -1)
         out[b] = lp.gather(-1, inputs["completion_ids"][b, :, None])[:, 0]
-    g = torch.Generator().manual_seed(seed)
-    return out + noise * torch.randn(out.shape, generator=g)
+    g = torch.Generator().manual_seed(seed)   # the same noise on every device
+    return out + noise * torch.randn(out.shape, generator=g).to(out.device)
 
 
 def merge_rows(out: Path, new_rows: list) -> list:

@@ -365,7 +365,8 @@ def grpo_loss(
     the defaults of verl's functions; sapo always "seq-mean-token-mean", as
     verl's) and ``global_batch_info`` (a dict or object with ``dp_size``,
     ``batch_num_tokens``, ``global_batch_size``, ``loss_scale_factor``, each
-    optional): "token-mean" ``sum m*loss / batch_num_tokens * dp_size``
+    optional, but with dp_size > 1 the mode's global count is required, as in
+    verl): "token-mean" ``sum m*loss / batch_num_tokens * dp_size``
     (default the mask's sum); "token-sum" ``sum m*loss * dp_size``;
     "seq-mean-token-sum" and "seq-mean-token-mean" the rows' sums (or token
     means over ``n + 1e-8``) summed ``/ global_batch_size * dp_size`` (default
